@@ -1,0 +1,78 @@
+//! The admin listener (`admin.listen`, loopback by default): Emissary's
+//! liveness and readiness probes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+pub const ALIVE_PATH: &str = "/ambassador/v0/check_alive";
+pub const READY_PATH: &str = "/ambassador/v0/check_ready";
+
+pub struct AdminApp {
+    ready: Arc<AtomicBool>,
+}
+
+impl AdminApp {
+    pub fn new(ready: Arc<AtomicBool>) -> Self {
+        AdminApp { ready }
+    }
+}
+
+fn text(status: u16, body: &str) -> Response<Vec<u8>> {
+    let body = format!("{body}\n").into_bytes();
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            ALIVE_PATH => text(200, "pingress is alive and well"),
+            READY_PATH if self.ready.load(Ordering::Acquire) => {
+                text(200, "pingress is ready and waiting")
+            }
+            READY_PATH => text(503, "pingress is not ready yet"),
+            _ => text(404, "not found"),
+        }
+    }
+}
+
+/// Marks the gateway ready once every proxy listener accepts connections,
+/// so a probe never sends traffic to a port that is not bound yet.
+pub struct ReadinessProbe {
+    pub ports: Vec<u16>,
+    pub ready: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for ReadinessProbe {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        for port in &self.ports {
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+    }
+}

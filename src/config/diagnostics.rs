@@ -1,0 +1,197 @@
+//! Problems found while loading and validating configuration.
+//!
+//! Every problem carries enough context to find and fix it without reading
+//! pingress's source: the file, the YAML document, the resource, the field and
+//! a hint. Loading never stops at the first problem; callers collect them all.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// Where a resource came from: file, document and (for `kind: List`) item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub file: PathBuf,
+    /// 1-based index of the YAML document in the file.
+    pub document: usize,
+    /// 1-based index inside a `kind: List` document.
+    pub item: Option<usize>,
+}
+
+impl Source {
+    pub fn new(file: &Path, document: usize) -> Self {
+        Source {
+            file: file.to_path_buf(),
+            document,
+            item: None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} document {}", self.file.display(), self.document)?;
+        if let Some(item) = self.item {
+            write!(f, " item {item}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Identity of a resource: `Kind namespace/name`, plus where it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResourceRef {
+    pub source: Source,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ResourceRef {
+    /// Emissary keys its diagnostics `name.namespace.N` (N is the document
+    /// number); the admin diag endpoint keeps that shape.
+    pub fn emissary_key(&self) -> String {
+        format!("{}.{}.{}", self.name, self.namespace, self.source.document)
+    }
+}
+
+impl fmt::Display for ResourceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} {}/{}",
+            self.source, self.kind, self.namespace, self.name
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// The gateway file itself or one of the paths it lists.
+    File(PathBuf),
+    /// A YAML document that did not yield a resource identity.
+    Document(Source),
+    Resource(ResourceRef),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::File(path) => write!(f, "{}", path.display()),
+            Location::Document(source) => write!(f, "{source}"),
+            Location::Resource(resource) => write!(f, "{resource}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub location: Location,
+    /// Dotted path of the offending field, e.g. `spec.service`.
+    pub field: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Diagnostic {
+    pub fn error(location: Location, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Error,
+            location,
+            field: None,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn warning(location: Location, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::error(location, message)
+        }
+    }
+
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Attaches a hint to a diagnostic already pushed through a [`Reporter`].
+    pub fn with_hint(&mut self, hint: impl Into<String>) {
+        self.hint = Some(hint.into());
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{severity}: {}", self.location)?;
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects diagnostics for one resource while it is being validated, so that
+/// each check only states the field and the problem.
+pub struct Reporter<'a> {
+    location: Location,
+    sink: &'a mut Vec<Diagnostic>,
+    errors: usize,
+}
+
+impl<'a> Reporter<'a> {
+    pub fn new(location: Location, sink: &'a mut Vec<Diagnostic>) -> Self {
+        Reporter {
+            location,
+            sink,
+            errors: 0,
+        }
+    }
+
+    pub fn error(&mut self, field: &str, message: impl Into<String>) -> &mut Diagnostic {
+        self.errors += 1;
+        self.push(Diagnostic::error(self.location.clone(), message).field(field))
+    }
+
+    pub fn warning(&mut self, field: &str, message: impl Into<String>) -> &mut Diagnostic {
+        self.push(Diagnostic::warning(self.location.clone(), message).field(field))
+    }
+
+    fn push(&mut self, diagnostic: Diagnostic) -> &mut Diagnostic {
+        self.sink.push(diagnostic);
+        let last = self.sink.len() - 1;
+        &mut self.sink[last]
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.errors > 0
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+}

@@ -1,0 +1,389 @@
+//! Stage 1: read the gateway file and every resource file it names.
+//!
+//! The result is a flat list of [`RawResource`]s, each tagged with where it
+//! came from. Nothing is interpreted beyond `apiVersion`, `kind` and
+//! `metadata`; a broken document is reported and skipped, its siblings load.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use pingora::server::configuration::ServerConf;
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use super::diagnostics::{Diagnostic, Location, ResourceRef, Source};
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8877";
+
+/// The gateway file: Pingora's server settings, where the resources are, and
+/// the admin listener.
+#[derive(Debug)]
+pub struct GatewayFile {
+    pub path: PathBuf,
+    pub pingora: ServerConf,
+    /// Resolved against the gateway file's directory.
+    pub resources: Vec<PathBuf>,
+    pub admin: AdminConf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConf {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConf {
+    fn default() -> Self {
+        AdminConf {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_string()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFileYaml {
+    #[serde(default)]
+    pingora: Option<Value>,
+    #[serde(default)]
+    resources: Vec<String>,
+    #[serde(default)]
+    admin: Option<AdminConf>,
+}
+
+/// Reads the gateway file. Only a file that cannot be used at all is an
+/// `Err`; lesser problems (unknown Pingora keys) come back as warnings.
+pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), Box<Diagnostic>> {
+    let location = Location::File(path.to_path_buf());
+    let text = fs::read_to_string(path).map_err(|e| {
+        Diagnostic::error(
+            location.clone(),
+            format!("cannot read the gateway file: {e}"),
+        )
+        .hint("pass the gateway file with -c, e.g. `pingress -c conf/pingress.yaml`")
+    })?;
+    let parsed: GatewayFileYaml = serde_yaml::from_str(&text).map_err(|e| {
+        Box::new(
+            Diagnostic::error(location.clone(), format!("invalid gateway file: {e}")).hint(
+                "the gateway file has three keys: `pingora:` (Pingora server settings), \
+             `resources:` (files or directories) and `admin:` (`listen`)",
+            ),
+        )
+    })?;
+
+    let mut warnings = Vec::new();
+    let pingora = match parsed.pingora {
+        None | Some(Value::Null) => ServerConf::default(),
+        Some(value) => {
+            warn_unknown_pingora_keys(&value, &location, &mut warnings);
+            serde_path_to_error::deserialize::<_, ServerConf>(value).map_err(|e| {
+                Box::new(
+                    Diagnostic::error(location.clone(), e.inner().to_string())
+                        .field(format!("pingora.{}", e.path())),
+                )
+            })?
+        }
+    };
+
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resources = parsed.resources.iter().map(|r| base.join(r)).collect();
+    Ok((
+        GatewayFile {
+            path: path.to_path_buf(),
+            pingora,
+            resources,
+            admin: parsed.admin.unwrap_or_default(),
+        },
+        warnings,
+    ))
+}
+
+/// Pingora ignores keys it does not know; a misspelt `grace_period_seconds`
+/// would silently mean a 300 s shutdown, so name them.
+fn warn_unknown_pingora_keys(value: &Value, location: &Location, out: &mut Vec<Diagnostic>) {
+    let Value::Mapping(given) = value else { return };
+    let Ok(Value::Mapping(known)) = serde_yaml::to_value(ServerConf::default()) else {
+        return;
+    };
+    for key in given.keys() {
+        if !known.contains_key(key) {
+            let name = key.as_str().unwrap_or("?");
+            out.push(
+                Diagnostic::warning(location.clone(), "unknown Pingora setting, ignored")
+                    .field(format!("pingora.{name}")),
+            );
+        }
+    }
+}
+
+/// One resource document, identified but not yet interpreted.
+#[derive(Debug, Clone)]
+pub struct RawResource {
+    pub id: ResourceRef,
+    pub api_version: String,
+    pub labels: BTreeMap<String, String>,
+    pub body: Mapping,
+}
+
+impl RawResource {
+    pub fn location(&self) -> Location {
+        Location::Resource(self.id.clone())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.body.get(key)
+    }
+}
+
+/// Reads every file under the given paths. Directories are walked in name
+/// order so that resource order (which decides canary and conflict order) is
+/// stable across machines.
+/// File names in diagnostics are shown relative to `root`, the gateway
+/// file's directory.
+pub fn load_resources(paths: &[PathBuf], root: &Path) -> (Vec<RawResource>, Vec<Diagnostic>) {
+    let mut files = Vec::new();
+    let mut diagnostics = Vec::new();
+    for path in paths {
+        collect_files(path, true, &mut files, &mut diagnostics);
+    }
+    let mut resources = Vec::new();
+    for file in files {
+        match fs::read_to_string(&file) {
+            Ok(text) => {
+                let shown = file.strip_prefix(root).unwrap_or(&file);
+                parse_documents(shown, &text, &mut resources, &mut diagnostics)
+            }
+            Err(e) => diagnostics.push(Diagnostic::error(
+                Location::File(file.clone()),
+                format!("cannot read: {e}"),
+            )),
+        }
+    }
+    (resources, diagnostics)
+}
+
+fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
+    let metadata = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    Location::File(path.to_path_buf()),
+                    format!("cannot read: {e}"),
+                )
+                .hint("paths under `resources:` are relative to the gateway file"),
+            );
+            return;
+        }
+    };
+    if metadata.is_file() {
+        if named || is_yaml(path) {
+            out.push(path.to_path_buf());
+        }
+        return;
+    }
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) => {
+            diags.push(Diagnostic::error(
+                Location::File(path.to_path_buf()),
+                format!("cannot list directory: {e}"),
+            ));
+            return;
+        }
+    };
+    let mut children: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    children.sort();
+    for child in children {
+        // Kubernetes ConfigMap and Secret volumes hold the real files in
+        // `..<timestamp>` directories behind a `..data` symlink; the visible
+        // names are links into it. Reading the dot entries would load every
+        // resource twice.
+        let hidden = child
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if !hidden {
+            collect_files(&child, false, out, diags);
+        }
+    }
+}
+
+fn is_yaml(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    )
+}
+
+/// Splits a file into YAML documents and `kind: List` items.
+pub fn parse_documents(
+    file: &Path,
+    text: &str,
+    out: &mut Vec<RawResource>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let source = Source::new(file, index + 1);
+        let value = match Value::deserialize(document) {
+            Ok(value) => value,
+            Err(e) => {
+                diags.push(
+                    Diagnostic::error(Location::Document(source), format!("invalid YAML: {e}"))
+                        .hint("documents after this one in the same file were not read"),
+                );
+                // The YAML stream cannot resynchronise after a syntax error.
+                return;
+            }
+        };
+        match value {
+            Value::Null => {}
+            Value::Mapping(body) if is_list(&body) => {
+                let items = match body.get("items") {
+                    Some(Value::Sequence(items)) => items.clone(),
+                    Some(Value::Null) | None => Vec::new(),
+                    Some(_) => {
+                        diags.push(
+                            Diagnostic::error(Location::Document(source), "items must be a list")
+                                .field("items"),
+                        );
+                        continue;
+                    }
+                };
+                for (item_index, item) in items.into_iter().enumerate() {
+                    let mut item_source = source.clone();
+                    item_source.item = Some(item_index + 1);
+                    identify(item_source, item, out, diags);
+                }
+            }
+            other => identify(source, other, out, diags),
+        }
+    }
+}
+
+fn is_list(body: &Mapping) -> bool {
+    body.get("kind").and_then(Value::as_str) == Some("List")
+}
+
+fn identify(source: Source, value: Value, out: &mut Vec<RawResource>, diags: &mut Vec<Diagnostic>) {
+    let location = Location::Document(source.clone());
+    let Value::Mapping(body) = value else {
+        diags.push(Diagnostic::error(
+            location,
+            "a resource must be a YAML map with apiVersion, kind, metadata and spec",
+        ));
+        return;
+    };
+    let text = |key: &str| body.get(key).and_then(Value::as_str).map(str::to_string);
+    let Some(kind) = text("kind") else {
+        diags.push(Diagnostic::error(location, "missing kind").field("kind"));
+        return;
+    };
+    let Some(api_version) = text("apiVersion") else {
+        diags.push(
+            Diagnostic::error(location, format!("{kind} has no apiVersion"))
+                .field("apiVersion")
+                .hint("use getambassador.io/v3alpha1 (or v1 for a Secret)"),
+        );
+        return;
+    };
+    let metadata = body.get("metadata").and_then(Value::as_mapping);
+    let meta_text = |key: &str| {
+        metadata
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let Some(name) = meta_text("name").filter(|n| !n.is_empty()) else {
+        diags.push(
+            Diagnostic::error(location, format!("{kind} has no metadata.name"))
+                .field("metadata.name"),
+        );
+        return;
+    };
+    let namespace = meta_text("namespace").unwrap_or_else(|| "default".to_string());
+    let labels = metadata
+        .and_then(|m| m.get("labels"))
+        .and_then(Value::as_mapping)
+        .map(|labels| {
+            labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), scalar_text(v)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push(RawResource {
+        id: ResourceRef {
+            source,
+            kind,
+            namespace,
+            name,
+        },
+        api_version,
+        labels,
+        body,
+    });
+}
+
+/// Label values are strings in Kubernetes, but YAML users write `true` or `1`.
+fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> (Vec<RawResource>, Vec<Diagnostic>) {
+        let mut out = Vec::new();
+        let mut diags = Vec::new();
+        parse_documents(Path::new("r.yaml"), text, &mut out, &mut diags);
+        (out, diags)
+    }
+
+    #[test]
+    fn reads_many_documents_and_lists() {
+        let (resources, diags) = parse(
+            "apiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata: {name: a}\n\
+             ---\n---\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Secret\n  \
+             metadata: {name: s, namespace: prod, labels: {tier: 1}}\n",
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(resources.len(), 2);
+        assert_eq!(resources[0].id.namespace, "default");
+        assert_eq!(resources[1].id.source.document, 3);
+        assert_eq!(resources[1].id.source.item, Some(1));
+        assert_eq!(resources[1].labels["tier"], "1");
+    }
+
+    #[test]
+    fn broken_document_keeps_earlier_ones() {
+        let (resources, diags) =
+            parse("apiVersion: v1\nkind: Secret\nmetadata: {name: ok}\n---\nkind: [unclosed\n");
+        assert_eq!(resources.len(), 1);
+        assert_eq!(diags.len(), 1);
+        assert!(
+            diags[0].to_string().contains("r.yaml document 2"),
+            "{}",
+            diags[0]
+        );
+    }
+
+    #[test]
+    fn missing_identity_is_reported() {
+        let (resources, diags) = parse("kind: Mapping\napiVersion: getambassador.io/v3alpha1\n");
+        assert!(resources.is_empty());
+        assert_eq!(diags[0].field.as_deref(), Some("metadata.name"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Stage 1 of the pipeline: the gateway file, resource files, their serde
+//! types, and the diagnostics every later stage reports through.
+
+pub mod diagnostics;
+pub mod load;
+pub mod resources;

@@ -1,0 +1,299 @@
+//! Wire types: the Emissary resources exactly as users write them in YAML.
+//!
+//! These types only describe shape. Defaults, cross-references and semantic
+//! checks live in [`crate::model`]; nothing here reaches the request path.
+//! Each spec keeps the keys it does not know in `other`, so validation can
+//! tell a known-but-unsupported Emissary field (a warning) from a typo (an
+//! error with a suggestion).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// A YAML map whose entries keep their written order (header lists are
+/// applied in the order the user wrote them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderedMap<T>(pub Vec<(String, T)>);
+
+impl<T> Default for OrderedMap<T> {
+    fn default() -> Self {
+        OrderedMap(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrderedMap<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OrderedVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for OrderedVisitor<T> {
+            type Value = OrderedMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, T>()? {
+                    entries.push((key, value));
+                }
+                Ok(OrderedMap(entries))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(OrderedMap(Vec::new()))
+            }
+        }
+        deserializer.deserialize_any(OrderedVisitor(PhantomData))
+    }
+}
+
+/// Emissary accepts several list fields either as a YAML list or as a single
+/// (sometimes comma-separated) string.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => vec![s.clone()],
+            StringOrList::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A header or query match value. Emissary v2 allowed `true` to mean "present".
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum MatchValue {
+    Exact(String),
+    Present(bool),
+}
+
+/// `add_request_headers` values: a plain string or `{value, append}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum AddHeaderValue {
+    Plain(String),
+    Detailed {
+        value: String,
+        #[serde(default)]
+        append: Option<bool>,
+    },
+}
+
+/// `tls:` on a Mapping names a TLSContext; v2 also allowed `tls: true`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum MappingTls {
+    Context(String),
+    Enabled(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RegexRewrite {
+    pub pattern: String,
+    pub substitution: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MappingSpec {
+    pub prefix: Option<String>,
+    pub prefix_regex: Option<bool>,
+    pub prefix_exact: Option<bool>,
+    pub case_sensitive: Option<bool>,
+    pub hostname: Option<String>,
+    pub host: Option<String>,
+    pub host_regex: Option<bool>,
+    pub method: Option<String>,
+    pub method_regex: Option<bool>,
+    pub headers: Option<OrderedMap<MatchValue>>,
+    pub regex_headers: Option<OrderedMap<String>>,
+    pub query_parameters: Option<OrderedMap<MatchValue>>,
+    pub regex_query_parameters: Option<OrderedMap<String>>,
+    pub precedence: Option<i64>,
+    pub rewrite: Option<String>,
+    pub regex_rewrite: Option<RegexRewrite>,
+    pub host_rewrite: Option<String>,
+    pub auto_host_rewrite: Option<bool>,
+    pub service: Option<String>,
+    pub tls: Option<MappingTls>,
+    pub timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub add_request_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub add_response_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub remove_request_headers: Option<StringOrList>,
+    pub remove_response_headers: Option<StringOrList>,
+    pub add_linkerd_headers: Option<bool>,
+    pub weight: Option<u32>,
+    pub labels: Option<Value>,
+    pub ambassador_id: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TlsContextSpec {
+    pub hosts: Option<Vec<String>>,
+    pub secret: Option<String>,
+    pub cert_chain_file: Option<String>,
+    pub private_key_file: Option<String>,
+    pub ca_secret: Option<String>,
+    pub cacert_chain_file: Option<String>,
+    pub cert_required: Option<bool>,
+    pub alpn_protocols: Option<String>,
+    pub min_tls_version: Option<String>,
+    pub max_tls_version: Option<String>,
+    pub cipher_suites: Option<Vec<String>>,
+    pub ecdh_curves: Option<Vec<String>>,
+    pub sni: Option<String>,
+    pub secret_namespacing: Option<bool>,
+    pub ambassador_id: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LabelSelector {
+    #[serde(rename = "matchLabels", default)]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SecretRef {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct InsecurePolicy {
+    pub action: Option<String>,
+    #[serde(rename = "additionalPort")]
+    pub additional_port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RequestPolicy {
+    pub insecure: Option<InsecurePolicy>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HostSpec {
+    pub hostname: Option<String>,
+    #[serde(rename = "mappingSelector")]
+    pub mapping_selector: Option<LabelSelector>,
+    pub selector: Option<LabelSelector>,
+    #[serde(rename = "tlsSecret")]
+    pub tls_secret: Option<SecretRef>,
+    #[serde(rename = "tlsContext")]
+    pub tls_context: Option<SecretRef>,
+    pub tls: Option<Value>,
+    #[serde(rename = "requestPolicy")]
+    pub request_policy: Option<RequestPolicy>,
+    pub ambassador_id: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NamespaceBinding {
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HostBinding {
+    pub namespace: Option<NamespaceBinding>,
+    pub selector: Option<LabelSelector>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListenerSpec {
+    pub port: Option<i64>,
+    pub protocol: Option<String>,
+    #[serde(rename = "protocolStack")]
+    pub protocol_stack: Option<Vec<String>>,
+    #[serde(rename = "securityModel")]
+    pub security_model: Option<String>,
+    #[serde(rename = "l7Depth")]
+    pub l7_depth: Option<u32>,
+    #[serde(rename = "hostBinding")]
+    pub host_binding: Option<HostBinding>,
+    #[serde(rename = "statsPrefix")]
+    pub stats_prefix: Option<String>,
+    pub ambassador_id: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HttpMappingDefaults {
+    pub add_request_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub add_response_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub remove_request_headers: Option<StringOrList>,
+    pub remove_response_headers: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// `defaults:` in the ambassador Module: class-specific values (`httpmapping`)
+/// override the top-level ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModuleDefaults {
+    pub httpmapping: Option<HttpMappingDefaults>,
+    pub add_request_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub add_response_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub remove_request_headers: Option<StringOrList>,
+    pub remove_response_headers: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModuleConfig {
+    pub defaults: Option<ModuleDefaults>,
+    pub cluster_request_timeout_ms: Option<u64>,
+    pub cluster_idle_timeout_ms: Option<u64>,
+    pub server_name: Option<String>,
+    pub add_linkerd_headers: Option<bool>,
+    pub xff_num_trusted_hops: Option<u32>,
+    pub use_remote_address: Option<bool>,
+    pub merge_slashes: Option<bool>,
+    pub reject_requests_with_escaped_slashes: Option<bool>,
+    pub strip_matching_host_port: Option<bool>,
+    pub suppress_envoy_headers: Option<bool>,
+    pub regex_max_size: Option<u32>,
+    pub use_ambassador_namespace_for_service_resolution: Option<bool>,
+    pub enable_ipv4: Option<bool>,
+    pub enable_ipv6: Option<bool>,
+    pub diagnostics: Option<Value>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModuleSpec {
+    #[serde(default)]
+    pub config: ModuleConfig,
+    pub ambassador_id: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// A core/v1 Secret: `data` is base64, `stringData` is plain text and wins on
+/// conflicts, as the Kubernetes API server merges them.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SecretBody {
+    #[serde(rename = "type")]
+    pub secret_type: Option<String>,
+    #[serde(default)]
+    pub data: BTreeMap<String, Option<String>>,
+    #[serde(rename = "stringData", default)]
+    pub string_data: BTreeMap<String, Option<String>>,
+}

@@ -1,0 +1,558 @@
+//! The edge resources: the ambassador Module, Listeners and Hosts.
+
+use std::collections::BTreeMap;
+
+use http::HeaderName;
+
+use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::load::RawResource;
+use crate::config::resources::{
+    AddHeaderValue, HostSpec, LabelSelector, ListenerSpec, ModuleConfig, ModuleSpec, OrderedMap,
+    StringOrList,
+};
+use crate::routing::headers::{AddHeader, HeaderEdits, HeaderTemplate};
+use crate::routing::matchers::HostGlob;
+
+use super::spec::{check_unknown_fields, parse_section};
+use super::{count, MappingDefaults, ModuleSettings};
+
+const MODULE_SUPPORTED: &[&str] = &[
+    "defaults",
+    "cluster_request_timeout_ms",
+    "server_name",
+    "add_linkerd_headers",
+    "xff_num_trusted_hops",
+    "use_remote_address",
+    "merge_slashes",
+    "reject_requests_with_escaped_slashes",
+    "strip_matching_host_port",
+    "suppress_envoy_headers",
+    "use_ambassador_namespace_for_service_resolution",
+    "enable_ipv4",
+    "enable_ipv6",
+];
+const MODULE_LATER: &[&str] = &[
+    "cluster_idle_timeout_ms",
+    "cluster_max_connection_lifetime_ms",
+    "listener_idle_timeout_ms",
+    "retry_policy",
+    "cors",
+    "circuit_breakers",
+    "load_balancer",
+    "keepalive",
+    "resolver",
+    "diagnostics",
+    "readiness_probe",
+    "liveness_probe",
+    "enable_http10",
+    "allow_chunked_length",
+    "max_request_headers_kb",
+    "headers_with_underscores_action",
+    "preserve_external_request_id",
+    "proper_case",
+    "header_case_overrides",
+    "forward_client_cert_details",
+    "set_current_client_cert_details",
+    "ip_allow",
+    "ip_deny",
+    "buffer_limit_bytes",
+    "buffer",
+    "gzip",
+    "lua_scripts",
+    "enable_grpc_http11_bridge",
+    "enable_grpc_web",
+    "grpc_stats",
+    "default_label_domain",
+    "default_labels",
+    "envoy_log_type",
+    "envoy_log_path",
+    "envoy_log_format",
+    "envoy_validation_timeout",
+    "regex_max_size",
+    "admin_port",
+    "diag_port",
+    "runtime_flags",
+    "statsd",
+    "debug_mode",
+    "error_response_overrides",
+    "service_port",
+    "use_proxy_proto",
+    "x_forwarded_proto_redirect",
+    "prune_unreachable_routes",
+    "regex_type",
+];
+
+pub fn validate_modules(
+    raws: &[&RawResource],
+    diags: &mut Vec<Diagnostic>,
+    accepted: &mut BTreeMap<String, usize>,
+) -> ModuleSettings {
+    let mut settings = ModuleSettings::default();
+    let mut found = false;
+    for raw in raws {
+        let mut report = Reporter::new(raw.location(), diags);
+        if raw.id.name != "ambassador" {
+            report
+                .warning(
+                    "metadata.name",
+                    "only the Module named `ambassador` is read; ignored",
+                )
+                .with_hint("the legacy `tls` Module is not supported: use TLSContext and Host");
+            continue;
+        }
+        if found {
+            report.error(
+                "metadata.name",
+                "a second ambassador Module; only the first is used",
+            );
+            continue;
+        }
+        let Some(spec) = parse_section::<ModuleSpec>(raw, "spec", &mut report) else {
+            continue;
+        };
+        check_unknown_fields(
+            &spec.other,
+            "spec",
+            &["config", "ambassador_id"],
+            &[],
+            &mut report,
+        );
+        check_unknown_fields(
+            &spec.config.other,
+            "spec.config",
+            MODULE_SUPPORTED,
+            MODULE_LATER,
+            &mut report,
+        );
+        if let Some(module) = module_settings(&spec.config, &mut report) {
+            if !report.has_errors() {
+                found = true;
+                settings = module;
+                count(accepted, "Module");
+            }
+        }
+    }
+    settings
+}
+
+fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<ModuleSettings> {
+    let base = ModuleSettings::default();
+    let mut defaults = MappingDefaults::default();
+    if let Some(d) = &config.defaults {
+        let class = d.httpmapping.as_ref();
+        check_unknown_fields(
+            &d.other,
+            "spec.config.defaults",
+            &[
+                "httpmapping",
+                "add_request_headers",
+                "add_response_headers",
+                "remove_request_headers",
+                "remove_response_headers",
+            ],
+            &["stats_name", "tcpmapping"],
+            report,
+        );
+        if let Some(class) = class {
+            check_unknown_fields(
+                &class.other,
+                "spec.config.defaults.httpmapping",
+                &[
+                    "add_request_headers",
+                    "add_response_headers",
+                    "remove_request_headers",
+                    "remove_response_headers",
+                ],
+                &["stats_name"],
+                report,
+            );
+        }
+        let pick_add = |from_class: Option<&Option<OrderedMap<AddHeaderValue>>>,
+                        top: &Option<OrderedMap<AddHeaderValue>>| {
+            from_class.and_then(|v| v.clone()).or_else(|| top.clone())
+        };
+        let pick_remove = |from_class: Option<&Option<StringOrList>>,
+                           top: &Option<StringOrList>| {
+            from_class.and_then(|v| v.clone()).or_else(|| top.clone())
+        };
+        let field = "spec.config.defaults";
+        defaults.request = pick_add(
+            class.map(|c| &c.add_request_headers),
+            &d.add_request_headers,
+        )
+        .map(|m| add_headers(&m, &format!("{field}.add_request_headers"), report));
+        defaults.response = pick_add(
+            class.map(|c| &c.add_response_headers),
+            &d.add_response_headers,
+        )
+        .map(|m| add_headers(&m, &format!("{field}.add_response_headers"), report));
+        defaults.remove_request = pick_remove(
+            class.map(|c| &c.remove_request_headers),
+            &d.remove_request_headers,
+        )
+        .map(|l| header_names(&l, &format!("{field}.remove_request_headers"), report));
+        defaults.remove_response = pick_remove(
+            class.map(|c| &c.remove_response_headers),
+            &d.remove_response_headers,
+        )
+        .map(|l| header_names(&l, &format!("{field}.remove_response_headers"), report));
+    }
+    if config.use_remote_address == Some(false) {
+        report.warning(
+            "spec.config.use_remote_address",
+            "pingress always trusts the socket peer address; ignored",
+        );
+    }
+    Some(ModuleSettings {
+        request_timeout_ms: config
+            .cluster_request_timeout_ms
+            .unwrap_or(base.request_timeout_ms),
+        server_name: config.server_name.clone(),
+        add_linkerd_headers: config.add_linkerd_headers.unwrap_or(false),
+        xff_num_trusted_hops: config.xff_num_trusted_hops.unwrap_or(0),
+        merge_slashes: config.merge_slashes.unwrap_or(false),
+        reject_escaped_slashes: config.reject_requests_with_escaped_slashes.unwrap_or(false),
+        strip_matching_host_port: config.strip_matching_host_port.unwrap_or(false),
+        suppress_envoy_headers: config.suppress_envoy_headers.unwrap_or(false),
+        use_ambassador_namespace: config
+            .use_ambassador_namespace_for_service_resolution
+            .unwrap_or(false),
+        enable_ipv4: config.enable_ipv4.unwrap_or(true),
+        enable_ipv6: config.enable_ipv6.unwrap_or(false),
+        defaults,
+    })
+}
+
+/// Parses an `add_*_headers` map. Bad entries are reported and skipped.
+pub fn add_headers(
+    map: &OrderedMap<AddHeaderValue>,
+    field: &str,
+    report: &mut Reporter,
+) -> HeaderEdits {
+    let mut edits = HeaderEdits::default();
+    for (name, value) in &map.0 {
+        let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+            report.error(&format!("{field}.{name}"), "not a valid header name");
+            continue;
+        };
+        let (text, append) = match value {
+            AddHeaderValue::Plain(text) => (text, true),
+            AddHeaderValue::Detailed { value, append } => (value, append.unwrap_or(true)),
+        };
+        match HeaderTemplate::parse(text) {
+            Ok(template) => edits.add.push(AddHeader {
+                name: header,
+                value: template,
+                append,
+            }),
+            Err(e) => {
+                report
+                    .error(&format!("{field}.{name}"), e)
+                    .with_hint(format!(
+                        "supported: {}",
+                        crate::routing::headers::SUPPORTED_VARIABLES
+                    ));
+            }
+        }
+    }
+    edits
+}
+
+pub fn header_names(list: &StringOrList, field: &str, report: &mut Reporter) -> Vec<HeaderName> {
+    list.to_vec()
+        .iter()
+        .filter_map(|name| {
+            HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| report.error(field, format!("{name:?} is not a valid header name")))
+                .ok()
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityModel {
+    /// Secure when `X-Forwarded-Proto` says https.
+    Xfp,
+    Secure,
+    Insecure,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HostBinding {
+    /// `namespace.from: SELF` restricts to the Listener's own namespace.
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub port: u16,
+    pub security: SecurityModel,
+    pub l7_depth: u32,
+    pub binding: HostBinding,
+}
+
+const LISTENER_SUPPORTED: &[&str] = &[
+    "port",
+    "protocol",
+    "protocolStack",
+    "securityModel",
+    "l7Depth",
+    "hostBinding",
+    "statsPrefix",
+    "ambassador_id",
+];
+const LISTENER_LATER: &[&str] = &["http2MaxConcurrentStreams"];
+
+pub fn validate_listeners(
+    raws: &[&RawResource],
+    module: &ModuleSettings,
+    diags: &mut Vec<Diagnostic>,
+    accepted: &mut BTreeMap<String, usize>,
+) -> Vec<Listener> {
+    let mut listeners: Vec<Listener> = Vec::new();
+    for raw in raws {
+        let mut report = Reporter::new(raw.location(), diags);
+        let Some(spec) = parse_section::<ListenerSpec>(raw, "spec", &mut report) else {
+            continue;
+        };
+        check_unknown_fields(
+            &spec.other,
+            "spec",
+            LISTENER_SUPPORTED,
+            LISTENER_LATER,
+            &mut report,
+        );
+        let port = match spec.port {
+            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
+            Some(p) => {
+                report.error("spec.port", format!("{p} is not a port (1-65535)"));
+                None
+            }
+            None => {
+                report.error("spec.port", "port is required");
+                None
+            }
+        };
+        match (spec.protocol.as_deref(), spec.protocol_stack.as_deref()) {
+            (Some(_), Some(_)) => {
+                report.error(
+                    "spec.protocolStack",
+                    "set either protocol or protocolStack, not both",
+                );
+            }
+            (Some("HTTP"), None) => {}
+            (None, Some(stack)) if stack.iter().map(String::as_str).eq(["HTTP", "TCP"]) => {}
+            (Some(p @ ("HTTPS" | "HTTPPROXY" | "HTTPSPROXY" | "TCP" | "TLS" | "UDP")), None) => {
+                report
+                    .error(
+                        "spec.protocol",
+                        format!("protocol {p} is not supported by pingress yet"),
+                    )
+                    .with_hint("use protocol: HTTP");
+            }
+            (Some(p), None) => {
+                report.error("spec.protocol", format!("unknown protocol {p:?}"));
+            }
+            (None, Some(stack)) => {
+                report.error(
+                    "spec.protocolStack",
+                    format!(
+                        "protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP]"
+                    ),
+                );
+            }
+            (None, None) => {
+                report.error("spec.protocol", "protocol is required");
+            }
+        }
+        let security = match spec.security_model.as_deref() {
+            Some("XFP") => SecurityModel::Xfp,
+            Some("SECURE") => SecurityModel::Secure,
+            Some("INSECURE") => SecurityModel::Insecure,
+            Some(other) => {
+                report
+                    .error(
+                        "spec.securityModel",
+                        format!("unknown securityModel {other:?}"),
+                    )
+                    .with_hint("XFP, SECURE or INSECURE");
+                SecurityModel::Xfp
+            }
+            None => {
+                report.error(
+                    "spec.securityModel",
+                    "securityModel is required (XFP, SECURE or INSECURE)",
+                );
+                SecurityModel::Xfp
+            }
+        };
+        let mut binding = HostBinding::default();
+        if let Some(hb) = &spec.host_binding {
+            match hb.namespace.as_ref().and_then(|n| n.from.as_deref()) {
+                Some("SELF") => binding.namespace = Some(raw.id.namespace.clone()),
+                Some("ALL") | None => {}
+                Some(other) => {
+                    report
+                        .error(
+                            "spec.hostBinding.namespace.from",
+                            format!("{other:?} is not supported"),
+                        )
+                        .with_hint("SELF or ALL");
+                }
+            }
+            if let Some(selector) = &hb.selector {
+                binding.labels =
+                    selector_labels(selector, "spec.hostBinding.selector", &mut report);
+            }
+        }
+        if let Some(port) = port {
+            if let Some(other) = listeners.iter().find(|l| l.port == port) {
+                report.error(
+                    "spec.port",
+                    format!("port {port} is already taken by Listener {}", other.name),
+                );
+            }
+        }
+        if report.has_errors() {
+            continue;
+        }
+        let Some(port) = port else { continue };
+        count(accepted, "Listener");
+        listeners.push(Listener {
+            name: format!("{}.{}", raw.id.name, raw.id.namespace),
+            port,
+            security,
+            l7_depth: spec.l7_depth.unwrap_or(module.xff_num_trusted_hops),
+            binding,
+        });
+    }
+    listeners
+}
+
+fn selector_labels(
+    selector: &LabelSelector,
+    field: &str,
+    report: &mut Reporter,
+) -> BTreeMap<String, String> {
+    check_unknown_fields(
+        &selector.other,
+        field,
+        &["matchLabels"],
+        &["matchExpressions"],
+        report,
+    );
+    selector.match_labels.clone()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsecureAction {
+    Redirect,
+    Route,
+    Reject,
+}
+
+/// A Host: one virtual host of the gateway.
+#[derive(Debug, Clone)]
+pub struct VirtualHost {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub hostname: HostGlob,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub insecure: InsecureAction,
+}
+
+impl VirtualHost {
+    /// Emissary's `default-host` when no Host exists: everything, cleartext.
+    pub fn synthesized_default() -> VirtualHost {
+        VirtualHost {
+            name: "default-host".into(),
+            namespace: "default".into(),
+            labels: BTreeMap::new(),
+            hostname: HostGlob::Any,
+            selector: None,
+            insecure: InsecureAction::Route,
+        }
+    }
+}
+
+const HOST_SUPPORTED: &[&str] = &[
+    "hostname",
+    "mappingSelector",
+    "selector",
+    "requestPolicy",
+    "tlsSecret",
+    "tlsContext",
+    "tls",
+    "ambassador_id",
+];
+const HOST_LATER: &[&str] = &["acmeProvider", "previewUrl"];
+
+pub fn validate_hosts(
+    raws: &[&RawResource],
+    diags: &mut Vec<Diagnostic>,
+    accepted: &mut BTreeMap<String, usize>,
+) -> Vec<VirtualHost> {
+    let mut hosts = Vec::new();
+    for raw in raws {
+        let mut report = Reporter::new(raw.location(), diags);
+        let Some(spec) = parse_section::<HostSpec>(raw, "spec", &mut report) else {
+            continue;
+        };
+        check_unknown_fields(&spec.other, "spec", HOST_SUPPORTED, HOST_LATER, &mut report);
+        let hostname = match HostGlob::parse(spec.hostname.as_deref().unwrap_or("*")) {
+            Ok(glob) => glob,
+            Err(e) => {
+                report.error("spec.hostname", e);
+                continue;
+            }
+        };
+        let selector = match (&spec.mapping_selector, &spec.selector) {
+            (Some(s), _) => Some(selector_labels(s, "spec.mappingSelector", &mut report)),
+            (None, Some(s)) => Some(selector_labels(s, "spec.selector", &mut report)),
+            (None, None) => None,
+        };
+        let action = spec
+            .request_policy
+            .as_ref()
+            .and_then(|p| p.insecure.as_ref())
+            .and_then(|i| i.action.as_deref());
+        let insecure = match action {
+            None | Some("Redirect") => InsecureAction::Redirect,
+            Some("Route") => InsecureAction::Route,
+            Some("Reject") => InsecureAction::Reject,
+            Some(other) => {
+                report
+                    .error(
+                        "spec.requestPolicy.insecure.action",
+                        format!("unknown action {other:?}"),
+                    )
+                    .with_hint("Redirect, Route or Reject (case-sensitive)");
+                continue;
+            }
+        };
+        if spec.tls_secret.is_some() || spec.tls_context.is_some() || spec.tls.is_some() {
+            report
+                .warning(
+                    "spec.tlsSecret",
+                    "TLS termination is not supported by pingress yet",
+                )
+                .with_hint("this Host serves cleartext requests only");
+        }
+        if report.has_errors() {
+            continue;
+        }
+        count(accepted, "Host");
+        hosts.push(VirtualHost {
+            name: raw.id.name.clone(),
+            namespace: raw.id.namespace.clone(),
+            labels: raw.labels.clone(),
+            hostname,
+            selector,
+            insecure,
+        });
+    }
+    hosts
+}

@@ -1,0 +1,555 @@
+//! Mapping validation: matchers compiled, service parsed, TLSContext
+//! resolved, Module defaults applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue};
+use regex::Regex;
+
+use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
+use crate::config::load::RawResource;
+use crate::config::resources::{MappingSpec, MappingTls, MatchValue, OrderedMap};
+use crate::routing::headers::HeaderEdits;
+use crate::routing::matchers::{
+    full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
+};
+use crate::tls::UpstreamTls;
+use crate::upstream::service::ServiceAddr;
+
+use super::edge::{add_headers, header_names};
+use super::spec::{check_unknown_fields, parse_section};
+use super::{count, ModuleSettings};
+
+const SUPPORTED: &[&str] = &[
+    "prefix",
+    "prefix_regex",
+    "prefix_exact",
+    "case_sensitive",
+    "hostname",
+    "host",
+    "host_regex",
+    "method",
+    "method_regex",
+    "headers",
+    "regex_headers",
+    "query_parameters",
+    "regex_query_parameters",
+    "precedence",
+    "rewrite",
+    "regex_rewrite",
+    "host_rewrite",
+    "auto_host_rewrite",
+    "service",
+    "tls",
+    "timeout_ms",
+    "connect_timeout_ms",
+    "idle_timeout_ms",
+    "add_request_headers",
+    "add_response_headers",
+    "remove_request_headers",
+    "remove_response_headers",
+    "add_linkerd_headers",
+    "weight",
+    "labels",
+    "ambassador_id",
+];
+
+/// Emissary Mapping fields that later pingress work implements.
+const LATER: &[&str] = &[
+    "cors",
+    "bypass_auth",
+    "auth_context_extensions",
+    "host_redirect",
+    "path_redirect",
+    "prefix_redirect",
+    "regex_redirect",
+    "redirect_response_code",
+    "shadow",
+    "grpc",
+    "allow_upgrade",
+    "use_websocket",
+    "resolver",
+    "load_balancer",
+    "dns_type",
+    "respect_dns_ttl",
+    "enable_ipv4",
+    "enable_ipv6",
+    "keepalive",
+    "health_checks",
+    "priority",
+    "cluster_tag",
+    "stats_name",
+    "error_response_overrides",
+    "bypass_error_response_overrides",
+    "outlier_detection",
+    "docs",
+    "envoy_override",
+    "modules",
+    "v2ExplicitTLS",
+    "v2BoolHeaders",
+    "v2BoolQueryParameters",
+    "retry_policy",
+    "circuit_breakers",
+    "cluster_idle_timeout_ms",
+    "cluster_max_connection_lifetime_ms",
+];
+
+#[derive(Debug, Clone)]
+pub enum Rewrite {
+    /// `rewrite: ""`, or a regex_rewrite that did not match.
+    Keep,
+    /// Replace the matched prefix.
+    Prefix(String),
+    Regex {
+        regex: Regex,
+        substitution: String,
+    },
+}
+
+/// Which Hosts a Mapping may join (§2.2).
+#[derive(Debug, Clone)]
+pub enum Association {
+    Hostname(HostGlob),
+    /// `host_regex` Mappings join every Host.
+    Everywhere,
+    /// Only Hosts whose mappingSelector matches the Mapping's labels.
+    SelectorOnly,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub id: ResourceRef,
+    /// `name.namespace`, as logs and errors name a Mapping.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub association: Association,
+    pub path: PathMatch,
+    pub prefix: String,
+    pub authority: Option<(AuthorityMatch, String)>,
+    pub method: Option<ValueMatch>,
+    pub headers: Vec<(HeaderName, ValueMatch)>,
+    pub query: Vec<(String, ValueMatch)>,
+    pub precedence: i64,
+    pub weight: Option<u32>,
+    pub rewrite: Rewrite,
+    pub host_rewrite: Option<HeaderValue>,
+    pub auto_host_rewrite: bool,
+    pub service: ServiceAddr,
+    pub originate_tls: bool,
+    pub tls: Option<Arc<UpstreamTls>>,
+    /// 0 disables.
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: Option<u64>,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+    pub add_linkerd_headers: bool,
+    /// Keys that every Mapping of a canary group must agree on (§2.6).
+    pub group_invariants: Vec<(&'static str, String)>,
+}
+
+pub fn validate_all(
+    raws: &[&RawResource],
+    module: &ModuleSettings,
+    contexts: &HashMap<String, Arc<UpstreamTls>>,
+    diags: &mut Vec<Diagnostic>,
+    accepted: &mut BTreeMap<String, usize>,
+) -> Vec<Mapping> {
+    let mut mappings = Vec::new();
+    for raw in raws {
+        let mut report = Reporter::new(raw.location(), diags);
+        let Some(spec) = parse_section::<MappingSpec>(raw, "spec", &mut report) else {
+            continue;
+        };
+        check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
+        let mapping = validate(raw, &spec, module, contexts, &mut report);
+        if let (Some(mapping), false) = (mapping, report.has_errors()) {
+            count(accepted, "Mapping");
+            mappings.push(mapping);
+        }
+    }
+    mappings
+}
+
+fn validate(
+    raw: &RawResource,
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    contexts: &HashMap<String, Arc<UpstreamTls>>,
+    report: &mut Reporter,
+) -> Option<Mapping> {
+    let v2 = raw.api_version == "getambassador.io/v2";
+    let case_sensitive = spec.case_sensitive.unwrap_or(true);
+    let prefix = match spec.prefix.as_deref() {
+        Some(p) if !p.is_empty() => p.to_string(),
+        _ => {
+            report.error("spec.prefix", "prefix is required");
+            return None;
+        }
+    };
+    let path = match (
+        spec.prefix_regex.unwrap_or(false),
+        spec.prefix_exact.unwrap_or(false),
+    ) {
+        (true, true) => {
+            report.error(
+                "spec.prefix_exact",
+                "prefix_regex and prefix_exact exclude each other",
+            );
+            return None;
+        }
+        (true, false) => match full_match_regex(&prefix, !case_sensitive) {
+            Ok(regex) => PathMatch::Regex(regex),
+            Err(e) => {
+                report.error("spec.prefix", format!("invalid regex: {e}"));
+                return None;
+            }
+        },
+        (false, true) => PathMatch::Exact {
+            path: prefix.clone(),
+            case_sensitive,
+        },
+        (false, false) => {
+            if !prefix.starts_with('/') {
+                report.warning(
+                    "spec.prefix",
+                    "a prefix without a leading / matches no request path",
+                );
+            }
+            PathMatch::Prefix {
+                prefix: prefix.clone(),
+                case_sensitive,
+            }
+        }
+    };
+
+    let (authority, association) = authority(spec, v2, report)?;
+    let method = match (&spec.method, spec.method_regex.unwrap_or(false)) {
+        (None, _) => None,
+        (Some(m), false) => Some(ValueMatch::Exact(m.to_ascii_uppercase())),
+        (Some(m), true) => match full_match_regex(m, false) {
+            Ok(r) => Some(ValueMatch::Regex(r)),
+            Err(e) => {
+                report.error("spec.method", format!("invalid regex: {e}"));
+                return None;
+            }
+        },
+    };
+    let mut headers = Vec::new();
+    for (name, matcher) in value_matchers(&spec.headers, &spec.regex_headers, "headers", report) {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) => headers.push((header, matcher)),
+            Err(_) => {
+                report.error(&format!("spec.headers.{name}"), "not a valid header name");
+            }
+        }
+    }
+    let query = value_matchers(
+        &spec.query_parameters,
+        &spec.regex_query_parameters,
+        "query_parameters",
+        report,
+    );
+
+    let rewrite = match (&spec.regex_rewrite, &spec.rewrite) {
+        (Some(rr), rewrite) => {
+            if rewrite.as_deref().is_some_and(|r| !r.is_empty()) {
+                report.warning(
+                    "spec.rewrite",
+                    "regex_rewrite is set, so rewrite is ignored",
+                );
+            }
+            match search_regex(&rr.pattern) {
+                Ok(regex) => Rewrite::Regex {
+                    regex,
+                    substitution: envoy_substitution(&rr.substitution),
+                },
+                Err(e) => {
+                    report.error("spec.regex_rewrite.pattern", format!("invalid regex: {e}"));
+                    return None;
+                }
+            }
+        }
+        (None, Some(r)) if r.is_empty() => Rewrite::Keep,
+        (None, Some(r)) => {
+            if !r.starts_with('/') {
+                report.warning(
+                    "spec.rewrite",
+                    "a rewrite without a leading / produces an invalid upstream path",
+                );
+            }
+            Rewrite::Prefix(r.clone())
+        }
+        (None, None) => Rewrite::Prefix("/".into()),
+    };
+
+    let (context, originate_tls) = match &spec.tls {
+        None | Some(MappingTls::Enabled(false)) => (None, false),
+        Some(MappingTls::Context(name)) if name.is_empty() => (None, false),
+        Some(MappingTls::Enabled(true)) => (None, true),
+        Some(MappingTls::Context(name)) => {
+            match contexts.get(name) {
+                Some(context) => (Some(context.clone()), true),
+                None => {
+                    report
+                    .error("spec.tls", format!("TLSContext {name} unknown"))
+                    .with_hint("name a TLSContext that is defined and valid (see its own errors above)");
+                    return None;
+                }
+            }
+        }
+    };
+    let namespace = (!module.use_ambassador_namespace).then_some(raw.id.namespace.as_str());
+    let service = match spec.service.as_deref() {
+        None => {
+            report.error("spec.service", "service is required");
+            return None;
+        }
+        Some(text) => match ServiceAddr::parse(text, originate_tls, namespace) {
+            Ok(service) => service,
+            Err(e) => {
+                report
+                    .error("spec.service", e.to_string())
+                    .with_hint("the form is [scheme://]host[.namespace][:port]");
+                return None;
+            }
+        },
+    };
+    if originate_tls
+        && !service.https
+        && spec
+            .service
+            .as_deref()
+            .is_some_and(|s| s.starts_with("http://"))
+    {
+        report.warning(
+            "spec.service",
+            "service says http:// but tls is set: TLS is originated anyway, as Emissary does",
+        );
+    }
+    if let Some(ctx) = &context {
+        if ctx.ca.is_some() && ctx.sni.is_none() && service.is_ip() {
+            report
+                .error(
+                    "spec.tls",
+                    format!(
+                        "TLSContext {} verifies upstreams, but {} is an IP address",
+                        ctx.name, service.host
+                    ),
+                )
+                .with_hint("set `sni` on the TLSContext to the name in the upstream's certificate");
+            return None;
+        }
+    }
+
+    let host_rewrite = match spec.host_rewrite.as_deref() {
+        None | Some("") => None,
+        Some(h) => match HeaderValue::from_str(h) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                report.error("spec.host_rewrite", "not a valid Host header value");
+                return None;
+            }
+        },
+    };
+    if let Some(weight) = spec.weight {
+        if weight > 100 {
+            report.error("spec.weight", format!("weight {weight} is above 100"));
+            return None;
+        }
+    }
+
+    let defaults = &module.defaults;
+    let mut request_headers = match &spec.add_request_headers {
+        Some(map) => add_headers(map, "spec.add_request_headers", report),
+        None => defaults.request.clone().unwrap_or_default(),
+    };
+    request_headers.remove = match &spec.remove_request_headers {
+        Some(list) => header_names(list, "spec.remove_request_headers", report),
+        None => defaults.remove_request.clone().unwrap_or_default(),
+    };
+    let mut response_headers = match &spec.add_response_headers {
+        Some(map) => add_headers(map, "spec.add_response_headers", report),
+        None => defaults.response.clone().unwrap_or_default(),
+    };
+    response_headers.remove = match &spec.remove_response_headers {
+        Some(list) => header_names(list, "spec.remove_response_headers", report),
+        None => defaults.remove_response.clone().unwrap_or_default(),
+    };
+
+    let connect_timeout_ms = spec.connect_timeout_ms.unwrap_or(3000);
+    let group_invariants = vec![
+        (
+            "prefix_regex",
+            format!("{:?}", spec.prefix_regex.unwrap_or(false)),
+        ),
+        (
+            "prefix_exact",
+            format!("{:?}", spec.prefix_exact.unwrap_or(false)),
+        ),
+        ("case_sensitive", format!("{case_sensitive}")),
+        ("connect_timeout_ms", format!("{connect_timeout_ms}")),
+        (
+            "labels",
+            serde_yaml::to_string(&spec.labels).unwrap_or_default(),
+        ),
+    ];
+
+    Some(Mapping {
+        id: raw.id.clone(),
+        name: format!("{}.{}", raw.id.name, raw.id.namespace),
+        labels: raw.labels.clone(),
+        association,
+        path,
+        prefix,
+        authority,
+        method,
+        headers,
+        query,
+        precedence: spec.precedence.unwrap_or(0),
+        weight: spec.weight,
+        rewrite,
+        host_rewrite,
+        auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
+        service,
+        originate_tls,
+        tls: context,
+        timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
+        connect_timeout_ms,
+        idle_timeout_ms: spec.idle_timeout_ms,
+        request_headers,
+        response_headers,
+        add_linkerd_headers: spec
+            .add_linkerd_headers
+            .unwrap_or(module.add_linkerd_headers),
+        group_invariants,
+    })
+}
+
+type AuthorityParts = (Option<(AuthorityMatch, String)>, Association);
+
+/// `hostname` (a glob) wins over the deprecated `host` (exact or regex).
+fn authority(spec: &MappingSpec, v2: bool, report: &mut Reporter) -> Option<AuthorityParts> {
+    if let Some(hostname) = &spec.hostname {
+        if spec.host.is_some() {
+            report.warning("spec.host", "hostname is set, so host is ignored");
+        }
+        return match HostGlob::parse(hostname) {
+            Ok(HostGlob::Any) => Some((None, Association::Hostname(HostGlob::Any))),
+            Ok(glob) => Some((
+                Some((AuthorityMatch::Glob(glob.clone()), glob.text())),
+                Association::Hostname(glob),
+            )),
+            Err(e) => {
+                report.error("spec.hostname", e);
+                None
+            }
+        };
+    }
+    match (&spec.host, spec.host_regex.unwrap_or(false)) {
+        (Some(host), true) => match full_match_regex(host, false) {
+            Ok(regex) => Some((
+                Some((AuthorityMatch::Regex(regex), host.clone())),
+                Association::Everywhere,
+            )),
+            Err(e) => {
+                report.error("spec.host", format!("invalid regex: {e}"));
+                None
+            }
+        },
+        (Some(host), false) if host.contains('*') => {
+            report
+                .error(
+                    "spec.host",
+                    format!("host exact-match {host} contains *, which cannot match anything"),
+                )
+                .with_hint("use hostname for globs");
+            None
+        }
+        (Some(host), false) => {
+            let glob = HostGlob::Exact(host.to_ascii_lowercase());
+            Some((
+                Some((AuthorityMatch::Glob(glob.clone()), host.clone())),
+                Association::Hostname(glob),
+            ))
+        }
+        // Emissary converts hostless v2 Mappings to `hostname: "*"`.
+        (None, _) if v2 => Some((None, Association::Hostname(HostGlob::Any))),
+        (None, _) => Some((None, Association::SelectorOnly)),
+    }
+}
+
+/// Exact and regex matchers of headers or query parameters, exact first.
+fn value_matchers(
+    exact: &Option<OrderedMap<MatchValue>>,
+    regex: &Option<OrderedMap<String>>,
+    field: &str,
+    report: &mut Reporter,
+) -> Vec<(String, ValueMatch)> {
+    let mut out = Vec::new();
+    for (name, value) in exact.iter().flat_map(|m| m.0.iter()) {
+        match value {
+            MatchValue::Exact(v) => {
+                out.push((name.to_ascii_lowercase(), ValueMatch::Exact(v.clone())))
+            }
+            // v2's `name: true` means "present".
+            MatchValue::Present(true) => match full_match_regex(".*", false) {
+                Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
+                Err(e) => {
+                    report.error(&format!("spec.{field}.{name}"), e.to_string());
+                }
+            },
+            MatchValue::Present(false) => {
+                report.error(
+                    &format!("spec.{field}.{name}"),
+                    "false is not a match value",
+                );
+            }
+        }
+    }
+    for (name, pattern) in regex.iter().flat_map(|m| m.0.iter()) {
+        match full_match_regex(pattern, false) {
+            Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
+            Err(e) => {
+                report.error(
+                    &format!("spec.regex_{field}.{name}"),
+                    format!("invalid regex: {e}"),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Envoy writes back-references as `\1`; the regex crate as `${1}`.
+fn envoy_substitution(substitution: &str) -> String {
+    let mut out = String::with_capacity(substitution.len());
+    let mut chars = substitution.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                out.push_str("${");
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    out.push(*d);
+                    chars.next();
+                }
+                out.push('}');
+            }
+            '$' => out.push_str("$$"),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitution_syntax() {
+        assert_eq!(envoy_substitution(r"/bar/\1"), "/bar/${1}");
+        assert_eq!(envoy_substitution(r"/$x/\12"), "/$$x/${12}");
+    }
+}

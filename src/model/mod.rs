@@ -1,0 +1,240 @@
+//! Stage 2: validate raw resources into the model.
+//!
+//! The model is the configuration with defaults applied, references resolved
+//! (Mapping → TLSContext → Secret) and PEM parsed. Each resource is checked on
+//! its own: a bad one is reported and left out, its siblings stay.
+
+mod edge;
+mod mapping;
+mod spec;
+mod tls_context;
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
+pub use mapping::{Association, Mapping, Rewrite};
+
+use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::load::RawResource;
+use crate::routing::headers::HeaderEdits;
+use crate::tls::UpstreamTls;
+
+/// The Module-wide settings that shape Mappings and requests.
+#[derive(Debug, Clone)]
+pub struct ModuleSettings {
+    pub request_timeout_ms: u64,
+    pub server_name: Option<String>,
+    pub add_linkerd_headers: bool,
+    pub xff_num_trusted_hops: u32,
+    pub merge_slashes: bool,
+    pub reject_escaped_slashes: bool,
+    pub strip_matching_host_port: bool,
+    pub suppress_envoy_headers: bool,
+    pub use_ambassador_namespace: bool,
+    pub enable_ipv4: bool,
+    pub enable_ipv6: bool,
+    pub defaults: MappingDefaults,
+}
+
+impl Default for ModuleSettings {
+    fn default() -> Self {
+        ModuleSettings {
+            request_timeout_ms: 3000,
+            server_name: None,
+            add_linkerd_headers: false,
+            xff_num_trusted_hops: 0,
+            merge_slashes: false,
+            reject_escaped_slashes: false,
+            strip_matching_host_port: false,
+            suppress_envoy_headers: false,
+            use_ambassador_namespace: false,
+            enable_ipv4: true,
+            enable_ipv6: false,
+            defaults: MappingDefaults::default(),
+        }
+    }
+}
+
+/// `defaults.httpmapping` of the Module. Each is replaced, never merged, by
+/// a Mapping that sets the same key.
+#[derive(Debug, Clone, Default)]
+pub struct MappingDefaults {
+    pub request: Option<HeaderEdits>,
+    pub response: Option<HeaderEdits>,
+    pub remove_request: Option<Vec<http::HeaderName>>,
+    pub remove_response: Option<Vec<http::HeaderName>>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub module: ModuleSettings,
+    pub listeners: Vec<Listener>,
+    pub hosts: Vec<VirtualHost>,
+    pub mappings: Vec<Mapping>,
+    pub tls_contexts: HashMap<String, Arc<UpstreamTls>>,
+    /// Accepted resources per kind, for `pingress -t`.
+    pub accepted: BTreeMap<String, usize>,
+}
+
+/// Secrets by `(namespace, name)`.
+pub(crate) type SecretStore = HashMap<(String, String), RawResource>;
+
+const SUPPORTED_API_VERSIONS: &[&str] = &["getambassador.io/v3alpha1", "getambassador.io/v2"];
+
+/// Emissary kinds that pingress recognises but does not implement yet.
+const LATER_KINDS: &[&str] = &[
+    "AuthService",
+    "RateLimitService",
+    "TCPMapping",
+    "LogService",
+    "TracingService",
+    "KubernetesServiceResolver",
+    "KubernetesEndpointResolver",
+    "ConsulResolver",
+    "DevPortal",
+];
+
+/// Kubernetes kinds that often share a manifest file with Emissary resources.
+const IGNORED_KUBERNETES_KINDS: &[&str] = &[
+    "Service",
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "Pod",
+    "Namespace",
+    "ConfigMap",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Endpoints",
+    "EndpointSlice",
+    "Ingress",
+    "IngressClass",
+    "CustomResourceDefinition",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+];
+
+/// Validates every resource; `ambassador_id` selects this instance's share.
+pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let mut by_kind: BTreeMap<&str, Vec<&RawResource>> = BTreeMap::new();
+    let mut seen = HashMap::new();
+    let mut secrets = SecretStore::new();
+
+    for raw in &resources {
+        let kind = raw.id.kind.as_str();
+        if kind == "Secret" {
+            if raw.api_version != "v1" {
+                Reporter::new(raw.location(), &mut diags).error(
+                    "apiVersion",
+                    format!("a Secret has apiVersion v1, not {:?}", raw.api_version),
+                );
+                continue;
+            }
+            let key = (raw.id.namespace.clone(), raw.id.name.clone());
+            match secrets.entry(key) {
+                Entry::Occupied(_) => duplicate(raw, &mut diags),
+                Entry::Vacant(slot) => {
+                    slot.insert(raw.clone());
+                }
+            }
+            continue;
+        }
+        if !raw.api_version.starts_with("getambassador.io/") {
+            if !IGNORED_KUBERNETES_KINDS.contains(&kind) {
+                diags.push(Diagnostic::warning(
+                    raw.location(),
+                    format!("pingress does not use {} {kind}; ignored", raw.api_version),
+                ));
+            }
+            continue;
+        }
+        if !SUPPORTED_API_VERSIONS.contains(&raw.api_version.as_str()) {
+            Reporter::new(raw.location(), &mut diags)
+                .error(
+                    "apiVersion",
+                    format!("unsupported apiVersion {:?}", raw.api_version),
+                )
+                .with_hint("use getambassador.io/v3alpha1 (v2 is read too)");
+            continue;
+        }
+        if !spec::belongs_to(spec::ambassador_ids(raw).as_ref(), ambassador_id) {
+            continue;
+        }
+        if LATER_KINDS.contains(&kind) {
+            diags.push(Diagnostic::warning(
+                raw.location(),
+                format!("{kind} is not supported by pingress yet; ignored"),
+            ));
+            continue;
+        }
+        if !matches!(
+            kind,
+            "Mapping" | "TLSContext" | "Host" | "Listener" | "Module"
+        ) {
+            Reporter::new(raw.location(), &mut diags)
+                .error("kind", format!("unknown kind {kind:?}"))
+                .with_hint("pingress reads Mapping, TLSContext, Host, Listener, Module and Secret");
+            continue;
+        }
+        let identity = (kind, raw.id.namespace.as_str(), raw.id.name.as_str());
+        if seen.insert(identity, ()).is_some() {
+            duplicate(raw, &mut diags);
+            continue;
+        }
+        by_kind.entry(kind).or_default().push(raw);
+    }
+
+    let mut model = Model::default();
+    let kinds = |k: &str| by_kind.get(k).cloned().unwrap_or_default();
+
+    model.module = edge::validate_modules(&kinds("Module"), &mut diags, &mut model.accepted);
+    model.tls_contexts = tls_context::validate_all(
+        &kinds("TLSContext"),
+        &secrets,
+        &mut diags,
+        &mut model.accepted,
+    );
+    model.listeners = edge::validate_listeners(
+        &kinds("Listener"),
+        &model.module,
+        &mut diags,
+        &mut model.accepted,
+    );
+    model.hosts = edge::validate_hosts(&kinds("Host"), &mut diags, &mut model.accepted);
+    model.mappings = mapping::validate_all(
+        &kinds("Mapping"),
+        &model.module,
+        &model.tls_contexts,
+        &mut diags,
+        &mut model.accepted,
+    );
+    let secret_count = secrets.len();
+    if secret_count > 0 {
+        model.accepted.insert("Secret".into(), secret_count);
+    }
+    (model, diags)
+}
+
+fn duplicate(raw: &RawResource, diags: &mut Vec<Diagnostic>) {
+    diags.push(
+        Diagnostic::error(
+            raw.location(),
+            format!(
+                "duplicate {} {}/{}: an earlier document defines it already; this one is ignored",
+                raw.id.kind, raw.id.namespace, raw.id.name
+            ),
+        )
+        .hint("give each resource of a kind a unique name within its namespace"),
+    );
+}
+
+pub(crate) fn count(accepted: &mut BTreeMap<String, usize>, kind: &str) {
+    *accepted.entry(kind.to_string()).or_default() += 1;
+}

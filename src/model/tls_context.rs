@@ -1,0 +1,336 @@
+//! TLSContext → [`UpstreamTls`]: certificates from a Secret or files, the CA
+//! that verifies upstreams, SNI, ALPN and protocol bounds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::sync::Arc;
+
+use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::load::RawResource;
+use crate::config::resources::{SecretBody, TlsContextSpec};
+use crate::tls::{self, CertKeyError, SecretData, UpstreamTls};
+
+use super::spec::{check_unknown_fields, parse_section};
+use super::{count, SecretStore};
+
+const SUPPORTED: &[&str] = &[
+    "hosts",
+    "secret",
+    "cert_chain_file",
+    "private_key_file",
+    "ca_secret",
+    "cacert_chain_file",
+    "cert_required",
+    "alpn_protocols",
+    "min_tls_version",
+    "max_tls_version",
+    "cipher_suites",
+    "ecdh_curves",
+    "sni",
+    "secret_namespacing",
+    "ambassador_id",
+];
+const LATER: &[&str] = &["crl_secret", "redirect_cleartext_from"];
+
+/// Validates every TLSContext; the result is keyed by name, because a
+/// Mapping's `tls:` names a context without a namespace.
+pub fn validate_all(
+    raws: &[&RawResource],
+    secrets: &SecretStore,
+    diags: &mut Vec<Diagnostic>,
+    accepted: &mut BTreeMap<String, usize>,
+) -> HashMap<String, Arc<UpstreamTls>> {
+    let mut contexts = HashMap::new();
+    for raw in raws {
+        let mut report = Reporter::new(raw.location(), diags);
+        let Some(spec) = parse_section::<TlsContextSpec>(raw, "spec", &mut report) else {
+            continue;
+        };
+        check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
+        let context = validate(raw, &spec, secrets, &mut report);
+        if report.has_errors() {
+            continue;
+        }
+        let Some(context) = context else { continue };
+        if contexts.contains_key(&raw.id.name) {
+            report
+                .error(
+                    "metadata.name",
+                    "another TLSContext has this name in another namespace",
+                )
+                .with_hint(
+                    "Mappings name TLSContexts without a namespace: give each a unique name",
+                );
+            continue;
+        }
+        count(accepted, "TLSContext");
+        contexts.insert(raw.id.name.clone(), Arc::new(context));
+    }
+    contexts
+}
+
+fn validate(
+    raw: &RawResource,
+    spec: &TlsContextSpec,
+    secrets: &SecretStore,
+    report: &mut Reporter,
+) -> Option<UpstreamTls> {
+    let namespacing = spec.secret_namespacing.unwrap_or(true);
+    let lookup = |field: &str, name: &str, report: &mut Reporter| -> Option<SecretData> {
+        let (secret_name, namespace) = split_secret_name(name, &raw.id.namespace, namespacing);
+        let Some(secret) = secrets.get(&(namespace.clone(), secret_name.clone())) else {
+            report
+                .error(field, format!("Secret {namespace}/{secret_name} unknown"))
+                .with_hint(if namespacing && name.contains('.') {
+                    "with secret_namespacing (the default) a `.` separates name and namespace; \
+                     set secret_namespacing: false for names that contain dots"
+                } else {
+                    "add the Secret to a file under `resources:`"
+                });
+            return None;
+        };
+        let body: SecretBody =
+            match serde_yaml::from_value(serde_yaml::Value::Mapping(secret.body.clone())) {
+                Ok(body) => body,
+                Err(e) => {
+                    report.error(field, format!("Secret {namespace}/{secret_name}: {e}"));
+                    return None;
+                }
+            };
+        match SecretData::decode(&body) {
+            Ok(data) => Some(data),
+            Err(e) => {
+                report.error(field, format!("Secret {namespace}/{secret_name}: {e}"));
+                None
+            }
+        }
+    };
+
+    let mut chain_pem = None;
+    let mut key_pem = None;
+    let mut ca_pem = None;
+    match (&spec.secret, &spec.cert_chain_file, &spec.private_key_file) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            report.error(
+                "spec.secret",
+                "set either secret or cert_chain_file/private_key_file, not both",
+            );
+        }
+        (Some(name), None, None) => {
+            if let Some(data) = lookup("spec.secret", name, report) {
+                if data.cert_chain.is_none() {
+                    report.error("spec.secret", format!("Secret {name} has no tls.crt"));
+                }
+                if data.key.is_none() {
+                    report.error("spec.secret", format!("Secret {name} has no tls.key"));
+                }
+                chain_pem = data.cert_chain;
+                key_pem = data.key;
+                ca_pem = data.ca;
+            }
+        }
+        (None, Some(chain), Some(key)) => {
+            chain_pem = read_file("spec.cert_chain_file", chain, report);
+            key_pem = read_file("spec.private_key_file", key, report);
+        }
+        (None, Some(_), None) => {
+            report.error(
+                "spec.private_key_file",
+                "cert_chain_file needs private_key_file",
+            );
+        }
+        (None, None, Some(_)) => {
+            report.error(
+                "spec.cert_chain_file",
+                "private_key_file needs cert_chain_file",
+            );
+        }
+        (None, None, None) => {}
+    }
+    match (&spec.ca_secret, &spec.cacert_chain_file) {
+        (Some(_), Some(_)) => {
+            report.error(
+                "spec.ca_secret",
+                "set either ca_secret or cacert_chain_file, not both",
+            );
+        }
+        (Some(name), None) => {
+            if let Some(data) = lookup("spec.ca_secret", name, report) {
+                match data.ca_bundle() {
+                    Some(bundle) => ca_pem = Some(bundle.to_vec()),
+                    None => {
+                        report
+                            .error(
+                                "spec.ca_secret",
+                                format!("Secret {name} has no CA certificate"),
+                            )
+                            .with_hint("put the CA bundle under tls.crt (or ca.crt)");
+                    }
+                }
+            }
+        }
+        (None, Some(path)) => ca_pem = read_file("spec.cacert_chain_file", path, report),
+        (None, None) => {}
+    }
+
+    let cert_key = match (&chain_pem, &key_pem) {
+        (Some(chain), Some(key)) => match tls::cert_key(chain, key) {
+            Ok(cert_key) => Some(Arc::new(cert_key)),
+            Err(e) => {
+                let field = if spec.secret.is_some() {
+                    "spec.secret"
+                } else {
+                    "spec.cert_chain_file"
+                };
+                match e {
+                    CertKeyError::Certificate(m) => {
+                        report.error(field, format!("certificate: {m}"))
+                    }
+                    CertKeyError::Key(m) => report.error(field, format!("private key: {m}")),
+                    CertKeyError::Mismatch(subject) => report.error(
+                        field,
+                        format!("private key does not match certificate {subject}"),
+                    ),
+                };
+                None
+            }
+        },
+        _ => None,
+    };
+    if let Some(cert_key) = &cert_key {
+        if let Some(days) = tls::days_left(cert_key.leaf()) {
+            if days < 0 {
+                report.warning(
+                    "spec",
+                    format!(
+                        "client certificate {} expired {} days ago",
+                        tls::describe(cert_key.leaf()),
+                        -days
+                    ),
+                );
+            }
+        }
+    }
+
+    let ca = match &ca_pem {
+        Some(pem) => match tls::parse_chain(pem) {
+            Ok(certs) => Some(Arc::new(certs.into_boxed_slice())),
+            Err(e) => {
+                report.error("spec.ca_secret", format!("CA bundle: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+
+    let alpn = spec.alpn_protocols.as_deref().and_then(|text| {
+        tls::parse_alpn(text)
+            .map_err(|e| report.error("spec.alpn_protocols", e))
+            .ok()
+    });
+    let version = |field: &str, value: &Option<String>, report: &mut Reporter| {
+        value.as_deref().and_then(|v| {
+            tls::parse_tls_version(v)
+                .map_err(|e| report.error(field, e))
+                .ok()
+        })
+    };
+    let min_version = version("spec.min_tls_version", &spec.min_tls_version, report);
+    let max_version = version("spec.max_tls_version", &spec.max_tls_version, report);
+    if let (Some(min), Some(max)) = (min_version, max_version) {
+        if crate::upstream::policy::version_rank(min) > crate::upstream::policy::version_rank(max) {
+            report.error(
+                "spec.min_tls_version",
+                "min_tls_version is above max_tls_version",
+            );
+        }
+    }
+    let sni = spec.sni.clone().filter(|s| !s.is_empty());
+    if spec.hosts.as_ref().is_some_and(|h| !h.is_empty()) {
+        report.warning(
+            "spec.hosts",
+            "TLS termination is not supported by pingress yet; this context is used for \
+             origination only",
+        );
+    }
+    if ca.is_none() && (cert_key.is_some() || sni.is_some()) {
+        report
+            .warning(
+                "spec",
+                "upstream certificates are not verified: this context has no CA",
+            )
+            .with_hint(
+                "set ca_secret or cacert_chain_file to verify upstreams (Emissary never does)",
+            );
+    }
+
+    let pem = |v: &Option<Vec<u8>>| v.clone().unwrap_or_default();
+    let alpn_text = spec.alpn_protocols.clone().unwrap_or_default();
+    let bounds = format!(
+        "{:?}/{:?}/{:?}",
+        spec.min_tls_version, spec.max_tls_version, spec.cipher_suites
+    );
+    let curves = spec.ecdh_curves.as_ref().map(|c| c.join(":"));
+    let identity = tls::identity_digest(&[
+        &pem(&chain_pem),
+        &pem(&key_pem),
+        &pem(&ca_pem),
+        alpn_text.as_bytes(),
+        sni.as_deref().unwrap_or_default().as_bytes(),
+        bounds.as_bytes(),
+        curves.as_deref().unwrap_or_default().as_bytes(),
+    ]);
+    Some(UpstreamTls {
+        name: format!("{}.{}", raw.id.name, raw.id.namespace),
+        cert_key,
+        ca,
+        sni,
+        alpn,
+        min_version,
+        max_version,
+        cipher_suites: spec.cipher_suites.clone().unwrap_or_default(),
+        curves,
+        identity,
+    })
+}
+
+fn read_file(field: &str, path: &str, report: &mut Reporter) -> Option<Vec<u8>> {
+    fs::read(path)
+        .map_err(|e| report.error(field, format!("cannot read {path}: {e}")))
+        .ok()
+}
+
+/// `name.namespace` splits at the last dot when namespacing is on (§3.1).
+pub fn split_secret_name(
+    name: &str,
+    default_namespace: &str,
+    namespacing: bool,
+) -> (String, String) {
+    match name.rsplit_once('.') {
+        Some((secret, namespace)) if namespacing && !secret.is_empty() && !namespace.is_empty() => {
+            (secret.to_string(), namespace.to_string())
+        }
+        _ => (name.to_string(), default_namespace.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_names() {
+        assert_eq!(
+            split_secret_name("certs", "default", true),
+            ("certs".into(), "default".into())
+        );
+        assert_eq!(
+            split_secret_name("certs.prod", "default", true),
+            ("certs".into(), "prod".into())
+        );
+        assert_eq!(
+            split_secret_name("istio.default.x", "ns", false),
+            ("istio.default.x".into(), "ns".into())
+        );
+    }
+}

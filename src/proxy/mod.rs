@@ -1,0 +1,518 @@
+//! The Pingora `ProxyHttp` implementation, one phase per method, each thin:
+//! the decisions live in the snapshot and the routing module.
+//!
+//! - `request_filter`: take the snapshot, pick the Host and the route, or
+//!   answer (404, 301, 400) here;
+//! - `upstream_peer`: clone the route's prepared peer;
+//! - `upstream_request_filter`: path and Host rewrite, header edits;
+//! - `response_filter`: response header edits;
+//! - `fail_to_proxy`: the status and a body that name the cause;
+//! - `logging`: the access log line.
+
+mod respond;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::header::{HeaderName, HeaderValue};
+use log::{info, warn};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::Digest;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorType;
+use rand::Rng;
+
+use crate::model::{InsecureAction, Rewrite, SecurityModel};
+use crate::routing::headers::{HeaderEdits, RequestFacts};
+use crate::routing::path::{normalize, PathError};
+use crate::routing::table::RequestView;
+use crate::snapshot::{Route, Snapshot};
+
+pub use respond::classify;
+
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// The gateway's proxy logic over the current snapshot.
+pub struct Gateway {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+        Gateway { snapshot }
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<Arc<Route>>,
+    /// The normalised path, when it differs from the request's.
+    normalized_path: Option<String>,
+    started: Instant,
+    upstream_started: Option<Instant>,
+    /// Why the gateway answered by itself, for the access log.
+    local_reply: Option<&'static str>,
+}
+
+fn protocol(session: &Session) -> &'static str {
+    if session.is_http2() {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    }
+}
+
+fn local_port(session: &Session) -> Option<u16> {
+    session
+        .server_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.port())
+}
+
+/// The request's authority: the URI's (HTTP/2, absolute form) or `Host`.
+fn authority(req: &RequestHeader) -> &str {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+fn split_port(authority: &str) -> (&str, Option<&str>) {
+    if authority.starts_with('[') {
+        return match authority.rsplit_once("]:") {
+            Some((host, port)) => (&authority[..host.len() + 1], Some(port)),
+            None => (authority, None),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    }
+}
+
+impl Gateway {
+    /// Routing proper; `Err` carries the reply the gateway gives itself.
+    fn route(
+        &self,
+        session: &Session,
+        snapshot: &Snapshot,
+        ctx: &mut RequestCtx,
+    ) -> Result<Arc<Route>, respond::LocalReply> {
+        let req = session.req_header();
+        let listener = local_port(session)
+            .and_then(|port| snapshot.listener(port))
+            .ok_or(respond::LocalReply::no_listener())?;
+        let module = &snapshot.module;
+        let path = match normalize(
+            req.uri.path(),
+            module.merge_slashes,
+            module.reject_escaped_slashes,
+        ) {
+            Ok(path) => path,
+            Err(PathError::EscapedSlash) => return Err(respond::LocalReply::escaped_slash()),
+            Err(PathError::NotAbsolute) => return Err(respond::LocalReply::bad_path()),
+        };
+        let raw_authority = authority(req).to_ascii_lowercase();
+        let (host_name, port) = split_port(&raw_authority);
+        let authority = match port {
+            Some(port)
+                if module.strip_matching_host_port
+                    && port.parse() == Ok(listener.listener.port) =>
+            {
+                host_name
+            }
+            _ => raw_authority.as_str(),
+        };
+        let Some(vhost) = listener.hosts.select(host_name) else {
+            return Err(respond::LocalReply::no_host(host_name));
+        };
+
+        let secure = match listener.listener.security {
+            SecurityModel::Secure => true,
+            SecurityModel::Insecure => false,
+            // With no trusted proxy in front, what the client claims in
+            // X-Forwarded-Proto is ignored: the wire decides.
+            SecurityModel::Xfp if listener.listener.l7_depth == 0 => false,
+            SecurityModel::Xfp => req
+                .headers
+                .get("x-forwarded-proto")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
+        };
+        if !secure && !path.starts_with(ACME_CHALLENGE) {
+            match vhost.host.insecure {
+                InsecureAction::Route => {}
+                // Every insecure request is redirected, mapped or not
+                // (Emissary answers 404 for unmapped paths, a known gap).
+                InsecureAction::Redirect => {
+                    return Err(respond::LocalReply::https_redirect(
+                        host_name,
+                        req.uri.path_and_query(),
+                    ))
+                }
+                InsecureAction::Reject => return Err(respond::LocalReply::rejected_insecure()),
+            }
+        }
+
+        let view = RequestView {
+            path: &path,
+            query: req.uri.query().unwrap_or(""),
+            authority,
+            method: req.method.as_str(),
+            headers: &req.headers,
+        };
+        let Some(group) = vhost.find(&view) else {
+            return Err(respond::LocalReply::no_route(
+                req.method.as_str(),
+                host_name,
+                &path,
+            ));
+        };
+        let route = if group.is_canary() {
+            group.pick(rand::thread_rng().gen_range(0..100))
+        } else {
+            group.pick(0)
+        };
+        if let Cow::Owned(normalized) = path {
+            ctx.normalized_path = Some(normalized);
+        }
+        Ok(route.clone())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            snapshot: None,
+            route: None,
+            normalized_path: None,
+            started: Instant::now(),
+            upstream_started: None,
+            local_reply: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.snapshot.load_full();
+        let decision = self.route(session, &snapshot, ctx);
+        let server_name = snapshot.module.server_name.clone();
+        ctx.snapshot = Some(snapshot);
+        match decision {
+            Ok(route) => {
+                ctx.route = Some(route);
+                Ok(false)
+            }
+            Err(reply) => {
+                ctx.local_reply = Some(reply.reason);
+                reply.send(session, server_name.as_deref()).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
+        let mut peer = route.cluster.peer().ok_or_else(|| {
+            Error::explain(
+                ErrorType::HTTPStatus(503),
+                format!("no endpoints for {}", route.cluster.name),
+            )
+        })?;
+        peer.options.read_timeout = route.read_timeout;
+        peer.options.write_timeout = route.read_timeout;
+        ctx.upstream_started = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(tls) = ctx.route.as_ref().and_then(|r| r.cluster.tls.as_ref()) else {
+            return Ok(());
+        };
+        let Some(ssl) = digest.and_then(|d| d.ssl_digest.as_ref()) else {
+            return Ok(());
+        };
+        crate::upstream::policy::check_negotiated(tls, &ssl.version, &ssl.cipher)
+            .map_err(|reason| Error::explain(ErrorType::Custom(respond::TLS_POLICY), reason))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(route), Some(snapshot)) = (ctx.route.as_ref(), ctx.snapshot.as_ref()) else {
+            return Ok(());
+        };
+        let module = &snapshot.module;
+        let downstream = session.req_header();
+        let original_path = downstream.uri.path();
+        let path = ctx.normalized_path.as_deref().unwrap_or(original_path);
+        let new_path = match &route.rewrite {
+            Rewrite::Keep => Cow::Borrowed(path),
+            Rewrite::Prefix(replacement) => {
+                let cut = route.path.matched_len(path).min(path.len());
+                Cow::Owned(format!("{replacement}{}", &path[cut..]))
+            }
+            Rewrite::Regex {
+                regex,
+                substitution,
+            } => regex.replace_all(path, substitution.as_str()),
+        };
+        if new_path != original_path {
+            let target = match downstream.uri.query() {
+                Some(query) => format!("{new_path}?{query}"),
+                None => new_path.into_owned(),
+            };
+            let uri = target.parse::<http::Uri>().map_err(|e| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    format!("rewritten path {target:?}: {e}"),
+                )
+            })?;
+            upstream.set_uri(uri);
+            if !module.suppress_envoy_headers {
+                upstream.insert_header("x-envoy-original-path", original_path)?;
+            }
+        }
+        if let Some(host) = &route.host_rewrite {
+            upstream.insert_header(http::header::HOST, host.clone())?;
+        }
+
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        forwarded_headers(upstream, client.map(|a| a.ip()), snapshot, session);
+        if let Some(value) = &route.linkerd_header {
+            upstream.insert_header("l5d-dst-override", value.clone())?;
+        }
+        if let Some(value) = &route.expected_timeout {
+            upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
+        }
+        let facts = RequestFacts {
+            client_addr: client,
+            local_addr: session.server_addr().and_then(|a| a.as_inet()).copied(),
+            protocol: protocol(session),
+            request_headers: &session.req_header().headers,
+        };
+        apply_edits(&route.request_headers, &facts, upstream)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let suppress = ctx
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.module.suppress_envoy_headers);
+        if let (Some(started), false) = (ctx.upstream_started, suppress) {
+            upstream_response.insert_header(
+                "x-envoy-upstream-service-time",
+                started.elapsed().as_millis().to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(route), Some(snapshot)) = (ctx.route.as_ref(), ctx.snapshot.as_ref()) else {
+            return Ok(());
+        };
+        if let Some(server) = &snapshot.module.server_name {
+            response.insert_header(http::header::SERVER, server.as_str())?;
+        }
+        if route.response_headers.is_empty() {
+            return Ok(());
+        }
+        let facts = RequestFacts {
+            client_addr: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            local_addr: session.server_addr().and_then(|a| a.as_inet()).copied(),
+            protocol: protocol(session),
+            request_headers: &session.req_header().headers,
+        };
+        apply_edits(&route.response_headers, &facts, response)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (status, cause) = classify(e);
+        let mapping = ctx
+            .route
+            .as_ref()
+            .map(|r| r.mapping.as_str())
+            .unwrap_or("-");
+        let cluster = ctx
+            .route
+            .as_ref()
+            .map(|r| r.cluster.name.as_str())
+            .unwrap_or("-");
+        if status >= 500 {
+            warn!("mapping {mapping} upstream {cluster}: {status} {cause}: {e}");
+        }
+        if status > 0 {
+            let server_name = ctx
+                .snapshot
+                .as_ref()
+                .and_then(|s| s.module.server_name.clone());
+            let reply = respond::LocalReply::failure(status, cause);
+            if let Err(write_error) = reply.send(session, server_name.as_deref()).await {
+                warn!("failed to send the error response: {write_error}");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let req = session.req_header();
+        let client = session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into());
+        let mapping = ctx
+            .route
+            .as_ref()
+            .map(|r| r.mapping.as_str())
+            .unwrap_or("-");
+        let upstream = ctx
+            .route
+            .as_ref()
+            .map(|r| r.cluster.name.as_str())
+            .unwrap_or("-");
+        let outcome = match (ctx.local_reply, error) {
+            (Some(reason), _) => reason.to_string(),
+            (None, Some(e)) => e.etype().as_str().to_string(),
+            (None, None) => "-".into(),
+        };
+        info!(
+            target: "access",
+            "{client} \"{} {} {}\" {status} {} {}ms mapping={mapping} upstream={upstream} note={outcome}",
+            req.method,
+            req.uri,
+            protocol(session),
+            session.body_bytes_sent(),
+            ctx.started.elapsed().as_millis(),
+        );
+    }
+}
+
+/// X-Forwarded-For gets the client appended (Envoy's use_remote_address);
+/// X-Forwarded-Proto keeps a trusted proxy's value, else the wire protocol.
+fn forwarded_headers(
+    upstream: &mut RequestHeader,
+    client: Option<std::net::IpAddr>,
+    snapshot: &Snapshot,
+    session: &Session,
+) {
+    let l7_depth = local_port(session)
+        .and_then(|p| snapshot.listener(p))
+        .map(|l| l.listener.l7_depth)
+        .unwrap_or(0);
+    if let Some(ip) = client {
+        let value = match upstream
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(existing) => format!("{existing}, {ip}"),
+            None => ip.to_string(),
+        };
+        let _ = upstream.insert_header("x-forwarded-for", value);
+    }
+    if l7_depth == 0 || upstream.headers.get("x-forwarded-proto").is_none() {
+        let _ = upstream.insert_header("x-forwarded-proto", "http");
+    }
+}
+
+/// Request and response headers, edited alike.
+trait EditableHeaders {
+    fn remove(&mut self, name: &HeaderName) -> bool;
+    fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()>;
+}
+
+impl EditableHeaders for RequestHeader {
+    fn remove(&mut self, name: &HeaderName) -> bool {
+        self.remove_header(name).is_some()
+    }
+    fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()> {
+        if append {
+            self.append_header(name, value).map(drop)
+        } else {
+            self.insert_header(name, value)
+        }
+    }
+}
+
+impl EditableHeaders for ResponseHeader {
+    fn remove(&mut self, name: &HeaderName) -> bool {
+        self.remove_header(name).is_some()
+    }
+    fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()> {
+        if append {
+            self.append_header(name, value).map(drop)
+        } else {
+            self.insert_header(name, value)
+        }
+    }
+}
+
+/// Removes, then adds, as Envoy evaluates a route's header edits.
+fn apply_edits(
+    edits: &HeaderEdits,
+    facts: &RequestFacts,
+    target: &mut impl EditableHeaders,
+) -> Result<()> {
+    for name in &edits.remove {
+        while target.remove(name) {}
+    }
+    for header in &edits.add {
+        if let Some(value) = header.value.render(facts) {
+            target.set(header.name.clone(), value, header.append)?;
+        }
+    }
+    Ok(())
+}

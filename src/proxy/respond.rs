@@ -1,0 +1,133 @@
+//! Replies the gateway gives by itself, and how proxy errors become statuses.
+//! Every such reply has a short plain-text body that names its cause.
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::{ErrorSource, ErrorType};
+
+/// The `ErrorType::Custom` tag of an upstream TLS policy violation.
+pub const TLS_POLICY: &str = "UpstreamTlsPolicy";
+
+pub struct LocalReply {
+    pub status: u16,
+    /// A short tag for the access log.
+    pub reason: &'static str,
+    body: String,
+    location: Option<String>,
+}
+
+impl LocalReply {
+    fn new(status: u16, reason: &'static str, body: String) -> Self {
+        LocalReply {
+            status,
+            reason,
+            body,
+            location: None,
+        }
+    }
+
+    pub fn no_listener() -> Self {
+        Self::new(
+            404,
+            "no_listener",
+            "no listener configuration for this port".into(),
+        )
+    }
+
+    pub fn bad_path() -> Self {
+        Self::new(400, "bad_path", "the request target is not a path".into())
+    }
+
+    pub fn escaped_slash() -> Self {
+        Self::new(
+            400,
+            "escaped_slash",
+            "escaped slashes are not allowed in the path".into(),
+        )
+    }
+
+    pub fn no_host(host: &str) -> Self {
+        Self::new(404, "no_host", format!("no Host matches {host:?}"))
+    }
+
+    pub fn no_route(method: &str, host: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "no_route",
+            format!("no Mapping matches {method} {host}{path}"),
+        )
+    }
+
+    pub fn rejected_insecure() -> Self {
+        // Emissary answers Reject with 404: the routes simply do not exist
+        // for insecure requests.
+        Self::new(
+            404,
+            "insecure_rejected",
+            "this Host does not serve insecure requests".into(),
+        )
+    }
+
+    pub fn https_redirect(host: &str, path: Option<&PathAndQuery>) -> Self {
+        let target = format!("https://{host}{}", path.map(|p| p.as_str()).unwrap_or("/"));
+        let mut reply = Self::new(301, "https_redirect", format!("redirecting to {target}"));
+        reply.location = Some(target);
+        reply
+    }
+
+    pub fn failure(status: u16, cause: &'static str) -> Self {
+        Self::new(status, "proxy_error", cause.to_string())
+    }
+
+    pub async fn send(self, session: &mut Session, server_name: Option<&str>) -> Result<()> {
+        let body = Bytes::from(format!("{}\n", self.body));
+        let mut header = ResponseHeader::build(self.status, Some(4))?;
+        header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        if let Some(location) = self.location {
+            header.insert_header(http::header::LOCATION, location)?;
+        }
+        if let Some(server) = server_name {
+            header.insert_header(http::header::SERVER, server)?;
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+/// The status and a short cause for a failed proxy attempt: unreachable
+/// upstreams are 503, TLS failures 502, timeouts 504 (as Envoy answers).
+/// 0 means the client is gone and nothing can be sent.
+pub fn classify(e: &Error) -> (u16, &'static str) {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(503) => return (503, "no healthy upstream"),
+        HTTPStatus(code) => return (*code, "gateway error"),
+        _ => {}
+    }
+    match e.esource() {
+        ErrorSource::Upstream => match e.etype() {
+            ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | SocketError
+            | BindError => (503, "upstream connect error: the upstream is unreachable"),
+            TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError
+            | TLSWantX509Lookup => (502, "upstream TLS handshake failed"),
+            Custom(TLS_POLICY) => (502, "upstream TLS parameters violate the TLSContext"),
+            ReadTimedout | WriteTimedout => (504, "upstream request timeout"),
+            _ => (502, "upstream connection error"),
+        },
+        ErrorSource::Downstream => match e.etype() {
+            WriteError | ReadError | ConnectionClosed => (0, "client went away"),
+            ReadTimedout => (408, "request timeout"),
+            _ => (400, "bad request"),
+        },
+        ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
+            Custom(TLS_POLICY) => (502, "upstream TLS parameters violate the TLSContext"),
+            _ => (500, "internal gateway error"),
+        },
+    }
+}

@@ -1,0 +1,222 @@
+//! Header edits of a route: `add_*_headers` with Envoy-style `%VARIABLE%`
+//! values, and `remove_*_headers`.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use http::header::{HeaderName, HeaderValue};
+
+/// What a header value can refer to, known per request.
+pub struct RequestFacts<'a> {
+    pub client_addr: Option<SocketAddr>,
+    pub local_addr: Option<SocketAddr>,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'a str,
+    pub request_headers: &'a http::HeaderMap,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Literal(String),
+    DownstreamRemoteAddress,
+    DownstreamRemoteAddressWithoutPort,
+    DownstreamLocalAddress,
+    DownstreamLocalAddressWithoutPort,
+    DownstreamLocalPort,
+    Protocol,
+    Hostname,
+    RequestHeader(HeaderName),
+}
+
+pub const SUPPORTED_VARIABLES: &str = "%DOWNSTREAM_REMOTE_ADDRESS%, \
+    %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %DOWNSTREAM_LOCAL_ADDRESS%, \
+    %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%, %DOWNSTREAM_LOCAL_PORT%, %PROTOCOL%, %HOSTNAME%, \
+    %REQ(header-name)% and %% for a literal percent sign";
+
+/// A header value, either fixed or rendered per request.
+#[derive(Debug, Clone)]
+pub enum HeaderTemplate {
+    Fixed(HeaderValue),
+    Rendered(Vec<Part>),
+}
+
+impl HeaderTemplate {
+    pub fn parse(text: &str) -> Result<HeaderTemplate, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(start) = rest.find('%') {
+            literal.push_str(&rest[..start]);
+            let after = &rest[start + 1..];
+            if let Some(stripped) = after.strip_prefix('%') {
+                literal.push('%');
+                rest = stripped;
+                continue;
+            }
+            let end = after
+                .find('%')
+                .ok_or_else(|| format!("unterminated variable in {text:?}"))?;
+            let part = parse_variable(&after[..end])?;
+            if !literal.is_empty() {
+                parts.push(Part::Literal(std::mem::take(&mut literal)));
+            }
+            parts.push(part);
+            rest = &after[end + 1..];
+        }
+        literal.push_str(rest);
+        if parts.is_empty() {
+            return HeaderValue::from_str(&literal)
+                .map(HeaderTemplate::Fixed)
+                .map_err(|_| format!("{literal:?} is not a valid header value"));
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(HeaderTemplate::Rendered(parts))
+    }
+
+    pub fn render(&self, facts: &RequestFacts) -> Option<HeaderValue> {
+        let parts = match self {
+            HeaderTemplate::Fixed(value) => return Some(value.clone()),
+            HeaderTemplate::Rendered(parts) => parts,
+        };
+        let mut out = String::new();
+        for part in parts {
+            // Writing to a String cannot fail.
+            let _ = match part {
+                Part::Literal(s) => write!(out, "{s}"),
+                Part::DownstreamRemoteAddress => write_opt(&mut out, facts.client_addr),
+                Part::DownstreamRemoteAddressWithoutPort => {
+                    write_opt(&mut out, facts.client_addr.map(|a| a.ip()))
+                }
+                Part::DownstreamLocalAddress => write_opt(&mut out, facts.local_addr),
+                Part::DownstreamLocalAddressWithoutPort => {
+                    write_opt(&mut out, facts.local_addr.map(|a| a.ip()))
+                }
+                Part::DownstreamLocalPort => {
+                    write_opt(&mut out, facts.local_addr.map(|a| a.port()))
+                }
+                Part::Protocol => write!(out, "{}", facts.protocol),
+                Part::Hostname => write!(out, "{}", hostname()),
+                Part::RequestHeader(name) => {
+                    if let Some(v) = facts
+                        .request_headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        out.push_str(v);
+                    }
+                    Ok(())
+                }
+            };
+        }
+        HeaderValue::from_str(&out).ok()
+    }
+}
+
+fn write_opt<T: std::fmt::Display>(out: &mut String, value: Option<T>) -> std::fmt::Result {
+    match value {
+        Some(v) => write!(out, "{v}"),
+        None => Ok(()),
+    }
+}
+
+fn parse_variable(name: &str) -> Result<Part, String> {
+    Ok(match name {
+        "DOWNSTREAM_REMOTE_ADDRESS" => Part::DownstreamRemoteAddress,
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Part::DownstreamRemoteAddressWithoutPort,
+        "DOWNSTREAM_LOCAL_ADDRESS" => Part::DownstreamLocalAddress,
+        "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Part::DownstreamLocalAddressWithoutPort,
+        "DOWNSTREAM_LOCAL_PORT" => Part::DownstreamLocalPort,
+        "PROTOCOL" => Part::Protocol,
+        "HOSTNAME" => Part::Hostname,
+        _ => {
+            let header = name
+                .strip_prefix("REQ(")
+                .and_then(|n| n.strip_suffix(')'))
+                .ok_or_else(|| format!("unknown variable %{name}%"))?;
+            let header = HeaderName::from_bytes(header.trim().as_bytes())
+                .map_err(|_| format!("%{name}% does not name a valid header"))?;
+            Part::RequestHeader(header)
+        }
+    })
+}
+
+fn hostname() -> &'static str {
+    static HOSTNAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOSTNAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct AddHeader {
+    pub name: HeaderName,
+    pub value: HeaderTemplate,
+    /// Envoy's default: add another value rather than replace.
+    pub append: bool,
+}
+
+/// The header edits applied in one direction.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderEdits {
+    pub remove: Vec<HeaderName>,
+    pub add: Vec<AddHeader>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(headers: &http::HeaderMap) -> RequestFacts<'_> {
+        RequestFacts {
+            client_addr: Some("10.1.2.3:4567".parse().unwrap()),
+            local_addr: Some("127.0.0.1:8080".parse().unwrap()),
+            protocol: "HTTP/1.1",
+            request_headers: headers,
+        }
+    }
+
+    #[test]
+    fn fixed_values_stay_fixed() {
+        match HeaderTemplate::parse("plain 100%% sure").unwrap() {
+            HeaderTemplate::Fixed(v) => assert_eq!(v, "plain 100% sure"),
+            other => panic!("expected a fixed value, got {other:?}"),
+        }
+        assert!(matches!(
+            HeaderTemplate::parse("plain").unwrap(),
+            HeaderTemplate::Fixed(_)
+        ));
+    }
+
+    #[test]
+    fn variables_render() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-user", HeaderValue::from_static("alice"));
+        let t = HeaderTemplate::parse(
+            "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%|%DOWNSTREAM_REMOTE_ADDRESS%|%PROTOCOL%|%REQ(X-User)%|%%",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&facts(&headers)).unwrap(),
+            "10.1.2.3|10.1.2.3:4567|HTTP/1.1|alice|%"
+        );
+    }
+
+    #[test]
+    fn bad_templates_are_errors() {
+        assert!(HeaderTemplate::parse("%NOPE%")
+            .unwrap_err()
+            .contains("unknown variable"));
+        assert!(HeaderTemplate::parse("%PROTOCOL").is_err());
+        assert!(HeaderTemplate::parse("bad\nvalue").is_err());
+    }
+}

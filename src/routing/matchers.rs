@@ -1,0 +1,248 @@
+//! The request predicates of a Mapping, compiled once per snapshot.
+//!
+//! Regexes are compiled when the configuration is validated; matching a
+//! request allocates nothing except for case-insensitive prefixes.
+
+use regex::{Regex, RegexBuilder};
+
+/// Compiled regexes are bounded so a hostile or careless pattern cannot
+/// blow up memory; the regex crate matches in linear time regardless.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Builds a regex that must match the whole input, as Envoy's safe_regex does.
+pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .case_insensitive(case_insensitive)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// Builds a regex used for substitution (unanchored, all matches).
+pub fn search_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Prefix {
+        prefix: String,
+        case_sensitive: bool,
+    },
+    Exact {
+        path: String,
+        case_sensitive: bool,
+    },
+    Regex(Regex),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix {
+                prefix,
+                case_sensitive: true,
+            } => path.starts_with(prefix.as_str()),
+            PathMatch::Prefix {
+                prefix,
+                case_sensitive: false,
+            } => path
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+            PathMatch::Exact {
+                path: exact,
+                case_sensitive: true,
+            } => path == exact,
+            PathMatch::Exact {
+                path: exact,
+                case_sensitive: false,
+            } => path.eq_ignore_ascii_case(exact),
+            PathMatch::Regex(regex) => regex.is_match(path),
+        }
+    }
+
+    /// Length of the part of `path` that the default `rewrite` replaces:
+    /// the prefix for prefix matches, the whole path otherwise.
+    pub fn matched_len(&self, path: &str) -> usize {
+        match self {
+            PathMatch::Prefix { prefix, .. } => prefix.len(),
+            PathMatch::Exact { .. } | PathMatch::Regex(_) => path.len(),
+        }
+    }
+}
+
+/// Exact or regex match of a header, query parameter or method value.
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            ValueMatch::Exact(expected) => value == expected,
+            ValueMatch::Regex(regex) => regex.is_match(value),
+        }
+    }
+
+    pub fn is_regex(&self) -> bool {
+        matches!(self, ValueMatch::Regex(_))
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            ValueMatch::Exact(s) => s,
+            ValueMatch::Regex(r) => {
+                let s = r.as_str();
+                // Strip the anchoring added by `full_match_regex`.
+                s.strip_prefix("^(?:")
+                    .and_then(|s| s.strip_suffix(")$"))
+                    .unwrap_or(s)
+            }
+        }
+    }
+}
+
+/// A DNS glob with at most one `*`, at the start or the end (§2.2).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostGlob {
+    Any,
+    Exact(String),
+    /// `*.example.com`: stores `.example.com`.
+    Suffix(String),
+    /// `example.*`: stores `example.`.
+    Prefix(String),
+}
+
+impl HostGlob {
+    /// Parses a glob; the error says what is wrong with it.
+    pub fn parse(glob: &str) -> Result<HostGlob, String> {
+        let lower = glob.to_ascii_lowercase();
+        if lower.is_empty() {
+            return Err("hostname is empty".into());
+        }
+        if lower == "*" {
+            return Ok(HostGlob::Any);
+        }
+        match lower.matches('*').count() {
+            0 => Ok(HostGlob::Exact(lower)),
+            1 if lower.starts_with('*') => Ok(HostGlob::Suffix(lower[1..].to_string())),
+            1 if lower.ends_with('*') => Ok(HostGlob::Prefix(lower[..lower.len() - 1].to_string())),
+            _ => Err(format!(
+                "{glob:?} is not a valid hostname glob: a single * is allowed only at the \
+                 start or the end"
+            )),
+        }
+    }
+
+    /// Matches an authority (already lower-cased by the caller).
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostGlob::Any => true,
+            HostGlob::Exact(exact) => host.eq_ignore_ascii_case(exact),
+            HostGlob::Suffix(suffix) => ends_with_ignore_case(host, suffix),
+            HostGlob::Prefix(prefix) => host
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+        }
+    }
+
+    /// Could some name match both globs? This decides Host/Mapping association.
+    pub fn compatible(&self, other: &HostGlob) -> bool {
+        use HostGlob::*;
+        match (self, other) {
+            (Any, _) | (_, Any) => true,
+            (Exact(a), b) | (b, Exact(a)) => b.matches(a),
+            (Suffix(a), Suffix(b)) => a.ends_with(b.as_str()) || b.ends_with(a.as_str()),
+            (Prefix(a), Prefix(b)) => a.starts_with(b.as_str()) || b.starts_with(a.as_str()),
+            // `pre*` and `*suf` both match "pre" + "suf".
+            (Prefix(_), Suffix(_)) | (Suffix(_), Prefix(_)) => true,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        match self {
+            HostGlob::Any => "*".into(),
+            HostGlob::Exact(e) => e.clone(),
+            HostGlob::Suffix(s) => format!("*{s}"),
+            HostGlob::Prefix(p) => format!("{p}*"),
+        }
+    }
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
+/// The route-level `:authority` predicate of a Mapping.
+#[derive(Debug, Clone)]
+pub enum AuthorityMatch {
+    Glob(HostGlob),
+    Regex(Regex),
+}
+
+impl AuthorityMatch {
+    pub fn matches(&self, authority: &str) -> bool {
+        match self {
+            AuthorityMatch::Glob(glob) => glob.matches(authority),
+            AuthorityMatch::Regex(regex) => regex.is_match(authority),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_not_segment_aware() {
+        let m = PathMatch::Prefix {
+            prefix: "/man".into(),
+            case_sensitive: true,
+        };
+        assert!(m.matches("/mankind"));
+        assert!(!m.matches("/MAN"));
+        let ci = PathMatch::Prefix {
+            prefix: "/x/".into(),
+            case_sensitive: false,
+        };
+        assert!(ci.matches("/X/anything"));
+        assert!(!ci.matches("/X"));
+    }
+
+    #[test]
+    fn regex_must_match_whole_path() {
+        let m = PathMatch::Regex(full_match_regex("/foo/[0-9]+", false).unwrap());
+        assert!(m.matches("/foo/12"));
+        assert!(!m.matches("/foo/12/x"));
+        assert!(!m.matches("/x/foo/12"));
+    }
+
+    #[test]
+    fn globs_parse_and_match() {
+        assert_eq!(HostGlob::parse("*").unwrap(), HostGlob::Any);
+        assert!(HostGlob::parse("a.*.com").is_err());
+        assert!(HostGlob::parse("**").is_err());
+        let suffix = HostGlob::parse("*.example.com").unwrap();
+        assert!(suffix.matches("a.b.example.com"));
+        assert!(!suffix.matches("example.com"));
+        let prefix = HostGlob::parse("api.*").unwrap();
+        assert!(prefix.matches("API.example.org"));
+        assert!(HostGlob::parse("Foo.com").unwrap().matches("foo.com"));
+    }
+
+    #[test]
+    fn glob_compatibility() {
+        let g = |s| HostGlob::parse(s).unwrap();
+        assert!(g("*").compatible(&g("a.com")));
+        assert!(g("*.com").compatible(&g("a.com")));
+        assert!(!g("*.org").compatible(&g("a.com")));
+        assert!(g("*.example.com").compatible(&g("*.com")));
+        assert!(!g("*.example.com").compatible(&g("*.org")));
+        assert!(g("api.*").compatible(&g("*.com")));
+        assert!(!g("a.com").compatible(&g("b.com")));
+    }
+}

@@ -1,0 +1,476 @@
+//! The route table: Mappings grouped into canary groups, ordered as Emissary
+//! orders them (§2.3), and attached to the virtual hosts they associate with.
+//!
+//! Lookup walks one virtual host's groups in order; the first whose
+//! predicates all hold wins. Predicates are ordered cheapest first, so a
+//! non-matching group usually costs one byte comparison of the prefix.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::HeaderMap;
+
+use crate::config::diagnostics::{Diagnostic, Location};
+use crate::model::{Association, Mapping, VirtualHost};
+use crate::routing::matchers::{AuthorityMatch, HostGlob, PathMatch, ValueMatch};
+
+/// What a request offers to the matchers.
+pub struct RequestView<'a> {
+    /// Normalised path, without the query.
+    pub path: &'a str,
+    pub query: &'a str,
+    /// `Host` / `:authority`, lower-cased, port kept unless stripped by the
+    /// Module's `strip_matching_host_port`.
+    pub authority: &'a str,
+    pub method: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The predicates shared by every Mapping of a group.
+#[derive(Debug)]
+pub struct RouteMatch {
+    path: PathMatch,
+    authority: Option<AuthorityMatch>,
+    method: Option<ValueMatch>,
+    headers: Vec<(http::HeaderName, ValueMatch)>,
+    query: Vec<(String, ValueMatch)>,
+}
+
+impl RouteMatch {
+    pub fn matches(&self, request: &RequestView) -> bool {
+        self.path.matches(request.path)
+            && self
+                .method
+                .as_ref()
+                .is_none_or(|m| m.matches(request.method))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|a| a.matches(request.authority))
+            && self.headers.iter().all(|(name, matcher)| {
+                let mut values = request.headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => false,
+                    (Some(only), None) => only.to_str().is_ok_and(|v| matcher.matches(v)),
+                    // Envoy matches a repeated header against its values joined by commas.
+                    (Some(_), Some(_)) => {
+                        let joined: Vec<&str> = request
+                            .headers
+                            .get_all(name)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect();
+                        matcher.matches(&joined.join(","))
+                    }
+                }
+            })
+            && self.query.iter().all(|(name, matcher)| {
+                query_value(request.query, name).is_some_and(|v| matcher.matches(v))
+            })
+    }
+}
+
+fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+/// A canary group: one set of predicates, several Mappings sharing traffic.
+#[derive(Debug)]
+pub struct RouteGroup<R> {
+    pub matcher: RouteMatch,
+    /// Cumulative thresholds out of 100, in order; see [`RouteGroup::pick`].
+    pub members: Vec<(u32, Arc<R>)>,
+}
+
+impl<R> RouteGroup<R> {
+    /// Chooses a member with one random number in 0..100, as Envoy checks
+    /// its runtime fractions: the first member whose threshold is above it.
+    pub fn pick(&self, roll: u32) -> &Arc<R> {
+        let last = self.members.len() - 1;
+        let index = self
+            .members
+            .iter()
+            .position(|(threshold, _)| roll < *threshold)
+            .unwrap_or(last);
+        &self.members[index].1
+    }
+
+    pub fn is_canary(&self) -> bool {
+        self.members.len() > 1
+    }
+}
+
+/// One virtual host with its routes in evaluation order.
+#[derive(Debug)]
+pub struct HostRoutes<R> {
+    pub host: VirtualHost,
+    pub groups: Vec<Arc<RouteGroup<R>>>,
+}
+
+impl<R> HostRoutes<R> {
+    pub fn find(&self, request: &RequestView) -> Option<&RouteGroup<R>> {
+        self.groups
+            .iter()
+            .find(|group| group.matcher.matches(request))
+            .map(|g| g.as_ref())
+    }
+}
+
+/// Virtual hosts of one listener, chosen by the request's host name:
+/// exact, then the longest `*.suffix`, then the longest `prefix.*`, then `*`.
+#[derive(Debug)]
+pub struct HostTable<R> {
+    hosts: Vec<HostRoutes<R>>,
+    exact: BTreeMap<String, usize>,
+    suffixes: Vec<(String, usize)>,
+    prefixes: Vec<(String, usize)>,
+    any: Option<usize>,
+}
+
+impl<R> HostTable<R> {
+    pub fn new(hosts: Vec<HostRoutes<R>>) -> Self {
+        let mut table = HostTable {
+            exact: BTreeMap::new(),
+            suffixes: Vec::new(),
+            prefixes: Vec::new(),
+            any: None,
+            hosts: Vec::new(),
+        };
+        for (index, host) in hosts.iter().enumerate() {
+            match &host.host.hostname {
+                HostGlob::Any => {
+                    table.any.get_or_insert(index);
+                }
+                HostGlob::Exact(name) => {
+                    table.exact.entry(name.clone()).or_insert(index);
+                }
+                HostGlob::Suffix(s) => table.suffixes.push((s.clone(), index)),
+                HostGlob::Prefix(p) => table.prefixes.push((p.clone(), index)),
+            }
+        }
+        table
+            .suffixes
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        table
+            .prefixes
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        table.hosts = hosts;
+        table
+    }
+
+    /// `name` is the request host without port, lower-cased.
+    pub fn select(&self, name: &str) -> Option<&HostRoutes<R>> {
+        let index = self
+            .exact
+            .get(name)
+            .copied()
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| name.len() > s.len() && name.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| name.len() > p.len() && name.starts_with(p.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or(self.any)?;
+        self.hosts.get(index)
+    }
+
+    pub fn hosts(&self) -> &[HostRoutes<R>] {
+        &self.hosts
+    }
+}
+
+/// Emissary's route sort key (§2.3), compared descending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SortKey {
+    precedence: i64,
+    prefix_len: usize,
+    header_len: usize,
+    query_len: usize,
+    prefix: String,
+    method: String,
+    headers: Vec<String>,
+    query: Vec<String>,
+}
+
+impl Ord for SortKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (
+            self.precedence,
+            self.prefix_len,
+            self.header_len,
+            self.query_len,
+            &self.prefix,
+            &self.method,
+            &self.headers,
+            &self.query,
+        )
+            .cmp(&(
+                other.precedence,
+                other.prefix_len,
+                other.header_len,
+                other.query_len,
+                &other.prefix,
+                &other.method,
+                &other.headers,
+                &other.query,
+            ))
+    }
+}
+
+impl PartialOrd for SortKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Header matchers as Envoy sees them: the Mapping's own, plus `:authority`
+/// from hostname/host and `:method` from method.
+fn envoy_headers(m: &Mapping) -> Vec<(String, String, bool)> {
+    let mut out: Vec<(String, String, bool)> = m
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.text().to_string(), v.is_regex()))
+        .collect();
+    if let Some((matcher, text)) = &m.authority {
+        out.push((
+            ":authority".into(),
+            text.clone(),
+            matches!(matcher, AuthorityMatch::Regex(_)),
+        ));
+    }
+    if let Some(method) = &m.method {
+        out.push((
+            ":method".into(),
+            method.text().to_string(),
+            method.is_regex(),
+        ));
+    }
+    out
+}
+
+fn matcher_len(items: &[(String, String, bool)]) -> usize {
+    items
+        .iter()
+        .map(|(name, value, regex)| name.len() + value.len() + usize::from(*regex))
+        .sum()
+}
+
+fn sort_key(m: &Mapping) -> SortKey {
+    let headers = envoy_headers(m);
+    let query: Vec<(String, String, bool)> = m
+        .query
+        .iter()
+        .map(|(n, v)| (n.clone(), v.text().to_string(), v.is_regex()))
+        .collect();
+    let strings = |items: &[(String, String, bool)]| {
+        let mut s: Vec<String> = items.iter().map(|(n, v, _)| format!("{n}-{v}")).collect();
+        s.sort();
+        s
+    };
+    SortKey {
+        precedence: m.precedence,
+        prefix_len: m.prefix.chars().count(),
+        header_len: matcher_len(&headers),
+        query_len: matcher_len(&query),
+        prefix: m.prefix.clone(),
+        method: m
+            .method
+            .as_ref()
+            .map(|v| v.text().to_string())
+            .unwrap_or_else(|| "GET".into()),
+        headers: strings(&headers),
+        query: strings(&query),
+    }
+}
+
+/// What makes Mappings one canary group.
+fn group_identity(m: &Mapping) -> String {
+    let key = sort_key(m);
+    let selector_labels = match m.association {
+        Association::SelectorOnly => format!("{:?}", m.labels),
+        _ => String::new(),
+    };
+    format!(
+        "{}|{}|{:?}|{:?}|{:?}|{selector_labels}",
+        key.precedence,
+        key.prefix,
+        m.method.as_ref().map(|v| v.text()),
+        key.headers,
+        key.query
+    )
+}
+
+/// A group of Mappings before their routes are built.
+pub struct MappingGroup<'m> {
+    pub members: Vec<&'m Mapping>,
+    /// Cumulative thresholds, parallel to `members`.
+    pub thresholds: Vec<u32>,
+}
+
+/// Groups and orders Mappings; inconsistent groups and newcomers are
+/// reported and left out (§2.6).
+pub fn group_mappings<'m>(
+    mappings: &'m [Mapping],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<MappingGroup<'m>> {
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: BTreeMap<String, Vec<&Mapping>> = BTreeMap::new();
+    for mapping in mappings {
+        let identity = group_identity(mapping);
+        let members = groups.entry(identity.clone()).or_insert_with(|| {
+            order.push(identity.clone());
+            Vec::new()
+        });
+        if let Some(first) = members.first() {
+            if let Some((key, _)) = mapping
+                .group_invariants
+                .iter()
+                .zip(&first.group_invariants)
+                .find(|(a, b)| a != b)
+                .map(|(a, _)| a)
+            {
+                diags.push(
+                    Diagnostic::error(
+                        Location::Resource(mapping.id.clone()),
+                        format!(
+                            "cannot accept new mapping {} with mismatched {key}: it shares its \
+                             match with {} (a canary group), which sets it differently",
+                            mapping.name, first.name
+                        ),
+                    )
+                    .field(format!("spec.{key}")),
+                );
+                continue;
+            }
+        }
+        members.push(mapping);
+    }
+
+    let mut out: Vec<(SortKey, MappingGroup)> = Vec::new();
+    for identity in order {
+        let Some(members) = groups.remove(&identity) else {
+            continue;
+        };
+        let members = ordered_for_split(&members);
+        let Some(thresholds) = thresholds(&members, diags) else {
+            continue;
+        };
+        let key = members
+            .iter()
+            .map(|m| sort_key(m))
+            .max()
+            .unwrap_or_else(|| sort_key(members[0]));
+        out.push((
+            key,
+            MappingGroup {
+                members,
+                thresholds,
+            },
+        ));
+    }
+    // Stable: equal keys keep resource order.
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.into_iter().map(|(_, g)| g).collect()
+}
+
+/// Splits 100% among a group ordered by [`ordered_for_split`]: weighted
+/// members take their weight, the rest is shared equally by the unweighted
+/// ones, the last absorbing rounding.
+fn thresholds(members: &[&Mapping], diags: &mut Vec<Diagnostic>) -> Option<Vec<u32>> {
+    if members.len() == 1 {
+        return Some(vec![100]);
+    }
+    let total: u32 = members.iter().filter_map(|m| m.weight).sum();
+    if total > 100 {
+        for m in members {
+            diags.push(
+                Diagnostic::error(
+                    Location::Resource(m.id.clone()),
+                    format!(
+                        "the weights of the canary group of {} add up to {total}, above 100; \
+                         the whole group is dropped",
+                        m.prefix
+                    ),
+                )
+                .field("spec.weight"),
+            );
+        }
+        return None;
+    }
+    let unweighted = members.iter().filter(|m| m.weight.is_none()).count() as u32;
+    let remaining = 100 - total;
+    let share = remaining.checked_div(unweighted).unwrap_or(0);
+    let mut cumulative = 0;
+    let mut out = Vec::with_capacity(members.len());
+    let mut seen_unweighted = 0;
+    for (index, m) in members.iter().enumerate() {
+        let part = match m.weight {
+            Some(w) => w,
+            None => {
+                seen_unweighted += 1;
+                if seen_unweighted == unweighted {
+                    remaining - share * (unweighted - 1)
+                } else {
+                    share
+                }
+            }
+        };
+        cumulative += part;
+        // Weights below 100 with nobody left to absorb the rest: the last
+        // member takes it, so every request routes.
+        if index == members.len() - 1 {
+            cumulative = 100;
+        }
+        out.push(cumulative);
+    }
+    Some(out)
+}
+
+/// Weighted members take their share first.
+fn ordered_for_split<'m>(members: &[&'m Mapping]) -> Vec<&'m Mapping> {
+    let mut ordered: Vec<&Mapping> = members
+        .iter()
+        .copied()
+        .filter(|m| m.weight.is_some())
+        .collect();
+    ordered.extend(members.iter().copied().filter(|m| m.weight.is_none()));
+    ordered
+}
+
+/// Builds the predicates of a group from its first member.
+pub fn route_match(m: &Mapping) -> RouteMatch {
+    RouteMatch {
+        path: m.path.clone(),
+        authority: m.authority.as_ref().map(|(a, _)| a.clone()),
+        method: m.method.clone(),
+        headers: m.headers.clone(),
+        query: m.query.clone(),
+    }
+}
+
+/// Does this Host's virtual host carry this Mapping (§2.2)?
+pub fn associates(host: &VirtualHost, m: &Mapping) -> bool {
+    use Association::*;
+    let labels_match = |selector: &BTreeMap<String, String>| {
+        selector.iter().all(|(k, v)| m.labels.get(k) == Some(v))
+    };
+    match (&host.selector, &m.association) {
+        (_, Everywhere) => true,
+        (Some(selector), Hostname(glob)) => {
+            labels_match(selector) && glob.compatible(&host.hostname)
+        }
+        (Some(selector), SelectorOnly) => labels_match(selector),
+        (None, Hostname(glob)) => glob.compatible(&host.hostname),
+        (None, SelectorOnly) => false,
+    }
+}

@@ -1,0 +1,153 @@
+//! Bringing it together: load the gateway file, build the first snapshot,
+//! and run the Pingora server; or, with `-t`, report and exit.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use log::{error, warn};
+use pingora::proxy::http_proxy_service;
+use pingora::server::configuration::Opt;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::{AdminApp, ReadinessProbe};
+use crate::config::diagnostics::{Diagnostic, Severity};
+use crate::config::load::{load_gateway_file, load_resources, GatewayFile};
+use crate::model::{validate, Model};
+use crate::proxy::Gateway;
+use crate::snapshot::{compile, Snapshot};
+
+/// The gateway file used when `-c` is not given.
+pub const DEFAULT_GATEWAY_FILE: &str = "conf/pingress.yaml";
+
+/// Seconds the old process keeps serving after SIGQUIT/SIGTERM when the
+/// gateway file does not say; Pingora's own default is 300.
+const DEFAULT_GRACE_PERIOD_SECONDS: u64 = 10;
+
+/// Everything the configuration produced, ready to serve or to report.
+pub struct Loaded {
+    pub gateway: GatewayFile,
+    pub model: Model,
+    pub snapshot: Snapshot,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    pub fn errors(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+}
+
+/// Runs the whole pipeline once. `Err` only when the gateway file itself
+/// is unusable; resource problems are in `diagnostics`.
+pub fn load(gateway_path: &Path) -> Result<Loaded, Box<Diagnostic>> {
+    let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
+    let root = gateway_path.parent().unwrap_or(Path::new("."));
+    let (resources, load_diags) = load_resources(&gateway.resources, root);
+    diagnostics.extend(load_diags);
+    let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
+    let (model, model_diags) = validate(resources, &ambassador_id);
+    diagnostics.extend(model_diags);
+    let (snapshot, compile_diags) = compile(&model);
+    diagnostics.extend(compile_diags);
+    Ok(Loaded {
+        gateway,
+        model,
+        snapshot,
+        diagnostics,
+    })
+}
+
+/// `pingress -t`: every problem, then a count per kind. Exit 1 on errors.
+pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<i32> {
+    for diagnostic in &loaded.diagnostics {
+        writeln!(out, "{diagnostic}")?;
+    }
+    for (kind, count) in &loaded.model.accepted {
+        writeln!(out, "{kind}: {count} accepted")?;
+    }
+    let errors = loaded.errors();
+    let warnings = loaded.diagnostics.len() - errors;
+    if errors > 0 {
+        writeln!(out, "configuration has {errors} error(s) and {warnings} warning(s): invalid resources are dropped")?;
+        Ok(1)
+    } else {
+        writeln!(out, "configuration OK ({warnings} warning(s))")?;
+        Ok(0)
+    }
+}
+
+/// Runs the gateway until the process is told to stop.
+pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
+    let loaded = load(&gateway_path).map_err(|d| d.to_string())?;
+    for diagnostic in &loaded.diagnostics {
+        match diagnostic.severity {
+            Severity::Error => error!("{diagnostic}"),
+            Severity::Warning => warn!("{diagnostic}"),
+        }
+    }
+    let Loaded {
+        gateway, snapshot, ..
+    } = loaded;
+    let ports = snapshot.ports();
+    let admin_addr: SocketAddr = gateway.admin.listen.parse().map_err(|e| {
+        format!(
+            "admin.listen {:?}: {e} (expected ip:port)",
+            gateway.admin.listen
+        )
+    })?;
+    if !opt.upgrade {
+        // Pingora retries a taken port for 30 s and then stays up with no
+        // listener; a supervisor deserves a clear, immediate failure.
+        for port in &ports {
+            ensure_free(SocketAddr::from(([0, 0, 0, 0], *port)), "listener")?;
+        }
+        ensure_free(admin_addr, "admin.listen")?;
+    }
+
+    let mut conf = gateway.pingora;
+    conf.grace_period_seconds
+        .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);
+    let opt = Opt {
+        conf: None,
+        test: false,
+        ..opt
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(snapshot));
+    for port in &ports {
+        proxy.add_tcp(&format!("0.0.0.0:{port}"));
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut admin = Service::new("admin".to_string(), AdminApp::new(ready.clone()));
+    admin.add_tcp(&admin_addr.to_string());
+    admin.threads = Some(1);
+    let probe = background_service("readiness", ReadinessProbe { ports, ready });
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(probe);
+    server.run_forever()
+}
+
+fn ensure_free(address: SocketAddr, what: &str) -> Result<(), String> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)
+        .map_err(|e| format!("cannot create a socket: {e}"))?;
+    // Pingora binds with SO_REUSEADDR; without it here, connections in
+    // TIME_WAIT from a previous run would look like a taken port.
+    let _ = socket.set_reuse_address(true);
+    socket
+        .bind(&address.into())
+        .and_then(|_| socket.listen(1))
+        .map_err(|e| {
+            format!("cannot listen on {address} ({what}): {e}; is another gateway running?")
+        })
+}

@@ -1,0 +1,230 @@
+//! Stage 3: compile the model into the immutable runtime [`Snapshot`] that
+//! requests read. Publication (stage 4) is an `ArcSwap` in [`crate::proxy`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::config::diagnostics::{Diagnostic, Location};
+use crate::model::{
+    HostBinding, Listener, Model, ModuleSettings, Rewrite, SecurityModel, VirtualHost,
+};
+use crate::routing::headers::HeaderEdits;
+use crate::routing::matchers::PathMatch;
+use crate::routing::table::{
+    associates, group_mappings, route_match, HostRoutes, HostTable, MappingGroup, RouteGroup,
+};
+use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+
+/// The port Emissary users expect when they define no Listener.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// What a matched Mapping does with a request.
+#[derive(Debug)]
+pub struct Route {
+    /// `name.namespace` of the Mapping.
+    pub mapping: String,
+    pub path: PathMatch,
+    pub rewrite: Rewrite,
+    pub host_rewrite: Option<HeaderValue>,
+    pub cluster: Arc<Cluster>,
+    /// Bounds each wait for upstream bytes; `None` when timeout_ms is 0.
+    pub read_timeout: Option<Duration>,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+    /// `l5d-dst-override` value when Linkerd headers are on.
+    pub linkerd_header: Option<HeaderValue>,
+    /// `x-envoy-expected-rq-timeout-ms`.
+    pub expected_timeout: Option<HeaderValue>,
+}
+
+#[derive(Debug)]
+pub struct ListenerRoutes {
+    pub listener: Listener,
+    pub hosts: HostTable<Route>,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub listeners: Vec<ListenerRoutes>,
+    pub module: ModuleSettings,
+}
+
+impl Snapshot {
+    pub fn listener(&self, port: u16) -> Option<&ListenerRoutes> {
+        self.listeners.iter().find(|l| l.listener.port == port)
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.iter().map(|l| l.listener.port).collect()
+    }
+}
+
+/// Compiles the model. Problems found here (canary conflicts, unresolvable
+/// services, unreachable Mappings) are returned beside the snapshot.
+pub fn compile(model: &Model) -> (Snapshot, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let mut clusters = ClusterBuilder::new(model.module.enable_ipv4, model.module.enable_ipv6);
+
+    let groups = group_mappings(&model.mappings, &mut diags);
+    let mut compiled: Vec<(Arc<RouteGroup<Route>>, &MappingGroup)> = Vec::new();
+    for group in &groups {
+        let members = group
+            .members
+            .iter()
+            .zip(&group.thresholds)
+            .map(|(mapping, threshold)| {
+                let (cluster, problem) = clusters.cluster(
+                    ClusterKey {
+                        service: mapping.service.clone(),
+                        originate_tls: mapping.originate_tls,
+                        tls_identity: mapping.tls.as_ref().map(|t| t.identity),
+                        connect_timeout_ms: mapping.connect_timeout_ms,
+                    },
+                    mapping.tls.clone(),
+                );
+                if let Some(problem) = problem {
+                    diags.push(
+                        Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
+                            .field("spec.service")
+                            .hint("requests for this Mapping get 503 until the name resolves"),
+                    );
+                }
+                (*threshold, Arc::new(route(mapping, cluster, &model.module)))
+            })
+            .collect();
+        compiled.push((
+            Arc::new(RouteGroup {
+                matcher: route_match(group.members[0]),
+                members,
+            }),
+            group,
+        ));
+    }
+
+    let hosts: Vec<VirtualHost> = if model.hosts.is_empty() {
+        vec![VirtualHost::synthesized_default()]
+    } else {
+        model.hosts.clone()
+    };
+    let listeners: Vec<Listener> = if model.listeners.is_empty() {
+        vec![Listener {
+            name: "default".into(),
+            port: DEFAULT_PORT,
+            security: SecurityModel::Xfp,
+            l7_depth: model.module.xff_num_trusted_hops,
+            binding: HostBinding::default(),
+        }]
+    } else {
+        model.listeners.clone()
+    };
+
+    let mut reachable = vec![false; compiled.len()];
+    let listeners = listeners
+        .into_iter()
+        .map(|listener| {
+            let bound = hosts
+                .iter()
+                .filter(|host| binds(&listener.binding, host))
+                .map(|host| {
+                    let groups = compiled
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, mappings))| {
+                            mappings.members.iter().any(|m| associates(host, m))
+                        })
+                        .map(|(index, (group, _))| {
+                            reachable[index] = true;
+                            group.clone()
+                        })
+                        .collect();
+                    HostRoutes {
+                        host: host.clone(),
+                        groups,
+                    }
+                })
+                .collect();
+            ListenerRoutes {
+                listener,
+                hosts: HostTable::new(bound),
+            }
+        })
+        .collect();
+
+    for (index, (_, mappings)) in compiled.iter().enumerate() {
+        let first = mappings.members[0];
+        if !reachable[index] {
+            let hint = if matches!(first.association, crate::model::Association::SelectorOnly) {
+                "a Mapping without hostname joins only Hosts whose mappingSelector matches its \
+                 labels; set hostname: \"*\" to serve it on every Host"
+            } else {
+                "no Host's hostname is compatible with this Mapping's hostname (or its Host \
+                 is bound to no Listener)"
+            };
+            diags.push(
+                Diagnostic::warning(
+                    Location::Resource(first.id.clone()),
+                    "no Host serves this Mapping; it is not reachable",
+                )
+                .hint(hint),
+            );
+        }
+    }
+
+    (
+        Snapshot {
+            listeners,
+            module: model.module.clone(),
+        },
+        diags,
+    )
+}
+
+fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {
+    binding
+        .namespace
+        .as_ref()
+        .is_none_or(|ns| *ns == host.namespace)
+        && binding
+            .labels
+            .iter()
+            .all(|(k, v)| host.labels.get(k) == Some(v))
+}
+
+fn route(mapping: &crate::model::Mapping, cluster: Arc<Cluster>, module: &ModuleSettings) -> Route {
+    let host_rewrite = mapping.host_rewrite.clone().or_else(|| {
+        mapping
+            .auto_host_rewrite
+            .then(|| HeaderValue::from_str(&mapping.service.host).ok())
+            .flatten()
+    });
+    let timeout = (mapping.timeout_ms > 0).then_some(mapping.timeout_ms);
+    let read_timeout = match (timeout, mapping.idle_timeout_ms.filter(|t| *t > 0)) {
+        (Some(t), Some(idle)) => Some(t.min(idle)),
+        (t, idle) => t.or(idle),
+    }
+    .map(Duration::from_millis);
+    let linkerd_header = mapping.add_linkerd_headers.then(|| {
+        HeaderValue::from_str(&format!(
+            "{}:{}",
+            mapping.service.host, mapping.service.port
+        ))
+        .ok()
+    });
+    let expected_timeout = (!module.suppress_envoy_headers)
+        .then(|| timeout.map(HeaderValue::from))
+        .flatten();
+    Route {
+        mapping: mapping.name.clone(),
+        path: mapping.path.clone(),
+        rewrite: mapping.rewrite.clone(),
+        host_rewrite,
+        cluster,
+        read_timeout,
+        request_headers: mapping.request_headers.clone(),
+        response_headers: mapping.response_headers.clone(),
+        linkerd_header: linkerd_header.flatten(),
+        expected_timeout,
+    }
+}

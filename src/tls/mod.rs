@@ -1,0 +1,239 @@
+//! Certificates and keys: Secrets, PEM parsing, and the upstream (origination)
+//! side of a TLSContext.
+//!
+//! PEM is parsed once, when the configuration is validated; a key that does
+//! not belong to its certificate is a configuration error, not a failed
+//! handshake at request time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use pingora::protocols::tls::{CustomALPN, ALPN};
+use pingora::tls::pkey::{PKey, Private};
+use pingora::tls::ssl::SslVersion;
+use pingora::tls::x509::X509;
+use pingora::utils::tls::CertKey;
+
+use crate::config::resources::SecretBody;
+
+/// The PEM material a Secret carries, under any of the key names Emissary
+/// reads (§3.1): Kubernetes TLS, Istio, and cert-manager's `ca.crt`.
+#[derive(Debug, Clone, Default)]
+pub struct SecretData {
+    pub cert_chain: Option<Vec<u8>>,
+    pub key: Option<Vec<u8>>,
+    /// `root-cert.pem` (Istio) or `ca.crt` (cert-manager).
+    pub ca: Option<Vec<u8>>,
+}
+
+impl SecretData {
+    /// Decodes `data` (base64) and `stringData` (plain). Errors name the key.
+    pub fn decode(body: &SecretBody) -> Result<SecretData, String> {
+        let mut values: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+        for (key, value) in &body.data {
+            let text: String = value
+                .as_deref()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| format!("data.{key} is not valid base64: {e}"))?;
+            values.insert(key, bytes);
+        }
+        for (key, value) in &body.string_data {
+            values.insert(key, value.clone().unwrap_or_default().into_bytes());
+        }
+        let pick = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| values.get(n).filter(|v| !v.is_empty()).cloned())
+        };
+        Ok(SecretData {
+            cert_chain: pick(&["tls.crt", "cert-chain.pem"]),
+            key: pick(&["tls.key", "key.pem", "user.key"]),
+            ca: pick(&["root-cert.pem", "ca.crt"]),
+        })
+    }
+
+    /// A CA Secret holds its bundle under `tls.crt` in Emissary; cert-manager
+    /// and Istio put it under `ca.crt` / `root-cert.pem`.
+    pub fn ca_bundle(&self) -> Option<&[u8]> {
+        self.cert_chain.as_deref().or(self.ca.as_deref())
+    }
+}
+
+/// Parses a PEM chain, leaf first. Never empty on success.
+pub fn parse_chain(pem: &[u8]) -> Result<Vec<X509>, String> {
+    let certs =
+        X509::stack_from_pem(pem).map_err(|e| format!("cannot parse as PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate found (expected -----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(certs)
+}
+
+pub fn parse_key(pem: &[u8]) -> Result<PKey<Private>, String> {
+    PKey::private_key_from_pem(pem)
+        .map_err(|_| "cannot parse as a PEM private key (PKCS#1, PKCS#8 or SEC1 EC)".to_string())
+}
+
+/// Builds a CertKey after checking that the key belongs to the leaf.
+pub fn cert_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertKey, CertKeyError> {
+    let chain = parse_chain(chain_pem).map_err(CertKeyError::Certificate)?;
+    let key = parse_key(key_pem).map_err(CertKeyError::Key)?;
+    let matches = chain[0]
+        .public_key()
+        .map(|public| public.public_eq(&key))
+        .unwrap_or(false);
+    if !matches {
+        return Err(CertKeyError::Mismatch(describe(&chain[0])));
+    }
+    Ok(CertKey::new(chain, key))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertKeyError {
+    Certificate(String),
+    Key(String),
+    /// The subject of the certificate the key does not match.
+    Mismatch(String),
+}
+
+/// A one-line subject for messages, e.g. `CN=gateway, O=Example`.
+pub fn describe(cert: &X509) -> String {
+    let parts: Vec<String> = cert
+        .subject_name()
+        .entries()
+        .filter_map(|entry| {
+            let key = entry.object().nid().short_name().ok()?;
+            let value = entry.data().to_string().ok()?;
+            Some(format!("{key}={value}"))
+        })
+        .collect();
+    parts.join(", ")
+}
+
+/// Days until a certificate expires (negative when it already has).
+pub fn days_left(cert: &X509) -> Option<i32> {
+    let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
+    now.diff(cert.not_after()).ok().map(|d| d.days)
+}
+
+pub fn parse_tls_version(text: &str) -> Result<SslVersion, String> {
+    Ok(match text {
+        "v1.0" => SslVersion::TLS1,
+        "v1.1" => SslVersion::TLS1_1,
+        "v1.2" => SslVersion::TLS1_2,
+        "v1.3" => SslVersion::TLS1_3,
+        other => {
+            return Err(format!(
+                "{other:?} is not a TLS version (v1.0, v1.1, v1.2, v1.3)"
+            ))
+        }
+    })
+}
+
+/// `alpn_protocols` as Pingora understands it. Pingora offers h2, http/1.1,
+/// both, or a single custom protocol (such as Istio's `istio`).
+pub fn parse_alpn(text: &str) -> Result<ALPN, String> {
+    let protocols: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    Ok(match protocols.as_slice() {
+        ["h2"] => ALPN::H2,
+        ["http/1.1"] => ALPN::H1,
+        ["h2", "http/1.1"] | ["http/1.1", "h2"] => ALPN::H2H1,
+        [custom] if custom.len() <= 255 => {
+            ALPN::Custom(CustomALPN::new(custom.as_bytes().to_vec()))
+        }
+        _ => {
+            return Err(format!(
+                "{text:?}: upstream ALPN may be h2, http/1.1, both, or one custom protocol"
+            ))
+        }
+    })
+}
+
+/// The origination side of a TLSContext, ready to be attached to peers.
+#[derive(Debug)]
+pub struct UpstreamTls {
+    /// `name.namespace` of the TLSContext, for logs and diagnostics.
+    pub name: String,
+    pub cert_key: Option<Arc<CertKey>>,
+    pub ca: Option<Arc<Box<[X509]>>>,
+    pub sni: Option<String>,
+    pub alpn: Option<ALPN>,
+    pub min_version: Option<SslVersion>,
+    pub max_version: Option<SslVersion>,
+    pub cipher_suites: Vec<String>,
+    pub curves: Option<String>,
+    /// A digest of everything above that changes what a connection may be
+    /// used for. Pingora's pool key ignores the CA and ALPN and knows the
+    /// client certificate only by serial, so this becomes the peer's
+    /// `group_key` and keeps two contexts from sharing a pooled connection.
+    pub identity: u64,
+}
+
+/// Digest of the parts of a context that change a connection's identity.
+pub fn identity_digest(parts: &[&[u8]]) -> u64 {
+    let mut hasher = openssl::sha::Sha256::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::resources::SecretBody;
+
+    #[test]
+    fn secret_key_names() {
+        let mut body = SecretBody::default();
+        body.data
+            .insert("cert-chain.pem".into(), Some("Y2hhaW4=".into()));
+        body.data.insert("key.pem".into(), Some("a2V5\n".into()));
+        body.string_data.insert("ca.crt".into(), Some("ca".into()));
+        let data = SecretData::decode(&body).unwrap();
+        assert_eq!(data.cert_chain.as_deref(), Some(&b"chain"[..]));
+        assert_eq!(data.key.as_deref(), Some(&b"key"[..]));
+        assert_eq!(data.ca.as_deref(), Some(&b"ca"[..]));
+    }
+
+    #[test]
+    fn bad_base64_names_the_key() {
+        let mut body = SecretBody::default();
+        body.data.insert("tls.crt".into(), Some("!!".into()));
+        assert!(SecretData::decode(&body)
+            .unwrap_err()
+            .contains("data.tls.crt"));
+    }
+
+    #[test]
+    fn alpn_forms() {
+        assert_eq!(parse_alpn("h2,http/1.1").unwrap(), ALPN::H2H1);
+        assert!(matches!(parse_alpn("istio").unwrap(), ALPN::Custom(_)));
+        assert!(parse_alpn("istio,h2").is_err());
+        assert!(parse_alpn("").is_err());
+    }
+
+    #[test]
+    fn garbage_pem_is_an_error_not_a_panic() {
+        assert!(parse_chain(b"not pem").is_err());
+        assert!(parse_key(b"not pem").is_err());
+        assert!(matches!(
+            cert_key(b"", b""),
+            Err(CertKeyError::Certificate(_))
+        ));
+    }
+}

@@ -1,0 +1,163 @@
+//! Clusters: the upstream endpoints of a service, with their `HttpPeer`s
+//! prepared at compile time (TLS material attached, pool identity set).
+//! The request path only clones a peer.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::protocols::tls::ALPN;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::tls::UpstreamTls;
+
+use super::service::ServiceAddr;
+
+#[derive(Debug)]
+pub struct Cluster {
+    /// e.g. `https://quote.default:443 tls=quote-context.default`.
+    pub name: String,
+    pub tls: Option<Arc<UpstreamTls>>,
+    endpoints: Vec<HttpPeer>,
+    next: AtomicUsize,
+}
+
+impl Cluster {
+    /// The next endpoint's peer, round robin. `None` when the service has no
+    /// endpoints (the request gets a 503).
+    pub fn peer(&self) -> Option<HttpPeer> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        Some(self.endpoints[index].clone())
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+}
+
+/// What makes two Mappings share a cluster (and its connection pool).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClusterKey {
+    pub service: ServiceAddr,
+    pub originate_tls: bool,
+    pub tls_identity: Option<u64>,
+    pub connect_timeout_ms: u64,
+}
+
+/// Builds clusters for one snapshot, resolving each host name once.
+pub struct ClusterBuilder {
+    enable_ipv4: bool,
+    enable_ipv6: bool,
+    clusters: HashMap<ClusterKey, Arc<Cluster>>,
+    resolved: HashMap<(String, u16), Result<Vec<SocketAddr>, String>>,
+}
+
+impl ClusterBuilder {
+    pub fn new(enable_ipv4: bool, enable_ipv6: bool) -> Self {
+        ClusterBuilder {
+            enable_ipv4,
+            enable_ipv6,
+            clusters: HashMap::new(),
+            resolved: HashMap::new(),
+        }
+    }
+
+    /// Returns the cluster and, the first time a name fails to resolve, why.
+    pub fn cluster(
+        &mut self,
+        key: ClusterKey,
+        tls: Option<Arc<UpstreamTls>>,
+    ) -> (Arc<Cluster>, Option<String>) {
+        if let Some(existing) = self.clusters.get(&key) {
+            return (existing.clone(), None);
+        }
+        let (addresses, problem) = match self.resolve(&key.service) {
+            Ok(addresses) => (addresses, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let endpoints = addresses
+            .iter()
+            .map(|address| prepare_peer(*address, &key, tls.as_deref()))
+            .collect();
+        let mut name = key.service.to_string();
+        if key.originate_tls && !key.service.https {
+            name = name.replacen("http://", "https://", 1);
+        }
+        if let Some(tls) = &tls {
+            name.push_str(&format!(" tls={}", tls.name));
+        }
+        let cluster = Arc::new(Cluster {
+            name,
+            tls,
+            endpoints,
+            next: AtomicUsize::new(0),
+        });
+        self.clusters.insert(key, cluster.clone());
+        (cluster, problem)
+    }
+
+    /// Resolution happens while a snapshot is compiled, never per request:
+    /// Pingora's `HttpPeer::new` would block (and panic) on a failed lookup.
+    fn resolve(&mut self, service: &ServiceAddr) -> Result<Vec<SocketAddr>, String> {
+        let (v4, v6) = (self.enable_ipv4, self.enable_ipv6);
+        self.resolved
+            .entry((service.host.clone(), service.port))
+            .or_insert_with(|| {
+                let found: Vec<SocketAddr> = (service.host.as_str(), service.port)
+                    .to_socket_addrs()
+                    .map_err(|e| format!("cannot resolve {}: {e}", service.host))?
+                    .collect();
+                let mut usable: Vec<SocketAddr> = found
+                    .iter()
+                    .copied()
+                    .filter(|a| (a.is_ipv4() && v4) || (a.is_ipv6() && v6))
+                    .collect();
+                // Emissary prefers IPv6 when both families are enabled.
+                usable.sort_by_key(|a| a.is_ipv4());
+                usable.dedup();
+                if usable.is_empty() {
+                    return Err(format!(
+                        "{} resolves to no address of an enabled family ({} found; \
+                         enable_ipv4={v4}, enable_ipv6={v6})",
+                        service.host,
+                        found.len()
+                    ));
+                }
+                Ok(usable)
+            })
+            .clone()
+    }
+}
+
+fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&UpstreamTls>) -> HttpPeer {
+    let service = &key.service;
+    // Emissary sends no SNI unless the context names one; with an empty SNI
+    // OpenSSL cannot verify, and many servers need SNI to pick a
+    // certificate, so pingress defaults it to the service's host name.
+    let default_sni = if service.is_ip() {
+        String::new()
+    } else {
+        service.host.clone()
+    };
+    let sni = tls.and_then(|t| t.sni.clone()).unwrap_or(default_sni);
+    let mut peer = HttpPeer::new(address, key.originate_tls, sni);
+    let connect = Duration::from_millis(key.connect_timeout_ms);
+    peer.options.connection_timeout = Some(connect);
+    peer.options.total_connection_timeout = Some(connect);
+    let verify = tls.is_some_and(|t| t.ca.is_some());
+    peer.options.verify_cert = verify;
+    peer.options.verify_hostname = verify;
+    if let Some(tls) = tls {
+        peer.client_cert_key = tls.cert_key.clone();
+        peer.options.ca = tls.ca.clone();
+        peer.options.alpn = tls.alpn.clone().unwrap_or(ALPN::H1);
+        peer.options.curves = tls.curves.clone().map(Into::into);
+        peer.group_key = tls.identity;
+    }
+    peer
+}

@@ -1,0 +1,6 @@
+//! Upstreams: the `service` syntax, clusters with prepared peers, and the
+//! upstream TLS policy checks.
+
+pub mod cluster;
+pub mod policy;
+pub mod service;

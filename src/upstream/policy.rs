@@ -1,0 +1,68 @@
+//! Upstream TLS bounds. Pingora 0.9 offers no per-connection protocol or
+//! cipher settings, so a TLSContext's `min_tls_version`, `max_tls_version`
+//! and `cipher_suites` are enforced on what the handshake negotiated: a
+//! connection outside them is refused before any request byte is sent.
+
+use pingora::tls::ssl::SslVersion;
+
+use crate::tls::UpstreamTls;
+
+fn version_of(name: &str) -> Option<SslVersion> {
+    Some(match name {
+        "TLSv1" => SslVersion::TLS1,
+        "TLSv1.1" => SslVersion::TLS1_1,
+        "TLSv1.2" => SslVersion::TLS1_2,
+        "TLSv1.3" => SslVersion::TLS1_3,
+        _ => return None,
+    })
+}
+
+fn rank(version: SslVersion) -> u8 {
+    [
+        SslVersion::TLS1,
+        SslVersion::TLS1_1,
+        SslVersion::TLS1_2,
+        SslVersion::TLS1_3,
+    ]
+    .iter()
+    .position(|v| *v == version)
+    .unwrap_or(0) as u8
+}
+
+/// Checks the negotiated version and cipher against the context.
+pub fn check_negotiated(tls: &UpstreamTls, version: &str, cipher: &str) -> Result<(), String> {
+    if let Some(negotiated) = version_of(version) {
+        if tls
+            .min_version
+            .is_some_and(|min| rank(negotiated) < rank(min))
+        {
+            return Err(format!(
+                "upstream negotiated {version}, below min_tls_version of {}",
+                tls.name
+            ));
+        }
+        if tls
+            .max_version
+            .is_some_and(|max| rank(negotiated) > rank(max))
+        {
+            return Err(format!(
+                "upstream negotiated {version}, above max_tls_version of {}",
+                tls.name
+            ));
+        }
+        // cipher_suites constrain TLS 1.2 and below, as in Envoy.
+        let tls13 = negotiated == SslVersion::TLS1_3;
+        if !tls13 && !tls.cipher_suites.is_empty() && !tls.cipher_suites.iter().any(|c| c == cipher)
+        {
+            return Err(format!(
+                "upstream negotiated cipher {cipher}, not in cipher_suites of {}",
+                tls.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn version_rank(version: SslVersion) -> u8 {
+    rank(version)
+}

@@ -15,6 +15,9 @@
 //!
 //! The first line on stdout is `listening on <addr>` with the bound address,
 //! so callers can ask for port 0 and learn the real port.
+//!
+//! Control headers: `x-echo-status: 503`, `x-echo-delay-ms: 2000`,
+//! `x-echo-header: name: value` (repeatable), `x-echo-close: 1`.
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -300,7 +300,9 @@ impl ProxyHttp for Gateway {
             })?;
             upstream.set_uri(uri);
             if !module.suppress_envoy_headers {
-                upstream.insert_header("x-envoy-original-path", original_path)?;
+                // Envoy records the original `:path`, query included.
+                let original = downstream.uri.path_and_query().map_or(original_path, |p| p.as_str());
+                upstream.insert_header("x-envoy-original-path", original)?;
             }
         }
         if let Some(host) = &route.host_rewrite {

@@ -316,6 +316,7 @@ fn validate(
             }
         },
     };
+    let originate_tls = originate_tls || service.https;
     if originate_tls
         && !service.https
         && spec

@@ -301,7 +301,10 @@ impl ProxyHttp for Gateway {
             upstream.set_uri(uri);
             if !module.suppress_envoy_headers {
                 // Envoy records the original `:path`, query included.
-                let original = downstream.uri.path_and_query().map_or(original_path, |p| p.as_str());
+                let original = downstream
+                    .uri
+                    .path_and_query()
+                    .map_or(original_path, |p| p.as_str());
                 upstream.insert_header("x-envoy-original-path", original)?;
             }
         }

@@ -1,0 +1,331 @@
+//! The seed scenario: the gateway originates TLS to upstreams that demand a
+//! client certificate, presenting the one its TLSContext loads from a
+//! Secret or from files, and verifies the upstream when the context has a CA.
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+/// A Secret in `stringData` form holding a certificate chain and key.
+fn secret(name: &str, cert: &CertFiles) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+        indent(&cert.cert_pem, 4),
+        indent(&cert.key_pem, 4)
+    )
+}
+
+/// An Opaque Secret carrying a CA bundle under `tls.crt`, as Emissary reads it.
+fn ca_secret(name: &str, ca_pem: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: Opaque\n\
+         stringData:\n  tls.crt: |\n{}\n",
+        indent(ca_pem, 4)
+    )
+}
+
+fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn tls_context(name: &str, body: &str) -> String {
+    format!(
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: {name}\n\
+         spec:\n  hosts: []\n{body}"
+    )
+}
+
+fn mapping(name: &str, prefix: &str, service: &str, tls: Option<&str>) -> String {
+    let tls = tls.map(|t| format!("  tls: {t}\n")).unwrap_or_default();
+    format!(
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: {name}\n\
+         spec:\n  hostname: \"*\"\n  prefix: {prefix}\n  service: {service}\n{tls}"
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    gateway: Gateway,
+    port: u16,
+}
+
+fn start(dir: tempfile::TempDir, resources: &str) -> Setup {
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), resources);
+    let gateway = Gateway::start(dir.path());
+    Setup {
+        _dir: dir,
+        gateway,
+        port,
+    }
+}
+
+fn client_subject(response: &Response) -> Option<String> {
+    assert_eq!(response.status, 200, "{}", response.text());
+    response.echo().client_cert_subject()
+}
+
+fn file_path(path: &Path) -> String {
+    serde_json::to_string(&path.to_string_lossy()).expect("a path serializes as JSON")
+}
+
+#[test]
+fn seed_client_certificate_from_secret_and_from_files() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let from_secret = pki.issue_client("gateway-secret");
+    let from_files = pki.issue_client("gateway-files");
+    let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let service = format!("https://localhost:{}", upstream.port());
+
+    let resources = [
+        secret("upstream-certs", &from_secret),
+        tls_context("upstream-context", "  secret: upstream-certs\n"),
+        tls_context(
+            "files-context",
+            &format!(
+                "  cert_chain_file: {}\n  private_key_file: {}\n",
+                file_path(&from_files.cert),
+                file_path(&from_files.key)
+            ),
+        ),
+        mapping("seed", "/seed/", &service, Some("upstream-context")),
+        mapping("files", "/files/", &service, Some("files-context")),
+    ]
+    .concat();
+    let s = start(dir, &resources);
+
+    let reply = Request::get("/seed/hello").send(s.port);
+    assert_eq!(client_subject(&reply), Some(from_secret.subject()));
+    assert_eq!(reply.echo().uri(), "/hello");
+    assert_eq!(reply.echo().sni().as_deref(), Some("localhost"));
+
+    let reply = Request::get("/files/x").send(s.port);
+    assert_eq!(client_subject(&reply), Some(from_files.subject()));
+    drop(s.gateway);
+}
+
+#[test]
+fn interleaved_mappings_each_present_their_own_certificate() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let one = pki.issue_client("tenant-one");
+    let two = pki.issue_client("tenant-two");
+    let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let service = format!("https://localhost:{}", upstream.port());
+    let resources = [
+        secret("one-certs", &one),
+        secret("two-certs", &two),
+        tls_context("one", "  secret: one-certs\n"),
+        tls_context("two", "  secret: two-certs\n"),
+        mapping("one", "/one/", &service, Some("one")),
+        mapping("two", "/two/", &service, Some("two")),
+    ]
+    .concat();
+    let s = start(dir, &resources);
+
+    // Keep-alive downstream connections make the gateway reuse pooled
+    // upstream connections: each must still carry its own identity.
+    let mut client = Client::connect(s.port);
+    let mut connections = std::collections::HashMap::new();
+    for i in 0..40 {
+        let (path, expected) = if i % 2 == 0 {
+            ("/one/", &one)
+        } else {
+            ("/two/", &two)
+        };
+        let reply = client.get(path);
+        assert_eq!(
+            client_subject(&reply),
+            Some(expected.subject()),
+            "request {i}"
+        );
+        connections
+            .entry(expected.subject_cn.clone())
+            .or_insert_with(std::collections::HashSet::new)
+            .insert(reply.echo().connection());
+    }
+    // Pooling works: far fewer upstream connections than requests, and no
+    // connection ever served both identities.
+    let a = &connections["tenant-one"];
+    let b = &connections["tenant-two"];
+    assert!(a.len() < 10 && b.len() < 10, "{connections:?}");
+    assert!(a.is_disjoint(b), "{connections:?}");
+}
+
+#[test]
+fn ca_verification_right_ca_passes_wrong_ca_fails_even_after_pooling() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let rogue = Pki::new_named(&dir.path().join("rogue"), "rogue");
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let client = pki.issue_client("gateway");
+    let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let service = format!("https://localhost:{}", upstream.port());
+    // Same client certificate, different trust: only the group key keeps
+    // these two contexts from sharing a pooled connection.
+    let resources = [
+        secret("client-certs", &client),
+        ca_secret("good-ca", pki.ca_pem()),
+        ca_secret("rogue-ca", rogue.ca_pem()),
+        tls_context("trusting", "  secret: client-certs\n  ca_secret: good-ca\n"),
+        tls_context(
+            "distrusting",
+            "  secret: client-certs\n  ca_secret: rogue-ca\n",
+        ),
+        tls_context(
+            "wrong-name",
+            "  secret: client-certs\n  ca_secret: good-ca\n  sni: other.example\n",
+        ),
+        mapping("trusting", "/good/", &service, Some("trusting")),
+        mapping("distrusting", "/bad/", &service, Some("distrusting")),
+        mapping("wrong-name", "/name/", &service, Some("wrong-name")),
+    ]
+    .concat();
+    let s = start(dir, &resources);
+
+    let mut keepalive = Client::connect(s.port);
+    assert_eq!(
+        client_subject(&keepalive.get("/good/")),
+        Some(client.subject())
+    );
+    let refused = keepalive.get("/bad/");
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert!(refused.text().contains("TLS"), "{}", refused.text());
+    let refused = Request::get("/name/").send(s.port);
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert_eq!(Request::get("/good/").send(s.port).status, 200);
+}
+
+#[test]
+fn without_a_client_certificate_the_upstream_refuses() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let nginx = Nginx::mtls(&server, pki.ca_pem_path());
+    let resources = [
+        ca_secret("ca", pki.ca_pem()),
+        tls_context("verify-only", "  ca_secret: ca\n"),
+        mapping(
+            "echo",
+            "/echo/",
+            &format!("https://localhost:{}", upstream.port()),
+            Some("verify-only"),
+        ),
+        mapping(
+            "nginx",
+            "/nginx/",
+            &format!("https://localhost:{}", nginx.port()),
+            Some("verify-only"),
+        ),
+    ]
+    .concat();
+    let s = start(dir, &resources);
+
+    // The echo aborts the TLS session: the gateway reports a 502.
+    assert_eq!(Request::get("/echo/").send(s.port).status, 502);
+    // nginx completes the handshake and answers 400 itself: passed through.
+    let reply = Request::get("/nginx/").send(s.port);
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply.text().contains("No required SSL certificate"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[test]
+fn nginx_interop_sees_the_gateway_certificate() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let client = pki.issue_client("gateway-client");
+    let nginx = Nginx::mtls(&server, pki.ca_pem_path());
+    let resources = [
+        secret("upstream-certs", &client),
+        ca_secret("upstream-ca", pki.ca_pem()),
+        tls_context(
+            "upstream-context",
+            "  secret: upstream-certs\n  ca_secret: upstream-ca\n  alpn_protocols: http/1.1\n  min_tls_version: v1.2\n",
+        ),
+        mapping(
+            "nginx",
+            "/",
+            &format!("https://localhost:{}", nginx.port()),
+            Some("upstream-context"),
+        ),
+    ]
+    .concat();
+    let s = start(dir, &resources);
+    let reply = Request::get("/").send(s.port);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "hello from nginx");
+    assert_eq!(reply.header("x-client-verify"), Some("SUCCESS"));
+    assert!(
+        reply
+            .header("x-client-dn")
+            .is_some_and(|dn| dn.contains("CN=gateway-client")),
+        "{:?}",
+        reply.headers
+    );
+}
+
+#[test]
+fn tls_version_bounds_are_enforced() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let client = pki.issue_client("gateway");
+    // The echo negotiates TLS 1.3; a context capped at 1.2 must not use it.
+    let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let service = format!("https://localhost:{}", upstream.port());
+    let resources = [
+        secret("client-certs", &client),
+        tls_context(
+            "capped",
+            "  secret: client-certs\n  max_tls_version: v1.2\n",
+        ),
+        tls_context(
+            "modern",
+            "  secret: client-certs\n  min_tls_version: v1.3\n",
+        ),
+        mapping("capped", "/capped/", &service, Some("capped")),
+        mapping("modern", "/modern/", &service, Some("modern")),
+    ]
+    .concat();
+    let s = start(dir, &resources);
+    let reply = Request::get("/capped/").send(s.port);
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(reply.text().contains("TLSContext"), "{}", reply.text());
+    assert_eq!(Request::get("/modern/").send(s.port).status, 200);
+}
+
+#[test]
+fn https_service_without_context_originates_tls_without_verification() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let upstream = Echo::tls("tls", &server);
+    let resources = mapping(
+        "plain-tls",
+        "/",
+        &format!("https://localhost:{}", upstream.port()),
+        None,
+    );
+    let s = start(dir, &resources);
+    let reply = Request::get("/x").send(s.port);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), s.gateway.log());
+    let echo = reply.echo();
+    assert!(echo.tls().is_some(), "the upstream saw cleartext");
+    assert_eq!(echo.client_cert_subject(), None);
+}

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use pingora::server::configuration::Opt;
 use pingress::server::{check, load, serve, DEFAULT_GATEWAY_FILE};
+use pingress::snapshot::Resolution;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
     );
 
     if cli.pingora.test {
-        return match load(&gateway_path) {
+        return match load(&gateway_path, Resolution::Skip) {
             Ok(loaded) => {
                 let code = check(&loaded, &mut std::io::stdout()).unwrap_or(2);
                 ExitCode::from(code as u8)

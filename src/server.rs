@@ -19,7 +19,7 @@ use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::load::{load_gateway_file, load_resources, GatewayFile};
 use crate::model::{validate, Model};
 use crate::proxy::Gateway;
-use crate::snapshot::{compile, Snapshot};
+use crate::snapshot::{compile, Resolution, Snapshot};
 
 /// The gateway file used when `-c` is not given.
 pub const DEFAULT_GATEWAY_FILE: &str = "conf/pingress.yaml";
@@ -44,7 +44,7 @@ impl Loaded {
 
 /// Runs the whole pipeline once. `Err` only when the gateway file itself
 /// is unusable; resource problems are in `diagnostics`.
-pub fn load(gateway_path: &Path) -> Result<Loaded, Box<Diagnostic>> {
+pub fn load(gateway_path: &Path, resolution: Resolution) -> Result<Loaded, Box<Diagnostic>> {
     let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
     let root = gateway_path.parent().unwrap_or(Path::new("."));
     let (resources, load_diags) = load_resources(&gateway.resources, root);
@@ -52,7 +52,7 @@ pub fn load(gateway_path: &Path) -> Result<Loaded, Box<Diagnostic>> {
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
     let (model, model_diags) = validate(resources, &ambassador_id);
     diagnostics.extend(model_diags);
-    let (snapshot, compile_diags) = compile(&model);
+    let (snapshot, compile_diags) = compile(&model, resolution);
     diagnostics.extend(compile_diags);
     Ok(Loaded {
         gateway,
@@ -83,7 +83,7 @@ pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<
 
 /// Runs the gateway until the process is told to stop.
 pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
-    let loaded = load(&gateway_path).map_err(|d| d.to_string())?;
+    let loaded = load(&gateway_path, Resolution::Resolve).map_err(|d| d.to_string())?;
     for diagnostic in &loaded.diagnostics {
         match diagnostic.severity {
             Severity::Error => error!("{diagnostic}"),

@@ -91,6 +91,27 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
         }
     };
 
+    let pingora = pingora.validate().map_err(|e| {
+        Box::new(Diagnostic::error(location.clone(), e.to_string()).field("pingora"))
+    })?;
+    if pingora.threads == 0 {
+        return Err(Box::new(
+            Diagnostic::error(location, "threads must be at least 1").field("pingora.threads"),
+        ));
+    }
+    for (field, value) in [
+        ("pingora.upgrade_sock", &pingora.upgrade_sock),
+        ("pingora.pid_file", &pingora.pid_file),
+    ] {
+        if !Path::new(value).is_absolute() {
+            warnings.push(
+                Diagnostic::warning(location.clone(), format!("{value:?} is a relative path"))
+                    .field(field)
+                    .hint("use an absolute path: a daemon changes its directory, and the old and new process of an upgrade must agree"),
+            );
+        }
+    }
+
     let base = path.parent().unwrap_or(Path::new("."));
     let resources = parsed.resources.iter().map(|r| base.join(r)).collect();
     Ok((

@@ -61,11 +61,23 @@ impl Snapshot {
     }
 }
 
+/// Whether compiling resolves service names. `pingress -t` checks the
+/// configuration, not the network it happens to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Resolve,
+    Skip,
+}
+
 /// Compiles the model. Problems found here (canary conflicts, unresolvable
 /// services, unreachable Mappings) are returned beside the snapshot.
-pub fn compile(model: &Model) -> (Snapshot, Vec<Diagnostic>) {
+pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut clusters = ClusterBuilder::new(model.module.enable_ipv4, model.module.enable_ipv6);
+    let mut clusters = ClusterBuilder::new(
+        model.module.enable_ipv4,
+        model.module.enable_ipv6,
+        resolution == Resolution::Resolve,
+    );
 
     let groups = group_mappings(&model.mappings, &mut diags);
     let mut compiled: Vec<(Arc<RouteGroup<Route>>, &MappingGroup)> = Vec::new();

@@ -53,15 +53,18 @@ pub struct ClusterKey {
 pub struct ClusterBuilder {
     enable_ipv4: bool,
     enable_ipv6: bool,
+    resolve: bool,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
     resolved: HashMap<(String, u16), Result<Vec<SocketAddr>, String>>,
 }
 
 impl ClusterBuilder {
-    pub fn new(enable_ipv4: bool, enable_ipv6: bool) -> Self {
+    /// Without `resolve`, clusters get no endpoints and no name is looked up.
+    pub fn new(enable_ipv4: bool, enable_ipv6: bool, resolve: bool) -> Self {
         ClusterBuilder {
             enable_ipv4,
             enable_ipv6,
+            resolve,
             clusters: HashMap::new(),
             resolved: HashMap::new(),
         }
@@ -76,9 +79,12 @@ impl ClusterBuilder {
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
         }
-        let (addresses, problem) = match self.resolve(&key.service) {
-            Ok(addresses) => (addresses, None),
-            Err(e) => (Vec::new(), Some(e)),
+        let (addresses, problem) = match self.resolve {
+            false => (Vec::new(), None),
+            true => match self.lookup(&key.service) {
+                Ok(addresses) => (addresses, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
         };
         let endpoints = addresses
             .iter()
@@ -103,7 +109,7 @@ impl ClusterBuilder {
 
     /// Resolution happens while a snapshot is compiled, never per request:
     /// Pingora's `HttpPeer::new` would block (and panic) on a failed lookup.
-    fn resolve(&mut self, service: &ServiceAddr) -> Result<Vec<SocketAddr>, String> {
+    fn lookup(&mut self, service: &ServiceAddr) -> Result<Vec<SocketAddr>, String> {
         let (v4, v6) = (self.enable_ipv4, self.enable_ipv6);
         self.resolved
             .entry((service.host.clone(), service.port))

@@ -54,6 +54,9 @@ pub struct RequestCtx {
     /// The normalised path, when it differs from the request's.
     normalized_path: Option<String>,
     started: Instant,
+    /// When the route's `timeout_ms` runs out: the whole exchange, head and
+    /// body, must complete before it, as Envoy's route timeout demands.
+    deadline: Option<Instant>,
     upstream_started: Option<Instant>,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
@@ -199,6 +202,7 @@ impl ProxyHttp for Gateway {
             route: None,
             normalized_path: None,
             started: Instant::now(),
+            deadline: None,
             upstream_started: None,
             local_reply: None,
         }
@@ -211,6 +215,7 @@ impl ProxyHttp for Gateway {
         ctx.snapshot = Some(snapshot);
         match decision {
             Ok(route) => {
+                ctx.deadline = route.timeout.map(|t| ctx.started + t);
                 ctx.route = Some(route);
                 Ok(false)
             }
@@ -237,9 +242,18 @@ impl ProxyHttp for Gateway {
                 format!("no endpoints for {}", route.cluster.name),
             )
         })?;
-        peer.options.read_timeout = route.read_timeout;
-        peer.options.write_timeout = route.read_timeout;
-        ctx.upstream_started = Some(Instant::now());
+        let now = Instant::now();
+        // Each read may wait at most what is left of the route timeout (or
+        // the idle timeout, if shorter); `check_deadline` catches a
+        // response that trickles in under that.
+        let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
+        let wait = match (left, route.idle_timeout) {
+            (Some(left), Some(idle)) => Some(left.min(idle)),
+            (left, idle) => left.or(idle),
+        };
+        peer.options.read_timeout = wait;
+        peer.options.write_timeout = wait;
+        ctx.upstream_started = Some(now);
         Ok(Box::new(peer))
     }
 
@@ -335,6 +349,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        check_deadline(ctx)?;
         let suppress = ctx
             .snapshot
             .as_ref()
@@ -346,6 +361,16 @@ impl ProxyHttp for Gateway {
             )?;
         }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        check_deadline(ctx).map(|_| None)
     }
 
     async fn response_filter(
@@ -393,6 +418,8 @@ impl ProxyHttp for Gateway {
             warn!("mapping {mapping} upstream {cluster}: {status} {cause}: {e}");
         }
         if status > 0 {
+            // The connection is not reused after a failure: say so.
+            session.set_keepalive(None);
             let server_name = ctx
                 .snapshot
                 .as_ref()
@@ -406,6 +433,12 @@ impl ProxyHttp for Gateway {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// `fail_to_proxy` logs failures with the Mapping's name; Pingora's own
+    /// line would say the same thing again without it.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        ctx.route.is_some()
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
@@ -442,6 +475,19 @@ impl ProxyHttp for Gateway {
             session.body_bytes_sent(),
             ctx.started.elapsed().as_millis(),
         );
+    }
+}
+
+/// Fails the exchange once the route timeout has run out; the error maps
+/// to 504 when the response has not started yet.
+fn check_deadline(ctx: &RequestCtx) -> Result<()> {
+    match ctx.deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(Error::explain(
+            ErrorType::ReadTimedout,
+            "the route timeout ran out before the upstream response completed",
+        )
+        .into_up()),
+        _ => Ok(()),
     }
 }
 

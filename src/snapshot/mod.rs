@@ -29,8 +29,10 @@ pub struct Route {
     pub rewrite: Rewrite,
     pub host_rewrite: Option<HeaderValue>,
     pub cluster: Arc<Cluster>,
-    /// Bounds each wait for upstream bytes; `None` when timeout_ms is 0.
-    pub read_timeout: Option<Duration>,
+    /// Route timeout (`timeout_ms`), `None` when 0.
+    pub timeout: Option<Duration>,
+    /// Stream idle timeout (`idle_timeout_ms`).
+    pub idle_timeout: Option<Duration>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
     /// `l5d-dst-override` value when Linkerd headers are on.
@@ -212,11 +214,10 @@ fn route(mapping: &crate::model::Mapping, cluster: Arc<Cluster>, module: &Module
             .flatten()
     });
     let timeout = (mapping.timeout_ms > 0).then_some(mapping.timeout_ms);
-    let read_timeout = match (timeout, mapping.idle_timeout_ms.filter(|t| *t > 0)) {
-        (Some(t), Some(idle)) => Some(t.min(idle)),
-        (t, idle) => t.or(idle),
-    }
-    .map(Duration::from_millis);
+    let idle_timeout = mapping
+        .idle_timeout_ms
+        .filter(|t| *t > 0)
+        .map(Duration::from_millis);
     let linkerd_header = mapping.add_linkerd_headers.then(|| {
         HeaderValue::from_str(&format!(
             "{}:{}",
@@ -233,7 +234,8 @@ fn route(mapping: &crate::model::Mapping, cluster: Arc<Cluster>, module: &Module
         rewrite: mapping.rewrite.clone(),
         host_rewrite,
         cluster,
-        read_timeout,
+        timeout: timeout.map(Duration::from_millis),
+        idle_timeout,
         request_headers: mapping.request_headers.clone(),
         response_headers: mapping.response_headers.clone(),
         linkerd_header: linkerd_header.flatten(),

@@ -671,6 +671,18 @@ impl Drop for Nginx {
 /// Writes `dir/gateway.yaml` and `dir/resources/test.yaml` (an HTTP Listener
 /// on `listener_port` followed by `resources_yaml`).
 pub fn write_gateway(dir: &Path, listener_port: u16, admin_port: u16, resources_yaml: &str) {
+    write_gateway_with_listener(dir, listener_port, admin_port, "", resources_yaml);
+}
+
+/// Like [`write_gateway`], with `listener_extra` (block YAML at the level of
+/// the Listener's `spec` keys, e.g. `"l7Depth: 1"`) added to the Listener.
+pub fn write_gateway_with_listener(
+    dir: &Path,
+    listener_port: u16,
+    admin_port: u16,
+    listener_extra: &str,
+    resources_yaml: &str,
+) {
     // JSON strings are valid YAML double-quoted scalars, so odd temp paths
     // cannot break the document.
     let q = |p: PathBuf| serde_json::to_string(&p.to_string_lossy()).expect("quote path");
@@ -688,6 +700,9 @@ pub fn write_gateway(dir: &Path, listener_port: u16, admin_port: u16, resources_
          port: {listener_port}\n  protocol: HTTP\n  securityModel: XFP\n  hostBinding:\n    \
          namespace:\n      from: ALL\n"
     );
+    for line in listener_extra.lines().filter(|l| !l.trim().is_empty()) {
+        resources.push_str(&format!("  {line}\n"));
+    }
     let extra = resources_yaml.trim_start_matches('\n');
     if !extra.trim().is_empty() {
         if !extra.starts_with("---") {
@@ -1539,4 +1554,80 @@ impl EchoReply {
     pub fn client_cert_serial(&self) -> Option<String> {
         self.client_cert_str("serial")
     }
+}
+
+// ---------------------------------------------------------------------------
+// Secrets and one-shot pingress runs (used by tests/check.rs and
+// tests/failures.rs)
+// ---------------------------------------------------------------------------
+
+/// A `kubernetes.io/tls` Secret `default/<name>` whose `stringData` holds
+/// the given entries (PEM text as YAML block scalars), as one YAML document.
+pub fn secret_yaml(name: &str, entries: &[(&str, &str)]) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: default\n\
+         type: kubernetes.io/tls\nstringData:\n"
+    );
+    for (key, value) in entries {
+        out.push_str(&format!("  {key}: |\n"));
+        for line in value.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    out
+}
+
+/// Runs `pingress <args>` to completion, killing it after `timeout`.
+/// Returns its output (code -1 when it had to be killed) and how long it ran.
+pub fn run_pingress<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    timeout: Duration,
+) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(PINGRESS)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {PINGRESS}: {e}"));
+    let stdout = Arc::new(Mutex::new(String::new()));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|s| drain_to_string(s, Arc::clone(&stdout))),
+        child
+            .stderr
+            .take()
+            .map(|s| drain_to_string(s, Arc::clone(&stderr))),
+    ];
+    let mut code = -1;
+    let deadline = started + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            code = status.code().unwrap_or(-1);
+            break;
+        }
+        if Instant::now() >= deadline {
+            kill_child(&mut child);
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed();
+    for reader in readers.into_iter().flatten() {
+        let _ = reader.join();
+    }
+    let text = |s: &Arc<Mutex<String>>| s.lock().map(|s| s.clone()).unwrap_or_default();
+    (
+        Output {
+            code,
+            stdout: text(&stdout),
+            stderr: text(&stderr),
+        },
+        elapsed,
+    )
 }

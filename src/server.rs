@@ -46,8 +46,7 @@ impl Loaded {
 /// is unusable; resource problems are in `diagnostics`.
 pub fn load(gateway_path: &Path, resolution: Resolution) -> Result<Loaded, Box<Diagnostic>> {
     let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
-    let root = gateway_path.parent().unwrap_or(Path::new("."));
-    let (resources, load_diags) = load_resources(&gateway.resources, root);
+    let (resources, load_diags) = load_resources(&gateway);
     diagnostics.extend(load_diags);
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
     let (model, model_diags) = validate(resources, &ambassador_id);

@@ -12,7 +12,7 @@ use pingora::server::configuration::ServerConf;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use super::diagnostics::{Diagnostic, Location, ResourceRef, Source};
+use super::diagnostics::{closest, Diagnostic, Location, ResourceRef, Source};
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8877";
 
@@ -135,10 +135,14 @@ fn warn_unknown_pingora_keys(value: &Value, location: &Location, out: &mut Vec<D
     for key in given.keys() {
         if !known.contains_key(key) {
             let name = key.as_str().unwrap_or("?");
-            out.push(
+            let mut diagnostic =
                 Diagnostic::warning(location.clone(), "unknown Pingora setting, ignored")
-                    .field(format!("pingora.{name}")),
-            );
+                    .field(format!("pingora.{name}"));
+            let names: Vec<&str> = known.keys().filter_map(Value::as_str).collect();
+            if let Some(suggestion) = closest(name, &names) {
+                diagnostic.with_hint(format!("did you mean `{suggestion}`?"));
+            }
+            out.push(diagnostic);
         }
     }
 }
@@ -165,12 +169,26 @@ impl RawResource {
 /// Reads every file under the given paths. Directories are walked in name
 /// order so that resource order (which decides canary and conflict order) is
 /// stable across machines.
-/// File names in diagnostics are shown relative to `root`, the gateway
-/// file's directory.
-pub fn load_resources(paths: &[PathBuf], root: &Path) -> (Vec<RawResource>, Vec<Diagnostic>) {
+/// File names in diagnostics are shown relative to the gateway file's
+/// directory, as they are written under `resources:`.
+pub fn load_resources(gateway: &GatewayFile) -> (Vec<RawResource>, Vec<Diagnostic>) {
+    let root = gateway.path.parent().unwrap_or(Path::new("."));
     let mut files = Vec::new();
     let mut diagnostics = Vec::new();
-    for path in paths {
+    for (index, path) in gateway.resources.iter().enumerate() {
+        if let Err(e) = fs::metadata(path) {
+            let shown = path.strip_prefix(root).unwrap_or(path).display();
+            let message = match e.kind() {
+                std::io::ErrorKind::NotFound => format!("{shown} does not exist"),
+                _ => format!("cannot read {shown}: {e}"),
+            };
+            diagnostics.push(
+                Diagnostic::error(Location::File(gateway.path.clone()), message)
+                    .field(format!("resources[{index}]"))
+                    .hint("paths under `resources:` are relative to the gateway file"),
+            );
+            continue;
+        }
         collect_files(path, true, &mut files, &mut diagnostics);
     }
     let mut resources = Vec::new();
@@ -193,13 +211,11 @@ fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut V
     let metadata = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
-            diags.push(
-                Diagnostic::error(
-                    Location::File(path.to_path_buf()),
-                    format!("cannot read: {e}"),
-                )
-                .hint("paths under `resources:` are relative to the gateway file"),
-            );
+            // A dangling link inside a resource directory.
+            diags.push(Diagnostic::error(
+                Location::File(path.to_path_buf()),
+                format!("cannot read: {e}"),
+            ));
             return;
         }
     };

@@ -1,7 +1,7 @@
 //! Mapping validation: matchers compiled, service parsed, TLSContext
 //! resolved, Module defaults applied.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
@@ -19,7 +19,7 @@ use crate::upstream::service::ServiceAddr;
 
 use super::edge::{add_headers, header_names};
 use super::spec::{check_unknown_fields, parse_section};
-use super::{count, ModuleSettings};
+use super::{count, ModuleSettings, TlsContexts};
 
 const SUPPORTED: &[&str] = &[
     "prefix",
@@ -152,7 +152,7 @@ pub struct Mapping {
 pub fn validate_all(
     raws: &[&RawResource],
     module: &ModuleSettings,
-    contexts: &HashMap<String, Arc<UpstreamTls>>,
+    contexts: &TlsContexts,
     diags: &mut Vec<Diagnostic>,
     accepted: &mut BTreeMap<String, usize>,
 ) -> Vec<Mapping> {
@@ -162,8 +162,8 @@ pub fn validate_all(
         let Some(spec) = parse_section::<MappingSpec>(raw, "spec", &mut report) else {
             continue;
         };
-        check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
-        let mapping = validate(raw, &spec, module, contexts, &mut report);
+        let suggested = check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
+        let mapping = validate(raw, &spec, module, contexts, &suggested, &mut report);
         if let (Some(mapping), false) = (mapping, report.has_errors()) {
             count(accepted, "Mapping");
             mappings.push(mapping);
@@ -176,7 +176,8 @@ fn validate(
     raw: &RawResource,
     spec: &MappingSpec,
     module: &ModuleSettings,
-    contexts: &HashMap<String, Arc<UpstreamTls>>,
+    contexts: &TlsContexts,
+    suggested: &[&str],
     report: &mut Reporter,
 ) -> Option<Mapping> {
     let v2 = raw.api_version == "getambassador.io/v2";
@@ -184,7 +185,10 @@ fn validate(
     let prefix = match spec.prefix.as_deref() {
         Some(p) if !p.is_empty() => p.to_string(),
         _ => {
-            report.error("spec.prefix", "prefix is required");
+            // A misspelt `prefx` was reported already, with the suggestion.
+            if !suggested.contains(&"prefix") {
+                report.error("spec.prefix", "prefix is required");
+            }
             return None;
         }
     };
@@ -202,7 +206,10 @@ fn validate(
         (true, false) => match full_match_regex(&prefix, !case_sensitive) {
             Ok(regex) => PathMatch::Regex(regex),
             Err(e) => {
-                report.error("spec.prefix", format!("invalid regex: {e}"));
+                report.error("spec.prefix", e).with_hint(
+                    "with prefix_regex: true the prefix is a regular expression (RE2 syntax) \
+                     that must match the whole path",
+                );
                 return None;
             }
         },
@@ -231,7 +238,7 @@ fn validate(
         (Some(m), true) => match full_match_regex(m, false) {
             Ok(r) => Some(ValueMatch::Regex(r)),
             Err(e) => {
-                report.error("spec.method", format!("invalid regex: {e}"));
+                report.error("spec.method", e);
                 return None;
             }
         },
@@ -266,7 +273,7 @@ fn validate(
                     substitution: envoy_substitution(&rr.substitution),
                 },
                 Err(e) => {
-                    report.error("spec.regex_rewrite.pattern", format!("invalid regex: {e}"));
+                    report.error("spec.regex_rewrite.pattern", e);
                     return None;
                 }
             }
@@ -289,12 +296,29 @@ fn validate(
         Some(MappingTls::Context(name)) if name.is_empty() => (None, false),
         Some(MappingTls::Enabled(true)) => (None, true),
         Some(MappingTls::Context(name)) => {
-            match contexts.get(name) {
-                Some(context) => (Some(context.clone()), true),
-                None => {
+            match (contexts.valid.get(name), contexts.invalid.get(name)) {
+                (Some(context), _) => (Some(context.clone()), true),
+                (None, Some(invalid)) => {
+                    report.error(
+                        "spec.tls",
+                        format!(
+                            "TLSContext {}/{name} is invalid (see {}); this Mapping is dropped with it",
+                            invalid.namespace, invalid.source
+                        ),
+                    );
+                    return None;
+                }
+                (None, None) => {
+                    let mut known: Vec<&str> = contexts.valid.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    let hint = if known.is_empty() {
+                        "no TLSContext is defined".to_string()
+                    } else {
+                        format!("defined TLSContexts: {}", known.join(", "))
+                    };
                     report
-                    .error("spec.tls", format!("TLSContext {name} unknown"))
-                    .with_hint("name a TLSContext that is defined and valid (see its own errors above)");
+                        .error("spec.tls", format!("no TLSContext named {name:?}"))
+                        .with_hint(hint);
                     return None;
                 }
             }
@@ -303,7 +327,9 @@ fn validate(
     let namespace = (!module.use_ambassador_namespace).then_some(raw.id.namespace.as_str());
     let service = match spec.service.as_deref() {
         None => {
-            report.error("spec.service", "service is required");
+            if !suggested.contains(&"service") {
+                report.error("spec.service", "service is required");
+            }
             return None;
         }
         Some(text) => match ServiceAddr::parse(text, originate_tls, namespace) {
@@ -455,7 +481,7 @@ fn authority(spec: &MappingSpec, v2: bool, report: &mut Reporter) -> Option<Auth
                 Association::Everywhere,
             )),
             Err(e) => {
-                report.error("spec.host", format!("invalid regex: {e}"));
+                report.error("spec.host", e);
                 None
             }
         },
@@ -498,7 +524,7 @@ fn value_matchers(
             MatchValue::Present(true) => match full_match_regex(".*", false) {
                 Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
                 Err(e) => {
-                    report.error(&format!("spec.{field}.{name}"), e.to_string());
+                    report.error(&format!("spec.{field}.{name}"), e);
                 }
             },
             MatchValue::Present(false) => {
@@ -513,10 +539,7 @@ fn value_matchers(
         match full_match_regex(pattern, false) {
             Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
             Err(e) => {
-                report.error(
-                    &format!("spec.regex_{field}.{name}"),
-                    format!("invalid regex: {e}"),
-                );
+                report.error(&format!("spec.regex_{field}.{name}"), e);
             }
         }
     }

@@ -11,15 +11,14 @@ mod tls_context;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
 pub use mapping::{Association, Mapping, Rewrite};
+pub use tls_context::TlsContexts;
 
-use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
 use crate::routing::headers::HeaderEdits;
-use crate::tls::UpstreamTls;
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -74,7 +73,7 @@ pub struct Model {
     pub listeners: Vec<Listener>,
     pub hosts: Vec<VirtualHost>,
     pub mappings: Vec<Mapping>,
-    pub tls_contexts: HashMap<String, Arc<UpstreamTls>>,
+    pub tls_contexts: TlsContexts,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
 }
@@ -83,6 +82,9 @@ pub struct Model {
 pub(crate) type SecretStore = HashMap<(String, String), RawResource>;
 
 const SUPPORTED_API_VERSIONS: &[&str] = &["getambassador.io/v3alpha1", "getambassador.io/v2"];
+
+/// The Emissary kinds pingress implements (besides the core Secret).
+const KINDS: &[&str] = &["Mapping", "TLSContext", "Host", "Listener", "Module"];
 
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
@@ -139,7 +141,7 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
             }
             let key = (raw.id.namespace.clone(), raw.id.name.clone());
             match secrets.entry(key) {
-                Entry::Occupied(_) => duplicate(raw, &mut diags),
+                Entry::Occupied(first) => duplicate(raw, &first.get().id.source, &mut diags),
                 Entry::Vacant(slot) => {
                     slot.insert(raw.clone());
                 }
@@ -174,20 +176,26 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
             ));
             continue;
         }
-        if !matches!(
-            kind,
-            "Mapping" | "TLSContext" | "Host" | "Listener" | "Module"
-        ) {
+        if !KINDS.contains(&kind) {
+            let mut known: Vec<&str> = KINDS.to_vec();
+            known.extend_from_slice(LATER_KINDS);
+            let hint = match closest(kind, &known) {
+                Some(kind) => format!("did you mean {kind}? "),
+                None => String::new(),
+            };
             Reporter::new(raw.location(), &mut diags)
                 .error("kind", format!("unknown kind {kind:?}"))
-                .with_hint("pingress reads Mapping, TLSContext, Host, Listener, Module and Secret");
+                .with_hint(format!(
+                    "{hint}pingress reads Mapping, TLSContext, Host, Listener, Module and Secret"
+                ));
             continue;
         }
         let identity = (kind, raw.id.namespace.as_str(), raw.id.name.as_str());
-        if seen.insert(identity, ()).is_some() {
-            duplicate(raw, &mut diags);
+        if let Some(&first) = seen.get(&identity) {
+            duplicate(raw, first, &mut diags);
             continue;
         }
+        seen.insert(identity, &raw.id.source);
         by_kind.entry(kind).or_default().push(raw);
     }
 
@@ -222,15 +230,16 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
     (model, diags)
 }
 
-fn duplicate(raw: &RawResource, diags: &mut Vec<Diagnostic>) {
+fn duplicate(raw: &RawResource, first: &Source, diags: &mut Vec<Diagnostic>) {
     diags.push(
         Diagnostic::error(
             raw.location(),
             format!(
-                "duplicate {} {}/{}: an earlier document defines it already; this one is ignored",
+                "{first} already defines {} {}/{}; this one is ignored",
                 raw.id.kind, raw.id.namespace, raw.id.name
             ),
         )
+        .field("metadata.name")
         .hint("give each resource of a kind a unique name within its namespace"),
     );
 }

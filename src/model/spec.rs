@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::config::diagnostics::Reporter;
+use crate::config::diagnostics::{closest, Reporter};
 use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
 
@@ -30,22 +30,51 @@ pub fn parse_section<T: DeserializeOwned + Default>(
             } else {
                 format!("{key}.{path}")
             };
-            report.error(&field, e.into_inner().to_string());
+            let diagnostic = report.error(&field, plain_words(&e.into_inner().to_string()));
+            if field.ends_with("_ms") {
+                diagnostic.with_hint("a whole number of milliseconds, e.g. 3000");
+            }
             None
         }
     }
 }
 
+/// Serde's type errors speak Rust (`expected u64`); say it in the words of
+/// YAML: `expected a whole number, found the string "3s"`.
+fn plain_words(message: &str) -> String {
+    let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+    else {
+        return message.to_string();
+    };
+    let Some((found, expected)) = rest.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "a boolean" => "true or false",
+        "a sequence" => "a list",
+        "a borrowed string" | "a string" => "a string",
+        other if other.starts_with("struct ") || other == "a map" => "a map",
+        other => other,
+    };
+    format!("expected {expected}, found {}", found.replace('`', ""))
+}
+
 /// Emissary fields that pingress reads but does not act on yet warn; keys
 /// nobody knows are errors, because a misspelt routing field silently
-/// changes where traffic goes.
+/// changes where traffic goes. Returns the fields suggested for typos, so
+/// a caller need not also report them as missing.
 pub fn check_unknown_fields(
     other: &BTreeMap<String, Value>,
     prefix: &str,
-    supported: &[&str],
+    supported: &[&'static str],
     not_yet_supported: &[&str],
     report: &mut Reporter,
-) {
+) -> Vec<&'static str> {
+    let mut suggested = Vec::new();
     for key in other.keys() {
         let field = format!("{prefix}.{key}");
         if not_yet_supported.contains(&key.as_str()) {
@@ -54,40 +83,11 @@ pub fn check_unknown_fields(
             let diagnostic = report.error(&field, "unknown field");
             if let Some(suggestion) = closest(key, supported) {
                 diagnostic.with_hint(format!("did you mean `{suggestion}`?"));
+                suggested.push(suggestion);
             }
         }
     }
-}
-
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| {
-            (
-                edit_distance(&word.to_ascii_lowercase(), &c.to_ascii_lowercase()),
-                *c,
-            )
-        })
-        .filter(|(distance, c)| *distance <= 2.max(c.len() / 3))
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (diagonal + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(above + 1);
-            diagonal = above;
-        }
-    }
-    row[b.len()]
+    suggested
 }
 
 /// Emissary's `ambassador_id`: a resource is ours when its list names our ID
@@ -114,10 +114,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn suggestions() {
-        assert_eq!(closest("prefx", &["prefix", "service"]), Some("prefix"));
-        assert_eq!(closest("timeout", &["timeout_ms"]), Some("timeout_ms"));
-        assert_eq!(closest("zzzzzz", &["prefix"]), None);
+    fn type_errors_in_plain_words() {
+        assert_eq!(
+            plain_words("invalid type: string \"3s\", expected u64"),
+            "expected a whole number (0 or more), found string \"3s\""
+        );
+        assert_eq!(
+            plain_words("invalid value: integer `-1`, expected u32"),
+            "expected a whole number (0 or more), found integer -1"
+        );
+        assert_eq!(plain_words("missing field `x`"), "missing field `x`");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
 use crate::tls::{self, CertKeyError, SecretData, UpstreamTls};
@@ -32,15 +32,14 @@ const SUPPORTED: &[&str] = &[
 ];
 const LATER: &[&str] = &["crl_secret", "redirect_cleartext_from"];
 
-/// Validates every TLSContext; the result is keyed by name, because a
-/// Mapping's `tls:` names a context without a namespace.
+/// Validates every TLSContext.
 pub fn validate_all(
     raws: &[&RawResource],
     secrets: &SecretStore,
     diags: &mut Vec<Diagnostic>,
     accepted: &mut BTreeMap<String, usize>,
-) -> HashMap<String, Arc<UpstreamTls>> {
-    let mut contexts = HashMap::new();
+) -> TlsContexts {
+    let mut contexts = TlsContexts::default();
     for raw in raws {
         let mut report = Reporter::new(raw.location(), diags);
         let Some(spec) = parse_section::<TlsContextSpec>(raw, "spec", &mut report) else {
@@ -48,11 +47,14 @@ pub fn validate_all(
         };
         check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
         let context = validate(raw, &spec, secrets, &mut report);
-        if report.has_errors() {
-            continue;
-        }
-        let Some(context) = context else { continue };
-        if contexts.contains_key(&raw.id.name) {
+        let context = match (context, report.has_errors()) {
+            (Some(context), false) => context,
+            _ => {
+                contexts.invalid.insert(raw.id.name.clone(), raw.id.clone());
+                continue;
+            }
+        };
+        if contexts.valid.contains_key(&raw.id.name) {
             report
                 .error(
                     "metadata.name",
@@ -64,9 +66,20 @@ pub fn validate_all(
             continue;
         }
         count(accepted, "TLSContext");
-        contexts.insert(raw.id.name.clone(), Arc::new(context));
+        contexts
+            .valid
+            .insert(raw.id.name.clone(), Arc::new(context));
     }
     contexts
+}
+
+/// The TLSContexts by name, because a Mapping's `tls:` names a context
+/// without a namespace; the invalid ones are kept to explain why a Mapping
+/// that names one is dropped.
+#[derive(Debug, Default)]
+pub struct TlsContexts {
+    pub valid: HashMap<String, Arc<UpstreamTls>>,
+    pub invalid: HashMap<String, ResourceRef>,
 }
 
 fn validate(
@@ -177,21 +190,41 @@ fn validate(
         (Some(chain), Some(key)) => match tls::cert_key(chain, key) {
             Ok(cert_key) => Some(Arc::new(cert_key)),
             Err(e) => {
-                let field = if spec.secret.is_some() {
-                    "spec.secret"
-                } else {
-                    "spec.cert_chain_file"
+                // Name the exact place of each PEM: a Secret key or a file.
+                let (field, cert_origin, key_origin, owner) = match &spec.secret {
+                    Some(secret) => {
+                        let (name, namespace) =
+                            split_secret_name(secret, &raw.id.namespace, namespacing);
+                        (
+                            "spec.secret",
+                            "tls.crt".to_string(),
+                            "tls.key".to_string(),
+                            format!(" of Secret {namespace}/{name}"),
+                        )
+                    }
+                    None => (
+                        "spec.cert_chain_file",
+                        spec.cert_chain_file.clone().unwrap_or_default(),
+                        spec.private_key_file.clone().unwrap_or_default(),
+                        String::new(),
+                    ),
                 };
                 match e {
                     CertKeyError::Certificate(m) => {
-                        report.error(field, format!("certificate: {m}"))
+                        report.error(field, format!("{cert_origin}{owner}: {m}"));
                     }
-                    CertKeyError::Key(m) => report.error(field, format!("private key: {m}")),
-                    CertKeyError::Mismatch(subject) => report.error(
-                        field,
-                        format!("private key does not match certificate {subject}"),
-                    ),
-                };
+                    CertKeyError::Key(m) => {
+                        report.error(field, format!("{key_origin}{owner}: {m}"));
+                    }
+                    CertKeyError::Mismatch(subject) => {
+                        report
+                            .error(
+                                field,
+                                format!("{key_origin} does not match the certificate in {cert_origin}{owner} ({subject})"),
+                            )
+                            .with_hint("the key must be the private key of the first (leaf) certificate of the chain");
+                    }
+                }
                 None
             }
         },

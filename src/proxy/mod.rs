@@ -53,6 +53,8 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     /// The normalised path, when it differs from the request's.
     normalized_path: Option<String>,
+    /// The Host without its port, when `strip_matching_host_port` removed it.
+    stripped_host: Option<String>,
     started: Instant,
     /// When the route's `timeout_ms` runs out: the whole exchange, head and
     /// body, must complete before it, as Envoy's route timeout demands.
@@ -132,6 +134,9 @@ impl Gateway {
                 if module.strip_matching_host_port
                     && port.parse() == Ok(listener.listener.port) =>
             {
+                // Envoy strips the port from the header itself, not only
+                // for matching.
+                ctx.stripped_host = Some(host_name.to_string());
                 host_name
             }
             _ => raw_authority.as_str(),
@@ -201,6 +206,7 @@ impl ProxyHttp for Gateway {
             snapshot: None,
             route: None,
             normalized_path: None,
+            stripped_host: None,
             started: Instant::now(),
             deadline: None,
             upstream_started: None,
@@ -301,6 +307,7 @@ impl ProxyHttp for Gateway {
                 substitution,
             } => regex.replace_all(path, substitution.as_str()),
         };
+        let rewritten = new_path != path;
         if new_path != original_path {
             let target = match downstream.uri.query() {
                 Some(query) => format!("{new_path}?{query}"),
@@ -313,17 +320,20 @@ impl ProxyHttp for Gateway {
                 )
             })?;
             upstream.set_uri(uri);
-            if !module.suppress_envoy_headers {
-                // Envoy records the original `:path`, query included.
-                let original = downstream
-                    .uri
-                    .path_and_query()
-                    .map_or(original_path, |p| p.as_str());
+            if rewritten && !module.suppress_envoy_headers {
+                // Envoy normalises `:path` itself before routing, so the
+                // original it records is the normalised path, query included.
+                let original = match downstream.uri.query() {
+                    Some(query) => format!("{path}?{query}"),
+                    None => path.to_string(),
+                };
                 upstream.insert_header("x-envoy-original-path", original)?;
             }
         }
         if let Some(host) = &route.host_rewrite {
             upstream.insert_header(http::header::HOST, host.clone())?;
+        } else if let Some(host) = &ctx.stripped_host {
+            upstream.insert_header(http::header::HOST, host.as_str())?;
         }
 
         let client = session.client_addr().and_then(|a| a.as_inet()).copied();

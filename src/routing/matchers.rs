@@ -9,19 +9,40 @@ use regex::{Regex, RegexBuilder};
 /// blow up memory; the regex crate matches in linear time regardless.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-/// Builds a regex that must match the whole input, as Envoy's safe_regex does.
-pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
+/// Builds a regex that must match the whole input, as Envoy's safe_regex
+/// does. The error is a one-line message quoting the pattern as written.
+pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
     RegexBuilder::new(&format!("^(?:{pattern})$"))
         .case_insensitive(case_insensitive)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
+        .map_err(|e| describe_regex_error(pattern, &e))
 }
 
 /// Builds a regex used for substitution (unanchored, all matches).
-pub fn search_regex(pattern: &str) -> Result<Regex, regex::Error> {
+pub fn search_regex(pattern: &str) -> Result<Regex, String> {
     RegexBuilder::new(pattern)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
+        .map_err(|e| describe_regex_error(pattern, &e))
+}
+
+fn describe_regex_error(pattern: &str, error: &regex::Error) -> String {
+    let reason = match error {
+        // The syntax error text draws the pattern with a caret over several
+        // lines; its last `error:` line is the reason.
+        regex::Error::Syntax(text) => text
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("error: "))
+            .unwrap_or(text)
+            .to_string(),
+        regex::Error::CompiledTooBig(limit) => {
+            format!("it compiles to more than {limit} bytes")
+        }
+        other => other.to_string(),
+    };
+    format!("invalid regex {pattern:?}: {reason}")
 }
 
 #[derive(Debug, Clone)]

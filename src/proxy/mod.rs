@@ -344,13 +344,7 @@ impl ProxyHttp for Gateway {
         if let Some(value) = &route.expected_timeout {
             upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
         }
-        let facts = RequestFacts {
-            client_addr: client,
-            local_addr: session.server_addr().and_then(|a| a.as_inet()).copied(),
-            protocol: protocol(session),
-            request_headers: &session.req_header().headers,
-        };
-        apply_edits(&route.request_headers, &facts, upstream)
+        apply_edits(&route.request_headers, &facts(session), upstream)
     }
 
     async fn upstream_response_filter(
@@ -398,13 +392,7 @@ impl ProxyHttp for Gateway {
         if route.response_headers.is_empty() {
             return Ok(());
         }
-        let facts = RequestFacts {
-            client_addr: session.client_addr().and_then(|a| a.as_inet()).copied(),
-            local_addr: session.server_addr().and_then(|a| a.as_inet()).copied(),
-            protocol: protocol(session),
-            request_headers: &session.req_header().headers,
-        };
-        apply_edits(&route.response_headers, &facts, response)
+        apply_edits(&route.response_headers, &facts(session), response)
     }
 
     async fn fail_to_proxy(
@@ -529,37 +517,41 @@ fn forwarded_headers(
     }
 }
 
+/// What header templates may refer to, for this request.
+fn facts(session: &Session) -> RequestFacts<'_> {
+    RequestFacts {
+        client_addr: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        local_addr: session.server_addr().and_then(|a| a.as_inet()).copied(),
+        protocol: protocol(session),
+        request_headers: &session.req_header().headers,
+    }
+}
+
 /// Request and response headers, edited alike.
 trait EditableHeaders {
     fn remove(&mut self, name: &HeaderName) -> bool;
     fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()>;
 }
 
-impl EditableHeaders for RequestHeader {
-    fn remove(&mut self, name: &HeaderName) -> bool {
-        self.remove_header(name).is_some()
-    }
-    fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()> {
-        if append {
-            self.append_header(name, value).map(drop)
-        } else {
-            self.insert_header(name, value)
+/// Pingora's request and response headers share these methods without a
+/// common trait.
+macro_rules! editable_headers {
+    ($($header:ty),*) => {$(
+        impl EditableHeaders for $header {
+            fn remove(&mut self, name: &HeaderName) -> bool {
+                self.remove_header(name).is_some()
+            }
+            fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()> {
+                if append {
+                    self.append_header(name, value).map(drop)
+                } else {
+                    self.insert_header(name, value)
+                }
+            }
         }
-    }
+    )*};
 }
-
-impl EditableHeaders for ResponseHeader {
-    fn remove(&mut self, name: &HeaderName) -> bool {
-        self.remove_header(name).is_some()
-    }
-    fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()> {
-        if append {
-            self.append_header(name, value).map(drop)
-        } else {
-            self.insert_header(name, value)
-        }
-    }
-}
+editable_headers!(RequestHeader, ResponseHeader);
 
 /// Removes, then adds, as Envoy evaluates a route's header edits.
 fn apply_edits(

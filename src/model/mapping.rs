@@ -14,7 +14,7 @@ use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
     full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
 };
-use crate::tls::UpstreamTls;
+use crate::tls::TlsContext;
 use crate::upstream::service::ServiceAddr;
 
 use super::edge::{add_headers, header_names};
@@ -137,7 +137,7 @@ pub struct Mapping {
     pub auto_host_rewrite: bool,
     pub service: ServiceAddr,
     pub originate_tls: bool,
-    pub tls: Option<Arc<UpstreamTls>>,
+    pub tls: Option<Arc<TlsContext>>,
     /// 0 disables.
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,

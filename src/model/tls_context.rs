@@ -1,4 +1,4 @@
-//! TLSContext → [`UpstreamTls`]: certificates from a Secret or files, the CA
+//! TLSContext → [`TlsContext`]: certificates from a Secret or files, the CA
 //! that verifies upstreams, SNI, ALPN and protocol bounds.
 
 use std::collections::{BTreeMap, HashMap};
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
-use crate::tls::{self, CertKeyError, SecretData, UpstreamTls};
+use crate::tls::{self, CertKeyError, SecretData, TlsContext};
 
 use super::spec::{check_unknown_fields, parse_section};
 use super::{count, SecretStore};
@@ -46,7 +46,7 @@ pub fn validate_all(
             continue;
         };
         check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
-        let context = validate(raw, &spec, secrets, &mut report);
+        let context = build(&raw.id.name, &raw.id.namespace, &spec, secrets, &mut report);
         let context = match (context, report.has_errors()) {
             (Some(context), false) => context,
             _ => {
@@ -78,45 +78,63 @@ pub fn validate_all(
 /// that names one is dropped.
 #[derive(Debug, Default)]
 pub struct TlsContexts {
-    pub valid: HashMap<String, Arc<UpstreamTls>>,
+    pub valid: HashMap<String, Arc<TlsContext>>,
     pub invalid: HashMap<String, ResourceRef>,
 }
 
-fn validate(
-    raw: &RawResource,
+/// Reads a Secret's PEM material. `name` and `namespace` are already split.
+pub(crate) fn secret_data(
+    secrets: &SecretStore,
+    namespace: &str,
+    name: &str,
+    field: &str,
+    hint: &str,
+    report: &mut Reporter,
+) -> Option<SecretData> {
+    let Some(secret) = secrets.get(&(namespace.to_string(), name.to_string())) else {
+        report
+            .error(field, format!("Secret {namespace}/{name} unknown"))
+            .with_hint(hint);
+        return None;
+    };
+    let decoded =
+        serde_yaml::from_value::<SecretBody>(serde_yaml::Value::Mapping(secret.body.clone()))
+            .map_err(|e| e.to_string())
+            .and_then(|body| SecretData::decode(&body));
+    match decoded {
+        Ok(data) => Some(data),
+        Err(e) => {
+            report.error(field, format!("Secret {namespace}/{name}: {e}"));
+            None
+        }
+    }
+}
+
+/// Builds a context from its spec; `name` and `namespace` are its own.
+pub(crate) fn build(
+    name: &str,
+    namespace: &str,
     spec: &TlsContextSpec,
     secrets: &SecretStore,
     report: &mut Reporter,
-) -> Option<UpstreamTls> {
+) -> Option<TlsContext> {
     let namespacing = spec.secret_namespacing.unwrap_or(true);
-    let lookup = |field: &str, name: &str, report: &mut Reporter| -> Option<SecretData> {
-        let (secret_name, namespace) = split_secret_name(name, &raw.id.namespace, namespacing);
-        let Some(secret) = secrets.get(&(namespace.clone(), secret_name.clone())) else {
-            report
-                .error(field, format!("Secret {namespace}/{secret_name} unknown"))
-                .with_hint(if namespacing && name.contains('.') {
-                    "with secret_namespacing (the default) a `.` separates name and namespace; \
-                     set secret_namespacing: false for names that contain dots"
-                } else {
-                    "add the Secret to a file under `resources:`"
-                });
-            return None;
+    let lookup = |field: &str, reference: &str, report: &mut Reporter| -> Option<SecretData> {
+        let (secret_name, secret_namespace) = split_secret_name(reference, namespace, namespacing);
+        let hint = if namespacing && reference.contains('.') {
+            "with secret_namespacing (the default) a `.` separates name and namespace; \
+             set secret_namespacing: false for names that contain dots"
+        } else {
+            "add the Secret to a file under `resources:`"
         };
-        let body: SecretBody =
-            match serde_yaml::from_value(serde_yaml::Value::Mapping(secret.body.clone())) {
-                Ok(body) => body,
-                Err(e) => {
-                    report.error(field, format!("Secret {namespace}/{secret_name}: {e}"));
-                    return None;
-                }
-            };
-        match SecretData::decode(&body) {
-            Ok(data) => Some(data),
-            Err(e) => {
-                report.error(field, format!("Secret {namespace}/{secret_name}: {e}"));
-                None
-            }
-        }
+        secret_data(
+            secrets,
+            &secret_namespace,
+            &secret_name,
+            field,
+            hint,
+            report,
+        )
     };
 
     let mut chain_pem = None;
@@ -129,13 +147,13 @@ fn validate(
                 "set either secret or cert_chain_file/private_key_file, not both",
             );
         }
-        (Some(name), None, None) => {
-            if let Some(data) = lookup("spec.secret", name, report) {
+        (Some(reference), None, None) => {
+            if let Some(data) = lookup("spec.secret", reference, report) {
                 if data.cert_chain.is_none() {
-                    report.error("spec.secret", format!("Secret {name} has no tls.crt"));
+                    report.error("spec.secret", format!("Secret {reference} has no tls.crt"));
                 }
                 if data.key.is_none() {
-                    report.error("spec.secret", format!("Secret {name} has no tls.key"));
+                    report.error("spec.secret", format!("Secret {reference} has no tls.key"));
                 }
                 chain_pem = data.cert_chain;
                 key_pem = data.key;
@@ -167,15 +185,15 @@ fn validate(
                 "set either ca_secret or cacert_chain_file, not both",
             );
         }
-        (Some(name), None) => {
-            if let Some(data) = lookup("spec.ca_secret", name, report) {
+        (Some(reference), None) => {
+            if let Some(data) = lookup("spec.ca_secret", reference, report) {
                 match data.ca_bundle() {
                     Some(bundle) => ca_pem = Some(bundle.to_vec()),
                     None => {
                         report
                             .error(
                                 "spec.ca_secret",
-                                format!("Secret {name} has no CA certificate"),
+                                format!("Secret {reference} has no CA certificate"),
                             )
                             .with_hint("put the CA bundle under tls.crt (or ca.crt)");
                     }
@@ -193,8 +211,7 @@ fn validate(
                 // Name the exact place of each PEM: a Secret key or a file.
                 let (field, cert_origin, key_origin, owner) = match &spec.secret {
                     Some(secret) => {
-                        let (name, namespace) =
-                            split_secret_name(secret, &raw.id.namespace, namespacing);
+                        let (name, namespace) = split_secret_name(secret, namespace, namespacing);
                         (
                             "spec.secret",
                             "tls.crt".to_string(),
@@ -313,10 +330,20 @@ fn validate(
         bounds.as_bytes(),
         curves.as_deref().unwrap_or_default().as_bytes(),
     ]);
-    Some(UpstreamTls {
-        name: format!("{}.{}", raw.id.name, raw.id.namespace),
+    Some(TlsContext {
+        name: format!("{name}.{namespace}"),
         cert_key,
         ca,
+        cert_required: spec.cert_required.unwrap_or(false),
+        alpn_protocols: spec
+            .alpn_protocols
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        hosts: spec.hosts.clone().unwrap_or_default(),
         sni,
         alpn,
         min_version,

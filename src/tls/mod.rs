@@ -159,13 +159,21 @@ pub fn parse_alpn(text: &str) -> Result<ALPN, String> {
     })
 }
 
-/// The origination side of a TLSContext, ready to be attached to peers.
-#[derive(Debug)]
-pub struct UpstreamTls {
+/// A validated TLSContext. Upstream, its certificate is the client
+/// certificate and its CA verifies servers; at the edge (through a Host),
+/// its certificate is the server's and its CA verifies clients.
+#[derive(Debug, Clone)]
+pub struct TlsContext {
     /// `name.namespace` of the TLSContext, for logs and diagnostics.
     pub name: String,
     pub cert_key: Option<Arc<CertKey>>,
     pub ca: Option<Arc<Box<[X509]>>>,
+    /// At the edge: refuse clients without a certificate the CA signed.
+    pub cert_required: bool,
+    /// `alpn_protocols` as written, for the edge.
+    pub alpn_protocols: Vec<String>,
+    /// SNI names the context claims (`hosts`); empty for origination only.
+    pub hosts: Vec<String>,
     pub sni: Option<String>,
     pub alpn: Option<ALPN>,
     pub min_version: Option<SslVersion>,

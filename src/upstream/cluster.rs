@@ -11,7 +11,7 @@ use std::time::Duration;
 use pingora::protocols::tls::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::tls::UpstreamTls;
+use crate::tls::TlsContext;
 
 use super::service::ServiceAddr;
 
@@ -19,7 +19,7 @@ use super::service::ServiceAddr;
 pub struct Cluster {
     /// e.g. `https://quote.default:443 tls=quote-context.default`.
     pub name: String,
-    pub tls: Option<Arc<UpstreamTls>>,
+    pub tls: Option<Arc<TlsContext>>,
     endpoints: Vec<HttpPeer>,
     next: AtomicUsize,
 }
@@ -74,7 +74,7 @@ impl ClusterBuilder {
     pub fn cluster(
         &mut self,
         key: ClusterKey,
-        tls: Option<Arc<UpstreamTls>>,
+        tls: Option<Arc<TlsContext>>,
     ) -> (Arc<Cluster>, Option<String>) {
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
@@ -140,7 +140,7 @@ impl ClusterBuilder {
     }
 }
 
-fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&UpstreamTls>) -> HttpPeer {
+fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>) -> HttpPeer {
     let service = &key.service;
     // Emissary sends no SNI unless the context names one; with an empty SNI
     // OpenSSL cannot verify, and many servers need SNI to pick a

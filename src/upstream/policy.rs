@@ -5,7 +5,7 @@
 
 use pingora::tls::ssl::SslVersion;
 
-use crate::tls::UpstreamTls;
+use crate::tls::TlsContext;
 
 fn version_of(name: &str) -> Option<SslVersion> {
     Some(match name {
@@ -30,7 +30,7 @@ fn rank(version: SslVersion) -> u8 {
 }
 
 /// Checks the negotiated version and cipher against the context.
-pub fn check_negotiated(tls: &UpstreamTls, version: &str, cipher: &str) -> Result<(), String> {
+pub fn check_negotiated(tls: &TlsContext, version: &str, cipher: &str) -> Result<(), String> {
     if let Some(negotiated) = version_of(version) {
         if tls
             .min_version

@@ -20,6 +20,9 @@ use crate::config::load::{load_gateway_file, load_resources, GatewayFile};
 use crate::model::{validate, Model};
 use crate::proxy::Gateway;
 use crate::snapshot::{compile, Resolution, Snapshot};
+use crate::tls::edge::EdgeAcceptor;
+use pingora::listeners::tls::TlsSettings;
+use pingora::tls::ssl::{select_next_proto, AlpnError, NameType};
 
 /// The gateway file used when `-c` is not given.
 pub const DEFAULT_GATEWAY_FILE: &str = "conf/pingress.yaml";
@@ -93,6 +96,11 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
         gateway, snapshot, ..
     } = loaded;
     let ports = snapshot.ports();
+    let listeners: Vec<(u16, bool)> = snapshot
+        .listeners
+        .iter()
+        .map(|l| (l.listener.port, l.listener.tls))
+        .collect();
     let admin_addr: SocketAddr = gateway.admin.listen.parse().map_err(|e| {
         format!(
             "admin.listen {:?}: {e} (expected ip:port)",
@@ -120,9 +128,14 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     server.bootstrap();
 
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
-    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(snapshot));
-    for port in &ports {
-        proxy.add_tcp(&format!("0.0.0.0:{port}"));
+    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(snapshot.clone()));
+    for (port, tls) in listeners {
+        let address = format!("0.0.0.0:{port}");
+        if tls {
+            proxy.add_tls_with_settings(&address, None, edge_tls_settings(port, &snapshot)?);
+        } else {
+            proxy.add_tcp(&address);
+        }
     }
     let ready = Arc::new(AtomicBool::new(false));
     let mut admin = Service::new("admin".to_string(), AdminApp::new(ready.clone()));
@@ -134,6 +147,36 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     server.add_service(admin);
     server.add_service(probe);
     server.run_forever()
+}
+
+/// TLS for one HTTPS listener: certificates and client-certificate policy
+/// come from the current snapshot during each handshake, and so does ALPN
+/// (h2 only for Hosts whose context offers it).
+fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<TlsSettings, String> {
+    let acceptor = EdgeAcceptor {
+        port,
+        snapshot: snapshot.clone(),
+    };
+    let mut settings = TlsSettings::with_callbacks(Box::new(acceptor))
+        .map_err(|e| format!("TLS listener on port {port}: {e}"))?;
+    let snapshot = snapshot.clone();
+    settings.set_alpn_select_callback(move |ssl, offered| {
+        let sni = ssl
+            .servername(NameType::HOST_NAME)
+            .map(str::to_ascii_lowercase);
+        let h2 = snapshot
+            .load()
+            .listener(port)
+            .and_then(|l| l.tls_host(sni.as_deref()))
+            .is_some_and(|(_, edge)| edge.allows_h2());
+        let ours: &[u8] = if h2 {
+            b"\x02h2\x08http/1.1"
+        } else {
+            b"\x08http/1.1"
+        };
+        select_next_proto(ours, offered).ok_or(AlpnError::NOACK)
+    });
+    Ok(settings)
 }
 
 fn ensure_free(address: SocketAddr, what: &str) -> Result<(), String> {

@@ -138,20 +138,32 @@ pub struct MappingSpec {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+/// Also the shape of a Host's inline `tls:`, which accepts camelCase names.
 pub struct TlsContextSpec {
     pub hosts: Option<Vec<String>>,
     pub secret: Option<String>,
+    #[serde(alias = "certChainFile")]
     pub cert_chain_file: Option<String>,
+    #[serde(alias = "privateKeyFile")]
     pub private_key_file: Option<String>,
+    #[serde(alias = "caSecret")]
     pub ca_secret: Option<String>,
+    #[serde(alias = "cacertChainFile")]
     pub cacert_chain_file: Option<String>,
+    #[serde(alias = "certRequired")]
     pub cert_required: Option<bool>,
+    #[serde(alias = "alpnProtocols")]
     pub alpn_protocols: Option<String>,
+    #[serde(alias = "minTlsVersion")]
     pub min_tls_version: Option<String>,
+    #[serde(alias = "maxTlsVersion")]
     pub max_tls_version: Option<String>,
+    #[serde(alias = "cipherSuites")]
     pub cipher_suites: Option<Vec<String>>,
+    #[serde(alias = "ecdhCurves")]
     pub ecdh_curves: Option<Vec<String>>,
     pub sni: Option<String>,
+    #[serde(alias = "secretNamespacing")]
     pub secret_namespacing: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use http::HeaderName;
 
-use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
     AddHeaderValue, HostSpec, LabelSelector, ListenerSpec, ModuleConfig, ModuleSpec, OrderedMap,
@@ -14,7 +14,9 @@ use crate::routing::headers::{AddHeader, HeaderEdits, HeaderTemplate};
 use crate::routing::matchers::HostGlob;
 
 use super::spec::{check_unknown_fields, parse_section};
-use super::{count, MappingDefaults, ModuleSettings};
+use super::{count, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
+use crate::tls::TlsContext;
+use std::sync::Arc;
 
 const MODULE_SUPPORTED: &[&str] = &[
     "defaults",
@@ -286,8 +288,12 @@ pub struct HostBinding {
 
 #[derive(Debug, Clone)]
 pub struct Listener {
+    /// `None` for the listener pingress adds when there is none.
+    pub id: Option<ResourceRef>,
     pub name: String,
     pub port: u16,
+    /// Terminates TLS (protocol HTTPS).
+    pub tls: bool,
     pub security: SecurityModel,
     pub l7_depth: u32,
     pub binding: HostBinding,
@@ -335,38 +341,47 @@ pub fn validate_listeners(
                 None
             }
         };
-        match (spec.protocol.as_deref(), spec.protocol_stack.as_deref()) {
+        let stack: Option<Vec<&str>> = spec
+            .protocol_stack
+            .as_ref()
+            .map(|s| s.iter().map(String::as_str).collect());
+        let tls = match (spec.protocol.as_deref(), stack.as_deref()) {
             (Some(_), Some(_)) => {
                 report.error(
                     "spec.protocolStack",
                     "set either protocol or protocolStack, not both",
                 );
+                false
             }
-            (Some("HTTP"), None) => {}
-            (None, Some(stack)) if stack.iter().map(String::as_str).eq(["HTTP", "TCP"]) => {}
-            (Some(p @ ("HTTPS" | "HTTPPROXY" | "HTTPSPROXY" | "TCP" | "TLS" | "UDP")), None) => {
+            (Some("HTTP"), None) | (None, Some(["HTTP", "TCP"])) => false,
+            // Emissary's HTTPS also answers cleartext on the same port by
+            // inspecting the first bytes; pingress serves TLS only there.
+            (Some("HTTPS"), None) | (None, Some(["TLS", "HTTP", "TCP"])) => true,
+            (Some(p @ ("HTTPPROXY" | "HTTPSPROXY" | "TCP" | "TLS" | "UDP")), None) => {
                 report
                     .error(
                         "spec.protocol",
                         format!("protocol {p} is not supported by pingress yet"),
                     )
-                    .with_hint("use protocol: HTTP");
+                    .with_hint("use protocol: HTTP or HTTPS");
+                false
             }
             (Some(p), None) => {
                 report.error("spec.protocol", format!("unknown protocol {p:?}"));
+                false
             }
             (None, Some(stack)) => {
                 report.error(
                     "spec.protocolStack",
-                    format!(
-                        "protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP]"
-                    ),
+                    format!("protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP] or [TLS, HTTP, TCP]"),
                 );
+                false
             }
             (None, None) => {
                 report.error("spec.protocol", "protocol is required");
+                false
             }
-        }
+        };
         let security = match spec.security_model.as_deref() {
             Some("XFP") => SecurityModel::Xfp,
             Some("SECURE") => SecurityModel::Secure,
@@ -421,8 +436,10 @@ pub fn validate_listeners(
         let Some(port) = port else { continue };
         count(accepted, "Listener");
         listeners.push(Listener {
+            id: Some(raw.id.clone()),
             name: format!("{}.{}", raw.id.name, raw.id.namespace),
             port,
+            tls,
             security,
             l7_depth: spec.l7_depth.unwrap_or(module.xff_num_trusted_hops),
             binding,
@@ -456,24 +473,30 @@ pub enum InsecureAction {
 /// A Host: one virtual host of the gateway.
 #[derive(Debug, Clone)]
 pub struct VirtualHost {
+    /// `None` for the Host pingress synthesizes when there is none.
+    pub id: Option<ResourceRef>,
     pub name: String,
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     pub hostname: HostGlob,
     pub selector: Option<BTreeMap<String, String>>,
     pub insecure: InsecureAction,
+    /// Set when the Host terminates TLS.
+    pub tls: Option<Arc<TlsContext>>,
 }
 
 impl VirtualHost {
     /// Emissary's `default-host` when no Host exists: everything, cleartext.
     pub fn synthesized_default() -> VirtualHost {
         VirtualHost {
+            id: None,
             name: "default-host".into(),
             namespace: "default".into(),
             labels: BTreeMap::new(),
             hostname: HostGlob::Any,
             selector: None,
             insecure: InsecureAction::Route,
+            tls: None,
         }
     }
 }
@@ -492,6 +515,8 @@ const HOST_LATER: &[&str] = &["acmeProvider", "previewUrl"];
 
 pub fn validate_hosts(
     raws: &[&RawResource],
+    contexts: &TlsContexts,
+    secrets: &SecretStore,
     diags: &mut Vec<Diagnostic>,
     accepted: &mut BTreeMap<String, usize>,
 ) -> Vec<VirtualHost> {
@@ -533,25 +558,20 @@ pub fn validate_hosts(
                 continue;
             }
         };
-        if spec.tls_secret.is_some() || spec.tls_context.is_some() || spec.tls.is_some() {
-            report
-                .warning(
-                    "spec.tlsSecret",
-                    "TLS termination is not supported by pingress yet",
-                )
-                .with_hint("this Host serves cleartext requests only");
-        }
+        let tls = super::host_tls::resolve(raw, &spec, contexts, secrets, &mut report);
         if report.has_errors() {
             continue;
         }
         count(accepted, "Host");
         hosts.push(VirtualHost {
+            id: Some(raw.id.clone()),
             name: raw.id.name.clone(),
             namespace: raw.id.namespace.clone(),
             labels: raw.labels.clone(),
             hostname,
             selector,
             insecure,
+            tls,
         });
     }
     hosts

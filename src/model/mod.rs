@@ -5,6 +5,7 @@
 //! its own: a bad one is reported and left out, its siblings stay.
 
 mod edge;
+mod host_tls;
 mod mapping;
 mod spec;
 mod tls_context;
@@ -215,7 +216,13 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
         &mut diags,
         &mut model.accepted,
     );
-    model.hosts = edge::validate_hosts(&kinds("Host"), &mut diags, &mut model.accepted);
+    model.hosts = edge::validate_hosts(
+        &kinds("Host"),
+        &model.tls_contexts,
+        &secrets,
+        &mut diags,
+        &mut model.accepted,
+    );
     model.mappings = mapping::validate_all(
         &kinds("Mapping"),
         &model.module,

@@ -17,7 +17,16 @@ pub fn parse_section<T: DeserializeOwned + Default>(
     key: &str,
     report: &mut Reporter,
 ) -> Option<T> {
-    let value = match raw.get(key) {
+    parse_value(raw.get(key), key, report)
+}
+
+/// Deserializes a value found at `key` (a dotted field path).
+pub fn parse_value<T: DeserializeOwned + Default>(
+    value: Option<&Value>,
+    key: &str,
+    report: &mut Reporter,
+) -> Option<T> {
+    let value = match value {
         None | Some(Value::Null) => return Some(T::default()),
         Some(value) => value.clone(),
     };

@@ -13,7 +13,7 @@ use crate::tls::{self, CertKeyError, SecretData, TlsContext};
 use super::spec::{check_unknown_fields, parse_section};
 use super::{count, SecretStore};
 
-const SUPPORTED: &[&str] = &[
+pub(crate) const SUPPORTED: &[&str] = &[
     "hosts",
     "secret",
     "cert_chain_file",
@@ -30,7 +30,7 @@ const SUPPORTED: &[&str] = &[
     "secret_namespacing",
     "ambassador_id",
 ];
-const LATER: &[&str] = &["crl_secret", "redirect_cleartext_from"];
+pub(crate) const LATER: &[&str] = &["crl_secret", "redirect_cleartext_from"];
 
 /// Validates every TLSContext.
 pub fn validate_all(

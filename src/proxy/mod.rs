@@ -31,6 +31,7 @@ use crate::routing::headers::{HeaderEdits, RequestFacts};
 use crate::routing::path::{normalize, PathError};
 use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot};
+use crate::tls::edge::EdgeSession;
 
 pub use respond::classify;
 
@@ -70,6 +71,16 @@ fn protocol(session: &Session) -> &'static str {
     } else {
         "HTTP/1.1"
     }
+}
+
+/// What the TLS handshake of this request's connection decided.
+fn edge_session(session: &Session) -> Option<&EdgeSession> {
+    session
+        .digest()?
+        .ssl_digest
+        .as_ref()?
+        .extension
+        .get::<EdgeSession>()
 }
 
 fn local_port(session: &Session) -> Option<u16> {
@@ -141,8 +152,25 @@ impl Gateway {
             }
             _ => raw_authority.as_str(),
         };
-        let Some(vhost) = listener.hosts.select(host_name) else {
-            return Err(respond::LocalReply::no_host(host_name));
+        let by_name = listener.hosts.select(host_name);
+        let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let vhost = match edge_session(session) {
+            // On TLS, the Host that SNI chose owns the request: a Host
+            // header naming another Host must not borrow its routes (the
+            // mTLS bypass of Emissary #3340).
+            Some(edge) if listener.listener.tls => {
+                let Some((chosen, vhost)) = listener.hosts.select_tls(edge.sni.as_deref()) else {
+                    return Err(respond::LocalReply::no_host(host_name));
+                };
+                if by_name.is_some_and(|(named, _)| named != chosen) {
+                    return Err(respond::LocalReply::misdirected(host_name));
+                }
+                vhost
+            }
+            _ => match by_name {
+                Some((_, vhost)) => vhost,
+                None => return Err(respond::LocalReply::no_host(host_name)),
+            },
         };
 
         let secure = match listener.listener.security {
@@ -150,7 +178,7 @@ impl Gateway {
             SecurityModel::Insecure => false,
             // With no trusted proxy in front, what the client claims in
             // X-Forwarded-Proto is ignored: the wire decides.
-            SecurityModel::Xfp if listener.listener.l7_depth == 0 => false,
+            SecurityModel::Xfp if listener.listener.l7_depth == 0 => wire_tls,
             SecurityModel::Xfp => req
                 .headers
                 .get("x-forwarded-proto")
@@ -513,7 +541,9 @@ fn forwarded_headers(
         let _ = upstream.insert_header("x-forwarded-for", value);
     }
     if l7_depth == 0 || upstream.headers.get("x-forwarded-proto").is_none() {
-        let _ = upstream.insert_header("x-forwarded-proto", "http");
+        let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let proto = if wire_tls { "https" } else { "http" };
+        let _ = upstream.insert_header("x-forwarded-proto", proto);
     }
 }
 

@@ -61,6 +61,15 @@ impl LocalReply {
         )
     }
 
+    /// 421: the Host header names another Host than the TLS handshake's.
+    pub fn misdirected(host: &str) -> Self {
+        Self::new(
+            421,
+            "misdirected",
+            format!("this connection's TLS certificate was chosen for another Host than {host:?}"),
+        )
+    }
+
     pub fn rejected_insecure() -> Self {
         // Emissary answers Reject with 404: the routes simply do not exist
         // for insecure requests.

@@ -120,52 +120,46 @@ impl<R> HostRoutes<R> {
     }
 }
 
-/// Virtual hosts of one listener, chosen by the request's host name:
-/// exact, then the longest `*.suffix`, then the longest `prefix.*`, then `*`.
-#[derive(Debug)]
-pub struct HostTable<R> {
-    hosts: Vec<HostRoutes<R>>,
+/// Chooses among host globs as Envoy chooses virtual hosts: exact, then
+/// the longest `*.suffix`, then the longest `prefix.*`, then `*`. The first
+/// of equal globs wins.
+#[derive(Debug, Default)]
+pub struct HostIndex {
     exact: BTreeMap<String, usize>,
     suffixes: Vec<(String, usize)>,
     prefixes: Vec<(String, usize)>,
     any: Option<usize>,
 }
 
-impl<R> HostTable<R> {
-    pub fn new(hosts: Vec<HostRoutes<R>>) -> Self {
-        let mut table = HostTable {
-            exact: BTreeMap::new(),
-            suffixes: Vec::new(),
-            prefixes: Vec::new(),
-            any: None,
-            hosts: Vec::new(),
-        };
-        for (index, host) in hosts.iter().enumerate() {
-            match &host.host.hostname {
+impl HostIndex {
+    pub fn new<'g>(globs: impl IntoIterator<Item = (usize, &'g HostGlob)>) -> Self {
+        let mut index = HostIndex::default();
+        for (position, glob) in globs {
+            match glob {
                 HostGlob::Any => {
-                    table.any.get_or_insert(index);
+                    index.any.get_or_insert(position);
                 }
                 HostGlob::Exact(name) => {
-                    table.exact.entry(name.clone()).or_insert(index);
+                    index.exact.entry(name.clone()).or_insert(position);
                 }
-                HostGlob::Suffix(s) => table.suffixes.push((s.clone(), index)),
-                HostGlob::Prefix(p) => table.prefixes.push((p.clone(), index)),
+                HostGlob::Suffix(s) => index.suffixes.push((s.clone(), position)),
+                HostGlob::Prefix(p) => index.prefixes.push((p.clone(), position)),
             }
         }
-        table
+        index
             .suffixes
             .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-        table
+        index
             .prefixes
             .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-        table.hosts = hosts;
-        table
+        index
     }
 
-    /// `name` is the request host without port, lower-cased.
-    pub fn select(&self, name: &str) -> Option<&HostRoutes<R>> {
-        let index = self
-            .exact
+    /// `name` is a host name without port, lower-cased; `None` (a TLS
+    /// client that sent no SNI) only finds `*`.
+    pub fn select(&self, name: Option<&str>) -> Option<usize> {
+        let Some(name) = name else { return self.any };
+        self.exact
             .get(name)
             .copied()
             .or_else(|| {
@@ -180,7 +174,49 @@ impl<R> HostTable<R> {
                     .find(|(p, _)| name.len() > p.len() && name.starts_with(p.as_str()))
                     .map(|(_, i)| *i)
             })
-            .or(self.any)?;
+            .or(self.any)
+    }
+}
+
+/// Virtual hosts of one listener: by request host name for routing, and by
+/// SNI among the TLS Hosts for certificates.
+#[derive(Debug)]
+pub struct HostTable<R> {
+    hosts: Vec<HostRoutes<R>>,
+    by_name: HostIndex,
+    by_sni: HostIndex,
+}
+
+impl<R> HostTable<R> {
+    pub fn new(hosts: Vec<HostRoutes<R>>) -> Self {
+        let by_name = HostIndex::new(hosts.iter().enumerate().map(|(i, h)| (i, &h.host.hostname)));
+        let by_sni = HostIndex::new(
+            hosts
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.host.tls.is_some())
+                .map(|(i, h)| (i, &h.host.hostname)),
+        );
+        HostTable {
+            hosts,
+            by_name,
+            by_sni,
+        }
+    }
+
+    /// The Host for a request host name (without port, lower-cased).
+    pub fn select(&self, name: &str) -> Option<(usize, &HostRoutes<R>)> {
+        let index = self.by_name.select(Some(name))?;
+        Some((index, self.hosts.get(index)?))
+    }
+
+    /// The TLS Host for a ClientHello's SNI.
+    pub fn select_tls(&self, sni: Option<&str>) -> Option<(usize, &HostRoutes<R>)> {
+        let index = self.by_sni.select(sni)?;
+        Some((index, self.hosts.get(index)?))
+    }
+
+    pub fn get(&self, index: usize) -> Option<&HostRoutes<R>> {
         self.hosts.get(index)
     }
 

@@ -15,6 +15,7 @@ use crate::routing::matchers::PathMatch;
 use crate::routing::table::{
     associates, group_mappings, route_match, HostRoutes, HostTable, MappingGroup, RouteGroup,
 };
+use crate::tls::edge::EdgeTls;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
 
 /// The port Emissary users expect when they define no Listener.
@@ -45,6 +46,17 @@ pub struct Route {
 pub struct ListenerRoutes {
     pub listener: Listener,
     pub hosts: HostTable<Route>,
+    /// Each Host's prepared TLS, by position in `hosts`; empty when the
+    /// listener is cleartext.
+    edge: Vec<Option<Arc<EdgeTls>>>,
+}
+
+impl ListenerRoutes {
+    /// The TLS Host a ClientHello's SNI selects, with its position.
+    pub fn tls_host(&self, sni: Option<&str>) -> Option<(usize, &Arc<EdgeTls>)> {
+        let (index, _) = self.hosts.select_tls(sni)?;
+        Some((index, self.edge.get(index)?.as_ref()?))
+    }
 }
 
 #[derive(Debug)]
@@ -125,7 +137,9 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
     let listeners: Vec<Listener> = if model.listeners.is_empty() {
         vec![Listener {
             name: "default".into(),
+            id: None,
             port: DEFAULT_PORT,
+            tls: false,
             security: SecurityModel::Xfp,
             l7_depth: model.module.xff_num_trusted_hops,
             binding: HostBinding::default(),
@@ -134,13 +148,50 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         model.listeners.clone()
     };
 
+    // Each TLS Host's handshake material, built once for all listeners.
+    let edges: Vec<Option<Arc<EdgeTls>>> = hosts
+        .iter()
+        .map(|host| {
+            let context = host.tls.clone()?;
+            EdgeTls::new(context)
+                .map(Arc::new)
+                .map_err(|e| {
+                    diags.push(Diagnostic::error(
+                        location(&host.id),
+                        format!("cannot prepare TLS: {e}"),
+                    ))
+                })
+                .ok()
+        })
+        .collect();
+
     let mut reachable = vec![false; compiled.len()];
     let listeners = listeners
         .into_iter()
         .map(|listener| {
-            let bound = hosts
+            let bound_hosts: Vec<usize> = (0..hosts.len())
+                .filter(|i| binds(&listener.binding, &hosts[*i]))
+                .collect();
+            let edge = if listener.tls {
+                bound_hosts.iter().map(|i| edges[*i].clone()).collect()
+            } else {
+                Vec::new()
+            };
+            if listener.tls && !bound_hosts.iter().any(|i| edges[*i].is_some()) {
+                diags.push(
+                    Diagnostic::warning(
+                        location(&listener.id),
+                        format!(
+                            "HTTPS listener on port {} has no TLS Host: every handshake fails",
+                            listener.port
+                        ),
+                    )
+                    .hint("give a Host bound to this listener a tlsSecret"),
+                );
+            }
+            let bound = bound_hosts
                 .iter()
-                .filter(|host| binds(&listener.binding, host))
+                .map(|i| &hosts[*i])
                 .map(|host| {
                     let groups = compiled
                         .iter()
@@ -162,6 +213,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             ListenerRoutes {
                 listener,
                 hosts: HostTable::new(bound),
+                edge,
             }
         })
         .collect();
@@ -193,6 +245,14 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         },
         diags,
     )
+}
+
+/// Where a synthesized Listener or Host comes from: the gateway itself.
+fn location(id: &Option<crate::config::diagnostics::ResourceRef>) -> Location {
+    match id {
+        Some(id) => Location::Resource(id.clone()),
+        None => Location::File("(built-in default)".into()),
+    }
 }
 
 fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {

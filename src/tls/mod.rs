@@ -17,6 +17,8 @@ use pingora::utils::tls::CertKey;
 
 use crate::config::resources::SecretBody;
 
+pub mod edge;
+
 /// The PEM material a Secret carries, under any of the key names Emissary
 /// reads (§3.1): Kubernetes TLS, Istio, and cert-manager's `ca.crt`.
 #[derive(Debug, Clone, Default)]
@@ -122,6 +124,20 @@ pub fn days_left(cert: &X509) -> Option<i32> {
     now.diff(cert.not_after()).ok().map(|d| d.days)
 }
 
+/// The expiry date of a certificate that has expired, for messages.
+pub fn expired(cert: &X509) -> Option<String> {
+    days_left(cert)
+        .filter(|days| *days < 0)
+        .map(|_| cert.not_after().to_string())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_time(time: &openssl::asn1::Asn1TimeRef) -> Option<i64> {
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
+    let diff = epoch.diff(time).ok()?;
+    Some(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
+}
+
 pub fn parse_tls_version(text: &str) -> Result<SslVersion, String> {
     Ok(match text {
         "v1.0" => SslVersion::TLS1,
@@ -185,6 +201,27 @@ pub struct TlsContext {
     /// client certificate only by serial, so this becomes the peer's
     /// `group_key` and keeps two contexts from sharing a pooled connection.
     pub identity: u64,
+}
+
+impl TlsContext {
+    /// A Host's context when nothing but its `tlsSecret` is configured.
+    pub fn for_server(name: String) -> TlsContext {
+        TlsContext {
+            name,
+            cert_key: None,
+            ca: None,
+            cert_required: false,
+            alpn_protocols: Vec::new(),
+            hosts: Vec::new(),
+            sni: None,
+            alpn: None,
+            min_version: None,
+            max_version: None,
+            cipher_suites: Vec::new(),
+            curves: None,
+            identity: 0,
+        }
+    }
 }
 
 /// Digest of the parts of a context that change a connection's identity.

@@ -1,0 +1,179 @@
+//! How a Host finds the TLSContext it terminates with (§3.3): the server
+//! certificate always comes from `tlsSecret`; the other settings come from
+//! `tlsContext`, inline `tls`, a context named `<host>-context`, or defaults.
+
+use std::sync::Arc;
+
+use crate::config::diagnostics::Reporter;
+use crate::config::load::RawResource;
+use crate::config::resources::{HostSpec, TlsContextSpec};
+use crate::tls::{self, CertKeyError, TlsContext};
+
+use super::spec::{check_unknown_fields, parse_value};
+use super::tls_context::{build, secret_data, TlsContexts, LATER, SUPPORTED};
+use super::SecretStore;
+
+/// `Ok(None)`: a cleartext Host. Problems are reported; the caller drops the
+/// Host when any was an error.
+pub fn resolve(
+    raw: &RawResource,
+    spec: &HostSpec,
+    contexts: &TlsContexts,
+    secrets: &SecretStore,
+    report: &mut Reporter,
+) -> Option<Arc<TlsContext>> {
+    let Some(secret) = &spec.tls_secret else {
+        if spec.tls_context.is_some() || spec.tls.is_some() {
+            report
+                .error(
+                    "spec.tlsSecret",
+                    "TLS settings without tlsSecret: nothing to terminate with",
+                )
+                .with_hint("tlsSecret names the Secret with the Host's certificate and key");
+        }
+        return None;
+    };
+    let Some(secret_name) = secret.name.as_deref().filter(|n| !n.is_empty()) else {
+        report.error("spec.tlsSecret.name", "tlsSecret needs a name");
+        return None;
+    };
+    // Here `.` is part of the name: the namespace is its own field.
+    let namespace = secret.namespace.as_deref().unwrap_or(&raw.id.namespace);
+    let data = secret_data(
+        secrets,
+        namespace,
+        secret_name,
+        "spec.tlsSecret",
+        "add the Secret to a file under `resources:`",
+        report,
+    )?;
+    let (Some(chain), Some(key)) = (&data.cert_chain, &data.key) else {
+        report
+            .error(
+                "spec.tlsSecret",
+                format!("Secret {namespace}/{secret_name} needs tls.crt and tls.key"),
+            )
+            .with_hint("a kubernetes.io/tls Secret, as `kubectl create secret tls` makes it");
+        return None;
+    };
+    let server = match tls::cert_key(chain, key) {
+        Ok(server) => Arc::new(server),
+        Err(e) => {
+            let owner = format!("Secret {namespace}/{secret_name}");
+            let message = match e {
+                CertKeyError::Certificate(m) => format!("tls.crt of {owner}: {m}"),
+                CertKeyError::Key(m) => format!("tls.key of {owner}: {m}"),
+                CertKeyError::Mismatch(subject) => {
+                    format!(
+                        "tls.key does not match the certificate in tls.crt of {owner} ({subject})"
+                    )
+                }
+            };
+            report.error("spec.tlsSecret", message);
+            return None;
+        }
+    };
+    if let Some(expired) = tls::expired(server.leaf()) {
+        report.warning(
+            "spec.tlsSecret",
+            format!(
+                "certificate {} expired on {expired}",
+                tls::describe(server.leaf())
+            ),
+        );
+    }
+
+    let host_name = &raw.id.name;
+    let hostname = spec.hostname.as_deref().unwrap_or("*");
+    let base = match (&spec.tls_context, &spec.tls) {
+        (Some(_), Some(_)) => {
+            report.error("spec.tls", "set either tls or tlsContext, not both");
+            return None;
+        }
+        (Some(link), None) => {
+            let Some(name) = link.name.as_deref() else {
+                report.error("spec.tlsContext.name", "tlsContext needs a name");
+                return None;
+            };
+            linked(name, "spec.tlsContext.name", contexts, report)?
+        }
+        (None, Some(inline)) => {
+            let inline_spec: TlsContextSpec = parse_value(Some(inline), "spec.tls", report)?;
+            check_unknown_fields(&inline_spec.other, "spec.tls", SUPPORTED, LATER, report);
+            let context = build(
+                &format!("{host_name}-context"),
+                &raw.id.namespace,
+                &inline_spec,
+                secrets,
+                report,
+            )?;
+            Arc::new(context)
+        }
+        (None, None) => match contexts.valid.get(&format!("{host_name}-context")) {
+            // Emissary's deprecated implicit link.
+            Some(context) => context.clone(),
+            None => Arc::new(TlsContext::for_server(format!(
+                "{host_name}-context.{}",
+                raw.id.namespace
+            ))),
+        },
+    };
+
+    if let Some(own) = &base.cert_key {
+        if own.leaf().to_der().ok() != server.leaf().to_der().ok() {
+            report
+                .error(
+                    "spec.tlsContext",
+                    format!(
+                        "Secret info mismatch: TLSContext {} has a certificate other than tlsSecret {namespace}/{secret_name}",
+                        base.name
+                    ),
+                )
+                .with_hint("drop the context's secret, or point both at the same Secret");
+            return None;
+        }
+    }
+    if !base.hosts.is_empty() && !base.hosts.iter().any(|h| h == hostname || h == host_name) {
+        report.warning(
+            "spec.tlsContext",
+            format!(
+                "TLSContext {} lists hosts {:?}, which do not include {hostname}",
+                base.name, base.hosts
+            ),
+        );
+    }
+    if base.cert_required && base.ca.is_none() {
+        report
+            .error(
+                "spec.tls",
+                "cert_required needs a CA to verify client certificates against",
+            )
+            .with_hint("set ca_secret or cacert_chain_file");
+        return None;
+    }
+    let mut context = (*base).clone();
+    context.cert_key = Some(server);
+    Some(Arc::new(context))
+}
+
+fn linked(
+    name: &str,
+    field: &str,
+    contexts: &TlsContexts,
+    report: &mut Reporter,
+) -> Option<Arc<TlsContext>> {
+    if let Some(context) = contexts.valid.get(name) {
+        return Some(context.clone());
+    }
+    match contexts.invalid.get(name) {
+        Some(invalid) => report.error(
+            field,
+            format!(
+                "TLSContext {}/{name} is invalid (see {}); this Host is dropped with it",
+                invalid.namespace, invalid.source
+            ),
+        ),
+        None => report.error(field, format!("no TLSContext named {name:?}")),
+    };
+    None
+}

@@ -1,0 +1,219 @@
+//! TLS termination: the certificate of the Host that SNI names, chosen in
+//! the handshake from the current snapshot (so a new snapshot is served on
+//! the next handshake), client-certificate verification per Host, and what
+//! the handshake tells requests (the Host it chose, the client's identity).
+
+use std::any::Any;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use log::{debug, warn};
+use openssl::stack::Stack;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use pingora::tls::ext::{
+    ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
+};
+use pingora::tls::ssl::{NameType, SslRef, SslVerifyMode};
+use pingora::tls::x509::store::{X509Store, X509StoreBuilder};
+use pingora::tls::x509::{X509Name, X509NameRef, X509};
+
+use crate::snapshot::Snapshot;
+
+use super::TlsContext;
+
+/// A Host's TLS, ready for handshakes: built once per snapshot.
+pub struct EdgeTls {
+    pub context: Arc<TlsContext>,
+    /// Client-certificate trust, when the context has a CA.
+    verify_store: Option<X509Store>,
+    /// CA names sent in the CertificateRequest.
+    client_ca_names: Vec<X509Name>,
+    cipher_list: Option<String>,
+}
+
+impl std::fmt::Debug for EdgeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeTls")
+            .field("context", &self.context.name)
+            .finish()
+    }
+}
+
+impl EdgeTls {
+    pub fn new(context: Arc<TlsContext>) -> Result<EdgeTls, String> {
+        let (verify_store, client_ca_names) = match &context.ca {
+            Some(cas) => {
+                let mut builder = X509StoreBuilder::new().map_err(|e| e.to_string())?;
+                let mut names = Vec::new();
+                for ca in cas.iter() {
+                    builder
+                        .add_cert(ca.clone())
+                        .map_err(|e| format!("CA certificate: {e}"))?;
+                    names.push(ca.subject_name().to_owned().map_err(|e| e.to_string())?);
+                }
+                (Some(builder.build()), names)
+            }
+            None => (None, Vec::new()),
+        };
+        let cipher_list =
+            (!context.cipher_suites.is_empty()).then(|| context.cipher_suites.join(":"));
+        Ok(EdgeTls {
+            context,
+            verify_store,
+            client_ca_names,
+            cipher_list,
+        })
+    }
+
+    /// Puts this Host's certificate and client-certificate policy on a
+    /// connection in the middle of its handshake.
+    fn install(&self, ssl: &mut SslRef) -> Result<(), String> {
+        let cert_key = self
+            .context
+            .cert_key
+            .as_ref()
+            .ok_or("the Host has no certificate")?;
+        ssl_use_certificate(ssl, cert_key.leaf()).map_err(|e| format!("certificate: {e}"))?;
+        ssl_use_private_key(ssl, cert_key.key()).map_err(|e| format!("key: {e}"))?;
+        for intermediate in cert_key.intermediates() {
+            ssl_add_chain_cert(ssl, intermediate).map_err(|e| format!("chain: {e}"))?;
+        }
+        if let Some(ciphers) = &self.cipher_list {
+            ssl.set_cipher_list(ciphers)
+                .map_err(|e| format!("cipher_suites: {e}"))?;
+        }
+        if let Some(store) = &self.verify_store {
+            let mut mode = SslVerifyMode::PEER;
+            if self.context.cert_required {
+                mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
+            }
+            ssl.set_verify(mode);
+            ssl_set_verify_cert_store(ssl, store).map_err(|e| format!("client CA: {e}"))?;
+            let mut names = Stack::new().map_err(|e| e.to_string())?;
+            for name in &self.client_ca_names {
+                let owned = X509NameRef::to_owned(name).map_err(|e| e.to_string())?;
+                names.push(owned).map_err(|e| e.to_string())?;
+            }
+            ssl.set_client_ca_list(names);
+        }
+        Ok(())
+    }
+
+    /// Offers h2 only where the Host's context lists it, as Emissary does.
+    pub fn allows_h2(&self) -> bool {
+        self.context.alpn_protocols.iter().any(|p| p == "h2")
+    }
+}
+
+/// A verified client certificate, as requests and upstream headers see it.
+#[derive(Debug, Clone)]
+pub struct PeerCert {
+    /// One line, e.g. `CN=alice,O=Example`.
+    pub subject: String,
+    /// SHA-256 of the DER, lower-case hex.
+    pub sha256: String,
+    pub pem: String,
+    pub chain_pem: String,
+    pub dns: Vec<String>,
+    pub uris: Vec<String>,
+    /// Validity bounds as seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl PeerCert {
+    fn from_x509(cert: &X509, chain: &[X509]) -> Option<PeerCert> {
+        let der = cert.to_der().ok()?;
+        let sha256 = openssl::sha::sha256(&der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let pem = String::from_utf8(cert.to_pem().ok()?).ok()?;
+        let chain_pem = chain
+            .iter()
+            .filter_map(|c| c.to_pem().ok())
+            .filter_map(|p| String::from_utf8(p).ok())
+            .collect();
+        let (mut dns, mut uris) = (Vec::new(), Vec::new());
+        for name in cert.subject_alt_names().iter().flatten() {
+            if let Some(d) = name.dnsname() {
+                dns.push(d.to_string());
+            }
+            if let Some(u) = name.uri() {
+                uris.push(u.to_string());
+            }
+        }
+        Some(PeerCert {
+            subject: super::describe(cert).replace(", ", ","),
+            sha256,
+            pem,
+            chain_pem,
+            dns,
+            uris,
+            not_before: super::unix_time(cert.not_before())?,
+            not_after: super::unix_time(cert.not_after())?,
+        })
+    }
+}
+
+/// What a TLS connection's handshake saw, kept with the connection. The
+/// Host is found again from the SNI per request, so a request always binds
+/// to the Host of the snapshot it is routed with.
+#[derive(Debug)]
+pub struct EdgeSession {
+    pub sni: Option<String>,
+    pub client: Option<PeerCert>,
+}
+
+/// The handshake side of one TLS listener.
+pub struct EdgeAcceptor {
+    pub port: u16,
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+fn sni(ssl: &SslRef) -> Option<String> {
+    ssl.servername(NameType::HOST_NAME)
+        .map(str::to_ascii_lowercase)
+}
+
+#[async_trait]
+impl TlsAccept for EdgeAcceptor {
+    async fn certificate_callback(&self, ssl: &mut TlsRef) {
+        let snapshot = self.snapshot.load();
+        let name = sni(ssl);
+        let Some((_, edge)) = snapshot
+            .listener(self.port)
+            .and_then(|l| l.tls_host(name.as_deref()))
+        else {
+            // No certificate: the handshake fails with an alert. A client
+            // never gets a cleartext answer to a ClientHello.
+            debug!("TLS on port {}: no TLS Host for SNI {name:?}", self.port);
+            return;
+        };
+        if let Err(e) = edge.install(ssl) {
+            warn!(
+                "TLS on port {}: cannot use {}: {e}",
+                self.port, edge.context.name
+            );
+        }
+    }
+
+    async fn handshake_complete_callback(
+        &self,
+        ssl: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let name = sni(ssl);
+        // The chain as the client sent it; verification already passed, or
+        // the handshake would not have completed.
+        let client = ssl.peer_certificate().and_then(|cert| {
+            let chain: Vec<X509> = ssl
+                .peer_cert_chain()
+                .map(|c| c.iter().map(|x| x.to_owned()).collect())
+                .unwrap_or_default();
+            PeerCert::from_x509(&cert, &chain)
+        });
+        Some(Arc::new(EdgeSession { sni: name, client }))
+    }
+}

@@ -14,6 +14,7 @@ use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
     full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
 };
+use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
 use crate::upstream::service::ServiceAddr;
 
@@ -50,6 +51,11 @@ const SUPPORTED: &[&str] = &[
     "remove_request_headers",
     "remove_response_headers",
     "add_linkerd_headers",
+    "host_redirect",
+    "path_redirect",
+    "prefix_redirect",
+    "regex_redirect",
+    "redirect_response_code",
     "weight",
     "labels",
     "ambassador_id",
@@ -60,11 +66,6 @@ const LATER: &[&str] = &[
     "cors",
     "bypass_auth",
     "auth_context_extensions",
-    "host_redirect",
-    "path_redirect",
-    "prefix_redirect",
-    "regex_redirect",
-    "redirect_response_code",
     "shadow",
     "grpc",
     "allow_upgrade",
@@ -147,6 +148,8 @@ pub struct Mapping {
     pub add_linkerd_headers: bool,
     /// Keys that every Mapping of a canary group must agree on (§2.6).
     pub group_invariants: Vec<(&'static str, String)>,
+    /// `host_redirect`: answer with this redirect instead of proxying.
+    pub redirect: Option<Redirect>,
 }
 
 pub fn validate_all(
@@ -324,7 +327,10 @@ fn validate(
             }
         }
     };
-    let namespace = (!module.use_ambassador_namespace).then_some(raw.id.namespace.as_str());
+    let redirect = redirect(spec, report)?;
+    // A redirect's service is a target authority, not a Kubernetes name.
+    let namespace = (!module.use_ambassador_namespace && redirect.is_none())
+        .then_some(raw.id.namespace.as_str());
     let service = match spec.service.as_deref() {
         None => {
             if !suggested.contains(&"service") {
@@ -416,6 +422,10 @@ fn validate(
             format!("{:?}", spec.prefix_exact.unwrap_or(false)),
         ),
         ("case_sensitive", format!("{case_sensitive}")),
+        (
+            "host_redirect",
+            format!("{}", spec.host_redirect.unwrap_or(false)),
+        ),
         ("connect_timeout_ms", format!("{connect_timeout_ms}")),
         (
             "labels",
@@ -451,7 +461,94 @@ fn validate(
             .add_linkerd_headers
             .unwrap_or(module.add_linkerd_headers),
         group_invariants,
+        redirect,
     })
+}
+
+/// The redirect of a `host_redirect` Mapping. `Ok(None)`: it proxies.
+/// Precedence when several path settings are given: path, prefix, regex.
+fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect>> {
+    let path_fields = [
+        ("spec.path_redirect", spec.path_redirect.is_some()),
+        ("spec.prefix_redirect", spec.prefix_redirect.is_some()),
+        ("spec.regex_redirect", spec.regex_redirect.is_some()),
+    ];
+    if !spec.host_redirect.unwrap_or(false) {
+        for (field, set) in path_fields.iter().chain(&[(
+            "spec.redirect_response_code",
+            spec.redirect_response_code.is_some(),
+        )]) {
+            if *set {
+                report.error(field, "only meaningful with host_redirect: true");
+            }
+        }
+        return if report.has_errors() {
+            None
+        } else {
+            Some(None)
+        };
+    }
+    let set: Vec<&str> = path_fields
+        .iter()
+        .filter(|(_, s)| *s)
+        .map(|(f, _)| *f)
+        .collect();
+    if set.len() > 1 {
+        report
+            .warning(set[1], format!("{} is also set and wins", set[0]))
+            .with_hint("path_redirect wins over prefix_redirect, which wins over regex_redirect");
+    }
+    let path = if let Some(path) = &spec.path_redirect {
+        RedirectPath::Replace(path.clone())
+    } else if let Some(prefix) = &spec.prefix_redirect {
+        RedirectPath::Prefix(prefix.clone())
+    } else if let Some(rr) = &spec.regex_redirect {
+        match search_regex(&rr.pattern) {
+            Ok(regex) => RedirectPath::Regex {
+                regex,
+                substitution: envoy_substitution(&rr.substitution),
+            },
+            Err(e) => {
+                report.error("spec.regex_redirect.pattern", e);
+                return None;
+            }
+        }
+    } else {
+        RedirectPath::Keep
+    };
+    let status = match spec.redirect_response_code {
+        None => 301,
+        Some(code) if REDIRECT_CODES.contains(&code) => code,
+        Some(code) => {
+            report
+                .warning(
+                    "spec.redirect_response_code",
+                    format!("{code} is not a redirect code; 301 is used"),
+                )
+                .with_hint("301, 302, 303, 307 or 308");
+            301
+        }
+    };
+    let target = spec.service.as_deref().unwrap_or_default().trim();
+    let (scheme, authority) = match target.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (Some(scheme.to_string()), rest),
+        _ => (None, target),
+    };
+    if authority.is_empty() || authority.contains(['/', '?', '#', ' ']) {
+        report
+            .error(
+                "spec.service",
+                format!("{target:?} is not a redirect target"),
+            )
+            .with_hint("with host_redirect, service is the host[:port] to redirect to");
+        return None;
+    }
+    Some(Some(Redirect {
+        scheme,
+        authority: authority.to_string(),
+        path,
+        status,
+    }))
 }
 
 type AuthorityParts = (Option<(AuthorityMatch, String)>, Association);

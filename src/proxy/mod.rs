@@ -30,7 +30,7 @@ use crate::model::{InsecureAction, Rewrite, SecurityModel};
 use crate::routing::headers::{HeaderEdits, RequestFacts};
 use crate::routing::path::{normalize, PathError};
 use crate::routing::table::RequestView;
-use crate::snapshot::{Route, Snapshot};
+use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 
 pub use respond::classify;
@@ -218,6 +218,12 @@ impl Gateway {
         } else {
             group.pick(0)
         };
+        if let Target::Redirect(redirect) = &route.target {
+            let scheme = if secure { "https" } else { "http" };
+            let matched = route.path.matched_len(&path);
+            let location = redirect.location(scheme, &path, matched, req.uri.query());
+            return Err(respond::LocalReply::redirect(redirect.status, location));
+        }
         if let Cow::Owned(normalized) = path {
             ctx.normalized_path = Some(normalized);
         }
@@ -270,10 +276,13 @@ impl ProxyHttp for Gateway {
             .route
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
-        let mut peer = route.cluster.peer().ok_or_else(|| {
+        let cluster = route.cluster().ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "a redirect route has no upstream")
+        })?;
+        let mut peer = cluster.peer().ok_or_else(|| {
             Error::explain(
                 ErrorType::HTTPStatus(503),
-                format!("no endpoints for {}", route.cluster.name),
+                format!("no endpoints for {}", cluster.name),
             )
         })?;
         let now = Instant::now();
@@ -301,7 +310,7 @@ impl ProxyHttp for Gateway {
         digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(tls) = ctx.route.as_ref().and_then(|r| r.cluster.tls.as_ref()) else {
+        let Some(tls) = ctx.route.as_ref().and_then(|r| r.cluster()?.tls.as_ref()) else {
             return Ok(());
         };
         let Some(ssl) = digest.and_then(|d| d.ssl_digest.as_ref()) else {
@@ -435,11 +444,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map(|r| r.mapping.as_str())
             .unwrap_or("-");
-        let cluster = ctx
-            .route
-            .as_ref()
-            .map(|r| r.cluster.name.as_str())
-            .unwrap_or("-");
+        let cluster = ctx.route.as_ref().map(|r| r.target_name()).unwrap_or("-");
         if status >= 500 {
             warn!("mapping {mapping} upstream {cluster}: {status} {cause}: {e}");
         }
@@ -482,11 +487,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map(|r| r.mapping.as_str())
             .unwrap_or("-");
-        let upstream = ctx
-            .route
-            .as_ref()
-            .map(|r| r.cluster.name.as_str())
-            .unwrap_or("-");
+        let upstream = ctx.route.as_ref().map(|r| r.target_name()).unwrap_or("-");
         let outcome = match (ctx.local_reply, error) {
             (Some(reason), _) => reason.to_string(),
             (None, Some(e)) => e.etype().as_str().to_string(),

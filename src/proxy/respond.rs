@@ -82,8 +82,15 @@ impl LocalReply {
 
     pub fn https_redirect(host: &str, path: Option<&PathAndQuery>) -> Self {
         let target = format!("https://{host}{}", path.map(|p| p.as_str()).unwrap_or("/"));
-        let mut reply = Self::new(301, "https_redirect", format!("redirecting to {target}"));
-        reply.location = Some(target);
+        let mut reply = Self::redirect(301, target);
+        reply.reason = "https_redirect";
+        reply
+    }
+
+    /// A redirect Mapping's answer.
+    pub fn redirect(status: u16, location: String) -> Self {
+        let mut reply = Self::new(status, "redirect", format!("redirecting to {location}"));
+        reply.location = Some(location);
         reply
     }
 

@@ -4,4 +4,5 @@
 pub mod headers;
 pub mod matchers;
 pub mod path;
+pub mod redirect;
 pub mod table;

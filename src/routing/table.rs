@@ -389,6 +389,20 @@ pub fn group_mappings<'m>(
                 continue;
             }
         }
+        if mapping.redirect.is_some() && members.iter().any(|m| m.redirect.is_some()) {
+            diags.push(
+                Diagnostic::error(
+                    Location::Resource(mapping.id.clone()),
+                    format!(
+                        "{} shares its match with another host_redirect Mapping; a group has \
+                         at most one",
+                        mapping.name
+                    ),
+                )
+                .field("spec.host_redirect"),
+            );
+            continue;
+        }
         members.push(mapping);
     }
 

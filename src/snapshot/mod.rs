@@ -12,6 +12,7 @@ use crate::model::{
 };
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::PathMatch;
+use crate::routing::redirect::Redirect;
 use crate::routing::table::{
     associates, group_mappings, route_match, HostRoutes, HostTable, MappingGroup, RouteGroup,
 };
@@ -21,6 +22,31 @@ use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
 /// The port Emissary users expect when they define no Listener.
 pub const DEFAULT_PORT: u16 = 8080;
 
+/// Where a matched Mapping sends a request.
+#[derive(Debug)]
+pub enum Target {
+    Upstream(Arc<Cluster>),
+    /// `host_redirect`: the gateway answers with a redirect.
+    Redirect(Redirect),
+}
+
+impl Route {
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        match &self.target {
+            Target::Upstream(cluster) => Some(cluster),
+            Target::Redirect(_) => None,
+        }
+    }
+
+    /// For logs: the upstream cluster, or where the redirect goes.
+    pub fn target_name(&self) -> &str {
+        match &self.target {
+            Target::Upstream(cluster) => &cluster.name,
+            Target::Redirect(redirect) => &redirect.authority,
+        }
+    }
+}
+
 /// What a matched Mapping does with a request.
 #[derive(Debug)]
 pub struct Route {
@@ -29,7 +55,7 @@ pub struct Route {
     pub path: PathMatch,
     pub rewrite: Rewrite,
     pub host_rewrite: Option<HeaderValue>,
-    pub cluster: Arc<Cluster>,
+    pub target: Target,
     /// Route timeout (`timeout_ms`), `None` when 0.
     pub timeout: Option<Duration>,
     /// Stream idle timeout (`idle_timeout_ms`).
@@ -101,6 +127,10 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             .iter()
             .zip(&group.thresholds)
             .map(|(mapping, threshold)| {
+                if let Some(redirect) = &mapping.redirect {
+                    let target = Target::Redirect(redirect.clone());
+                    return (*threshold, Arc::new(route(mapping, target, &model.module)));
+                }
                 let (cluster, problem) = clusters.cluster(
                     ClusterKey {
                         service: mapping.service.clone(),
@@ -117,7 +147,8 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                             .hint("requests for this Mapping get 503 until the name resolves"),
                     );
                 }
-                (*threshold, Arc::new(route(mapping, cluster, &model.module)))
+                let target = Target::Upstream(cluster);
+                (*threshold, Arc::new(route(mapping, target, &model.module)))
             })
             .collect();
         compiled.push((
@@ -266,7 +297,7 @@ fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {
             .all(|(k, v)| host.labels.get(k) == Some(v))
 }
 
-fn route(mapping: &crate::model::Mapping, cluster: Arc<Cluster>, module: &ModuleSettings) -> Route {
+fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSettings) -> Route {
     let host_rewrite = mapping.host_rewrite.clone().or_else(|| {
         mapping
             .auto_host_rewrite
@@ -293,7 +324,7 @@ fn route(mapping: &crate::model::Mapping, cluster: Arc<Cluster>, module: &Module
         path: mapping.path.clone(),
         rewrite: mapping.rewrite.clone(),
         host_rewrite,
-        cluster,
+        target,
         timeout: timeout.map(Duration::from_millis),
         idle_timeout,
         request_headers: mapping.request_headers.clone(),

@@ -290,8 +290,21 @@ pub struct ModuleConfig {
     pub enable_ipv4: Option<bool>,
     pub enable_ipv6: Option<bool>,
     pub diagnostics: Option<Value>,
+    pub forward_client_cert_details: Option<String>,
+    pub set_current_client_cert_details: Option<ClientCertDetails>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// The Module's `set_current_client_cert_details`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertDetails {
+    pub subject: Option<bool>,
+    pub cert: Option<bool>,
+    pub chain: Option<bool>,
+    pub dns: Option<bool>,
+    pub uri: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -12,6 +12,7 @@ use crate::config::resources::{
 };
 use crate::routing::headers::{AddHeader, HeaderEdits, HeaderTemplate};
 use crate::routing::matchers::HostGlob;
+use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 
 use super::spec::{check_unknown_fields, parse_section};
 use super::{count, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
@@ -32,6 +33,8 @@ const MODULE_SUPPORTED: &[&str] = &[
     "use_ambassador_namespace_for_service_resolution",
     "enable_ipv4",
     "enable_ipv6",
+    "forward_client_cert_details",
+    "set_current_client_cert_details",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
@@ -53,8 +56,6 @@ const MODULE_LATER: &[&str] = &[
     "preserve_external_request_id",
     "proper_case",
     "header_case_overrides",
-    "forward_client_cert_details",
-    "set_current_client_cert_details",
     "ip_allow",
     "ip_deny",
     "buffer_limit_bytes",
@@ -199,6 +200,32 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         )
         .map(|l| header_names(&l, &format!("{field}.remove_response_headers"), report));
     }
+    let mut xfcc = XfccPolicy::default();
+    if let Some(mode) = &config.forward_client_cert_details {
+        match XfccMode::parse(mode) {
+            Some(mode) => xfcc.mode = mode,
+            None => {
+                report
+                    .error("spec.config.forward_client_cert_details", format!("unknown mode {mode:?}"))
+                    .with_hint("SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or ALWAYS_FORWARD_ONLY");
+            }
+        }
+    }
+    if let Some(details) = &config.set_current_client_cert_details {
+        xfcc.fields = XfccFields {
+            subject: details.subject.unwrap_or(false),
+            cert: details.cert.unwrap_or(false),
+            chain: details.chain.unwrap_or(false),
+            dns: details.dns.unwrap_or(false),
+            uri: details.uri.unwrap_or(false),
+        };
+        if !matches!(xfcc.mode, XfccMode::AppendForward | XfccMode::SanitizeSet) {
+            report.warning(
+                "spec.config.set_current_client_cert_details",
+                "only used with forward_client_cert_details APPEND_FORWARD or SANITIZE_SET",
+            );
+        }
+    }
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -221,6 +248,7 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
             .unwrap_or(false),
         enable_ipv4: config.enable_ipv4.unwrap_or(true),
         enable_ipv6: config.enable_ipv6.unwrap_or(false),
+        xfcc,
         defaults,
     })
 }

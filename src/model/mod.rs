@@ -20,6 +20,7 @@ pub use tls_context::TlsContexts;
 use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
 use crate::routing::headers::HeaderEdits;
+use crate::routing::xfcc::XfccPolicy;
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct ModuleSettings {
     pub use_ambassador_namespace: bool,
     pub enable_ipv4: bool,
     pub enable_ipv6: bool,
+    /// `x-forwarded-client-cert` handling.
+    pub xfcc: XfccPolicy,
     pub defaults: MappingDefaults,
 }
 
@@ -52,6 +55,7 @@ impl Default for ModuleSettings {
             use_ambassador_namespace: false,
             enable_ipv4: true,
             enable_ipv6: false,
+            xfcc: XfccPolicy::default(),
             defaults: MappingDefaults::default(),
         }
     }

@@ -36,6 +36,7 @@ use crate::tls::edge::EdgeSession;
 pub use respond::classify;
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+const XFCC: &str = "x-forwarded-client-cert";
 
 /// The gateway's proxy logic over the current snapshot.
 pub struct Gateway {
@@ -375,6 +376,18 @@ impl ProxyHttp for Gateway {
 
         let client = session.client_addr().and_then(|a| a.as_inet()).copied();
         forwarded_headers(upstream, client.map(|a| a.ip()), snapshot, session);
+        let peer = edge_session(session).and_then(|e| e.client.as_ref());
+        let from_client = upstream
+            .headers
+            .get(XFCC)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        match module.xfcc.header(from_client.as_deref(), peer) {
+            Some(value) => upstream.insert_header(XFCC, value)?,
+            None => {
+                upstream.remove_header(XFCC);
+            }
+        }
         if let Some(value) = &route.linkerd_header {
             upstream.insert_header("l5d-dst-override", value.clone())?;
         }
@@ -555,6 +568,8 @@ fn facts(session: &Session) -> RequestFacts<'_> {
         local_addr: session.server_addr().and_then(|a| a.as_inet()).copied(),
         protocol: protocol(session),
         request_headers: &session.req_header().headers,
+        peer: edge_session(session).and_then(|e| e.client.as_ref()),
+        sni: edge_session(session).and_then(|e| e.sni.as_deref()),
     }
 }
 

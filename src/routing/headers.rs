@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 
 use http::header::{HeaderName, HeaderValue};
 
+use super::timefmt;
+use crate::tls::edge::PeerCert;
+
 /// What a header value can refer to, known per request.
 pub struct RequestFacts<'a> {
     pub client_addr: Option<SocketAddr>,
@@ -13,6 +16,10 @@ pub struct RequestFacts<'a> {
     /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'a str,
     pub request_headers: &'a http::HeaderMap,
+    /// The verified client certificate of a TLS connection.
+    pub peer: Option<&'a PeerCert>,
+    /// The SNI of a TLS connection.
+    pub sni: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -26,12 +33,23 @@ pub enum Part {
     Protocol,
     Hostname,
     RequestHeader(HeaderName),
+    RequestedServerName,
+    PeerSubject,
+    PeerFingerprint256,
+    PeerUriSan,
+    PeerDnsSan,
+    /// Validity start or end of the client certificate, strftime format.
+    PeerValidFrom(String),
+    PeerValidUntil(String),
 }
 
 pub const SUPPORTED_VARIABLES: &str = "%DOWNSTREAM_REMOTE_ADDRESS%, \
     %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %DOWNSTREAM_LOCAL_ADDRESS%, \
     %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%, %DOWNSTREAM_LOCAL_PORT%, %PROTOCOL%, %HOSTNAME%, \
-    %REQ(header-name)% and %% for a literal percent sign";
+    %REQ(header-name)%, %REQUESTED_SERVER_NAME%, %DOWNSTREAM_PEER_SUBJECT%, \
+    %DOWNSTREAM_PEER_FINGERPRINT_256%, %DOWNSTREAM_PEER_URI_SAN%, %DOWNSTREAM_PEER_DNS_SAN%, \
+    %DOWNSTREAM_PEER_CERT_V_START%, %DOWNSTREAM_PEER_CERT_V_END% (both optionally with a \
+    strftime format in parentheses) and %% for a literal percent sign";
 
 /// A header value, either fixed or rendered per request.
 #[derive(Debug, Clone)]
@@ -53,9 +71,19 @@ impl HeaderTemplate {
                 rest = stripped;
                 continue;
             }
-            let end = after
-                .find('%')
+            // A variable may take an argument in parentheses, which may
+            // itself hold `%` (a time format): the name ends at `(` or `%`.
+            let name_end = after
+                .find(['(', '%'])
                 .ok_or_else(|| format!("unterminated variable in {text:?}"))?;
+            let end = if after[name_end..].starts_with('(') {
+                after[name_end..]
+                    .find(")%")
+                    .map(|close| name_end + close + 1)
+                    .ok_or_else(|| format!("unterminated variable in {text:?}"))?
+            } else {
+                name_end
+            };
             let part = parse_variable(&after[..end])?;
             if !literal.is_empty() {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
@@ -98,6 +126,19 @@ impl HeaderTemplate {
                 }
                 Part::Protocol => write!(out, "{}", facts.protocol),
                 Part::Hostname => write!(out, "{}", hostname()),
+                Part::RequestedServerName => write_opt(&mut out, facts.sni),
+                Part::PeerSubject => write_opt(&mut out, facts.peer.map(|p| &p.subject)),
+                Part::PeerFingerprint256 => write_opt(&mut out, facts.peer.map(|p| &p.sha256)),
+                Part::PeerUriSan => write_opt(&mut out, facts.peer.map(|p| p.uris.join(","))),
+                Part::PeerDnsSan => write_opt(&mut out, facts.peer.map(|p| p.dns.join(","))),
+                Part::PeerValidFrom(format) => write_opt(
+                    &mut out,
+                    facts.peer.map(|p| timefmt::format(p.not_before, format)),
+                ),
+                Part::PeerValidUntil(format) => write_opt(
+                    &mut out,
+                    facts.peer.map(|p| timefmt::format(p.not_after, format)),
+                ),
                 Part::RequestHeader(name) => {
                     if let Some(v) = facts
                         .request_headers
@@ -130,6 +171,25 @@ fn parse_variable(name: &str) -> Result<Part, String> {
         "DOWNSTREAM_LOCAL_PORT" => Part::DownstreamLocalPort,
         "PROTOCOL" => Part::Protocol,
         "HOSTNAME" => Part::Hostname,
+        "REQUESTED_SERVER_NAME" => Part::RequestedServerName,
+        "DOWNSTREAM_PEER_SUBJECT" => Part::PeerSubject,
+        "DOWNSTREAM_PEER_FINGERPRINT_256" => Part::PeerFingerprint256,
+        "DOWNSTREAM_PEER_URI_SAN" => Part::PeerUriSan,
+        "DOWNSTREAM_PEER_DNS_SAN" => Part::PeerDnsSan,
+        "DOWNSTREAM_PEER_CERT_V_START" => Part::PeerValidFrom(timefmt::DEFAULT_FORMAT.into()),
+        "DOWNSTREAM_PEER_CERT_V_END" => Part::PeerValidUntil(timefmt::DEFAULT_FORMAT.into()),
+        _ if name.starts_with("DOWNSTREAM_PEER_CERT_V_") => {
+            let (which, format) = name
+                .strip_suffix(')')
+                .and_then(|n| n.split_once('('))
+                .ok_or_else(|| format!("%{name}% is not a valid variable"))?;
+            timefmt::check(format)?;
+            match which {
+                "DOWNSTREAM_PEER_CERT_V_START" => Part::PeerValidFrom(format.into()),
+                "DOWNSTREAM_PEER_CERT_V_END" => Part::PeerValidUntil(format.into()),
+                _ => return Err(format!("unknown variable %{which}%")),
+            }
+        }
         _ => {
             let header = name
                 .strip_prefix("REQ(")
@@ -182,6 +242,8 @@ mod tests {
             local_addr: Some("127.0.0.1:8080".parse().unwrap()),
             protocol: "HTTP/1.1",
             request_headers: headers,
+            peer: None,
+            sni: None,
         }
     }
 
@@ -209,6 +271,38 @@ mod tests {
             t.render(&facts(&headers)).unwrap(),
             "10.1.2.3|10.1.2.3:4567|HTTP/1.1|alice|%"
         );
+    }
+
+    #[test]
+    fn client_certificate_variables() {
+        let headers = http::HeaderMap::new();
+        let peer = PeerCert {
+            subject: "CN=alice,O=Example".into(),
+            sha256: "ab12".into(),
+            pem: String::new(),
+            chain_pem: String::new(),
+            dns: vec!["a.example".into()],
+            uris: vec!["spiffe://example/alice".into()],
+            not_before: 1_636_549_920,
+            not_after: 1_636_549_920 + 86_400,
+        };
+        let mut f = facts(&headers);
+        f.peer = Some(&peer);
+        f.sni = Some("a.example");
+        let t = HeaderTemplate::parse(
+            "%DOWNSTREAM_PEER_CERT_V_START%|%DOWNSTREAM_PEER_CERT_V_END(%b %e %H:%M:%S %Y %Z)%|\
+             %DOWNSTREAM_PEER_SUBJECT%|%DOWNSTREAM_PEER_URI_SAN%|%REQUESTED_SERVER_NAME%",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&f).unwrap(),
+            "2021-11-10T13:12:00.000Z|Nov 11 13:12:00 2021 UTC|CN=alice,O=Example|\
+             spiffe://example/alice|a.example"
+        );
+        // Without a client certificate the variables render empty.
+        assert_eq!(t.render(&facts(&headers)).unwrap(), "||||");
+        assert!(HeaderTemplate::parse("%DOWNSTREAM_PEER_CERT_V_START(%Q)%").is_err());
+        assert!(HeaderTemplate::parse("%DOWNSTREAM_PEER_CERT_V_START(%Y").is_err());
     }
 
     #[test]

@@ -6,3 +6,5 @@ pub mod matchers;
 pub mod path;
 pub mod redirect;
 pub mod table;
+pub mod timefmt;
+pub mod xfcc;

@@ -146,7 +146,7 @@ impl PeerCert {
             }
         }
         Some(PeerCert {
-            subject: super::describe(cert).replace(", ", ","),
+            subject: super::rfc2253(cert.subject_name()),
             sha256,
             pem,
             chain_pem,

@@ -118,6 +118,29 @@ pub fn describe(cert: &X509) -> String {
     parts.join(", ")
 }
 
+/// A name in RFC 2253 form, most specific first (`CN=alice,O=Example`), as
+/// Envoy writes subjects in client-certificate headers.
+pub fn rfc2253(name: &openssl::x509::X509NameRef) -> String {
+    let mut parts: Vec<String> = name
+        .entries()
+        .filter_map(|entry| {
+            let key = entry.object().nid().short_name().ok()?;
+            let value = entry.data().to_string().ok()?;
+            let mut escaped = String::with_capacity(value.len());
+            for (i, c) in value.chars().enumerate() {
+                let edge = (i == 0 && (c == ' ' || c == '#')) || (i == value.len() - 1 && c == ' ');
+                if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
+                    escaped.push('\\');
+                }
+                escaped.push(c);
+            }
+            Some(format!("{key}={escaped}"))
+        })
+        .collect();
+    parts.reverse();
+    parts.join(",")
+}
+
 /// Days until a certificate expires (negative when it already has).
 pub fn days_left(cert: &X509) -> Option<i32> {
     let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;

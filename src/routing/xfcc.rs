@@ -1,0 +1,182 @@
+//! `x-forwarded-client-cert` (XFCC), as the Module's
+//! `forward_client_cert_details` and `set_current_client_cert_details` ask,
+//! with Envoy's semantics: what the client sent is trusted only as far as
+//! the mode says, and the gateway's own view of the client is appended or
+//! set only on connections with a verified client certificate.
+
+use crate::tls::edge::PeerCert;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XfccMode {
+    /// Never forward the header (Envoy's default).
+    #[default]
+    Sanitize,
+    /// Forward the client's header on mTLS connections only.
+    ForwardOnly,
+    /// On mTLS connections, append the client certificate's details.
+    AppendForward,
+    /// On mTLS connections, replace the header with them.
+    SanitizeSet,
+    /// Forward the client's header whatever the connection.
+    AlwaysForwardOnly,
+}
+
+impl XfccMode {
+    pub fn parse(text: &str) -> Option<XfccMode> {
+        Some(match text {
+            "SANITIZE" => XfccMode::Sanitize,
+            "FORWARD_ONLY" => XfccMode::ForwardOnly,
+            "APPEND_FORWARD" => XfccMode::AppendForward,
+            "SANITIZE_SET" => XfccMode::SanitizeSet,
+            "ALWAYS_FORWARD_ONLY" => XfccMode::AlwaysForwardOnly,
+            _ => return None,
+        })
+    }
+}
+
+/// Which certificate details the gateway adds (Hash is always there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct XfccFields {
+    pub subject: bool,
+    pub cert: bool,
+    pub chain: bool,
+    pub dns: bool,
+    pub uri: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct XfccPolicy {
+    pub mode: XfccMode,
+    pub fields: XfccFields,
+}
+
+impl XfccPolicy {
+    /// The header value to send upstream, or `None` to send none.
+    pub fn header(&self, from_client: Option<&str>, peer: Option<&PeerCert>) -> Option<String> {
+        match (self.mode, peer) {
+            (XfccMode::AlwaysForwardOnly, _) | (XfccMode::ForwardOnly, Some(_)) => {
+                from_client.map(str::to_string)
+            }
+            (XfccMode::AppendForward, Some(peer)) => Some(match from_client {
+                Some(existing) => format!("{existing},{}", self.element(peer)),
+                None => self.element(peer),
+            }),
+            (XfccMode::SanitizeSet, Some(peer)) => Some(self.element(peer)),
+            _ => None,
+        }
+    }
+
+    /// One XFCC element, in Envoy's key order.
+    fn element(&self, peer: &PeerCert) -> String {
+        let mut parts = vec![format!("Hash={}", peer.sha256)];
+        if self.fields.cert {
+            parts.push(format!("Cert=\"{}\"", url_encode(&peer.pem)));
+        }
+        if self.fields.chain {
+            parts.push(format!(
+                "Chain=\"{}\"",
+                url_encode(&format!("{}{}", peer.pem, peer.chain_pem))
+            ));
+        }
+        if self.fields.subject {
+            parts.push(format!("Subject=\"{}\"", peer.subject.replace('"', "\\\"")));
+        }
+        if self.fields.uri {
+            parts.extend(peer.uris.iter().map(|u| format!("URI={u}")));
+        }
+        if self.fields.dns {
+            parts.extend(peer.dns.iter().map(|d| format!("DNS={d}")));
+        }
+        parts.join(";")
+    }
+}
+
+/// Percent-encodes all but RFC 3986 unreserved characters, as Envoy encodes
+/// PEM in XFCC.
+fn url_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3 / 2);
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerCert {
+        PeerCert {
+            subject: "CN=alice,O=Example".into(),
+            sha256: "ab12".into(),
+            pem: "-----BEGIN CERTIFICATE-----\nMII=\n".into(),
+            chain_pem: String::new(),
+            dns: vec!["a.example".into()],
+            uris: vec!["spiffe://example/alice".into()],
+            not_before: 0,
+            not_after: 0,
+        }
+    }
+
+    fn policy(mode: XfccMode) -> XfccPolicy {
+        XfccPolicy {
+            mode,
+            fields: XfccFields {
+                subject: true,
+                uri: true,
+                dns: true,
+                ..XfccFields::default()
+            },
+        }
+    }
+
+    #[test]
+    fn modes() {
+        let spoofed = Some("Hash=evil");
+        let p = peer();
+        assert_eq!(policy(XfccMode::Sanitize).header(spoofed, Some(&p)), None);
+        assert_eq!(policy(XfccMode::ForwardOnly).header(spoofed, None), None);
+        assert_eq!(
+            policy(XfccMode::ForwardOnly)
+                .header(spoofed, Some(&p))
+                .as_deref(),
+            spoofed
+        );
+        assert_eq!(
+            policy(XfccMode::AlwaysForwardOnly)
+                .header(spoofed, None)
+                .as_deref(),
+            spoofed
+        );
+        let own =
+            "Hash=ab12;Subject=\"CN=alice,O=Example\";URI=spiffe://example/alice;DNS=a.example";
+        assert_eq!(
+            policy(XfccMode::SanitizeSet)
+                .header(spoofed, Some(&p))
+                .as_deref(),
+            Some(own)
+        );
+        assert_eq!(policy(XfccMode::SanitizeSet).header(spoofed, None), None);
+        assert_eq!(
+            policy(XfccMode::AppendForward).header(spoofed, Some(&p)),
+            Some(format!("Hash=evil,{own}"))
+        );
+    }
+
+    #[test]
+    fn cert_is_url_encoded() {
+        let mut with_cert = policy(XfccMode::SanitizeSet);
+        with_cert.fields = XfccFields {
+            cert: true,
+            ..XfccFields::default()
+        };
+        assert_eq!(
+            with_cert.header(None, Some(&peer())).unwrap(),
+            "Hash=ab12;Cert=\"-----BEGIN%20CERTIFICATE-----%0AMII%3D%0A\""
+        );
+    }
+}

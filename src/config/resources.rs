@@ -155,6 +155,8 @@ pub struct TlsContextSpec {
     pub ca_secret: Option<String>,
     #[serde(alias = "cacertChainFile")]
     pub cacert_chain_file: Option<String>,
+    #[serde(alias = "crlSecret")]
+    pub crl_secret: Option<String>,
     #[serde(alias = "certRequired")]
     pub cert_required: Option<bool>,
     #[serde(alias = "alpnProtocols")]

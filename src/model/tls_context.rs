@@ -19,6 +19,7 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "cert_chain_file",
     "private_key_file",
     "ca_secret",
+    "crl_secret",
     "cacert_chain_file",
     "cert_required",
     "alpn_protocols",
@@ -30,7 +31,7 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "secret_namespacing",
     "ambassador_id",
 ];
-pub(crate) const LATER: &[&str] = &["crl_secret", "redirect_cleartext_from"];
+pub(crate) const LATER: &[&str] = &["redirect_cleartext_from"];
 
 /// Validates every TLSContext.
 pub fn validate_all(
@@ -262,6 +263,37 @@ pub(crate) fn build(
         }
     }
 
+    let crl = match &spec.crl_secret {
+        None => None,
+        Some(reference) => lookup("spec.crl_secret", reference, report).and_then(|data| {
+            let Some(pem) = data.crl else {
+                report
+                    .error(
+                        "spec.crl_secret",
+                        format!("Secret {reference} has no crl.pem"),
+                    )
+                    .with_hint("an Opaque Secret with the CRL in PEM under crl.pem");
+                return None;
+            };
+            match openssl::x509::X509Crl::from_pem(&pem) {
+                Ok(_) => Some(Arc::new(pem)),
+                _ => {
+                    report.error(
+                        "spec.crl_secret",
+                        format!("crl.pem of Secret {reference} is not a PEM CRL"),
+                    );
+                    None
+                }
+            }
+        }),
+    };
+    if crl.is_some() && ca_pem.is_none() {
+        report.error(
+            "spec.crl_secret",
+            "a CRL needs a CA to check client certificates against",
+        );
+    }
+
     let ca = match &ca_pem {
         Some(pem) => match tls::parse_chain(pem) {
             Ok(certs) => Some(Arc::new(certs.into_boxed_slice())),
@@ -344,6 +376,7 @@ pub(crate) fn build(
             .filter(|p| !p.is_empty())
             .collect(),
         hosts: spec.hosts.clone().unwrap_or_default(),
+        crl,
         sni,
         alpn,
         min_version,

@@ -15,8 +15,10 @@ use pingora::protocols::tls::TlsRef;
 use pingora::tls::ext::{
     ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
 };
+use pingora::tls::ssl::SslFiletype;
 use pingora::tls::ssl::{NameType, SslRef, SslVerifyMode};
-use pingora::tls::x509::store::{X509Store, X509StoreBuilder};
+use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
+use pingora::tls::x509::verify::X509VerifyFlags;
 use pingora::tls::x509::{X509Name, X509NameRef, X509};
 
 use crate::snapshot::Snapshot;
@@ -52,6 +54,9 @@ impl EdgeTls {
                         .add_cert(ca.clone())
                         .map_err(|e| format!("CA certificate: {e}"))?;
                     names.push(ca.subject_name().to_owned().map_err(|e| e.to_string())?);
+                }
+                if let Some(crl) = &context.crl {
+                    add_crl(&mut builder, crl)?;
                 }
                 (Some(builder.build()), names)
             }
@@ -105,6 +110,28 @@ impl EdgeTls {
     pub fn allows_h2(&self) -> bool {
         self.context.alpn_protocols.iter().any(|p| p == "h2")
     }
+}
+
+/// OpenSSL's store reads CRLs only from files; the PEM was validated when the
+/// configuration was, so this writes it out briefly and loads it.
+fn add_crl(builder: &mut X509StoreBuilder, pem: &[u8]) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "pingress-crl-{}-{}.pem",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, pem).map_err(|e| format!("CRL: {e}"))?;
+    let loaded = builder
+        .add_lookup(X509Lookup::file())
+        .and_then(|lookup| lookup.load_crl_file(&path, SslFiletype::PEM));
+    let _ = std::fs::remove_file(&path);
+    loaded.map_err(|e| format!("CRL: {e}"))?;
+    // Emissary's CRL must cover every CA in the chain.
+    builder
+        .set_flags(X509VerifyFlags::CRL_CHECK | X509VerifyFlags::CRL_CHECK_ALL)
+        .map_err(|e| format!("CRL: {e}"))
 }
 
 /// A verified client certificate, as requests and upstream headers see it.

@@ -27,6 +27,8 @@ pub struct SecretData {
     pub key: Option<Vec<u8>>,
     /// `root-cert.pem` (Istio) or `ca.crt` (cert-manager).
     pub ca: Option<Vec<u8>>,
+    /// `crl.pem`.
+    pub crl: Option<Vec<u8>>,
 }
 
 impl SecretData {
@@ -57,6 +59,7 @@ impl SecretData {
             cert_chain: pick(&["tls.crt", "cert-chain.pem"]),
             key: pick(&["tls.key", "key.pem", "user.key"]),
             ca: pick(&["root-cert.pem", "ca.crt"]),
+            crl: pick(&["crl.pem"]),
         })
     }
 
@@ -209,6 +212,9 @@ pub struct TlsContext {
     pub ca: Option<Arc<Box<[X509]>>>,
     /// At the edge: refuse clients without a certificate the CA signed.
     pub cert_required: bool,
+    /// At the edge: revoked client certificates (PEM), checked for every
+    /// certificate of the chain.
+    pub crl: Option<Arc<Vec<u8>>>,
     /// `alpn_protocols` as written, for the edge.
     pub alpn_protocols: Vec<String>,
     /// SNI names the context claims (`hosts`); empty for origination only.
@@ -234,6 +240,7 @@ impl TlsContext {
             cert_key: None,
             ca: None,
             cert_required: false,
+            crl: None,
             alpn_protocols: Vec::new(),
             hosts: Vec::new(),
             sni: None,

@@ -153,12 +153,31 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
 /// come from the current snapshot during each handshake, and so does ALPN
 /// (h2 only for Hosts whose context offers it).
 fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<TlsSettings, String> {
+    let bounds = snapshot
+        .load()
+        .listener(port)
+        .map(|l| l.tls_bounds.clone())
+        .unwrap_or_default();
     let acceptor = EdgeAcceptor {
         port,
         snapshot: snapshot.clone(),
     };
     let mut settings = TlsSettings::with_callbacks(Box::new(acceptor))
         .map_err(|e| format!("TLS listener on port {port}: {e}"))?;
+    let problem = |e| format!("TLS listener on port {port}: {e}");
+    if bounds.min.is_some() {
+        settings
+            .set_min_proto_version(bounds.min)
+            .map_err(problem)?;
+    }
+    if bounds.max.is_some() {
+        settings
+            .set_max_proto_version(bounds.max)
+            .map_err(problem)?;
+    }
+    if let Some(curves) = &bounds.curves {
+        settings.set_groups_list(curves).map_err(problem)?;
+    }
     let snapshot = snapshot.clone();
     settings.set_alpn_select_callback(move |ssl, offered| {
         let sni = ssl

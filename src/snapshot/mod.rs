@@ -17,7 +17,9 @@ use crate::routing::table::{
     associates, group_mappings, route_match, HostRoutes, HostTable, MappingGroup, RouteGroup,
 };
 use crate::tls::edge::EdgeTls;
+use crate::tls::TlsContext;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+use pingora::tls::ssl::SslVersion;
 
 /// The port Emissary users expect when they define no Listener.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -75,6 +77,45 @@ pub struct ListenerRoutes {
     /// Each Host's prepared TLS, by position in `hosts`; empty when the
     /// listener is cleartext.
     edge: Vec<Option<Arc<EdgeTls>>>,
+    /// Protocol bounds and curves for the whole listener.
+    pub tls_bounds: TlsBounds,
+}
+
+/// OpenSSL settles the protocol version and key-exchange group before it
+/// knows the SNI, so these apply to a listener as a whole: the loosest
+/// bounds any of its TLS Hosts asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsBounds {
+    pub min: Option<SslVersion>,
+    pub max: Option<SslVersion>,
+    pub curves: Option<String>,
+}
+
+impl TlsBounds {
+    fn of<'e>(contexts: impl Iterator<Item = &'e TlsContext>) -> (TlsBounds, bool) {
+        let contexts: Vec<&TlsContext> = contexts.collect();
+        let rank = crate::upstream::policy::version_rank;
+        let min = contexts
+            .iter()
+            .map(|c| c.min_version.unwrap_or(SslVersion::TLS1_2))
+            .min_by_key(|v| rank(*v));
+        let max = contexts
+            .iter()
+            .map(|c| c.max_version.unwrap_or(SslVersion::TLS1_3))
+            .max_by_key(|v| rank(*v));
+        let mut curves: Vec<&Option<String>> = contexts.iter().map(|c| &c.curves).collect();
+        curves.dedup();
+        let agree = curves.len() <= 1
+            && contexts.windows(2).all(|w| {
+                w[0].min_version == w[1].min_version && w[0].max_version == w[1].max_version
+            });
+        let bounds = TlsBounds {
+            min: min.filter(|v| *v != SslVersion::TLS1_2),
+            max: max.filter(|v| *v != SslVersion::TLS1_3),
+            curves: curves.first().and_then(|c| (*c).clone()),
+        };
+        (bounds, agree)
+    }
 }
 
 impl ListenerRoutes {
@@ -241,10 +282,25 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                     }
                 })
                 .collect();
+            let (tls_bounds, agree) = TlsBounds::of(edge.iter().flatten().map(|e| e.context.as_ref()));
+            if !agree {
+                diags.push(
+                    Diagnostic::warning(
+                        location(&listener.id),
+                        format!(
+                            "the TLS Hosts of the listener on port {} ask for different \
+                             min/max_tls_version or ecdh_curves; the loosest bounds apply to all",
+                            listener.port
+                        ),
+                    )
+                    .hint("OpenSSL fixes these before the SNI is known: give each listener one policy"),
+                );
+            }
             ListenerRoutes {
                 listener,
                 hosts: HostTable::new(bound),
                 edge,
+                tls_bounds,
             }
         })
         .collect();

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod model;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod snapshot;

@@ -19,6 +19,7 @@ use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::load::{load_gateway_file, load_resources, GatewayFile};
 use crate::model::{validate, Model};
 use crate::proxy::Gateway;
+use crate::reload::{Live, Reloader};
 use crate::snapshot::{compile, Resolution, Snapshot};
 use crate::tls::edge::EdgeAcceptor;
 use pingora::listeners::tls::TlsSettings;
@@ -54,8 +55,9 @@ pub fn load(gateway_path: &Path, resolution: Resolution) -> Result<Loaded, Box<D
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
     let (model, model_diags) = validate(resources, &ambassador_id);
     diagnostics.extend(model_diags);
-    let (snapshot, compile_diags) = compile(&model, resolution);
+    let (mut snapshot, compile_diags) = compile(&model, resolution);
     diagnostics.extend(compile_diags);
+    snapshot.sources.extend(gateway.resources.iter().cloned());
     Ok(Loaded {
         gateway,
         model,
@@ -85,6 +87,8 @@ pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<
 
 /// Runs the gateway until the process is told to stop.
 pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
+    // Reloads must find the same files after a daemon changes directory.
+    let gateway_path = std::fs::canonicalize(&gateway_path).unwrap_or(gateway_path);
     let loaded = load(&gateway_path, Resolution::Resolve).map_err(|d| d.to_string())?;
     for diagnostic in &loaded.diagnostics {
         match diagnostic.severity {
@@ -93,7 +97,10 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
         }
     }
     let Loaded {
-        gateway, snapshot, ..
+        gateway,
+        snapshot,
+        diagnostics,
+        ..
     } = loaded;
     let ports = snapshot.ports();
     let listeners: Vec<(u16, bool)> = snapshot
@@ -127,7 +134,8 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+    let live = Arc::new(Live::new(snapshot, diagnostics));
+    let snapshot = live.snapshot.clone();
     let mut proxy = http_proxy_service(&server.configuration, Gateway::new(snapshot.clone()));
     for (port, tls) in listeners {
         let address = format!("0.0.0.0:{port}");
@@ -142,10 +150,12 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
     let probe = background_service("readiness", ReadinessProbe { ports, ready });
+    let reloader = background_service("reload", Reloader::new(gateway_path, live));
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(probe);
+    server.add_service(reloader);
     server.run_forever()
 }
 

@@ -12,6 +12,7 @@ mod tls_context;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
 pub use mapping::{Association, Mapping, Rewrite};
@@ -81,6 +82,9 @@ pub struct Model {
     pub tls_contexts: TlsContexts,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
+    /// Certificate files the resources name, valid or not: a reload must
+    /// notice when one appears or changes.
+    pub referenced_files: Vec<PathBuf>,
 }
 
 /// Secrets by `(namespace, name)`.
@@ -234,11 +238,40 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
         &mut diags,
         &mut model.accepted,
     );
+    model.referenced_files = referenced_files(kinds("TLSContext").iter().chain(&kinds("Host")));
     let secret_count = secrets.len();
     if secret_count > 0 {
         model.accepted.insert("Secret".into(), secret_count);
     }
     (model, diags)
+}
+
+/// The certificate files of TLSContexts and of Hosts' inline `tls`.
+fn referenced_files<'r>(raws: impl Iterator<Item = &'r &'r RawResource>) -> Vec<PathBuf> {
+    const KEYS: [&str; 6] = [
+        "cert_chain_file",
+        "private_key_file",
+        "cacert_chain_file",
+        "certChainFile",
+        "privateKeyFile",
+        "cacertChainFile",
+    ];
+    let mut files = Vec::new();
+    for raw in raws {
+        let Some(spec) = raw.get("spec") else {
+            continue;
+        };
+        let settings = match raw.id.kind.as_str() {
+            "Host" => spec.get("tls"),
+            _ => Some(spec),
+        };
+        for key in KEYS {
+            if let Some(path) = settings.and_then(|s| s.get(key)).and_then(|v| v.as_str()) {
+                files.push(PathBuf::from(path));
+            }
+        }
+    }
+    files
 }
 
 fn duplicate(raw: &RawResource, first: &Source, diags: &mut Vec<Diagnostic>) {

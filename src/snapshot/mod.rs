@@ -130,6 +130,8 @@ impl ListenerRoutes {
 pub struct Snapshot {
     pub listeners: Vec<ListenerRoutes>,
     pub module: ModuleSettings,
+    /// The files and directories this snapshot was built from.
+    pub sources: Vec<std::path::PathBuf>,
 }
 
 impl Snapshot {
@@ -329,6 +331,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         Snapshot {
             listeners,
             module: model.module.clone(),
+            sources: model.referenced_files.clone(),
         },
         diags,
     )

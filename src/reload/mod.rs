@@ -1,0 +1,321 @@
+//! Live reconfiguration: watch every file the configuration came from,
+//! rebuild the snapshot on the side, and swap it in one step.
+//!
+//! A rebuild that brings errors the serving configuration did not have is
+//! refused: the current snapshot keeps serving and the refusal is reported
+//! (log, admin diag). Pingora's pools are keyed by peer identity, which is
+//! derived from content, so unchanged upstreams keep their pooled
+//! connections across a swap; a rotated client certificate gets a new pool.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use log::{error, info, warn};
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::mpsc;
+
+use crate::config::diagnostics::{Diagnostic, Severity};
+use crate::server::{load, Loaded};
+use crate::snapshot::{Resolution, Snapshot};
+
+/// Events closer together than this are one change: editors and Kubernetes
+/// volume updates write several files in a burst.
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// What the gateway serves now, and how it got there.
+pub struct Live {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub status: ArcSwap<Status>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// 1 for the configuration the process started with, +1 per reload.
+    pub generation: u64,
+    pub applied_at: SystemTime,
+    /// Problems of the serving configuration.
+    pub diagnostics: Vec<Diagnostic>,
+    pub last_reload: Option<Reload>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub at: SystemTime,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Applied,
+    /// The errors that made the rebuild unacceptable.
+    Refused(Vec<Diagnostic>),
+    /// The gateway file itself could not be read.
+    Failed(String),
+}
+
+impl Live {
+    pub fn new(snapshot: Snapshot, diagnostics: Vec<Diagnostic>) -> Live {
+        Live {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            status: ArcSwap::from_pointee(Status {
+                generation: 1,
+                applied_at: SystemTime::now(),
+                diagnostics,
+                last_reload: None,
+            }),
+        }
+    }
+
+    /// Rebuilds from the gateway file and swaps when acceptable.
+    pub fn reload(&self, gateway_path: &Path) -> Outcome {
+        let outcome = match load(gateway_path, Resolution::Resolve) {
+            Err(problem) => Outcome::Failed(problem.to_string()),
+            Ok(loaded) => self.apply(loaded),
+        };
+        let mut status = (**self.status.load()).clone();
+        status.last_reload = Some(Reload {
+            at: SystemTime::now(),
+            outcome: outcome.clone(),
+        });
+        if matches!(outcome, Outcome::Applied) {
+            status.generation += 1;
+            status.applied_at = SystemTime::now();
+        }
+        self.status.store(Arc::new(status));
+        outcome
+    }
+
+    fn apply(&self, loaded: Loaded) -> Outcome {
+        let current = self.status.load();
+        let known: HashSet<String> = current
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(ToString::to_string)
+            .collect();
+        let new_errors: Vec<Diagnostic> = loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error() && !known.contains(&d.to_string()))
+            .cloned()
+            .collect();
+        if !new_errors.is_empty() {
+            return Outcome::Refused(new_errors);
+        }
+        let serving = self.snapshot.load();
+        if listener_shape(&serving) != listener_shape(&loaded.snapshot) {
+            warn!(
+                "reload: listener ports or protocols changed; they take effect only in a new \
+                 process: start `pingress -u` with the same gateway file, then send SIGQUIT to \
+                 this one"
+            );
+        }
+        self.snapshot.store(Arc::new(loaded.snapshot));
+        let mut status = (**current).clone();
+        status.diagnostics = loaded.diagnostics;
+        self.status.store(Arc::new(status));
+        Outcome::Applied
+    }
+}
+
+fn listener_shape(snapshot: &Snapshot) -> Vec<(u16, bool)> {
+    let mut shape: Vec<(u16, bool)> = snapshot
+        .listeners
+        .iter()
+        .map(|l| (l.listener.port, l.listener.tls))
+        .collect();
+    shape.sort_unstable();
+    shape
+}
+
+/// The background service that watches and reloads; SIGHUP forces a reload.
+pub struct Reloader {
+    gateway_path: PathBuf,
+    live: Arc<Live>,
+    relevant: Arc<ArcSwap<Relevant>>,
+}
+
+/// Which changed paths matter. Files are watched through their directory,
+/// which may hold unrelated files (logs, for one) that must not trigger
+/// reloads.
+#[derive(Debug, Default)]
+struct Relevant {
+    files: Vec<PathBuf>,
+    trees: Vec<PathBuf>,
+}
+
+impl Relevant {
+    fn matches(&self, path: &Path) -> bool {
+        // Kubernetes' atomic writer swaps `..data` and `..<timestamp>`
+        // entries beside the files it publishes.
+        let kubernetes_swap = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".."));
+        let watched_file = self.files.iter().any(|f| f == path)
+            || (kubernetes_swap && self.files.iter().any(|f| f.parent() == path.parent()));
+        watched_file || self.trees.iter().any(|t| path.starts_with(t))
+    }
+}
+
+impl Reloader {
+    pub fn new(gateway_path: PathBuf, live: Arc<Live>) -> Reloader {
+        Reloader {
+            gateway_path,
+            live,
+            relevant: Arc::new(ArcSwap::from_pointee(Relevant::default())),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        let relevant = self.relevant.clone();
+        let mut watcher =
+            match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if !event.kind.is_access() && event.paths.iter().any(|p| relevant.load().matches(p))
+                {
+                    let _ = tx.send(());
+                }
+            }) {
+                Ok(watcher) => watcher,
+                Err(e) => {
+                    error!("reload: cannot watch files ({e}); only SIGHUP reloads");
+                    return self.signals_only(shutdown).await;
+                }
+            };
+        let mut watched = self.watch(&mut watcher, &[]);
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                warn!("reload: SIGHUP is not available: {e}");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                Some(()) = changes.recv() => settle(&mut changes).await,
+                Some(()) = recv_signal(&mut hangup) => info!("reload: SIGHUP"),
+                _ = shutdown.changed() => return,
+            }
+            self.reload().await;
+            // The set of files can change with the configuration.
+            watched = self.watch(&mut watcher, &watched);
+        }
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until no change has arrived for [`SETTLE`].
+async fn settle(changes: &mut mpsc::UnboundedReceiver<()>) {
+    while let Ok(Some(())) = tokio::time::timeout(SETTLE, changes.recv()).await {}
+}
+
+impl Reloader {
+    async fn reload(&self) {
+        let live = self.live.clone();
+        let path = self.gateway_path.clone();
+        // Reading files, parsing PEM and resolving names block.
+        let outcome = tokio::task::spawn_blocking(move || live.reload(&path)).await;
+        match outcome {
+            Ok(Outcome::Applied) => {
+                let status = self.live.status.load();
+                info!(
+                    "reload: configuration generation {} is serving",
+                    status.generation
+                );
+                for diagnostic in &status.diagnostics {
+                    match diagnostic.severity {
+                        Severity::Error => error!("{diagnostic}"),
+                        Severity::Warning => warn!("{diagnostic}"),
+                    }
+                }
+            }
+            Ok(Outcome::Refused(errors)) => {
+                error!("reload refused, the previous configuration keeps serving:");
+                for diagnostic in errors {
+                    error!("{diagnostic}");
+                }
+            }
+            Ok(Outcome::Failed(problem)) => {
+                error!("reload failed, the previous configuration keeps serving: {problem}")
+            }
+            Err(e) => error!("reload: {e}"),
+        }
+    }
+
+    async fn signals_only(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => self.reload().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Watches what the configuration is read from: the gateway file, the
+    /// resource paths, and certificate files. Files are watched through
+    /// their directories, because editors and Kubernetes replace files
+    /// (rename, `..data` symlink swap) rather than write them in place.
+    fn watch(
+        &self,
+        watcher: &mut notify::RecommendedWatcher,
+        previous: &[(PathBuf, RecursiveMode)],
+    ) -> Vec<(PathBuf, RecursiveMode)> {
+        let mut wanted: Vec<(PathBuf, RecursiveMode)> = Vec::new();
+        let mut relevant = Relevant::default();
+        let mut want = |path: &Path| {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+            let entry = if path.is_dir() {
+                relevant.trees.push(path.clone());
+                (path, RecursiveMode::Recursive)
+            } else {
+                let parent = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+                relevant.files.push(path);
+                (parent, RecursiveMode::NonRecursive)
+            };
+            if !wanted.contains(&entry) {
+                wanted.push(entry);
+            }
+        };
+        want(&self.gateway_path);
+        let snapshot = self.live.snapshot.load();
+        for path in &snapshot.sources {
+            want(path);
+        }
+        self.relevant.store(Arc::new(relevant));
+        for (path, _) in previous {
+            if !wanted.iter().any(|(p, _)| p == path) {
+                let _ = watcher.unwatch(path);
+            }
+        }
+        for (path, mode) in &wanted {
+            if !previous.iter().any(|(p, _)| p == path) {
+                if let Err(e) = watcher.watch(path, *mode) {
+                    warn!("reload: cannot watch {}: {e}", path.display());
+                }
+            }
+        }
+        wanted
+    }
+}

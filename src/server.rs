@@ -23,7 +23,7 @@ use crate::reload::{Live, Reloader};
 use crate::snapshot::{compile, Resolution, Snapshot};
 use crate::tls::edge::EdgeAcceptor;
 use pingora::listeners::tls::TlsSettings;
-use pingora::tls::ssl::{select_next_proto, AlpnError, NameType};
+use pingora::tls::ssl::{select_next_proto, AlpnError, NameType, SslOptions, SslSessionCacheMode};
 
 /// The gateway file used when `-c` is not given.
 pub const DEFAULT_GATEWAY_FILE: &str = "conf/pingress.yaml";
@@ -175,6 +175,12 @@ fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<Tls
     let mut settings = TlsSettings::with_callbacks(Box::new(acceptor))
         .map_err(|e| format!("TLS listener on port {port}: {e}"))?;
     let problem = |e| format!("TLS listener on port {port}: {e}");
+    // Resumption is decided before the SNI is looked at: a TLS 1.3 ticket
+    // from a Host without client certificates would otherwise open a Host
+    // that requires them. Every connection does a full handshake.
+    settings.set_options(SslOptions::NO_TICKET);
+    settings.set_num_tickets(0).map_err(problem)?;
+    settings.set_session_cache_mode(SslSessionCacheMode::OFF);
     if bounds.min.is_some() {
         settings
             .set_min_proto_version(bounds.min)

@@ -249,17 +249,14 @@ pub(crate) fn build(
         _ => None,
     };
     if let Some(cert_key) = &cert_key {
-        if let Some(days) = tls::days_left(cert_key.leaf()) {
-            if days < 0 {
-                report.warning(
-                    "spec",
-                    format!(
-                        "client certificate {} expired {} days ago",
-                        tls::describe(cert_key.leaf()),
-                        -days
-                    ),
-                );
-            }
+        if let Some(expired) = tls::expired(cert_key.leaf()) {
+            report.warning(
+                "spec",
+                format!(
+                    "certificate {} expired on {expired}",
+                    tls::describe(cert_key.leaf())
+                ),
+            );
         }
     }
 

@@ -145,16 +145,13 @@ pub fn rfc2253(name: &openssl::x509::X509NameRef) -> String {
 }
 
 /// Days until a certificate expires (negative when it already has).
-pub fn days_left(cert: &X509) -> Option<i32> {
-    let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
-    now.diff(cert.not_after()).ok().map(|d| d.days)
-}
-
 /// The expiry date of a certificate that has expired, for messages.
 pub fn expired(cert: &X509) -> Option<String> {
-    days_left(cert)
-        .filter(|days| *days < 0)
-        .map(|_| cert.not_after().to_string())
+    let now = openssl::asn1::Asn1Time::days_from_now(0).ok()?;
+    let left = now.diff(cert.not_after()).ok()?;
+    // A diff is days plus seconds of the same sign: an hour ago is 0 days
+    // and -3600 seconds.
+    (left.days < 0 || left.secs < 0).then(|| cert.not_after().to_string())
 }
 
 /// Seconds since the Unix epoch.

@@ -1631,3 +1631,91 @@ pub fn run_pingress<S: AsRef<std::ffi::OsStr>>(
         elapsed,
     )
 }
+
+// ---------------------------------------------------------------------------
+// Edge TLS helpers (used by tests/edge_tls.rs)
+// ---------------------------------------------------------------------------
+
+/// Like [`write_gateway`] without the implicit HTTP Listener:
+/// `resources_yaml` brings every Listener the test wants (e.g. only HTTPS).
+pub fn write_gateway_without_listener(dir: &Path, admin_port: u16, resources_yaml: &str) {
+    write_gateway(dir, 0, admin_port, "");
+    fs::write(dir.join("resources").join("test.yaml"), resources_yaml).expect("write test.yaml");
+}
+
+impl Pki {
+    /// A serverAuth certificate for `name` (CN and DNS SAN) valid from
+    /// `not_before` to `not_after`, in seconds since the Unix epoch; with a
+    /// `not_after` in the past it is an expired certificate.
+    pub fn issue_server_valid(&self, name: &str, not_before: i64, not_after: i64) -> CertFiles {
+        let key = new_ec_key();
+        let (serial, serial_hex) = random_serial();
+        let mut b = X509::builder().expect("x509 builder");
+        b.set_version(2).expect("version");
+        b.set_serial_number(&serial).expect("serial");
+        b.set_subject_name(&subject_name(name)).expect("subject");
+        b.set_issuer_name(self.ca_cert.subject_name())
+            .expect("issuer");
+        b.set_pubkey(&key).expect("pubkey");
+        b.set_not_before(&Asn1Time::from_unix(not_before).expect("not_before"))
+            .expect("not_before");
+        b.set_not_after(&Asn1Time::from_unix(not_after).expect("not_after"))
+            .expect("not_after");
+        let mut eku = ExtendedKeyUsage::new();
+        b.append_extension(eku.server_auth().build().expect("eku"))
+            .expect("eku");
+        let san = SubjectAlternativeName::new()
+            .dns(name)
+            .build(&b.x509v3_context(Some(&self.ca_cert), None))
+            .expect("san");
+        b.append_extension(san).expect("san");
+        b.sign(&self.ca_key, MessageDigest::sha256())
+            .expect("sign leaf");
+        let cert = b.build();
+
+        let leaf_pem = String::from_utf8(cert.to_pem().expect("pem")).expect("utf8 pem");
+        let cert_pem = format!("{leaf_pem}{}", self.ca_pem);
+        let key_pem =
+            String::from_utf8(key.private_key_to_pem_pkcs8().expect("pkcs8")).expect("utf8 pem");
+        let n = self.seq.fetch_add(1, Ordering::SeqCst);
+        let stem = format!("{}-dated-{n}-{}", sanitize(&self.name), sanitize(name));
+        let cert_path = self.dir.join(format!("{stem}.crt"));
+        let key_path = self.dir.join(format!("{stem}.key"));
+        fs::write(&cert_path, &cert_pem).expect("write cert");
+        fs::write(&key_path, &key_pem).expect("write key");
+        CertFiles {
+            cert: cert_path,
+            key: key_path,
+            cert_pem,
+            key_pem,
+            leaf_pem,
+            serial_hex,
+            subject_cn: name.to_string(),
+        }
+    }
+}
+
+impl Request {
+    /// Like [`Request::try_send_tls`], also returning the leaf certificate
+    /// the server presented on that connection.
+    pub fn try_send_tls_peer(self, port: u16, tls: &TlsOpts) -> Result<(Response, X509), String> {
+        let stream = tls_connect(port, tls)?;
+        let peer = stream
+            .ssl()
+            .peer_certificate()
+            .ok_or_else(|| format!("TLS on port {port}: the server presented no certificate"))?;
+        let host = tls
+            .sni
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{port}"));
+        let mut wire = Wire::new(stream);
+        let bytes = self.to_bytes(&host, true);
+        let head = self.method.eq_ignore_ascii_case("HEAD");
+        wire.stream
+            .write_all(&bytes)
+            .and_then(|_| wire.stream.flush())
+            .and_then(|_| wire.read_response(head))
+            .map(|response| (response, peer))
+            .map_err(|e| format!("TLS request to port {port}: {e}"))
+    }
+}

@@ -7,12 +7,17 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use log::{error, warn};
+use async_trait::async_trait;
+use log::{error, info, warn};
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
+use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::background_service;
+use pingora::services::background::BackgroundService;
 use pingora::services::listening::Service;
+use std::sync::Mutex;
+use tokio::sync::broadcast;
 
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
@@ -136,7 +141,18 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
 
     let live = Arc::new(Live::new(snapshot, diagnostics));
     let snapshot = live.snapshot.clone();
-    let mut proxy = http_proxy_service(&server.configuration, Gateway::new(snapshot.clone()));
+    let draining = Arc::new(AtomicBool::new(false));
+    let drain_watch = background_service(
+        "drain",
+        DrainWatch {
+            phases: Mutex::new(Some(server.watch_execution_phase())),
+            draining: draining.clone(),
+        },
+    );
+    let mut proxy = http_proxy_service(
+        &server.configuration,
+        Gateway::new(snapshot.clone(), draining),
+    );
     for (port, tls) in listeners {
         let address = format!("0.0.0.0:{port}");
         if tls {
@@ -146,7 +162,10 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
         }
     }
     let ready = Arc::new(AtomicBool::new(false));
-    let mut admin = Service::new("admin".to_string(), AdminApp::new(ready.clone()));
+    let mut admin = Service::new(
+        "admin".to_string(),
+        AdminApp::new(ready.clone(), live.clone()),
+    );
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
     let probe = background_service("readiness", ReadinessProbe { ports, ready });
@@ -156,7 +175,46 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(reloader);
+    server.add_service(drain_watch);
     server.run_forever()
+}
+
+/// Raises `draining` when the process starts to hand its sockets to a new
+/// one (`-u`, then SIGQUIT) or to shut down, so responses from then on close
+/// their connections.
+pub struct DrainWatch {
+    phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    draining: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for DrainWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut phases) = self.phases.lock().ok().and_then(|mut p| p.take()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(
+                        ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulUpgradeCloseTimeout
+                        | ExecutionPhase::GracefulTerminate
+                        | ExecutionPhase::ShutdownStarted,
+                    ) => {
+                        info!("draining: responses now close their connections");
+                        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = shutdown.changed() => {
+                    self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// TLS for one HTTPS listener: certificates and client-certificate policy

@@ -12,34 +12,63 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::reload::Live;
+
+mod diag;
+
 pub const ALIVE_PATH: &str = "/ambassador/v0/check_alive";
 pub const READY_PATH: &str = "/ambassador/v0/check_ready";
+pub const DIAG_PATH: &str = "/ambassador/v0/diag/";
 
 pub struct AdminApp {
     ready: Arc<AtomicBool>,
+    live: Arc<Live>,
 }
 
 impl AdminApp {
-    pub fn new(ready: Arc<AtomicBool>) -> Self {
-        AdminApp { ready }
+    pub fn new(ready: Arc<AtomicBool>, live: Arc<Live>) -> Self {
+        AdminApp { ready, live }
     }
 }
 
-fn text(status: u16, body: &str) -> Response<Vec<u8>> {
-    let body = format!("{body}\n").into_bytes();
+fn reply(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
+    let body = body.into_bytes();
     Response::builder()
         .status(status)
-        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::CONTENT_LENGTH, body.len())
         .body(body)
         .unwrap_or_default()
 }
 
+fn text(status: u16, body: &str) -> Response<Vec<u8>> {
+    reply(status, "text/plain; charset=utf-8", format!("{body}\n"))
+}
+
+fn query_flag(query: &str, key: &str, value: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| pair.split_once('=') == Some((key, value)))
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        match session.req_header().uri.path() {
+        let uri = &session.req_header().uri;
+        let query = uri.query().unwrap_or("");
+        match uri.path() {
             ALIVE_PATH => text(200, "pingress is alive and well"),
+            DIAG_PATH | "/ambassador/v0/diag" if query_flag(query, "json", "true") => {
+                let body = if query_flag(query, "filter", "errors") {
+                    diag::errors_json(&self.live)
+                } else {
+                    diag::full_json(&self.live)
+                };
+                reply(200, "application/json", format!("{body:#}\n"))
+            }
+            DIAG_PATH | "/ambassador/v0/diag" => {
+                reply(200, "text/plain; charset=utf-8", diag::text(&self.live))
+            }
             READY_PATH if self.ready.load(Ordering::Acquire) => {
                 text(200, "pingress is ready and waiting")
             }

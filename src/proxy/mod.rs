@@ -12,6 +12,7 @@
 mod respond;
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,11 +42,25 @@ const XFCC: &str = "x-forwarded-client-cert";
 /// The gateway's proxy logic over the current snapshot.
 pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Gateway {
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
-        Gateway { snapshot }
+    /// `draining` turns true when this process starts handing over to a new
+    /// one or shutting down (see [`crate::server::DrainWatch`]).
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, draining: Arc<AtomicBool>) -> Self {
+        Gateway { snapshot, draining }
+    }
+
+    /// Once the process is draining, every response closes its connection:
+    /// Pingora drops idle keep-alive connections when shutdown starts, and a
+    /// client that had just sent a request on one would see a reset. With
+    /// `Connection: close` clients reconnect, and the listening socket (by
+    /// then shared with the new process) takes them.
+    fn close_if_draining(&self, session: &mut Session) {
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
     }
 }
 
@@ -261,6 +276,7 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
             Err(reply) => {
+                self.close_if_draining(session);
                 ctx.local_reply = Some(reply.reason);
                 reply.send(session, server_name.as_deref()).await?;
                 Ok(true)
@@ -433,6 +449,7 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        self.close_if_draining(session);
         let (Some(route), Some(snapshot)) = (ctx.route.as_ref(), ctx.snapshot.as_ref()) else {
             return Ok(());
         };

@@ -82,6 +82,8 @@ fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
 #[derive(Debug)]
 pub struct RouteGroup<R> {
     pub matcher: RouteMatch,
+    /// What the group matches, in words, for the diag endpoint.
+    pub summary: String,
     /// Cumulative thresholds out of 100, in order; see [`RouteGroup::pick`].
     pub members: Vec<(u32, Arc<R>)>,
 }
@@ -495,6 +497,34 @@ fn ordered_for_split<'m>(members: &[&'m Mapping]) -> Vec<&'m Mapping> {
         .collect();
     ordered.extend(members.iter().copied().filter(|m| m.weight.is_none()));
     ordered
+}
+
+/// A one-line description of what a Mapping matches.
+pub fn describe(m: &Mapping) -> String {
+    let path = match &m.path {
+        PathMatch::Prefix {
+            case_sensitive: true,
+            ..
+        } => format!("prefix {}", m.prefix),
+        PathMatch::Prefix { .. } => format!("prefix {} (any case)", m.prefix),
+        PathMatch::Exact { .. } => format!("path {}", m.prefix),
+        PathMatch::Regex(_) => format!("regex {}", m.prefix),
+    };
+    let mut parts = vec![path];
+    for (name, value, regex) in envoy_headers(m) {
+        parts.push(format!("{name}{}{value}", if regex { " ~ " } else { ": " }));
+    }
+    for (name, value) in &m.query {
+        parts.push(format!(
+            "?{name}{}{}",
+            if value.is_regex() { " ~ " } else { "=" },
+            value.text()
+        ));
+    }
+    if m.precedence != 0 {
+        parts.push(format!("precedence {}", m.precedence));
+    }
+    parts.join(", ")
 }
 
 /// Builds the predicates of a group from its first member.

@@ -14,7 +14,8 @@ use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::PathMatch;
 use crate::routing::redirect::Redirect;
 use crate::routing::table::{
-    associates, group_mappings, route_match, HostRoutes, HostTable, MappingGroup, RouteGroup,
+    associates, describe, group_mappings, route_match, HostRoutes, HostTable, MappingGroup,
+    RouteGroup,
 };
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
@@ -197,6 +198,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         compiled.push((
             Arc::new(RouteGroup {
                 matcher: route_match(group.members[0]),
+                summary: describe(group.members[0]),
                 members,
             }),
             group,

@@ -30,10 +30,10 @@ use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream};
 use openssl::x509::extension::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
-    SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, CrlNumber, ExtendedKeyUsage, KeyUsage,
+    SubjectAlternativeName, SubjectKeyIdentifier,
 };
-use openssl::x509::{X509Name, X509};
+use openssl::x509::{X509CrlBuilder, X509Name, X509RevokedBuilder, X509};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -337,8 +337,19 @@ impl Pki {
         b.append_extension(akid).expect("akid");
         b.sign(&self.ca_key, MessageDigest::sha256())
             .expect("sign leaf");
-        let cert = b.build();
+        self.save(kind, cn, &b.build(), &key, serial_hex)
+    }
 
+    /// Writes a leaf this CA signed (followed by the CA, as its chain) and
+    /// its key under unique file names.
+    fn save(
+        &self,
+        kind: &str,
+        cn: &str,
+        cert: &X509,
+        key: &PKey<Private>,
+        serial_hex: String,
+    ) -> CertFiles {
         let leaf_pem = String::from_utf8(cert.to_pem().expect("pem")).expect("utf8 pem");
         let cert_pem = format!("{leaf_pem}{}", self.ca_pem);
         let key_pem =
@@ -773,33 +784,43 @@ pub struct Gateway {
     child: Child,
     dir: PathBuf,
     admin: SocketAddr,
+    log: PathBuf,
 }
 
 impl Gateway {
     /// Starts the gateway on an already written `dir/gateway.yaml` and waits
     /// (20 s) until `/ambassador/v0/check_ready` answers 200.
     pub fn start(dir: &Path) -> Gateway {
+        let mut gw = Gateway::spawn(dir, &[], "gateway.log");
+        gw.wait_ready(Duration::from_secs(20));
+        gw
+    }
+
+    /// Starts `pingress -c <dir>/gateway.yaml <extra>` with its output in
+    /// `dir/<log>`, without waiting for it (a `-u` process waits for the old
+    /// one's sockets).
+    pub fn spawn(dir: &Path, extra: &[&str], log: &str) -> Gateway {
         let config = dir.join("gateway.yaml");
         let admin = admin_addr_from(&config);
-        let log_path = dir.join("gateway.log");
-        let log = fs::File::create(&log_path).expect("create gateway.log");
+        let log_path = dir.join(log);
+        let log = fs::File::create(&log_path).expect("create the gateway log");
         let log2 = log.try_clone().expect("clone log handle");
         let child = Command::new(PINGRESS)
             .arg("-c")
             .arg(&config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {PINGRESS}: {e}"));
-        let mut gw = Gateway {
+        Gateway {
             child,
             dir: dir.to_path_buf(),
             admin,
-        };
-        gw.wait_ready(Duration::from_secs(20));
-        gw
+            log: log_path,
+        }
     }
 
     /// Polls check_ready until 200; panics with the log if the process exits
@@ -834,7 +855,7 @@ impl Gateway {
 
     /// Everything pingress wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -1671,27 +1692,7 @@ impl Pki {
         b.append_extension(san).expect("san");
         b.sign(&self.ca_key, MessageDigest::sha256())
             .expect("sign leaf");
-        let cert = b.build();
-
-        let leaf_pem = String::from_utf8(cert.to_pem().expect("pem")).expect("utf8 pem");
-        let cert_pem = format!("{leaf_pem}{}", self.ca_pem);
-        let key_pem =
-            String::from_utf8(key.private_key_to_pem_pkcs8().expect("pkcs8")).expect("utf8 pem");
-        let n = self.seq.fetch_add(1, Ordering::SeqCst);
-        let stem = format!("{}-dated-{n}-{}", sanitize(&self.name), sanitize(name));
-        let cert_path = self.dir.join(format!("{stem}.crt"));
-        let key_path = self.dir.join(format!("{stem}.key"));
-        fs::write(&cert_path, &cert_pem).expect("write cert");
-        fs::write(&key_path, &key_pem).expect("write key");
-        CertFiles {
-            cert: cert_path,
-            key: key_path,
-            cert_pem,
-            key_pem,
-            leaf_pem,
-            serial_hex,
-            subject_cn: name.to_string(),
-        }
+        self.save("dated", name, &b.build(), &key, serial_hex)
     }
 }
 
@@ -1717,5 +1718,248 @@ impl Request {
             .and_then(|_| wire.read_response(head))
             .map(|response| (response, peer))
             .map_err(|e| format!("TLS request to port {port}: {e}"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Resource YAML builders (used by tests/edge_tls.rs and
+// tests/client_identity.rs)
+// ---------------------------------------------------------------------------
+
+pub const V3: &str = "getambassador.io/v3alpha1";
+
+/// `text` with every non-blank line indented by `by` spaces.
+pub fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("{pad}{l}\n"))
+        .collect()
+}
+
+/// A YAML double-quoted scalar (JSON strings are valid YAML).
+pub fn q(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serializes as JSON")
+}
+
+/// One v3 resource; `metadata` is the inside of a flow map, `spec` block
+/// YAML at the level of the spec's keys.
+pub fn doc(kind: &str, metadata: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: {V3}\nkind: {kind}\nmetadata: {{{metadata}}}\nspec:\n{}",
+        indent(spec, 2)
+    )
+}
+
+/// A Secret of `kind` (`kubernetes.io/tls`, `Opaque`) whose `stringData`
+/// holds `entries` (key, text) as YAML block scalars.
+fn secret_doc(name: &str, namespace: &str, kind: &str, entries: &[(&str, &str)]) -> String {
+    let mut out = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {}, namespace: {namespace}}}\n\
+         type: {kind}\nstringData:\n",
+        q(name)
+    );
+    for (key, text) in entries {
+        out.push_str(&format!("  {key}: |\n{}", indent(text, 4)));
+    }
+    out
+}
+
+/// A `kubernetes.io/tls` Secret with a certificate chain and its key.
+pub fn tls_secret(name: &str, namespace: &str, cert: &CertFiles) -> String {
+    secret_doc(
+        name,
+        namespace,
+        "kubernetes.io/tls",
+        &[("tls.crt", &cert.cert_pem), ("tls.key", &cert.key_pem)],
+    )
+}
+
+/// An Opaque Secret with these `stringData` entries, e.g. `crl.pem`.
+pub fn opaque_secret(name: &str, namespace: &str, entries: &[(&str, &str)]) -> String {
+    secret_doc(name, namespace, "Opaque", entries)
+}
+
+/// An Opaque Secret holding a CA bundle under `tls.crt`, as Emissary reads it.
+pub fn ca_secret(name: &str, namespace: &str, ca_pem: &str) -> String {
+    opaque_secret(name, namespace, &[("tls.crt", ca_pem)])
+}
+
+/// A Listener with securityModel XFP that binds Hosts of every namespace.
+pub fn listener(name: &str, port: u16, protocol: &str) -> String {
+    doc(
+        "Listener",
+        &format!("name: {name}"),
+        &format!(
+            "port: {port}\nprotocol: {protocol}\nsecurityModel: XFP\n\
+             hostBinding:\n  namespace:\n    from: ALL"
+        ),
+    )
+}
+
+/// A Host for `hostname`; `extra` is block YAML at the level of its spec.
+pub fn host(name: &str, hostname: &str, extra: &str) -> String {
+    doc(
+        "Host",
+        &format!("name: {}", q(name)),
+        &format!("hostname: {}\n{extra}", q(hostname)),
+    )
+}
+
+/// `tlsSecret` plus `requestPolicy.insecure.action` (`None`: the default).
+pub fn tls_spec(secret: &str, action: Option<&str>) -> String {
+    let policy = action
+        .map(|a| format!("requestPolicy:\n  insecure:\n    action: {a}\n"))
+        .unwrap_or_default();
+    format!("tlsSecret:\n  name: {}\n{policy}", q(secret))
+}
+
+/// A Mapping of `prefix` to `echo`; `metadata_extra` is appended inside the
+/// metadata flow map (`, labels: {..}`), `extra` are spec lines.
+pub fn mapping(name: &str, metadata_extra: &str, prefix: &str, echo: &Echo, extra: &str) -> String {
+    doc(
+        "Mapping",
+        &format!("name: {name}{metadata_extra}"),
+        &format!(
+            "prefix: {}\nservice: 127.0.0.1:{}\n{extra}",
+            q(prefix),
+            echo.port()
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Client identities and CRLs (used by tests/client_identity.rs)
+// ---------------------------------------------------------------------------
+
+/// What a client certificate says about its holder, for tests of what the
+/// gateway tells upstreams about it (XFCC, `%DOWNSTREAM_PEER_*%`).
+#[derive(Clone, Debug)]
+pub struct ClientIdentity<'a> {
+    /// Subject attributes by short name in DER order, least specific first
+    /// (`("C", "US")` .. `("CN", "alice")`), so RFC 2253 reads them back
+    /// in reverse.
+    pub subject: &'a [(&'a str, &'a str)],
+    /// URI SANs, in order.
+    pub uris: &'a [&'a str],
+    /// DNS SANs, in order.
+    pub dns: &'a [&'a str],
+    /// Validity bounds, seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl CertFiles {
+    /// The leaf certificate, parsed.
+    pub fn leaf(&self) -> X509 {
+        X509::from_pem(self.leaf_pem.as_bytes()).expect("leaf PEM parses")
+    }
+}
+
+impl Pki {
+    /// A clientAuth certificate with exactly this subject, these SANs (URIs
+    /// first, then DNS names) and validity.
+    pub fn issue_client_identity(&self, id: &ClientIdentity) -> CertFiles {
+        let key = new_ec_key();
+        let (serial, serial_hex) = random_serial();
+        let mut name = X509Name::builder().expect("name builder");
+        for (field, value) in id.subject {
+            name.append_entry_by_text(field, value)
+                .unwrap_or_else(|e| panic!("subject {field}={value}: {e}"));
+        }
+        let cn = id
+            .subject
+            .iter()
+            .find(|(field, _)| *field == "CN")
+            .map(|(_, value)| *value)
+            .unwrap_or("client");
+
+        let mut b = X509::builder().expect("x509 builder");
+        b.set_version(2).expect("version");
+        b.set_serial_number(&serial).expect("serial");
+        b.set_subject_name(&name.build()).expect("subject");
+        b.set_issuer_name(self.ca_cert.subject_name())
+            .expect("issuer");
+        b.set_pubkey(&key).expect("pubkey");
+        b.set_not_before(&Asn1Time::from_unix(id.not_before).expect("not_before"))
+            .expect("not_before");
+        b.set_not_after(&Asn1Time::from_unix(id.not_after).expect("not_after"))
+            .expect("not_after");
+        b.append_extension(BasicConstraints::new().critical().build().expect("bc"))
+            .expect("bc");
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .build()
+                .expect("ku"),
+        )
+        .expect("ku");
+        let mut eku = ExtendedKeyUsage::new();
+        b.append_extension(eku.client_auth().build().expect("eku"))
+            .expect("eku");
+        if !id.uris.is_empty() || !id.dns.is_empty() {
+            let mut san = SubjectAlternativeName::new();
+            for uri in id.uris {
+                san.uri(uri);
+            }
+            for dns in id.dns {
+                san.dns(dns);
+            }
+            let ext = san
+                .build(&b.x509v3_context(Some(&self.ca_cert), None))
+                .expect("san");
+            b.append_extension(ext).expect("san");
+        }
+        let akid = AuthorityKeyIdentifier::new()
+            .keyid(true)
+            .build(&b.x509v3_context(Some(&self.ca_cert), None))
+            .expect("akid");
+        b.append_extension(akid).expect("akid");
+        b.sign(&self.ca_key, MessageDigest::sha256())
+            .expect("sign leaf");
+        self.save("identity", cn, &b.build(), &key, serial_hex)
+    }
+
+    /// A CRL this CA signed, valid from an hour ago for 30 days, revoking
+    /// `revoked` (which this CA issued), as PEM.
+    pub fn crl_pem(&self, revoked: &[&CertFiles]) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        let mut b = X509CrlBuilder::new().expect("CRL builder");
+        b.set_issuer_name(self.ca_cert.subject_name())
+            .expect("CRL issuer");
+        b.set_last_update(&Asn1Time::from_unix(now - 3600).expect("time"))
+            .expect("lastUpdate");
+        b.set_next_update(&Asn1Time::from_unix(now + 30 * 86_400).expect("time"))
+            .expect("nextUpdate");
+        let akid = AuthorityKeyIdentifier::new()
+            .keyid(true)
+            .build(
+                &X509::builder()
+                    .expect("x509 builder")
+                    .x509v3_context(Some(&self.ca_cert), None),
+            )
+            .expect("CRL akid");
+        b.append_extension(akid).expect("CRL akid");
+        let number = CrlNumber::new(BigNum::from_u32(1).expect("bignum")).expect("CRL number");
+        b.append_extension(number.build().expect("CRL number"))
+            .expect("CRL number");
+        for cert in revoked {
+            let mut entry = X509RevokedBuilder::new().expect("revoked entry");
+            entry
+                .set_serial_number(cert.leaf().serial_number())
+                .expect("revoked serial");
+            entry
+                .set_revocation_date(&Asn1Time::from_unix(now - 60).expect("time"))
+                .expect("revocation date");
+            b.add_revoked(entry.build()).expect("add revoked");
+        }
+        b.sign(&self.ca_key, MessageDigest::sha256())
+            .expect("sign CRL");
+        let crl = b.build().expect("CRL");
+        String::from_utf8(crl.to_pem().expect("CRL PEM")).expect("utf8 PEM")
     }
 }

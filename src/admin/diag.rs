@@ -1,0 +1,161 @@
+//! `/ambassador/v0/diag/`: what the gateway serves and what is wrong with
+//! it, keyed as Emissary keys diagnostics (`name.namespace.N`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::diagnostics::{Diagnostic, Location};
+use crate::reload::{Live, Outcome};
+use crate::snapshot::Target;
+
+fn key(diagnostic: &Diagnostic) -> String {
+    match &diagnostic.location {
+        Location::Resource(resource) => resource.emissary_key(),
+        Location::Document(source) => source.to_string(),
+        Location::File(path) => path.display().to_string(),
+    }
+}
+
+/// The message without its location, which the key carries.
+fn message(diagnostic: &Diagnostic) -> String {
+    let mut text = match &diagnostic.field {
+        Some(field) => format!("{field}: {}", diagnostic.message),
+        None => diagnostic.message.clone(),
+    };
+    if let Some(hint) = &diagnostic.hint {
+        text.push_str(&format!(" (hint: {hint})"));
+    }
+    text
+}
+
+fn seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Errors of the serving configuration, then those of a refused reload:
+/// both are the operator's to fix.
+fn errors(live: &Live) -> Vec<(String, String)> {
+    let status = live.status.load();
+    let mut out: Vec<(String, String)> = status
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| (key(d), message(d)))
+        .collect();
+    if let Some(reload) = &status.last_reload {
+        match &reload.outcome {
+            Outcome::Refused(refused) => out.extend(
+                refused
+                    .iter()
+                    .map(|d| (key(d), format!("reload refused: {}", message(d)))),
+            ),
+            Outcome::Failed(problem) => {
+                out.push(("gateway".into(), format!("reload failed: {problem}")))
+            }
+            Outcome::Applied => {}
+        }
+    }
+    out
+}
+
+/// `?json=true&filter=errors`: Emissary's list of `[key, message]` pairs.
+pub fn errors_json(live: &Live) -> Value {
+    Value::Array(
+        errors(live)
+            .into_iter()
+            .map(|(k, m)| json!([k, m]))
+            .collect(),
+    )
+}
+
+pub fn full_json(live: &Live) -> Value {
+    let status = live.status.load();
+    let snapshot = live.snapshot.load();
+    let mut by_key: Map<String, Value> = Map::new();
+    for (key, message) in errors(live) {
+        if let Value::Array(list) = by_key.entry(key).or_insert_with(|| json!([])) {
+            list.push(Value::String(message));
+        }
+    }
+    let warnings: Vec<Value> = status
+        .diagnostics
+        .iter()
+        .filter(|d| !d.is_error())
+        .map(|d| json!([key(d), message(d)]))
+        .collect();
+    let mut routes = Vec::new();
+    for listener in &snapshot.listeners {
+        for host in listener.hosts.hosts() {
+            for group in &host.groups {
+                let mut previous = 0;
+                let mappings: Vec<Value> = group
+                    .members
+                    .iter()
+                    .map(|(threshold, route)| {
+                        let share = threshold - previous;
+                        previous = *threshold;
+                        let target = match &route.target {
+                            Target::Upstream(cluster) => json!({"upstream": cluster.name, "endpoints": cluster.endpoint_count()}),
+                            Target::Redirect(redirect) => json!({"redirect": redirect.authority, "status": redirect.status}),
+                        };
+                        json!({"mapping": route.mapping, "weight": share, "target": target})
+                    })
+                    .collect();
+                routes.push(json!({
+                    "listener": listener.listener.port,
+                    "host": format!("{}/{}", host.host.namespace, host.host.name),
+                    "hostname": host.host.hostname.text(),
+                    "match": group.summary,
+                    "mappings": mappings,
+                }));
+            }
+        }
+    }
+    let last_reload = status.last_reload.as_ref().map(|reload| {
+        let outcome = match reload.outcome {
+            Outcome::Applied => "applied",
+            Outcome::Refused(_) => "refused",
+            Outcome::Failed(_) => "failed",
+        };
+        json!({"at": seconds(reload.at), "outcome": outcome})
+    });
+    json!({
+        "generation": status.generation,
+        "applied_at": seconds(status.applied_at),
+        "last_reload": last_reload,
+        "errors": by_key,
+        "warnings": warnings,
+        "routes": routes,
+    })
+}
+
+/// The human form: one line per problem, then the route table.
+pub fn text(live: &Live) -> String {
+    let status = live.status.load();
+    let mut out = format!("pingress configuration generation {}\n", status.generation);
+    for diagnostic in &status.diagnostics {
+        out.push_str(&format!("{diagnostic}\n"));
+    }
+    for (key, message) in errors(live)
+        .into_iter()
+        .skip(status.diagnostics.iter().filter(|d| d.is_error()).count())
+    {
+        out.push_str(&format!("{key}: {message}\n"));
+    }
+    out.push_str("\nroutes, in evaluation order:\n");
+    if let Value::Array(routes) = &full_json(live)["routes"] {
+        for route in routes {
+            out.push_str(&format!(
+                "  :{} {} [{}] -> {}\n",
+                route["listener"],
+                route["hostname"].as_str().unwrap_or(""),
+                route["match"].as_str().unwrap_or(""),
+                route["mappings"]
+            ));
+        }
+    }
+    out
+}

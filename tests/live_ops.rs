@@ -225,3 +225,142 @@ fn graceful_upgrade_under_load_fails_no_request() {
     );
     assert!(old.log().contains("draining"), "{}", old.log());
 }
+
+/// Publishes files the way Kubernetes mounts a Secret volume: the real
+/// files live in a `..<version>` directory, `..data` links to it, and the
+/// visible names link through `..data`. An update writes a new version
+/// directory and swaps `..data` with a rename.
+struct SecretVolume {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl SecretVolume {
+    fn new(dir: &Path, files: &[(&str, &str)]) -> SecretVolume {
+        fs::create_dir_all(dir).unwrap();
+        let mut volume = SecretVolume {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        volume.publish(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+        volume
+    }
+
+    fn publish(&mut self, files: &[(&str, &str)]) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        fs::create_dir(self.dir.join(&version)).unwrap();
+        for (name, content) in files {
+            fs::write(self.dir.join(&version).join(name), content).unwrap();
+        }
+        let staged = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &staged).unwrap();
+        fs::rename(&staged, self.dir.join("..data")).unwrap();
+    }
+}
+
+fn tls_secret(name: &str, cert: &CertFiles) -> String {
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&cert.cert_pem),
+        indent(&cert.key_pem)
+    )
+}
+
+#[test]
+fn certificates_rotate_without_restart_or_failed_requests() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let upstream_cert = pki.issue_server("localhost", &["localhost"]);
+    let upstream = Echo::mtls("mtls", &upstream_cert, pki.ca_pem_path(), true);
+    let client_v1 = pki.issue_client("gateway-v1");
+    let client_v2 = pki.issue_client("gateway-v2");
+    let edge_v1 = pki.issue_server("gw.example", &["gw.example"]);
+    let edge_v2 = pki.issue_server("gw.example", &["gw.example"]);
+
+    // The upstream client certificate comes from a Secret volume, the edge
+    // certificate from a Secret manifest among the resources.
+    let certs = dir.path().join("certs");
+    let mut volume = SecretVolume::new(
+        &certs,
+        &[
+            ("tls.crt", &client_v1.cert_pem),
+            ("tls.key", &client_v1.key_pem),
+        ],
+    );
+    let port = free_port();
+    let https = free_port();
+    let quote = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+    let resources = format!(
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: Listener\nmetadata:\n  name: https\n\
+         spec:\n  port: {https}\n  protocol: HTTPS\n  securityModel: XFP\n  hostBinding:\n    \
+         namespace:\n      from: ALL\n\
+         ---\napiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: gw\n\
+         spec:\n  hostname: gw.example\n  tlsSecret:\n    name: gw-cert\n  requestPolicy:\n    \
+         insecure:\n      action: Route\n\
+         ---\napiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: any\n\
+         spec:\n  hostname: \"*\"\n  requestPolicy:\n    insecure:\n      action: Route\n\
+         ---\napiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: upstream\n\
+         spec:\n  hosts: []\n  cert_chain_file: {}\n  private_key_file: {}\n{}",
+        quote(&certs.join("tls.crt")),
+        quote(&certs.join("tls.key")),
+        mapping("up", "/up/", &format!("https://localhost:{}", upstream.port()))
+            + "  tls: upstream\n",
+    );
+    write_gateway(dir.path(), port, free_port(), &resources);
+    let edge_secret = dir.path().join("resources").join("edge-secret.yaml");
+    fs::write(&edge_secret, tls_secret("gw-cert", &edge_v1)).unwrap();
+    let _gateway = Gateway::start(dir.path());
+    let subject = || Request::get("/up/").send(port).echo().client_cert_subject();
+    assert_eq!(subject(), Some(client_v1.subject()));
+    let tls = TlsOpts::new(pki.ca_pem_path(), "gw.example");
+    let edge_serial = || {
+        let (_, cert) = Request::get("/up/").try_send_tls_peer(https, &tls).unwrap();
+        cert.serial_number()
+            .to_bn()
+            .unwrap()
+            .to_hex_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(edge_serial(), edge_v1.serial_hex);
+
+    let load = Load::start(port, "/up/", 4);
+    wait_for("load", Duration::from_secs(5), || load.ok() > 100);
+
+    // Kubernetes-style swap of the mounted client certificate.
+    volume.publish(&[
+        ("tls.crt", &client_v2.cert_pem),
+        ("tls.key", &client_v2.key_pem),
+    ]);
+    wait_for(
+        "the upstream to see the new client certificate",
+        Duration::from_secs(5),
+        || subject() == Some(client_v2.subject()),
+    );
+    // A rewritten Secret manifest: the next handshake gets the new certificate.
+    replace(&edge_secret, &tls_secret("gw-cert", &edge_v2));
+    wait_for(
+        "clients to see the new server certificate",
+        Duration::from_secs(5),
+        || edge_serial() == edge_v2.serial_hex,
+    );
+
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(5)]
+    );
+}

@@ -12,6 +12,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::metrics::metrics;
 use crate::reload::Live;
 
 mod diag;
@@ -19,6 +20,7 @@ mod diag;
 pub const ALIVE_PATH: &str = "/ambassador/v0/check_alive";
 pub const READY_PATH: &str = "/ambassador/v0/check_ready";
 pub const DIAG_PATH: &str = "/ambassador/v0/diag/";
+pub const METRICS_PATH: &str = "/metrics";
 
 pub struct AdminApp {
     ready: Arc<AtomicBool>,
@@ -69,6 +71,7 @@ impl ServeHttp for AdminApp {
             DIAG_PATH | "/ambassador/v0/diag" => {
                 reply(200, "text/plain; charset=utf-8", diag::text(&self.live))
             }
+            METRICS_PATH => reply(200, "text/plain; version=0.0.4", metrics().render()),
             READY_PATH if self.ready.load(Ordering::Acquire) => {
                 text(200, "pingress is ready and waiting")
             }

@@ -293,6 +293,7 @@ pub struct ModuleConfig {
     pub enable_ipv6: Option<bool>,
     pub diagnostics: Option<Value>,
     pub forward_client_cert_details: Option<String>,
+    pub envoy_log_type: Option<String>,
     pub set_current_client_cert_details: Option<ClientCertDetails>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

@@ -15,7 +15,7 @@ use crate::routing::matchers::HostGlob;
 use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 
 use super::spec::{check_unknown_fields, parse_section};
-use super::{count, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
+use super::{count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
 use crate::tls::TlsContext;
 use std::sync::Arc;
 
@@ -35,6 +35,7 @@ const MODULE_SUPPORTED: &[&str] = &[
     "enable_ipv6",
     "forward_client_cert_details",
     "set_current_client_cert_details",
+    "envoy_log_type",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
@@ -67,7 +68,6 @@ const MODULE_LATER: &[&str] = &[
     "grpc_stats",
     "default_label_domain",
     "default_labels",
-    "envoy_log_type",
     "envoy_log_path",
     "envoy_log_format",
     "envoy_validation_timeout",
@@ -226,6 +226,17 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
             );
         }
     }
+    let access_log = match config.envoy_log_type.as_deref() {
+        None | Some("text") => AccessLog::Text,
+        Some("json") => AccessLog::Json,
+        Some(other) => {
+            report.error(
+                "spec.config.envoy_log_type",
+                format!("{other:?} is not text or json"),
+            );
+            AccessLog::Text
+        }
+    };
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -249,6 +260,7 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         enable_ipv4: config.enable_ipv4.unwrap_or(true),
         enable_ipv6: config.enable_ipv6.unwrap_or(false),
         xfcc,
+        access_log,
         defaults,
     })
 }

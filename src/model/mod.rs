@@ -39,6 +39,8 @@ pub struct ModuleSettings {
     pub enable_ipv6: bool,
     /// `x-forwarded-client-cert` handling.
     pub xfcc: XfccPolicy,
+    /// `envoy_log_type`.
+    pub access_log: AccessLog,
     pub defaults: MappingDefaults,
 }
 
@@ -57,9 +59,17 @@ impl Default for ModuleSettings {
             enable_ipv4: true,
             enable_ipv6: false,
             xfcc: XfccPolicy::default(),
+            access_log: AccessLog::Text,
             defaults: MappingDefaults::default(),
         }
     }
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Text,
+    Json,
 }
 
 /// `defaults.httpmapping` of the Module. Each is replaced, never merged, by

@@ -27,6 +27,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorType;
 use rand::Rng;
 
+use crate::metrics::metrics;
 use crate::model::{InsecureAction, Rewrite, SecurityModel};
 use crate::routing::headers::{HeaderEdits, RequestFacts};
 use crate::routing::path::{normalize, PathError};
@@ -34,7 +35,10 @@ use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 
-pub use respond::classify;
+pub use respond::{classify, Failure};
+
+mod access_log;
+use access_log::AccessEntry;
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 const XFCC: &str = "x-forwarded-client-cert";
@@ -77,6 +81,8 @@ pub struct RequestCtx {
     /// body, must complete before it, as Envoy's route timeout demands.
     deadline: Option<Instant>,
     upstream_started: Option<Instant>,
+    /// The upstream endpoint chosen, for the access log.
+    upstream_addr: Option<String>,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
 }
@@ -260,6 +266,7 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             deadline: None,
             upstream_started: None,
+            upstream_addr: None,
             local_reply: None,
         }
     }
@@ -302,6 +309,7 @@ impl ProxyHttp for Gateway {
                 format!("no endpoints for {}", cluster.name),
             )
         })?;
+        ctx.upstream_addr = Some(peer._address.to_string());
         let now = Instant::now();
         // Each read may wait at most what is left of the route timeout (or
         // the idle timeout, if shorter); `check_deadline` catches a
@@ -320,13 +328,22 @@ impl ProxyHttp for Gateway {
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
-        _peer: &HttpPeer,
+        reused: bool,
+        peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let counters = metrics();
+        if reused {
+            counters.upstream_connections_reused.inc();
+        } else {
+            counters.upstream_connections_new.inc();
+            if peer.is_tls() {
+                counters.upstream_tls_handshakes.inc();
+            }
+        }
         let Some(tls) = ctx.route.as_ref().and_then(|r| r.cluster()?.tls.as_ref()) else {
             return Ok(());
         };
@@ -468,30 +485,34 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let (status, cause) = classify(e);
+        let failure = classify(e);
         let mapping = ctx
             .route
             .as_ref()
             .map(|r| r.mapping.as_str())
             .unwrap_or("-");
-        let cluster = ctx.route.as_ref().map(|r| r.target_name()).unwrap_or("-");
-        if status >= 500 {
-            warn!("mapping {mapping} upstream {cluster}: {status} {cause}: {e}");
+        let target = ctx.route.as_ref().map(|r| r.target_name()).unwrap_or("-");
+        if failure.status >= 500 {
+            warn!(
+                "mapping {mapping} upstream {target}: {} {}: {e}",
+                failure.status, failure.cause
+            );
+            metrics().upstream_error(mapping, failure.kind);
         }
-        if status > 0 {
+        if failure.status > 0 {
             // The connection is not reused after a failure: say so.
             session.set_keepalive(None);
             let server_name = ctx
                 .snapshot
                 .as_ref()
                 .and_then(|s| s.module.server_name.clone());
-            let reply = respond::LocalReply::failure(status, cause);
+            let reply = respond::LocalReply::failure(failure.status, failure.cause);
             if let Err(write_error) = reply.send(session, server_name.as_deref()).await {
                 warn!("failed to send the error response: {write_error}");
             }
         }
         FailToProxy {
-            error_code: status,
+            error_code: failure.status,
             can_reuse_downstream: false,
         }
     }
@@ -507,31 +528,43 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let req = session.req_header();
-        let client = session
-            .client_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".into());
-        let mapping = ctx
-            .route
-            .as_ref()
-            .map(|r| r.mapping.as_str())
-            .unwrap_or("-");
-        let upstream = ctx.route.as_ref().map(|r| r.target_name()).unwrap_or("-");
-        let outcome = match (ctx.local_reply, error) {
-            (Some(reason), _) => reason.to_string(),
-            (None, Some(e)) => e.etype().as_str().to_string(),
-            (None, None) => "-".into(),
+        let elapsed = ctx.started.elapsed();
+        match (&ctx.route, ctx.local_reply) {
+            (Some(route), None) => {
+                route.metrics.count(status);
+                route.metrics.duration.observe(elapsed.as_secs_f64());
+            }
+            (_, Some(reason)) => metrics().local_reply(reason),
+            (None, None) => {}
+        }
+        let Some(format) = ctx.snapshot.as_ref().map(|s| s.module.access_log) else {
+            return;
         };
-        info!(
-            target: "access",
-            "{client} \"{} {} {}\" {status} {} {}ms mapping={mapping} upstream={upstream} note={outcome}",
-            req.method,
-            req.uri,
-            protocol(session),
-            session.body_bytes_sent(),
-            ctx.started.elapsed().as_millis(),
-        );
+        if !log::log_enabled!(target: "access", log::Level::Info) {
+            return;
+        }
+        let req = session.req_header();
+        let entry = AccessEntry {
+            client: session.client_addr().map(|a| a.to_string()),
+            method: req.method.as_str(),
+            uri: &req.uri,
+            protocol: protocol(session),
+            status,
+            bytes: session.body_bytes_sent(),
+            duration: elapsed,
+            upstream: ctx.upstream_addr.as_deref(),
+            mapping: ctx.route.as_ref().map(|r| r.mapping.as_str()),
+            request_id: req
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+            note: match (ctx.local_reply, error) {
+                (Some(reason), _) => Some(reason),
+                (None, Some(e)) => Some(e.etype().as_str()),
+                (None, None) => None,
+            },
+        };
+        info!(target: "access", "{}", entry.render(format));
     }
 }
 

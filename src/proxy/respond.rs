@@ -116,34 +116,55 @@ impl LocalReply {
     }
 }
 
-/// The status and a short cause for a failed proxy attempt: unreachable
-/// upstreams are 503, TLS failures 502, timeouts 504 (as Envoy answers).
-/// 0 means the client is gone and nothing can be sent.
-pub fn classify(e: &Error) -> (u16, &'static str) {
+/// A failed proxy attempt, as the client and the metrics see it.
+pub struct Failure {
+    /// 0 means the client is gone and nothing can be sent.
+    pub status: u16,
+    pub cause: &'static str,
+    /// `connect`, `tls`, `timeout`, `protocol`, `client` or `internal`.
+    pub kind: &'static str,
+}
+
+/// Unreachable upstreams are 503, TLS failures 502, timeouts 504, as Envoy
+/// answers them.
+pub fn classify(e: &Error) -> Failure {
     use ErrorType::*;
+    let failure = |status, cause, kind| Failure {
+        status,
+        cause,
+        kind,
+    };
     match e.etype() {
-        HTTPStatus(503) => return (503, "no healthy upstream"),
-        HTTPStatus(code) => return (*code, "gateway error"),
+        HTTPStatus(503) => return failure(503, "no healthy upstream", "connect"),
+        HTTPStatus(code) => return failure(*code, "gateway error", "internal"),
         _ => {}
     }
     match e.esource() {
         ErrorSource::Upstream => match e.etype() {
             ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | SocketError
-            | BindError => (503, "upstream connect error: the upstream is unreachable"),
+            | BindError => failure(
+                503,
+                "upstream connect error: the upstream is unreachable",
+                "connect",
+            ),
             TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError
-            | TLSWantX509Lookup => (502, "upstream TLS handshake failed"),
-            Custom(TLS_POLICY) => (502, "upstream TLS parameters violate the TLSContext"),
-            ReadTimedout | WriteTimedout => (504, "upstream request timeout"),
-            _ => (502, "upstream connection error"),
+            | TLSWantX509Lookup => failure(502, "upstream TLS handshake failed", "tls"),
+            Custom(TLS_POLICY) => {
+                failure(502, "upstream TLS parameters violate the TLSContext", "tls")
+            }
+            ReadTimedout | WriteTimedout => failure(504, "upstream request timeout", "timeout"),
+            _ => failure(502, "upstream connection error", "protocol"),
         },
         ErrorSource::Downstream => match e.etype() {
-            WriteError | ReadError | ConnectionClosed => (0, "client went away"),
-            ReadTimedout => (408, "request timeout"),
-            _ => (400, "bad request"),
+            WriteError | ReadError | ConnectionClosed => failure(0, "client went away", "client"),
+            ReadTimedout => failure(408, "request timeout", "client"),
+            _ => failure(400, "bad request", "client"),
         },
         ErrorSource::Internal | ErrorSource::Unset => match e.etype() {
-            Custom(TLS_POLICY) => (502, "upstream TLS parameters violate the TLSContext"),
-            _ => (500, "internal gateway error"),
+            Custom(TLS_POLICY) => {
+                failure(502, "upstream TLS parameters violate the TLSContext", "tls")
+            }
+            _ => failure(500, "internal gateway error", "internal"),
         },
     }
 }

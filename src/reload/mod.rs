@@ -21,6 +21,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
 use crate::config::diagnostics::{Diagnostic, Severity};
+use crate::metrics::metrics;
 use crate::server::{load, Loaded};
 use crate::snapshot::{Resolution, Snapshot};
 
@@ -61,6 +62,7 @@ pub enum Outcome {
 
 impl Live {
     pub fn new(snapshot: Snapshot, diagnostics: Vec<Diagnostic>) -> Live {
+        publish_metrics(&snapshot, 1);
         Live {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             status: ArcSwap::from_pointee(Status {
@@ -83,9 +85,16 @@ impl Live {
             at: SystemTime::now(),
             outcome: outcome.clone(),
         });
-        if matches!(outcome, Outcome::Applied) {
-            status.generation += 1;
-            status.applied_at = SystemTime::now();
+        let counters = metrics();
+        match &outcome {
+            Outcome::Applied => {
+                status.generation += 1;
+                status.applied_at = SystemTime::now();
+                publish_metrics(&self.snapshot.load(), status.generation);
+                counters.reload("applied");
+            }
+            Outcome::Refused(_) => counters.reload("refused"),
+            Outcome::Failed(_) => counters.reload("failed"),
         }
         self.status.store(Arc::new(status));
         outcome
@@ -122,6 +131,46 @@ impl Live {
         self.status.store(Arc::new(status));
         Outcome::Applied
     }
+}
+
+/// The serving configuration's gauges: generation, when, and when each
+/// certificate in use expires.
+fn publish_metrics(snapshot: &Snapshot, generation: u64) {
+    let counters = metrics();
+    counters.generation.set(generation as f64);
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    counters.last_reload_success.set(now);
+    let mut certificates: Vec<(String, &'static str, i64)> = Vec::new();
+    let mut add = |context: &crate::tls::TlsContext, role: &'static str| {
+        if let Some(expiry) = context
+            .cert_key
+            .as_ref()
+            .and_then(|c| crate::tls::unix_time(c.leaf().not_after()))
+        {
+            let entry = (context.name.clone(), role, expiry);
+            if !certificates.contains(&entry) {
+                certificates.push(entry);
+            }
+        }
+    };
+    for listener in &snapshot.listeners {
+        for host in listener.hosts.hosts() {
+            if let Some(context) = &host.host.tls {
+                add(context, "server");
+            }
+            for group in &host.groups {
+                for (_, route) in &group.members {
+                    if let Some(context) = route.cluster().and_then(|c| c.tls.as_ref()) {
+                        add(context, "client");
+                    }
+                }
+            }
+        }
+    }
+    counters.set_certificates(&certificates);
 }
 
 fn listener_shape(snapshot: &Snapshot) -> Vec<(u16, bool)> {

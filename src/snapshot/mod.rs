@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::config::diagnostics::{Diagnostic, Location};
+use crate::metrics::{metrics, RouteMetrics};
 use crate::model::{
     HostBinding, Listener, Model, ModuleSettings, Rewrite, SecurityModel, VirtualHost,
 };
@@ -69,6 +70,7 @@ pub struct Route {
     pub linkerd_header: Option<HeaderValue>,
     /// `x-envoy-expected-rq-timeout-ms`.
     pub expected_timeout: Option<HeaderValue>,
+    pub metrics: RouteMetrics,
 }
 
 #[derive(Debug)]
@@ -392,5 +394,6 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         response_headers: mapping.response_headers.clone(),
         linkerd_header: linkerd_header.flatten(),
         expected_timeout,
+        metrics: metrics().route(&mapping.name),
     }
 }

@@ -1,0 +1,189 @@
+//! Prometheus metrics, served in text format on the admin listener at
+//! `/metrics`. Per-Mapping handles are resolved when a snapshot is compiled,
+//! so a request only increments atomics: no label lookup, no lock.
+//!
+//! Certificate material never appears here; only expiry times, by context.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Request latency buckets, in seconds: a gateway cares from a fraction of
+/// a millisecond to the default 3 s route timeout and beyond.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    local_replies: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    pub upstream_connections_new: IntCounter,
+    pub upstream_connections_reused: IntCounter,
+    pub upstream_tls_handshakes: IntCounter,
+    reloads: IntCounterVec,
+    pub last_reload_success: Gauge,
+    pub generation: Gauge,
+    certificate_expiry: GaugeVec,
+}
+
+/// The process's metrics. Registration of fixed names cannot fail; should
+/// it, the process has a bug worth stopping for at startup.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| Metrics::new().expect("metric names and labels are valid"))
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new_custom(Some("pingress".into()), None)?;
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let metric = IntCounter::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<Gauge> {
+            let metric = Gauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request to the end of the response, per Mapping",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["mapping"],
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let certificate_expiry = GaugeVec::new(
+            Opts::new(
+                "certificate_expiry_timestamp_seconds",
+                "When a certificate in use expires (Unix time), by TLSContext and role",
+            ),
+            &["context", "role"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
+        Ok(Metrics {
+            requests: counter_vec(
+                "requests_total",
+                "Requests routed to a Mapping, by status class",
+                &["mapping", "class"],
+            )?,
+            duration,
+            local_replies: counter_vec(
+                "local_replies_total",
+                "Requests the gateway answered itself (404, 301, 421, ...)",
+                &["reason"],
+            )?,
+            upstream_errors: counter_vec(
+                "upstream_errors_total",
+                "Failed upstream exchanges, by Mapping and kind",
+                &["mapping", "kind"],
+            )?,
+            upstream_connections_new: counter(
+                "upstream_connections_new_total",
+                "Upstream connections opened",
+            )?,
+            upstream_connections_reused: counter(
+                "upstream_connections_reused_total",
+                "Requests sent on a pooled upstream connection",
+            )?,
+            upstream_tls_handshakes: counter(
+                "upstream_tls_handshakes_total",
+                "TLS handshakes with upstreams",
+            )?,
+            reloads: counter_vec(
+                "reloads_total",
+                "Configuration reloads, by outcome",
+                &["outcome"],
+            )?,
+            last_reload_success: gauge(
+                "last_reload_success_timestamp_seconds",
+                "When the serving configuration was applied (Unix time)",
+            )?,
+            generation: gauge(
+                "config_generation",
+                "Generation of the serving configuration",
+            )?,
+            certificate_expiry,
+            registry,
+        })
+    }
+
+    /// The handles of one Mapping, for its Route.
+    pub fn route(&self, mapping: &str) -> RouteMetrics {
+        let class = |c: &str| self.requests.with_label_values(&[mapping, c]);
+        RouteMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            other: class("other"),
+            duration: self.duration.with_label_values(&[mapping]),
+        }
+    }
+
+    pub fn local_reply(&self, reason: &str) {
+        self.local_replies.with_label_values(&[reason]).inc();
+    }
+
+    pub fn upstream_error(&self, mapping: &str, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[mapping, kind])
+            .inc();
+    }
+
+    pub fn reload(&self, outcome: &str) {
+        self.reloads.with_label_values(&[outcome]).inc();
+    }
+
+    /// Replaces the certificate expiry gauges with the serving set.
+    pub fn set_certificates(&self, certificates: &[(String, &'static str, i64)]) {
+        self.certificate_expiry.reset();
+        for (context, role, expiry) in certificates {
+            self.certificate_expiry
+                .with_label_values(&[context.as_str(), role])
+                .set(*expiry as f64);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// A Mapping's counters, resolved once per snapshot.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+    other: IntCounter,
+    pub duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn count(&self, status: u16) {
+        match status / 100 {
+            class @ 1..=5 => self.by_class[usize::from(class - 1)].inc(),
+            _ => self.other.inc(),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The admin listener promises: `/metrics` counts what happened (and holds
+//! no certificate material), `/ambassador/v0/diag/` shows the route table in
+//! evaluation order and errors keyed as Emissary keys them.
+
+mod support;
+
+use support::*;
+
+fn mapping(name: &str, prefix: &str, service: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: {name}\n\
+         spec:\n  hostname: \"*\"\n  prefix: {prefix}\n  service: {service}\n{extra}"
+    )
+}
+
+/// The value of one sample line of a Prometheus text exposition.
+fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| {
+            line.starts_with(name_and_labels) && line[name_and_labels.len()..].starts_with(' ')
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn metrics_count_requests_failures_and_certificates() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let client = pki.issue_client("gateway");
+    let echo = Echo::plain("echo");
+    let mtls = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let closed = free_port();
+    let secret = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: client\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: {}\n  tls.key: {}\n",
+        serde_json::to_string(&client.cert_pem).unwrap(),
+        serde_json::to_string(&client.key_pem).unwrap()
+    );
+    let resources = [
+        secret,
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: upstream\n\
+         spec:\n  hosts: []\n  secret: client\n"
+            .to_string(),
+        mapping("svc", "/svc/", &format!("127.0.0.1:{}", echo.port()), ""),
+        mapping("dead", "/dead/", &format!("127.0.0.1:{closed}"), ""),
+        mapping(
+            "secure",
+            "/secure/",
+            &format!("https://localhost:{}", mtls.port()),
+            "  tls: upstream\n",
+        ),
+    ]
+    .concat();
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), &resources);
+    let gateway = Gateway::start(dir.path());
+
+    let mut keepalive = Client::connect(port);
+    for _ in 0..5 {
+        assert_eq!(keepalive.get("/svc/").status, 200);
+    }
+    for _ in 0..4 {
+        assert_eq!(keepalive.get("/secure/").status, 200);
+    }
+    assert_eq!(Request::get("/dead/").send(port).status, 503);
+    assert_eq!(Request::get("/nowhere").send(port).status, 404);
+
+    let reply = gateway.admin_get("/metrics");
+    assert_eq!(reply.status, 200);
+    let metrics = reply.text();
+    let value = |series: &str| {
+        sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("pingress_requests_total{class=\"2xx\",mapping=\"svc.default\"}"),
+        5.0
+    );
+    assert_eq!(
+        value("pingress_requests_total{class=\"2xx\",mapping=\"secure.default\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("pingress_requests_total{class=\"5xx\",mapping=\"dead.default\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pingress_upstream_errors_total{kind=\"connect\",mapping=\"dead.default\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pingress_local_replies_total{reason=\"no_route\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pingress_request_duration_seconds_count{mapping=\"svc.default\"}"),
+        5.0
+    );
+    assert_eq!(value("pingress_config_generation"), 1.0);
+    // Pooling: four requests on one downstream connection need one upstream
+    // TLS handshake, not four.
+    assert_eq!(value("pingress_upstream_tls_handshakes_total"), 1.0);
+    assert!(value("pingress_upstream_connections_reused_total") >= 6.0);
+    let expiry = value("pingress_certificate_expiry_timestamp_seconds{context=\"upstream.default\",role=\"client\"}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now && expiry < now + 31.0 * 86_400.0, "{expiry}");
+    assert!(
+        !metrics.contains("BEGIN"),
+        "certificate material in /metrics"
+    );
+}
+
+#[test]
+fn diag_shows_routes_in_order_and_errors_by_resource() {
+    let dir = tempdir();
+    let resources = [
+        mapping("short", "/a/", "127.0.0.1:9", ""),
+        mapping("long", "/a/b/", "127.0.0.1:9", ""),
+        mapping("canary", "/a/b/", "127.0.0.1:10", "  weight: 25\n"),
+        mapping("broken", "/broken/", "127.0.0.1:9", "  timeout_ms: soon\n"),
+    ]
+    .concat();
+    write_gateway(dir.path(), free_port(), free_port(), &resources);
+    let gateway = Gateway::start(dir.path());
+
+    let reply = gateway.admin_get("/ambassador/v0/diag/?json=true");
+    assert_eq!(reply.status, 200);
+    let diag: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let routes = diag["routes"].as_array().unwrap();
+    let order: Vec<&str> = routes
+        .iter()
+        .map(|r| r["match"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["prefix /a/b/", "prefix /a/"], "{diag:#}");
+    let canary = &routes[0]["mappings"];
+    assert_eq!(canary[0]["mapping"], "canary.default");
+    assert_eq!(canary[0]["weight"], 25);
+    assert_eq!(canary[1]["weight"], 75);
+    // The broken Mapping is document 5 of the file (the Listener is first).
+    let errors = &diag["errors"]["broken.default.5"];
+    assert!(
+        errors[0].as_str().unwrap().contains("spec.timeout_ms"),
+        "{diag:#}"
+    );
+
+    let reply = gateway.admin_get("/ambassador/v0/diag/?json=true&filter=errors");
+    let pairs: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(pairs.as_array().unwrap().len(), 1, "{pairs:#}");
+    assert_eq!(pairs[0][0], "broken.default.5");
+
+    let text = gateway.admin_get("/ambassador/v0/diag/").text();
+    assert!(text.contains("routes, in evaluation order"), "{text}");
+}

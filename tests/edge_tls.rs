@@ -28,97 +28,13 @@ use openssl::x509::X509;
 
 use support::*;
 
-const V3: &str = "getambassador.io/v3alpha1";
-
 // ---------------------------------------------------------------------------
 // Resource builders
 // ---------------------------------------------------------------------------
 
-fn indent(text: &str, by: usize) -> String {
-    let pad = " ".repeat(by);
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| format!("{pad}{l}\n"))
-        .collect()
-}
-
-/// A YAML double-quoted scalar (JSON strings are valid YAML).
-fn q(text: &str) -> String {
-    serde_json::to_string(text).expect("a string serializes as JSON")
-}
-
-/// One v3 resource; `metadata` is the inside of a flow map, `spec` block
-/// YAML at the level of the spec's keys.
-fn doc(kind: &str, metadata: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: {V3}\nkind: {kind}\nmetadata: {{{metadata}}}\nspec:\n{}",
-        indent(spec, 2)
-    )
-}
-
-/// A `kubernetes.io/tls` Secret with a certificate chain and its key.
-fn tls_secret(name: &str, namespace: &str, cert: &CertFiles) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {}, namespace: {namespace}}}\n\
-         type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-        q(name),
-        indent(&cert.cert_pem, 4),
-        indent(&cert.key_pem, 4)
-    )
-}
-
-/// An Opaque Secret holding a CA bundle under `tls.crt`, as Emissary reads it.
-fn ca_secret(name: &str, namespace: &str, ca_pem: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {}, namespace: {namespace}}}\n\
-         type: Opaque\nstringData:\n  tls.crt: |\n{}",
-        q(name),
-        indent(ca_pem, 4)
-    )
-}
-
-/// A Listener with securityModel XFP that binds Hosts of every namespace.
-fn listener(name: &str, port: u16, protocol: &str) -> String {
-    doc(
-        "Listener",
-        &format!("name: {name}"),
-        &format!(
-            "port: {port}\nprotocol: {protocol}\nsecurityModel: XFP\n\
-             hostBinding:\n  namespace:\n    from: ALL"
-        ),
-    )
-}
-
-/// A Host for `hostname`; `extra` is block YAML at the level of its spec.
-fn host(name: &str, hostname: &str, extra: &str) -> String {
-    doc(
-        "Host",
-        &format!("name: {}", q(name)),
-        &format!("hostname: {}\n{extra}", q(hostname)),
-    )
-}
-
-/// `tlsSecret` plus `requestPolicy.insecure.action` (`None`: the default).
-fn tls_spec(secret: &str, action: Option<&str>) -> String {
-    let policy = action
-        .map(|a| format!("requestPolicy:\n  insecure:\n    action: {a}\n"))
-        .unwrap_or_default();
-    format!("tlsSecret:\n  name: {}\n{policy}", q(secret))
-}
-
-/// A Mapping of `prefix` to `echo`; `metadata_extra` is appended inside the
-/// metadata flow map (`, labels: {..}`), `extra` are spec lines.
-fn mapping(name: &str, metadata_extra: &str, prefix: &str, echo: &Echo, extra: &str) -> String {
-    doc(
-        "Mapping",
-        &format!("name: {name}{metadata_extra}"),
-        &format!(
-            "prefix: {}\nservice: 127.0.0.1:{}\n{extra}",
-            q(prefix),
-            echo.port()
-        ),
-    )
-}
+// `doc`, `listener`, `host`, `tls_spec`, `tls_secret`, `ca_secret` and
+// `mapping` live in tests/support/mod.rs, shared with
+// tests/client_identity.rs.
 
 /// Writes the gateway file and `docs` (which bring their own Listeners) and
 /// starts pingress.

@@ -161,6 +161,8 @@ pub struct Reporter<'a> {
     location: Location,
     sink: &'a mut Vec<Diagnostic>,
     errors: usize,
+    /// Field paths starting with `.0` are reported under `.1` instead.
+    rebase: Option<(String, String)>,
 }
 
 impl<'a> Reporter<'a> {
@@ -169,15 +171,39 @@ impl<'a> Reporter<'a> {
             location,
             sink,
             errors: 0,
+            rebase: None,
+        }
+    }
+
+    /// Reports fields under `from` as if under `to` until [`Reporter::unrebase`]:
+    /// a Host's inline `tls:` is validated by the TLSContext code, whose
+    /// fields are `spec.*`, but lives at `spec.tls.*`.
+    pub fn rebase(&mut self, from: &str, to: &str) {
+        self.rebase = Some((from.to_string(), to.to_string()));
+    }
+
+    pub fn unrebase(&mut self) {
+        self.rebase = None;
+    }
+
+    fn field_path(&self, field: &str) -> String {
+        match &self.rebase {
+            Some((from, to)) => match field.strip_prefix(from.as_str()) {
+                Some(rest) if rest.is_empty() || rest.starts_with('.') => format!("{to}{rest}"),
+                _ => field.to_string(),
+            },
+            None => field.to_string(),
         }
     }
 
     pub fn error(&mut self, field: &str, message: impl Into<String>) -> &mut Diagnostic {
         self.errors += 1;
+        let field = self.field_path(field);
         self.push(Diagnostic::error(self.location.clone(), message).field(field))
     }
 
     pub fn warning(&mut self, field: &str, message: impl Into<String>) -> &mut Diagnostic {
+        let field = self.field_path(field);
         self.push(Diagnostic::warning(self.location.clone(), message).field(field))
     }
 

@@ -100,14 +100,16 @@ pub fn resolve(
         (None, Some(inline)) => {
             let inline_spec: TlsContextSpec = parse_value(Some(inline), "spec.tls", report)?;
             check_unknown_fields(&inline_spec.other, "spec.tls", SUPPORTED, LATER, report);
+            report.rebase("spec", "spec.tls");
             let context = build(
                 &format!("{host_name}-context"),
                 &raw.id.namespace,
                 &inline_spec,
                 secrets,
                 report,
-            )?;
-            Arc::new(context)
+            );
+            report.unrebase();
+            Arc::new(context?)
         }
         (None, None) => match contexts.valid.get(&format!("{host_name}-context")) {
             // Emissary's deprecated implicit link.

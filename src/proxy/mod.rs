@@ -410,11 +410,14 @@ impl ProxyHttp for Gateway {
         let client = session.client_addr().and_then(|a| a.as_inet()).copied();
         forwarded_headers(upstream, client.map(|a| a.ip()), snapshot, session);
         let peer = edge_session(session).and_then(|e| e.client.as_ref());
-        let from_client = upstream
+        // Several header lines are one comma-separated list (RFC 9110 §5.3).
+        let lines: Vec<&str> = upstream
             .headers
-            .get(XFCC)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .get_all(XFCC)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let from_client = (!lines.is_empty()).then(|| lines.join(","));
         match module.xfcc.header(from_client.as_deref(), peer) {
             Some(value) => upstream.insert_header(XFCC, value)?,
             None => {

@@ -12,8 +12,10 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Builds a regex that must match the whole input, as Envoy's safe_regex
 /// does. The error is a one-line message quoting the pattern as written.
 pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
-    RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .case_insensitive(case_insensitive)
+    // The flag goes into the pattern, so the compiled regex says what it
+    // matches (the route index relies on that).
+    let flags = if case_insensitive { "(?i)" } else { "" };
+    RegexBuilder::new(&format!("^(?:{flags}{pattern})$"))
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
         .map_err(|e| describe_regex_error(pattern, &e))
@@ -83,6 +85,24 @@ impl PathMatch {
         }
     }
 
+    /// A string every matching path starts with, for the route index; empty
+    /// when there is none to rely on (case-insensitive matches, regexes
+    /// that start with a pattern or hold an alternation).
+    pub fn literal_prefix(&self) -> &str {
+        match self {
+            PathMatch::Prefix {
+                prefix,
+                case_sensitive: true,
+            } => prefix,
+            PathMatch::Exact {
+                path,
+                case_sensitive: true,
+            } => path,
+            PathMatch::Regex(regex) => regex_literal_prefix(regex),
+            _ => "",
+        }
+    }
+
     /// Length of the part of `path` that the default `rewrite` replaces:
     /// the prefix for prefix matches, the whole path otherwise.
     pub fn matched_len(&self, path: &str) -> usize {
@@ -91,6 +111,31 @@ impl PathMatch {
             PathMatch::Exact { .. } | PathMatch::Regex(_) => path.len(),
         }
     }
+}
+
+/// The literal start of an anchored regex built by [`full_match_regex`].
+fn regex_literal_prefix(regex: &Regex) -> &str {
+    let Some(pattern) = regex
+        .as_str()
+        .strip_prefix("^(?:")
+        .and_then(|p| p.strip_suffix(")$"))
+    else {
+        return "";
+    };
+    // An alternation anywhere may make the literal start optional; flags
+    // such as (?i) change what the literal means.
+    if pattern.contains('|') || pattern.starts_with("(?") {
+        return "";
+    }
+    let end = pattern
+        .find(|c: char| ".[]{}()*+?^$\\|".contains(c))
+        .unwrap_or(pattern.len());
+    // A quantifier after the literal run applies to its last character.
+    let end = match pattern[end..].chars().next() {
+        Some('?' | '*' | '{') => pattern[..end].char_indices().last().map_or(0, |(i, _)| i),
+        _ => end,
+    };
+    &pattern[..end]
 }
 
 /// Exact or regex match of a header, query parameter or method value.
@@ -240,6 +285,25 @@ mod tests {
         assert!(m.matches("/foo/12"));
         assert!(!m.matches("/foo/12/x"));
         assert!(!m.matches("/x/foo/12"));
+    }
+
+    #[test]
+    fn literal_prefixes_for_the_index() {
+        let regex = |p: &str| PathMatch::Regex(full_match_regex(p, false).unwrap());
+        assert_eq!(regex("/re/5/[0-9]+").literal_prefix(), "/re/5/");
+        assert_eq!(regex("/abc?/x").literal_prefix(), "/ab");
+        assert_eq!(regex("/ab*").literal_prefix(), "/a");
+        assert_eq!(regex("/a|/b").literal_prefix(), "");
+        assert_eq!(regex("[a-z]+").literal_prefix(), "");
+        assert_eq!(regex("/x{2}").literal_prefix(), "/");
+        let insensitive_regex = PathMatch::Regex(full_match_regex("/abc/[0-9]+", true).unwrap());
+        assert_eq!(insensitive_regex.literal_prefix(), "");
+        assert!(insensitive_regex.matches("/ABC/12"));
+        let insensitive = PathMatch::Prefix {
+            prefix: "/A/".into(),
+            case_sensitive: false,
+        };
+        assert_eq!(insensitive.literal_prefix(), "");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct RequestView<'a> {
 /// The predicates shared by every Mapping of a group.
 #[derive(Debug)]
 pub struct RouteMatch {
-    path: PathMatch,
+    pub(crate) path: PathMatch,
     authority: Option<AuthorityMatch>,
     method: Option<ValueMatch>,
     headers: Vec<(http::HeaderName, ValueMatch)>,
@@ -111,14 +111,84 @@ impl<R> RouteGroup<R> {
 pub struct HostRoutes<R> {
     pub host: VirtualHost,
     pub groups: Vec<Arc<RouteGroup<R>>>,
+    index: PrefixIndex,
 }
 
 impl<R> HostRoutes<R> {
+    pub fn new(host: VirtualHost, groups: Vec<Arc<RouteGroup<R>>>) -> Self {
+        let index = PrefixIndex::new(groups.iter().map(|g| g.matcher.path.literal_prefix()));
+        HostRoutes {
+            host,
+            groups,
+            index,
+        }
+    }
+
+    /// The first group in evaluation order whose predicates all hold. Only
+    /// groups whose literal path prefix the path starts with are tested.
     pub fn find(&self, request: &RequestView) -> Option<&RouteGroup<R>> {
-        self.groups
-            .iter()
+        let mut candidates = self.index.candidates(request.path);
+        candidates.sort_unstable();
+        candidates
+            .into_iter()
+            .map(|i| self.groups[i as usize].as_ref())
             .find(|group| group.matcher.matches(request))
-            .map(|g| g.as_ref())
+    }
+}
+
+/// A byte trie of the groups' literal path prefixes: walking a path along
+/// it collects every group the path could match, typically a handful out
+/// of thousands. Groups without a literal prefix are candidates always.
+#[derive(Debug, Default)]
+struct PrefixIndex {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Default)]
+struct TrieNode {
+    /// Sorted by byte.
+    children: Vec<(u8, u32)>,
+    /// Groups whose prefix ends here.
+    groups: Vec<u32>,
+}
+
+impl PrefixIndex {
+    fn new<'p>(prefixes: impl Iterator<Item = &'p str>) -> Self {
+        let mut index = PrefixIndex {
+            nodes: vec![TrieNode::default()],
+        };
+        for (group, prefix) in prefixes.enumerate() {
+            let mut node = 0usize;
+            for byte in prefix.bytes() {
+                node = match index.nodes[node]
+                    .children
+                    .binary_search_by_key(&byte, |c| c.0)
+                {
+                    Ok(found) => index.nodes[node].children[found].1 as usize,
+                    Err(slot) => {
+                        let next = index.nodes.len();
+                        index.nodes.push(TrieNode::default());
+                        index.nodes[node].children.insert(slot, (byte, next as u32));
+                        next
+                    }
+                };
+            }
+            index.nodes[node].groups.push(group as u32);
+        }
+        index
+    }
+
+    fn candidates(&self, path: &str) -> Vec<u32> {
+        let mut found = self.nodes[0].groups.clone();
+        let mut node = &self.nodes[0];
+        for byte in path.bytes() {
+            match node.children.binary_search_by_key(&byte, |c| c.0) {
+                Ok(child) => node = &self.nodes[node.children[child].1 as usize],
+                Err(_) => break,
+            }
+            found.extend_from_slice(&node.groups);
+        }
+        found
     }
 }
 

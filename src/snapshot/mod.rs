@@ -282,10 +282,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                             group.clone()
                         })
                         .collect();
-                    HostRoutes {
-                        host: host.clone(),
-                        groups,
-                    }
+                    HostRoutes::new(host.clone(), groups)
                 })
                 .collect();
             let (tls_bounds, agree) = TlsBounds::of(edge.iter().flatten().map(|e| e.context.as_ref()));
@@ -395,5 +392,89 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         linkerd_header: linkerd_header.flatten(),
         expected_timeout,
         metrics: metrics().route(&mapping.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_documents;
+    use crate::routing::table::RequestView;
+
+    /// The prefix index must choose exactly what a scan in evaluation order
+    /// chooses, for every kind of path matcher.
+    #[test]
+    fn indexed_lookup_equals_a_linear_scan() {
+        let shapes = [
+            "prefix: /api/",
+            "prefix: /api/v1/",
+            "prefix: /api/v1/users",
+            "prefix: /API/v2/\n  case_sensitive: false",
+            "prefix: /exact\n  prefix_exact: true",
+            "prefix: \"/re/[0-9]+/x\"\n  prefix_regex: true",
+            "prefix: \"/re/(a|b)/y\"\n  prefix_regex: true",
+            "prefix: \"/opt?ional\"\n  prefix_regex: true",
+            "prefix: \"/CI/[a-z]+\"\n  prefix_regex: true\n  case_sensitive: false",
+            "prefix: /\n  precedence: -1",
+            "prefix: /api/\n  headers:\n    x-a: b",
+            "prefix: /api/\n  method: POST",
+        ];
+        let mut text = String::new();
+        for (i, shape) in shapes.iter().enumerate() {
+            text.push_str(&format!(
+                "---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: m{i}\n\
+                 spec:\n  hostname: \"*\"\n  service: s{i}\n  {shape}\n"
+            ));
+        }
+        let (mut raw, mut diags) = (Vec::new(), Vec::new());
+        parse_documents(std::path::Path::new("t.yaml"), &text, &mut raw, &mut diags);
+        let (model, problems) = crate::model::validate(raw, "default");
+        assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
+        let (snapshot, _) = compile(&model, Resolution::Skip);
+        let (_, host) = snapshot.listeners[0].hosts.select("h").unwrap();
+        let mut headers = http::HeaderMap::new();
+        let paths = [
+            "/",
+            "/api",
+            "/api/",
+            "/api/v1/",
+            "/api/v1/users/7",
+            "/api/v2/x",
+            "/API/V2/x",
+            "/exact",
+            "/exact/",
+            "/re/12/x",
+            "/re/12/xy",
+            "/re/a/y",
+            "/re/c/y",
+            "/optional",
+            "/opional",
+            "/ci/abc",
+            "/CI/ABC",
+            "/other",
+        ];
+        for with_header in [false, true] {
+            if with_header {
+                headers.insert("x-a", http::HeaderValue::from_static("b"));
+            }
+            for method in ["GET", "POST"] {
+                for path in paths {
+                    let view = RequestView {
+                        path,
+                        query: "",
+                        authority: "h",
+                        method,
+                        headers: &headers,
+                    };
+                    let scanned = host.groups.iter().position(|g| g.matcher.matches(&view));
+                    let indexed = host.find(&view).and_then(|found| {
+                        host.groups
+                            .iter()
+                            .position(|g| std::ptr::eq(g.as_ref(), found))
+                    });
+                    assert_eq!(indexed, scanned, "{method} {path} header={with_header}");
+                }
+            }
+        }
     }
 }

@@ -153,6 +153,13 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
         &server.configuration,
         Gateway::new(snapshot.clone(), draining),
     );
+    // Cleartext listeners also take HTTP/2 with prior knowledge (h2c), as
+    // Envoy's automatic codec does: gRPC clients use it.
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = app.server_options.take().unwrap_or_default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
     for (port, tls) in listeners {
         let address = format!("0.0.0.0:{port}");
         if tls {

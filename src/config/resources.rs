@@ -129,6 +129,7 @@ pub struct MappingSpec {
     pub add_response_headers: Option<OrderedMap<AddHeaderValue>>,
     pub remove_request_headers: Option<StringOrList>,
     pub remove_response_headers: Option<StringOrList>,
+    pub grpc: Option<bool>,
     pub host_redirect: Option<bool>,
     pub path_redirect: Option<String>,
     pub prefix_redirect: Option<String>,

@@ -51,6 +51,7 @@ const SUPPORTED: &[&str] = &[
     "remove_request_headers",
     "remove_response_headers",
     "add_linkerd_headers",
+    "grpc",
     "host_redirect",
     "path_redirect",
     "prefix_redirect",
@@ -67,7 +68,6 @@ const LATER: &[&str] = &[
     "bypass_auth",
     "auth_context_extensions",
     "shadow",
-    "grpc",
     "allow_upgrade",
     "use_websocket",
     "resolver",
@@ -142,6 +142,8 @@ pub struct Mapping {
     /// 0 disables.
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// `grpc: true`: HTTP/2 to the upstream (h2c in cleartext).
+    pub grpc: bool,
     pub idle_timeout_ms: Option<u64>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
@@ -454,6 +456,7 @@ fn validate(
         tls: context,
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
         connect_timeout_ms,
+        grpc: spec.grpc.unwrap_or(false),
         idle_timeout_ms: spec.idle_timeout_ms,
         request_headers,
         response_headers,

@@ -183,6 +183,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                         originate_tls: mapping.originate_tls,
                         tls_identity: mapping.tls.as_ref().map(|t| t.identity),
                         connect_timeout_ms: mapping.connect_timeout_ms,
+                        h2_only: mapping.grpc,
                     },
                     mapping.tls.clone(),
                 );

@@ -47,6 +47,8 @@ pub struct ClusterKey {
     pub originate_tls: bool,
     pub tls_identity: Option<u64>,
     pub connect_timeout_ms: u64,
+    /// Speak HTTP/2 only (gRPC).
+    pub h2_only: bool,
 }
 
 /// Builds clusters for one snapshot, resolving each host name once.
@@ -140,6 +142,10 @@ impl ClusterBuilder {
     }
 }
 
+/// Concurrent streams on one upstream HTTP/2 connection; Pingora's default
+/// of one would open a connection per call.
+const H2_STREAMS: usize = 100;
+
 fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>) -> HttpPeer {
     let service = &key.service;
     // Emissary sends no SNI unless the context names one; with an empty SNI
@@ -158,10 +164,17 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
     let verify = tls.is_some_and(|t| t.ca.is_some());
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
+    if key.h2_only {
+        // gRPC over h2 (or h2c in cleartext) multiplexes its calls.
+        peer.options.alpn = ALPN::H2;
+        peer.options.max_h2_streams = H2_STREAMS;
+    }
     if let Some(tls) = tls {
         peer.client_cert_key = tls.cert_key.clone();
         peer.options.ca = tls.ca.clone();
-        peer.options.alpn = tls.alpn.clone().unwrap_or(ALPN::H1);
+        if !key.h2_only {
+            peer.options.alpn = tls.alpn.clone().unwrap_or(ALPN::H1);
+        }
         peer.options.curves = tls.curves.clone().map(Into::into);
         peer.group_key = tls.identity;
     }

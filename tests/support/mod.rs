@@ -515,32 +515,45 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn plain() -> Nginx {
-        Nginx::start(None)
+        Nginx::start("", None)
+    }
+
+    /// Cleartext HTTP/2 with prior knowledge (h2c), as gRPC upstreams speak.
+    pub fn h2c() -> Nginx {
+        Nginx::start(" http2", None)
     }
 
     /// TLS with the given server certificate, no client verification.
     pub fn tls(server: &CertFiles) -> Nginx {
-        Nginx::start(Some(format!(
-            "ssl_certificate {};\n        ssl_certificate_key {};",
-            server.cert.display(),
-            server.key.display()
-        )))
+        Nginx::start(
+            "",
+            Some(format!(
+                "ssl_certificate {};\n        ssl_certificate_key {};",
+                server.cert.display(),
+                server.key.display()
+            )),
+        )
     }
 
     /// TLS that demands a client certificate issued by `ca`
     /// (`ssl_verify_client on`: nginx answers 400 without one).
     pub fn mtls(server: &CertFiles, ca: &Path) -> Nginx {
-        Nginx::start(Some(format!(
-            "ssl_certificate {};\n        ssl_certificate_key {};\n        \
+        Nginx::start(
+            "",
+            Some(format!(
+                "ssl_certificate {};\n        ssl_certificate_key {};\n        \
              ssl_client_certificate {};\n        ssl_verify_client on;\n        \
              ssl_verify_depth 2;",
-            server.cert.display(),
-            server.key.display(),
-            ca.display()
-        )))
+                server.cert.display(),
+                server.key.display(),
+                ca.display()
+            )),
+        )
     }
 
-    fn start(tls: Option<String>) -> Nginx {
+    /// `listen` is appended to the listen directive (` http2`); `tls` holds
+    /// the ssl directives.
+    fn start(listen: &str, tls: Option<String>) -> Nginx {
         if !Path::new(NGINX).exists() {
             panic!(
                 "{NGINX} not found: these tests use the system nginx as an upstream; \
@@ -555,7 +568,7 @@ impl Nginx {
         // free_port() is racy; retry a few times if someone grabbed the port.
         for _ in 0..5 {
             let port = free_port();
-            match Nginx::try_start(&dir, port, tls.as_deref()) {
+            match Nginx::try_start(&dir, port, listen, tls.as_deref()) {
                 Ok(child) => return Nginx { child, port, dir },
                 Err((retry, err)) => {
                     last_err = err;
@@ -568,11 +581,19 @@ impl Nginx {
         panic!("nginx failed to start:\n{last_err}");
     }
 
-    fn try_start(dir: &TempDir, port: u16, tls: Option<&str>) -> Result<Child, (bool, String)> {
+    fn try_start(
+        dir: &TempDir,
+        port: u16,
+        listen_extra: &str,
+        tls: Option<&str>,
+    ) -> Result<Child, (bool, String)> {
         let d = dir.path();
         let (listen, ssl) = match tls {
-            Some(cfg) => (format!("127.0.0.1:{port} ssl"), cfg.to_string()),
-            None => (format!("127.0.0.1:{port}"), String::new()),
+            Some(cfg) => (
+                format!("127.0.0.1:{port} ssl{listen_extra}"),
+                cfg.to_string(),
+            ),
+            None => (format!("127.0.0.1:{port}{listen_extra}"), String::new()),
         };
         let conf = format!(
             r#"daemon off;

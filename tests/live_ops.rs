@@ -364,3 +364,130 @@ fn certificates_rotate_without_restart_or_failed_requests() {
         &failures[..failures.len().min(5)]
     );
 }
+
+/// An HTTP/2 (h2c) client sending requests one after another on one
+/// connection, opening a new connection only when the server has said
+/// GOAWAY (requests it never took are sent again, as HTTP/2 allows).
+/// Returns the statuses and the failures.
+async fn h2_client(port: u16, stop: Arc<AtomicBool>) -> (usize, Vec<String>) {
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    let mut connection: Option<h2::client::SendRequest<bytes::Bytes>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let sender = match connection.take() {
+            Some(sender) => sender,
+            None => {
+                let tcp = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        failures.push(format!("connect: {e}"));
+                        continue;
+                    }
+                };
+                let (sender, driver) = h2::client::handshake(tcp).await.unwrap();
+                tokio::spawn(driver);
+                sender
+            }
+        };
+        // `ready` fails once the server sent GOAWAY: nothing was sent, so
+        // reconnecting is what every HTTP/2 client does.
+        let mut sender = match sender.ready().await {
+            Ok(sender) => sender,
+            Err(e) if e.is_go_away() || e.is_io() => continue,
+            Err(e) => {
+                failures.push(format!("ready: {e}"));
+                continue;
+            }
+        };
+        let request = http::Request::get(format!("http://127.0.0.1:{port}/svc/h2"))
+            .body(())
+            .unwrap();
+        let response = match sender.send_request(request, true) {
+            Ok((response, _)) => response.await,
+            Err(e) => Err(e),
+        };
+        match response {
+            Ok(response) if response.status() == 200 => {
+                let mut body = response.into_body();
+                while let Some(chunk) = body.data().await {
+                    if let Err(e) = chunk {
+                        failures.push(format!("body: {e}"));
+                        break;
+                    }
+                }
+                ok += 1;
+                connection = Some(sender);
+            }
+            Ok(response) => failures.push(format!("status {}", response.status())),
+            // A stream the server refused before processing is safe to retry.
+            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() => {}
+            Err(e) => failures.push(format!("request: {e}")),
+        }
+    }
+    (ok, failures)
+}
+
+/// HTTP/2 clients across an upgrade: the old process keeps serving its
+/// HTTP/2 connections and sends GOAWAY when its shutdown starts, so clients
+/// move to a new connection without losing a request.
+#[test]
+fn graceful_upgrade_keeps_http2_clients_whole() {
+    let dir = tempdir();
+    let echo = Echo::plain("upstream");
+    let port = free_port();
+    write_gateway(
+        dir.path(),
+        port,
+        free_port(),
+        &mapping("svc", "/svc/", &format!("127.0.0.1:{}", echo.port())),
+    );
+    // HTTP/2 streams in flight when GOAWAY goes out finish within the grace
+    // period: give them one, as any production configuration does.
+    let gateway_file = dir.path().join("gateway.yaml");
+    let conf = fs::read_to_string(&gateway_file).unwrap();
+    fs::write(
+        &gateway_file,
+        conf.replace("grace_period_seconds: 0", "grace_period_seconds: 2"),
+    )
+    .unwrap();
+    let mut old = Gateway::start(dir.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let clients: Vec<_> = (0..4)
+        .map(|_| runtime.spawn(h2_client(port, stop.clone())))
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+
+    let mut new = Gateway::spawn(dir.path(), &["-u"], "new.log");
+    thread::sleep(Duration::from_millis(300));
+    let status = std::process::Command::new("kill")
+        .args(["-QUIT", &old.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    new.wait_ready(Duration::from_secs(20));
+    wait_for("the old process to exit", Duration::from_secs(30), || {
+        old.try_wait().is_some()
+    });
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+
+    let (mut ok, mut failures) = (0, Vec::new());
+    for client in clients {
+        let (served, failed) = runtime.block_on(client).unwrap();
+        ok += served;
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} HTTP/2 requests failed ({ok} served): {:?}\nold:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        old.log()
+    );
+    assert!(ok > 1000, "only {ok} HTTP/2 requests");
+}

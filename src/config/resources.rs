@@ -100,6 +100,17 @@ pub struct RegexRewrite {
     pub substitution: String,
 }
 
+/// One entry of `circuit_breakers`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    pub priority: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_pending_requests: Option<usize>,
+    pub max_requests: Option<usize>,
+    pub max_retries: Option<usize>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct MappingSpec {
     pub prefix: Option<String>,
@@ -130,6 +141,7 @@ pub struct MappingSpec {
     pub remove_request_headers: Option<StringOrList>,
     pub remove_response_headers: Option<StringOrList>,
     pub grpc: Option<bool>,
+    pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
     pub host_redirect: Option<bool>,
     pub path_redirect: Option<String>,
     pub prefix_redirect: Option<String>,
@@ -294,6 +306,7 @@ pub struct ModuleConfig {
     pub enable_ipv6: Option<bool>,
     pub diagnostics: Option<Value>,
     pub forward_client_cert_details: Option<String>,
+    pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
     pub envoy_log_type: Option<String>,
     pub set_current_client_cert_details: Option<ClientCertDetails>,
     #[serde(flatten)]

@@ -36,6 +36,7 @@ const MODULE_SUPPORTED: &[&str] = &[
     "forward_client_cert_details",
     "set_current_client_cert_details",
     "envoy_log_type",
+    "circuit_breakers",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
@@ -43,7 +44,6 @@ const MODULE_LATER: &[&str] = &[
     "listener_idle_timeout_ms",
     "retry_policy",
     "cors",
-    "circuit_breakers",
     "load_balancer",
     "keepalive",
     "resolver",
@@ -237,6 +237,11 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
             AccessLog::Text
         }
     };
+    let circuit_breakers = config
+        .circuit_breakers
+        .as_ref()
+        .map(|list| super::breaker_thresholds(list, "spec.config.circuit_breakers", report))
+        .unwrap_or_default();
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -261,6 +266,7 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         enable_ipv6: config.enable_ipv6.unwrap_or(false),
         xfcc,
         access_log,
+        circuit_breakers,
         defaults,
     })
 }

@@ -9,13 +9,16 @@ use regex::Regex;
 
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
-use crate::config::resources::{MappingSpec, MappingTls, MatchValue, OrderedMap};
+use crate::config::resources::{
+    CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap,
+};
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
     full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
 };
 use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
+use crate::upstream::breaker::Thresholds;
 use crate::upstream::service::ServiceAddr;
 
 use super::edge::{add_headers, header_names};
@@ -52,6 +55,7 @@ const SUPPORTED: &[&str] = &[
     "remove_response_headers",
     "add_linkerd_headers",
     "grpc",
+    "circuit_breakers",
     "host_redirect",
     "path_redirect",
     "prefix_redirect",
@@ -91,7 +95,6 @@ const LATER: &[&str] = &[
     "v2BoolHeaders",
     "v2BoolQueryParameters",
     "retry_policy",
-    "circuit_breakers",
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
 ];
@@ -144,6 +147,7 @@ pub struct Mapping {
     pub connect_timeout_ms: u64,
     /// `grpc: true`: HTTP/2 to the upstream (h2c in cleartext).
     pub grpc: bool,
+    pub breaker: Thresholds,
     pub idle_timeout_ms: Option<u64>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
@@ -414,6 +418,10 @@ fn validate(
     };
 
     let connect_timeout_ms = spec.connect_timeout_ms.unwrap_or(3000);
+    let breaker = match &spec.circuit_breakers {
+        Some(list) => breaker_thresholds(list, "spec.circuit_breakers", report),
+        None => module.circuit_breakers,
+    };
     let group_invariants = vec![
         (
             "prefix_regex",
@@ -428,6 +436,7 @@ fn validate(
             "host_redirect",
             format!("{}", spec.host_redirect.unwrap_or(false)),
         ),
+        ("circuit_breakers", format!("{breaker:?}")),
         ("connect_timeout_ms", format!("{connect_timeout_ms}")),
         (
             "labels",
@@ -457,6 +466,7 @@ fn validate(
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
         connect_timeout_ms,
         grpc: spec.grpc.unwrap_or(false),
+        breaker,
         idle_timeout_ms: spec.idle_timeout_ms,
         request_headers,
         response_headers,
@@ -466,6 +476,60 @@ fn validate(
         group_invariants,
         redirect,
     })
+}
+
+/// The `default`-priority thresholds of a `circuit_breakers` list; Envoy's
+/// defaults fill what it leaves out.
+pub(crate) fn breaker_thresholds(
+    list: &[CircuitBreakerSpec],
+    field: &str,
+    report: &mut Reporter,
+) -> Thresholds {
+    let mut thresholds = Thresholds::default();
+    for (index, entry) in list.iter().enumerate() {
+        let entry_field = format!("{field}[{index}]");
+        match entry.priority.as_deref() {
+            None | Some("default") => {}
+            Some("high") => {
+                report.warning(
+                    &entry_field,
+                    "priority high is not supported by pingress yet; ignored",
+                );
+                continue;
+            }
+            Some(other) => {
+                report.error(
+                    &format!("{entry_field}.priority"),
+                    format!("unknown priority {other:?} (default or high)"),
+                );
+                continue;
+            }
+        }
+        if entry.max_retries.is_some() {
+            report.warning(
+                &format!("{entry_field}.max_retries"),
+                "retries are not supported by pingress yet; ignored",
+            );
+        }
+        if let Some(max) = entry.max_connections {
+            thresholds.max_connections = max;
+        }
+        if let Some(max) = entry.max_pending_requests {
+            thresholds.max_pending_requests = max;
+        }
+        // On HTTP/1 a connection carries one request at a time, so the
+        // request limit bounds the same concurrency.
+        if let Some(max) = entry.max_requests {
+            thresholds.max_connections = thresholds.max_connections.min(max);
+        }
+        if thresholds.max_connections == 0 {
+            report.error(
+                &format!("{entry_field}.max_connections"),
+                "0 would refuse every request",
+            );
+        }
+    }
+    thresholds
 }
 
 /// The redirect of a `host_redirect` Mapping. `Ok(None)`: it proxies.

@@ -22,6 +22,8 @@ use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
+use crate::upstream::breaker::Thresholds;
+pub(crate) use mapping::breaker_thresholds;
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct ModuleSettings {
     pub xfcc: XfccPolicy,
     /// `envoy_log_type`.
     pub access_log: AccessLog,
+    /// The default `circuit_breakers` of every Mapping.
+    pub circuit_breakers: Thresholds,
     pub defaults: MappingDefaults,
 }
 
@@ -60,6 +64,7 @@ impl Default for ModuleSettings {
             enable_ipv6: false,
             xfcc: XfccPolicy::default(),
             access_log: AccessLog::Text,
+            circuit_breakers: Thresholds::default(),
             defaults: MappingDefaults::default(),
         }
     }

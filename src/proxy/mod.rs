@@ -34,6 +34,7 @@ use crate::routing::path::{normalize, PathError};
 use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
+use crate::upstream::breaker::Admission;
 
 pub use respond::{classify, Failure};
 
@@ -83,6 +84,10 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     /// The upstream endpoint chosen, for the access log.
     upstream_addr: Option<String>,
+    /// This request's place under its cluster's circuit breaker.
+    admission: Option<Admission>,
+    /// The circuit breaker refused the request.
+    overloaded: bool,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
 }
@@ -267,6 +272,8 @@ impl ProxyHttp for Gateway {
             deadline: None,
             upstream_started: None,
             upstream_addr: None,
+            admission: None,
+            overloaded: false,
             local_reply: None,
         }
     }
@@ -303,6 +310,19 @@ impl ProxyHttp for Gateway {
         let cluster = route.cluster().ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "a redirect route has no upstream")
         })?;
+        // Retries come back here; the exchange keeps its place.
+        if ctx.admission.is_none() {
+            match cluster.breaker.admit().await {
+                Some(admission) => ctx.admission = Some(admission),
+                None => {
+                    ctx.overloaded = true;
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        format!("circuit breaker of {} is open", cluster.name),
+                    ));
+                }
+            }
+        }
         let mut peer = cluster.peer().ok_or_else(|| {
             Error::explain(
                 ErrorType::HTTPStatus(503),
@@ -509,7 +529,11 @@ impl ProxyHttp for Gateway {
                 .snapshot
                 .as_ref()
                 .and_then(|s| s.module.server_name.clone());
-            let reply = respond::LocalReply::failure(failure.status, failure.cause);
+            let reply = if ctx.overloaded {
+                respond::LocalReply::overloaded()
+            } else {
+                respond::LocalReply::failure(failure.status, failure.cause)
+            };
             if let Err(write_error) = reply.send(session, server_name.as_deref()).await {
                 warn!("failed to send the error response: {write_error}");
             }

@@ -17,6 +17,8 @@ pub struct LocalReply {
     pub reason: &'static str,
     body: String,
     location: Option<String>,
+    /// Envoy's `x-envoy-overloaded: true`, for circuit-breaker refusals.
+    overloaded: bool,
 }
 
 impl LocalReply {
@@ -26,6 +28,7 @@ impl LocalReply {
             reason,
             body,
             location: None,
+            overloaded: false,
         }
     }
 
@@ -94,6 +97,17 @@ impl LocalReply {
         reply
     }
 
+    /// 503 from an open circuit breaker.
+    pub fn overloaded() -> Self {
+        let mut reply = Self::new(
+            503,
+            "overloaded",
+            "upstream overloaded: the circuit breaker is open".into(),
+        );
+        reply.overloaded = true;
+        reply
+    }
+
     pub fn failure(status: u16, cause: &'static str) -> Self {
         Self::new(status, "proxy_error", cause.to_string())
     }
@@ -105,6 +119,9 @@ impl LocalReply {
         header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         if let Some(location) = self.location {
             header.insert_header(http::header::LOCATION, location)?;
+        }
+        if self.overloaded {
+            header.insert_header("x-envoy-overloaded", "true")?;
         }
         if let Some(server) = server_name {
             header.insert_header(http::header::SERVER, server)?;

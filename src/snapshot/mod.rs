@@ -184,6 +184,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                         tls_identity: mapping.tls.as_ref().map(|t| t.identity),
                         connect_timeout_ms: mapping.connect_timeout_ms,
                         h2_only: mapping.grpc,
+                        breaker: mapping.breaker,
                     },
                     mapping.tls.clone(),
                 );

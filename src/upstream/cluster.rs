@@ -13,6 +13,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::tls::TlsContext;
 
+use super::breaker::{Breaker, Thresholds};
 use super::service::ServiceAddr;
 
 #[derive(Debug)]
@@ -20,6 +21,7 @@ pub struct Cluster {
     /// e.g. `https://quote.default:443 tls=quote-context.default`.
     pub name: String,
     pub tls: Option<Arc<TlsContext>>,
+    pub breaker: Breaker,
     endpoints: Vec<HttpPeer>,
     next: AtomicUsize,
 }
@@ -49,6 +51,8 @@ pub struct ClusterKey {
     pub connect_timeout_ms: u64,
     /// Speak HTTP/2 only (gRPC).
     pub h2_only: bool,
+    /// Breakers are part of a cluster's identity, as in Emissary.
+    pub breaker: Thresholds,
 }
 
 /// Builds clusters for one snapshot, resolving each host name once.
@@ -102,6 +106,7 @@ impl ClusterBuilder {
         let cluster = Arc::new(Cluster {
             name,
             tls,
+            breaker: Breaker::new(key.breaker),
             endpoints,
             next: AtomicUsize::new(0),
         });

@@ -1,6 +1,7 @@
 //! Upstreams: the `service` syntax, clusters with prepared peers, and the
 //! upstream TLS policy checks.
 
+pub mod breaker;
 pub mod cluster;
 pub mod policy;
 pub mod service;

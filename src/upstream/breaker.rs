@@ -1,0 +1,84 @@
+//! Circuit breakers (`circuit_breakers`, §2.8): at most `max_connections`
+//! exchanges with a cluster at once, at most `max_pending_requests` waiting
+//! for one of them; beyond that the gateway answers 503 with
+//! `x-envoy-overloaded: true`, as Envoy does, instead of piling up load on
+//! an upstream that cannot keep up.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The thresholds of the `default` priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Thresholds {
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
+}
+
+impl Default for Thresholds {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    thresholds: Thresholds,
+    active: Arc<Semaphore>,
+    pending: AtomicUsize,
+}
+
+/// An admitted exchange; dropping it frees its place.
+pub type Admission = OwnedSemaphorePermit;
+
+impl Breaker {
+    pub fn new(thresholds: Thresholds) -> Breaker {
+        Breaker {
+            thresholds,
+            active: Arc::new(Semaphore::new(thresholds.max_connections)),
+            pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// Waits for a place, or refuses at once when too many already wait.
+    pub async fn admit(&self) -> Option<Admission> {
+        if let Ok(permit) = self.active.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.thresholds.max_pending_requests {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let permit = self.active.clone().acquire_owned().await.ok();
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        permit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn overflow_is_refused_and_places_come_back() {
+        let breaker = Arc::new(Breaker::new(Thresholds {
+            max_connections: 1,
+            max_pending_requests: 1,
+        }));
+        let first = breaker.admit().await.expect("a free place");
+        let waiting = tokio::spawn({
+            let breaker = breaker.clone();
+            async move { breaker.admit().await.is_some() }
+        });
+        tokio::task::yield_now().await;
+        // One active, one pending: the third is refused.
+        assert!(breaker.admit().await.is_none());
+        drop(first);
+        assert!(waiting.await.unwrap());
+    }
+}

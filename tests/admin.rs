@@ -68,9 +68,25 @@ fn metrics_count_requests_failures_and_certificates() {
     assert_eq!(Request::get("/dead/").send(port).status, 503);
     assert_eq!(Request::get("/nowhere").send(port).status, 404);
 
-    let reply = gateway.admin_get("/metrics");
-    assert_eq!(reply.status, 200);
-    let metrics = reply.text();
+    // Requests are counted when their logging phase runs, just after the
+    // response is sent: wait for the last one to be counted.
+    let mut metrics = String::new();
+    let counted = poll_until(std::time::Duration::from_secs(5), || {
+        let reply = gateway.admin_get("/metrics");
+        assert_eq!(reply.status, 200);
+        metrics = reply.text();
+        sample(
+            &metrics,
+            "pingress_local_replies_total{reason=\"no_route\"}",
+        )
+        .is_some()
+            && sample(
+                &metrics,
+                "pingress_requests_total{class=\"5xx\",mapping=\"dead.default\"}",
+            )
+            .is_some()
+    });
+    assert!(counted, "{metrics}");
     let value = |series: &str| {
         sample(&metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
     };

@@ -100,6 +100,15 @@ pub struct RegexRewrite {
     pub substitution: String,
 }
 
+/// `retry_policy` of a Mapping or the Module.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicySpec {
+    pub retry_on: Option<String>,
+    pub num_retries: Option<u32>,
+    pub per_try_timeout: Option<String>,
+}
+
 /// One entry of `circuit_breakers`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +151,7 @@ pub struct MappingSpec {
     pub remove_response_headers: Option<StringOrList>,
     pub grpc: Option<bool>,
     pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
+    pub retry_policy: Option<RetryPolicySpec>,
     pub host_redirect: Option<bool>,
     pub path_redirect: Option<String>,
     pub prefix_redirect: Option<String>,
@@ -307,6 +317,7 @@ pub struct ModuleConfig {
     pub diagnostics: Option<Value>,
     pub forward_client_cert_details: Option<String>,
     pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
+    pub retry_policy: Option<RetryPolicySpec>,
     pub envoy_log_type: Option<String>,
     pub set_current_client_cert_details: Option<ClientCertDetails>,
     #[serde(flatten)]

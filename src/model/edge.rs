@@ -37,12 +37,12 @@ const MODULE_SUPPORTED: &[&str] = &[
     "set_current_client_cert_details",
     "envoy_log_type",
     "circuit_breakers",
+    "retry_policy",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
-    "retry_policy",
     "cors",
     "load_balancer",
     "keepalive",
@@ -242,6 +242,10 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         .as_ref()
         .map(|list| super::breaker_thresholds(list, "spec.config.circuit_breakers", report))
         .unwrap_or_default();
+    let retry_policy = config
+        .retry_policy
+        .as_ref()
+        .and_then(|policy| super::retry_policy(policy, "spec.config.retry_policy", report));
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -267,6 +271,7 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         xfcc,
         access_log,
         circuit_breakers,
+        retry_policy,
         defaults,
     })
 }

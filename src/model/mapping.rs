@@ -10,7 +10,7 @@ use regex::Regex;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap,
+    CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
 };
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
@@ -19,6 +19,7 @@ use crate::routing::matchers::{
 use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::ServiceAddr;
 
 use super::edge::{add_headers, header_names};
@@ -56,6 +57,7 @@ const SUPPORTED: &[&str] = &[
     "add_linkerd_headers",
     "grpc",
     "circuit_breakers",
+    "retry_policy",
     "host_redirect",
     "path_redirect",
     "prefix_redirect",
@@ -94,7 +96,6 @@ const LATER: &[&str] = &[
     "v2ExplicitTLS",
     "v2BoolHeaders",
     "v2BoolQueryParameters",
-    "retry_policy",
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
 ];
@@ -148,6 +149,7 @@ pub struct Mapping {
     /// `grpc: true`: HTTP/2 to the upstream (h2c in cleartext).
     pub grpc: bool,
     pub breaker: Thresholds,
+    pub retry: Option<RetryPolicy>,
     pub idle_timeout_ms: Option<u64>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
@@ -467,6 +469,10 @@ fn validate(
         connect_timeout_ms,
         grpc: spec.grpc.unwrap_or(false),
         breaker,
+        retry: match &spec.retry_policy {
+            Some(policy) => retry_policy(policy, "spec.retry_policy", report),
+            None => module.retry_policy,
+        },
         idle_timeout_ms: spec.idle_timeout_ms,
         request_headers,
         response_headers,
@@ -475,6 +481,54 @@ fn validate(
             .unwrap_or(module.add_linkerd_headers),
         group_invariants,
         redirect,
+    })
+}
+
+/// A `retry_policy`; `None` when it retries nothing.
+pub(crate) fn retry_policy(
+    spec: &RetryPolicySpec,
+    field: &str,
+    report: &mut Reporter,
+) -> Option<RetryPolicy> {
+    let (connect_failure, reset, unsupported) =
+        match conditions(spec.retry_on.as_deref().unwrap_or("")) {
+            Ok(found) => found,
+            Err(e) => {
+                report.error(&format!("{field}.retry_on"), e);
+                return None;
+            }
+        };
+    if !unsupported.is_empty() {
+        report.warning(
+            &format!("{field}.retry_on"),
+            format!(
+                "retries decided by the response status ({}) are not supported by pingress yet; \
+                 failed connections and resets are retried",
+                unsupported.join(", ")
+            ),
+        );
+    }
+    let per_try_timeout = match &spec.per_try_timeout {
+        None => None,
+        Some(text) => match parse_duration(text) {
+            Some(duration) => Some(duration),
+            None => {
+                report
+                    .error(
+                        &format!("{field}.per_try_timeout"),
+                        format!("{text:?} is not a duration"),
+                    )
+                    .with_hint("e.g. 250ms, 1s or 1.5s");
+                return None;
+            }
+        },
+    };
+    (connect_failure || reset).then_some(RetryPolicy {
+        connect_failure,
+        reset,
+        // Envoy retries once unless told otherwise.
+        num_retries: spec.num_retries.unwrap_or(1),
+        per_try_timeout,
     })
 }
 

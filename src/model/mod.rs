@@ -23,7 +23,8 @@ use crate::config::load::RawResource;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
 use crate::upstream::breaker::Thresholds;
-pub(crate) use mapping::breaker_thresholds;
+use crate::upstream::retry::RetryPolicy;
+pub(crate) use mapping::{breaker_thresholds, retry_policy};
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -45,6 +46,8 @@ pub struct ModuleSettings {
     pub access_log: AccessLog,
     /// The default `circuit_breakers` of every Mapping.
     pub circuit_breakers: Thresholds,
+    /// The default `retry_policy` of every Mapping.
+    pub retry_policy: Option<RetryPolicy>,
     pub defaults: MappingDefaults,
 }
 
@@ -65,6 +68,7 @@ impl Default for ModuleSettings {
             xfcc: XfccPolicy::default(),
             access_log: AccessLog::Text,
             circuit_breakers: Thresholds::default(),
+            retry_policy: None,
             defaults: MappingDefaults::default(),
         }
     }

@@ -35,6 +35,7 @@ use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 use crate::upstream::breaker::Admission;
+use crate::upstream::retry::RetryPolicy;
 
 pub use respond::{classify, Failure};
 
@@ -55,6 +56,20 @@ impl Gateway {
     /// one or shutting down (see [`crate::server::DrainWatch`]).
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, draining: Arc<AtomicBool>) -> Self {
         Gateway { snapshot, draining }
+    }
+
+    /// Spends one retry of the route's policy when it covers this failure
+    /// and the deadline has time left.
+    fn retry_allowed(&self, ctx: &mut RequestCtx, covers: impl Fn(&RetryPolicy) -> bool) -> bool {
+        let Some(policy) = ctx.route.as_ref().and_then(|r| r.retry) else {
+            return false;
+        };
+        let in_time = ctx.deadline.is_none_or(|d| Instant::now() < d);
+        if covers(&policy) && ctx.retries < policy.num_retries && in_time {
+            ctx.retries += 1;
+            return true;
+        }
+        false
     }
 
     /// Once the process is draining, every response closes its connection:
@@ -88,6 +103,8 @@ pub struct RequestCtx {
     admission: Option<Admission>,
     /// The circuit breaker refused the request.
     overloaded: bool,
+    /// Retries spent under the route's retry policy.
+    retries: u32,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
 }
@@ -274,6 +291,7 @@ impl ProxyHttp for Gateway {
             upstream_addr: None,
             admission: None,
             overloaded: false,
+            retries: 0,
             local_reply: None,
         }
     }
@@ -285,6 +303,10 @@ impl ProxyHttp for Gateway {
         ctx.snapshot = Some(snapshot);
         match decision {
             Ok(route) => {
+                if route.retry.is_some() {
+                    // A body kept in memory can be sent again on a retry.
+                    session.enable_retry_buffering();
+                }
                 ctx.deadline = route.timeout.map(|t| ctx.started + t);
                 ctx.route = Some(route);
                 Ok(false)
@@ -335,14 +357,62 @@ impl ProxyHttp for Gateway {
         // the idle timeout, if shorter); `check_deadline` catches a
         // response that trickles in under that.
         let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
-        let wait = match (left, route.idle_timeout) {
-            (Some(left), Some(idle)) => Some(left.min(idle)),
-            (left, idle) => left.or(idle),
-        };
+        let per_try = route.retry.and_then(|r| r.per_try_timeout);
+        let wait = [left, route.idle_timeout, per_try]
+            .into_iter()
+            .flatten()
+            .min();
         peer.options.read_timeout = wait;
         peer.options.write_timeout = wait;
         ctx.upstream_started = Some(now);
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the upstream: always safe to try again, and the
+        // next try gets the cluster's next endpoint.
+        if self.retry_allowed(ctx, |policy| policy.connect_failure) {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A request whose body was streamed beyond the retry buffer, or
+        // that changes state, is never sent twice.
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+            return e;
+        }
+        // Pingora's own policy: a stale pooled connection is retried.
+        e.retry.decide_reuse(client_reused);
+        let broken = session.response_written().is_none()
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed
+                    | ErrorType::ReadError
+                    | ErrorType::WriteError
+                    | ErrorType::H2Error
+            );
+        if !e.retry() && broken && self.retry_allowed(ctx, |policy| policy.reset) {
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn connected_to_upstream(

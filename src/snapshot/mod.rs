@@ -21,6 +21,7 @@ use crate::routing::table::{
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+use crate::upstream::retry::RetryPolicy;
 use pingora::tls::ssl::SslVersion;
 
 /// The port Emissary users expect when they define no Listener.
@@ -71,6 +72,7 @@ pub struct Route {
     /// `x-envoy-expected-rq-timeout-ms`.
     pub expected_timeout: Option<HeaderValue>,
     pub metrics: RouteMetrics,
+    pub retry: Option<RetryPolicy>,
 }
 
 #[derive(Debug)]
@@ -394,6 +396,7 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         linkerd_header: linkerd_header.flatten(),
         expected_timeout,
         metrics: metrics().route(&mapping.name),
+        retry: mapping.retry,
     }
 }
 

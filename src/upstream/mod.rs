@@ -4,4 +4,5 @@
 pub mod breaker;
 pub mod cluster;
 pub mod policy;
+pub mod retry;
 pub mod service;

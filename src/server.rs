@@ -128,6 +128,7 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
         ensure_free(admin_addr, "admin.listen")?;
     }
 
+    let live = Arc::new(Live::new(snapshot, diagnostics, &gateway));
     let mut conf = gateway.pingora;
     conf.grace_period_seconds
         .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);
@@ -139,7 +140,6 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let live = Arc::new(Live::new(snapshot, diagnostics));
     let snapshot = live.snapshot.clone();
     let draining = Arc::new(AtomicBool::new(false));
     let drain_watch = background_service(

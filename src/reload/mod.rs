@@ -21,6 +21,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
 use crate::config::diagnostics::{Diagnostic, Severity};
+use crate::config::load::GatewayFile;
 use crate::metrics::metrics;
 use crate::server::{load, Loaded};
 use crate::snapshot::{Resolution, Snapshot};
@@ -33,6 +34,18 @@ const SETTLE: Duration = Duration::from_millis(150);
 pub struct Live {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub status: ArcSwap<Status>,
+    /// The gateway file's process settings (`pingora:`, `admin:`) the
+    /// process started with: a reload cannot change them.
+    process_settings: String,
+}
+
+/// The parts of the gateway file that only a new process applies.
+fn process_settings(gateway: &GatewayFile) -> String {
+    format!(
+        "{}{:?}",
+        serde_yaml::to_string(&gateway.pingora).unwrap_or_default(),
+        gateway.admin.listen
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -61,9 +74,10 @@ pub enum Outcome {
 }
 
 impl Live {
-    pub fn new(snapshot: Snapshot, diagnostics: Vec<Diagnostic>) -> Live {
+    pub fn new(snapshot: Snapshot, diagnostics: Vec<Diagnostic>, gateway: &GatewayFile) -> Live {
         publish_metrics(&snapshot, 1);
         Live {
+            process_settings: process_settings(gateway),
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             status: ArcSwap::from_pointee(Status {
                 generation: 1,
@@ -116,6 +130,13 @@ impl Live {
             .collect();
         if !new_errors.is_empty() {
             return Outcome::Refused(new_errors);
+        }
+        if process_settings(&loaded.gateway) != self.process_settings {
+            warn!(
+                "reload: the gateway file's pingora: or admin: settings changed; they take effect \
+                 only in a new process: start `pingress -u` with the same gateway file, then send \
+                 SIGQUIT to this one"
+            );
         }
         let serving = self.snapshot.load();
         if listener_shape(&serving) != listener_shape(&loaded.snapshot) {

@@ -198,23 +198,23 @@ impl Gateway {
         };
         let by_name = listener.hosts.select(host_name);
         let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let vhost = match edge_session(session) {
+        let vhost = if listener.listener.tls {
             // On TLS, the Host that SNI chose owns the request: a Host
             // header naming another Host must not borrow its routes (the
             // mTLS bypass of Emissary #3340).
-            Some(edge) if listener.listener.tls => {
-                let Some((chosen, vhost)) = listener.hosts.select_tls(edge.sni.as_deref()) else {
-                    return Err(respond::LocalReply::no_host(host_name));
-                };
-                if by_name.is_some_and(|(named, _)| named != chosen) {
-                    return Err(respond::LocalReply::misdirected(host_name));
-                }
-                vhost
+            let sni = edge_session(session).and_then(|e| e.sni.as_deref());
+            let Some((chosen, vhost)) = listener.hosts.select_tls(sni) else {
+                return Err(respond::LocalReply::no_host(host_name));
+            };
+            if by_name.is_some_and(|(named, _)| named != chosen) {
+                return Err(respond::LocalReply::misdirected(host_name));
             }
-            _ => match by_name {
+            vhost
+        } else {
+            match by_name {
                 Some((_, vhost)) => vhost,
                 None => return Err(respond::LocalReply::no_host(host_name)),
-            },
+            }
         };
 
         let secure = match listener.listener.security {

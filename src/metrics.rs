@@ -1,6 +1,7 @@
 //! Prometheus metrics, served in text format on the admin listener at
-//! `/metrics`. Per-Mapping handles are resolved when a snapshot is compiled,
-//! so a request only increments atomics: no label lookup, no lock.
+//! `/metrics`. A Mapping's series are created on its first request, so
+//! ten thousand idle Mappings cost nothing to scrape; after that a request
+//! only increments atomics: no label lookup, no lock.
 //!
 //! Certificate material never appears here; only expiry times, by context.
 
@@ -124,17 +125,10 @@ impl Metrics {
 
     /// The handles of one Mapping, for its Route.
     pub fn route(&self, mapping: &str) -> RouteMetrics {
-        let class = |c: &str| self.requests.with_label_values(&[mapping, c]);
         RouteMetrics {
-            by_class: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            other: class("other"),
-            duration: self.duration.with_label_values(&[mapping]),
+            mapping: mapping.into(),
+            by_class: Default::default(),
+            duration: OnceLock::new(),
         }
     }
 
@@ -171,19 +165,32 @@ impl Metrics {
     }
 }
 
-/// A Mapping's counters, resolved once per snapshot.
-#[derive(Debug, Clone)]
+/// A Mapping's series: 1xx-5xx and other, and its latency histogram.
+#[derive(Debug)]
 pub struct RouteMetrics {
-    by_class: [IntCounter; 5],
-    other: IntCounter,
-    pub duration: Histogram,
+    mapping: Box<str>,
+    by_class: [OnceLock<IntCounter>; 6],
+    duration: OnceLock<Histogram>,
 }
 
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
 impl RouteMetrics {
-    pub fn count(&self, status: u16) {
-        match status / 100 {
-            class @ 1..=5 => self.by_class[usize::from(class - 1)].inc(),
-            _ => self.other.inc(),
-        }
+    /// Counts a finished request and its duration.
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = match status / 100 {
+            class @ 1..=5 => usize::from(class - 1),
+            _ => 5,
+        };
+        self.by_class[class]
+            .get_or_init(|| {
+                metrics()
+                    .requests
+                    .with_label_values(&[&self.mapping, CLASSES[class]])
+            })
+            .inc();
+        self.duration
+            .get_or_init(|| metrics().duration.with_label_values(&[&self.mapping]))
+            .observe(seconds);
     }
 }

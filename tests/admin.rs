@@ -46,6 +46,7 @@ fn metrics_count_requests_failures_and_certificates() {
             .to_string(),
         mapping("svc", "/svc/", &format!("127.0.0.1:{}", echo.port()), ""),
         mapping("dead", "/dead/", &format!("127.0.0.1:{closed}"), ""),
+        mapping("idle", "/idle/", &format!("127.0.0.1:{}", echo.port()), ""),
         mapping(
             "secure",
             "/secure/",

@@ -628,8 +628,7 @@ impl ProxyHttp for Gateway {
         let elapsed = ctx.started.elapsed();
         match (&ctx.route, ctx.local_reply) {
             (Some(route), None) => {
-                route.metrics.count(status);
-                route.metrics.duration.observe(elapsed.as_secs_f64());
+                route.metrics.record(status, elapsed.as_secs_f64());
             }
             (_, Some(reason)) => metrics().local_reply(reason),
             (None, None) => {}

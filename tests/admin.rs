@@ -130,6 +130,9 @@ fn metrics_count_requests_failures_and_certificates() {
         !metrics.contains("BEGIN"),
         "certificate material in /metrics"
     );
+    // A Mapping without traffic has no series: large configurations stay
+    // cheap to scrape.
+    assert!(!metrics.contains("idle.default"), "{metrics}");
 }
 
 #[test]

@@ -81,6 +81,27 @@ impl ServeHttp for AdminApp {
     }
 }
 
+/// Is a socket listening on this TCP port? Read from the kernel's socket
+/// table rather than by connecting: a connection that closes without a TLS
+/// handshake would be logged as a failed handshake on HTTPS listeners.
+fn listening(port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                let local = fields.next().unwrap_or("");
+                let state = fields.nth(1).unwrap_or("");
+                state == LISTEN
+                    && local
+                        .rsplit_once(':')
+                        .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+                        == Some(port)
+            })
+        })
+    })
+}
+
 /// Marks the gateway ready once every proxy listener accepts connections,
 /// so a probe never sends traffic to a port that is not bound yet.
 pub struct ReadinessProbe {
@@ -93,10 +114,7 @@ impl BackgroundService for ReadinessProbe {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         for port in &self.ports {
             loop {
-                if tokio::net::TcpStream::connect(("127.0.0.1", *port))
-                    .await
-                    .is_ok()
-                {
+                if listening(*port) {
                     break;
                 }
                 tokio::select! {

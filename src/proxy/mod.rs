@@ -182,7 +182,11 @@ impl Gateway {
             Err(PathError::EscapedSlash) => return Err(respond::LocalReply::escaped_slash()),
             Err(PathError::NotAbsolute) => return Err(respond::LocalReply::bad_path()),
         };
-        let raw_authority = authority(req).to_ascii_lowercase();
+        // Clients almost always send lower-case names: copy only when not.
+        let raw_authority = match authority(req) {
+            lower if !lower.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(lower),
+            mixed => Cow::Owned(mixed.to_ascii_lowercase()),
+        };
         let (host_name, port) = split_port(&raw_authority);
         let authority = match port {
             Some(port)
@@ -194,7 +198,7 @@ impl Gateway {
                 ctx.stripped_host = Some(host_name.to_string());
                 host_name
             }
-            _ => raw_authority.as_str(),
+            _ => raw_authority.as_ref(),
         };
         let by_name = listener.hosts.select(host_name);
         let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());

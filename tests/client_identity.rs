@@ -149,30 +149,18 @@ impl Edge {
         let response = request
             .try_send_tls(self.https, &opts)
             .unwrap_or_else(|e| panic!("{e}\n{}", self.gateway.log()));
-        echo_of(&response)
+        response.echo_ok()
     }
 
     /// What the upstream received for `request`, sent in cleartext.
     fn cleartext(&self, request: Request) -> EchoReply {
-        echo_of(&request.header("Host", HOST).send(self.http))
+        request.header("Host", HOST).send(self.http).echo_ok()
     }
 
     /// `pingress -t` on this gateway's configuration.
     fn check(&self) -> Output {
         check(self.dir.path())
     }
-}
-
-fn echo_of(response: &Response) -> EchoReply {
-    assert_eq!(
-        response.status,
-        200,
-        "{} {:?}\n{}",
-        response.reason,
-        response.headers,
-        response.text()
-    );
-    response.echo()
 }
 
 /// The XFCC header lines the upstream received, in order.
@@ -319,7 +307,7 @@ fn sanitize_set_replaces_any_client_xfcc_with_the_verified_certificate() {
     // the element, spoofed or not.
     let mut client = Client::connect_tls(edge.https, &edge.tls_opts().client(&edge.alice));
     for value in [Some(SPOOFED), None, Some("Hash=00")] {
-        let reply = echo_of(&client.send(get_with_xfcc(value)));
+        let reply = client.send(get_with_xfcc(value)).echo_ok();
         assert_eq!(xfcc(&reply), one(&own), "keep-alive, client XFCC {value:?}");
     }
 
@@ -670,7 +658,7 @@ fn a_revoked_client_certificate_fails_the_handshake() {
                 .unwrap_or_else(|e| {
                     panic!("{name} with {}: {e}\n{}", cert.subject_cn, gateway.log())
                 });
-            echo_of(&response).server()
+            response.echo_ok().server()
         };
         assert_eq!(served(&alice), "guarded", "{name}: alice");
         let revoked = Request::get("/g/").try_send_tls(port, &opts.clone().client(&bob));

@@ -262,20 +262,6 @@ impl SecretVolume {
     }
 }
 
-fn tls_secret(name: &str, cert: &CertFiles) -> String {
-    let indent = |pem: &str| {
-        pem.lines()
-            .map(|l| format!("    {l}\n"))
-            .collect::<String>()
-    };
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: kubernetes.io/tls\n\
-         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-        indent(&cert.cert_pem),
-        indent(&cert.key_pem)
-    )
-}
-
 #[test]
 fn certificates_rotate_without_restart_or_failed_requests() {
     let dir = tempdir();
@@ -318,7 +304,7 @@ fn certificates_rotate_without_restart_or_failed_requests() {
     );
     write_gateway(dir.path(), port, free_port(), &resources);
     let edge_secret = dir.path().join("resources").join("edge-secret.yaml");
-    fs::write(&edge_secret, tls_secret("gw-cert", &edge_v1)).unwrap();
+    fs::write(&edge_secret, tls_secret("gw-cert", "default", &edge_v1)).unwrap();
     let _gateway = Gateway::start(dir.path());
     let subject = || Request::get("/up/").send(port).echo().client_cert_subject();
     assert_eq!(subject(), Some(client_v1.subject()));
@@ -348,7 +334,7 @@ fn certificates_rotate_without_restart_or_failed_requests() {
         || subject() == Some(client_v2.subject()),
     );
     // A rewritten Secret manifest: the next handshake gets the new certificate.
-    replace(&edge_secret, &tls_secret("gw-cert", &edge_v2));
+    replace(&edge_secret, &tls_secret("gw-cert", "default", &edge_v2));
     wait_for(
         "clients to see the new server certificate",
         Duration::from_secs(5),

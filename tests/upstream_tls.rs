@@ -8,33 +8,6 @@ use std::path::Path;
 
 use support::*;
 
-/// A Secret in `stringData` form holding a certificate chain and key.
-fn secret(name: &str, cert: &CertFiles) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: kubernetes.io/tls\n\
-         stringData:\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
-        indent(&cert.cert_pem, 4),
-        indent(&cert.key_pem, 4)
-    )
-}
-
-/// An Opaque Secret carrying a CA bundle under `tls.crt`, as Emissary reads it.
-fn ca_secret(name: &str, ca_pem: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: Opaque\n\
-         stringData:\n  tls.crt: |\n{}\n",
-        indent(ca_pem, 4)
-    )
-}
-
-fn indent(text: &str, by: usize) -> String {
-    let pad = " ".repeat(by);
-    text.lines()
-        .map(|l| format!("{pad}{l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn tls_context(name: &str, body: &str) -> String {
     format!(
         "---\napiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: {name}\n\
@@ -68,8 +41,7 @@ fn start(dir: tempfile::TempDir, resources: &str) -> Setup {
 }
 
 fn client_subject(response: &Response) -> Option<String> {
-    assert_eq!(response.status, 200, "{}", response.text());
-    response.echo().client_cert_subject()
+    response.echo_ok().client_cert_subject()
 }
 
 fn file_path(path: &Path) -> String {
@@ -87,7 +59,7 @@ fn seed_client_certificate_from_secret_and_from_files() {
     let service = format!("https://localhost:{}", upstream.port());
 
     let resources = [
-        secret("upstream-certs", &from_secret),
+        tls_secret("upstream-certs", "default", &from_secret),
         tls_context("upstream-context", "  secret: upstream-certs\n"),
         tls_context(
             "files-context",
@@ -123,8 +95,8 @@ fn interleaved_mappings_each_present_their_own_certificate() {
     let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
     let service = format!("https://localhost:{}", upstream.port());
     let resources = [
-        secret("one-certs", &one),
-        secret("two-certs", &two),
+        tls_secret("one-certs", "default", &one),
+        tls_secret("two-certs", "default", &two),
         tls_context("one", "  secret: one-certs\n"),
         tls_context("two", "  secret: two-certs\n"),
         mapping("one", "/one/", &service, Some("one")),
@@ -174,9 +146,9 @@ fn ca_verification_right_ca_passes_wrong_ca_fails_even_after_pooling() {
     // Same client certificate, different trust: only the group key keeps
     // these two contexts from sharing a pooled connection.
     let resources = [
-        secret("client-certs", &client),
-        ca_secret("good-ca", pki.ca_pem()),
-        ca_secret("rogue-ca", rogue.ca_pem()),
+        tls_secret("client-certs", "default", &client),
+        ca_secret("good-ca", "default", pki.ca_pem()),
+        ca_secret("rogue-ca", "default", rogue.ca_pem()),
         tls_context("trusting", "  secret: client-certs\n  ca_secret: good-ca\n"),
         tls_context(
             "distrusting",
@@ -214,7 +186,7 @@ fn without_a_client_certificate_the_upstream_refuses() {
     let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
     let nginx = Nginx::mtls(&server, pki.ca_pem_path());
     let resources = [
-        ca_secret("ca", pki.ca_pem()),
+        ca_secret("ca", "default", pki.ca_pem()),
         tls_context("verify-only", "  ca_secret: ca\n"),
         mapping(
             "echo",
@@ -252,8 +224,8 @@ fn nginx_interop_sees_the_gateway_certificate() {
     let client = pki.issue_client("gateway-client");
     let nginx = Nginx::mtls(&server, pki.ca_pem_path());
     let resources = [
-        secret("upstream-certs", &client),
-        ca_secret("upstream-ca", pki.ca_pem()),
+        tls_secret("upstream-certs", "default", &client),
+        ca_secret("upstream-ca", "default", pki.ca_pem()),
         tls_context(
             "upstream-context",
             "  secret: upstream-certs\n  ca_secret: upstream-ca\n  alpn_protocols: http/1.1\n  min_tls_version: v1.2\n",
@@ -290,7 +262,7 @@ fn tls_version_bounds_are_enforced() {
     let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
     let service = format!("https://localhost:{}", upstream.port());
     let resources = [
-        secret("client-certs", &client),
+        tls_secret("client-certs", "default", &client),
         tls_context(
             "capped",
             "  secret: client-certs\n  max_tls_version: v1.2\n",

@@ -1136,6 +1136,20 @@ impl Response {
             ),
         }
     }
+
+    /// The echo reply of a 200; panics, showing the response, on anything
+    /// else (an upstream's error status included).
+    pub fn echo_ok(&self) -> EchoReply {
+        assert_eq!(
+            self.status,
+            200,
+            "{} {:?}\n{}",
+            self.reason,
+            self.headers,
+            self.text()
+        );
+        self.echo()
+    }
 }
 
 /// Anything a request can be written to: TCP or TLS-over-TCP.

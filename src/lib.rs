@@ -4,9 +4,14 @@
 //! Configuration flows through one pipeline:
 //! [`config`] (read YAML) → [`model`] (validate) → [`snapshot`] (compile)
 //! → [`proxy`] (serve). See ARCHITECTURE.md for the map.
+//!
+//! As a library, pingress is the same server with your own [`filters`]:
+//! build it with [`Pingress`].
 
 pub mod admin;
+mod cli;
 pub mod config;
+pub mod filters;
 pub mod metrics;
 pub mod model;
 pub mod proxy;
@@ -16,3 +21,5 @@ pub mod server;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;
+
+pub use cli::Pingress;

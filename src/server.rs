@@ -22,6 +22,7 @@ use tokio::sync::broadcast;
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::load::{load_gateway_file, load_resources, GatewayFile};
+use crate::filters::Registry;
 use crate::model::{validate, Model};
 use crate::proxy::Gateway;
 use crate::reload::{Live, Reloader};
@@ -53,12 +54,16 @@ impl Loaded {
 
 /// Runs the whole pipeline once. `Err` only when the gateway file itself
 /// is unusable; resource problems are in `diagnostics`.
-pub fn load(gateway_path: &Path, resolution: Resolution) -> Result<Loaded, Box<Diagnostic>> {
+pub fn load(
+    gateway_path: &Path,
+    resolution: Resolution,
+    registry: &Registry,
+) -> Result<Loaded, Box<Diagnostic>> {
     let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
     let (resources, load_diags) = load_resources(&gateway);
     diagnostics.extend(load_diags);
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
-    let (model, model_diags) = validate(resources, &ambassador_id);
+    let (model, model_diags) = validate(resources, &ambassador_id, registry);
     diagnostics.extend(model_diags);
     let (mut snapshot, compile_diags) = compile(&model, resolution);
     diagnostics.extend(compile_diags);
@@ -91,10 +96,10 @@ pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<
 }
 
 /// Runs the gateway until the process is told to stop.
-pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
+pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), String> {
     // Reloads must find the same files after a daemon changes directory.
     let gateway_path = std::fs::canonicalize(&gateway_path).unwrap_or(gateway_path);
-    let loaded = load(&gateway_path, Resolution::Resolve).map_err(|d| d.to_string())?;
+    let loaded = load(&gateway_path, Resolution::Resolve, &registry).map_err(|d| d.to_string())?;
     for diagnostic in &loaded.diagnostics {
         match diagnostic.severity {
             Severity::Error => error!("{diagnostic}"),
@@ -128,7 +133,7 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
         ensure_free(admin_addr, "admin.listen")?;
     }
 
-    let live = Arc::new(Live::new(snapshot, diagnostics, &gateway));
+    let live = Arc::new(Live::new(snapshot, diagnostics, &gateway, registry));
     let mut conf = gateway.pingora;
     conf.grace_period_seconds
         .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);

@@ -230,6 +230,11 @@ fn duplicate_name() {
 }
 
 #[test]
+fn filter_problems() {
+    golden("filter_problems", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

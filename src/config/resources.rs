@@ -160,6 +160,8 @@ pub struct MappingSpec {
     pub add_linkerd_headers: Option<bool>,
     pub weight: Option<u32>,
     pub labels: Option<Value>,
+    pub cors: Option<Value>,
+    pub bypass_auth: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -320,6 +322,10 @@ pub struct ModuleConfig {
     pub retry_policy: Option<RetryPolicySpec>,
     pub envoy_log_type: Option<String>,
     pub set_current_client_cert_details: Option<ClientCertDetails>,
+    pub preserve_external_request_id: Option<bool>,
+    pub cors: Option<Value>,
+    pub ip_allow: Option<Value>,
+    pub ip_deny: Option<Value>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }

@@ -14,8 +14,10 @@ use crate::routing::headers::{AddHeader, HeaderEdits, HeaderTemplate};
 use crate::routing::matchers::HostGlob;
 use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 
-use super::spec::{check_unknown_fields, parse_section};
+use super::spec::{check_unknown_fields, parse_section, parse_value};
 use super::{count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
+use crate::filters::ip::{self, IpFilter};
+use crate::filters::Filter;
 use crate::tls::TlsContext;
 use std::sync::Arc;
 
@@ -38,12 +40,15 @@ const MODULE_SUPPORTED: &[&str] = &[
     "envoy_log_type",
     "circuit_breakers",
     "retry_policy",
+    "preserve_external_request_id",
+    "cors",
+    "ip_allow",
+    "ip_deny",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
-    "cors",
     "load_balancer",
     "keepalive",
     "resolver",
@@ -54,11 +59,8 @@ const MODULE_LATER: &[&str] = &[
     "allow_chunked_length",
     "max_request_headers_kb",
     "headers_with_underscores_action",
-    "preserve_external_request_id",
     "proper_case",
     "header_case_overrides",
-    "ip_allow",
-    "ip_deny",
     "buffer_limit_bytes",
     "buffer",
     "gzip",
@@ -246,6 +248,11 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         .retry_policy
         .as_ref()
         .and_then(|policy| super::retry_policy(policy, "spec.config.retry_policy", report));
+    let cors = config
+        .cors
+        .as_ref()
+        .and_then(|value| crate::filters::cors::parse(value, "spec.config.cors", report));
+    let ip_filter = ip_rules(config, report);
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -273,7 +280,33 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         circuit_breakers,
         retry_policy,
         defaults,
+        preserve_external_request_id: config.preserve_external_request_id.unwrap_or(false),
+        cors,
+        ip_filter,
     })
+}
+
+/// `ip_allow` / `ip_deny`, built into the filter that enforces them.
+fn ip_rules(config: &ModuleConfig, report: &mut Reporter) -> Option<IpFilter> {
+    if config.ip_allow.is_none() && config.ip_deny.is_none() {
+        return None;
+    }
+    let field = "spec.config";
+    let settings = ip::Settings {
+        ip_allow: parse_value(
+            config.ip_allow.as_ref(),
+            &format!("{field}.ip_allow"),
+            report,
+        )?,
+        ip_deny: parse_value(config.ip_deny.as_ref(), &format!("{field}.ip_deny"), report)?,
+    };
+    IpFilter::build(settings)
+        .map_err(|e| {
+            report
+                .error(field, e)
+                .with_hint("a list of {peer: CIDR} or {remote: CIDR}; 403 for the others");
+        })
+        .ok()
 }
 
 /// Parses an `add_*_headers` map. Bad entries are reported and skipped.

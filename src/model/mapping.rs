@@ -12,6 +12,7 @@ use crate::config::load::RawResource;
 use crate::config::resources::{
     CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
 };
+use crate::filters::cors::CorsPolicy;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
     full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
@@ -58,6 +59,8 @@ const SUPPORTED: &[&str] = &[
     "grpc",
     "circuit_breakers",
     "retry_policy",
+    "cors",
+    "bypass_auth",
     "host_redirect",
     "path_redirect",
     "prefix_redirect",
@@ -70,8 +73,6 @@ const SUPPORTED: &[&str] = &[
 
 /// Emissary Mapping fields that later pingress work implements.
 const LATER: &[&str] = &[
-    "cors",
-    "bypass_auth",
     "auth_context_extensions",
     "shadow",
     "allow_upgrade",
@@ -158,6 +159,10 @@ pub struct Mapping {
     pub group_invariants: Vec<(&'static str, String)>,
     /// `host_redirect`: answer with this redirect instead of proxying.
     pub redirect: Option<Redirect>,
+    /// The Mapping's `cors`, else the Module's.
+    pub cors: Option<Arc<CorsPolicy>>,
+    /// Skip the AuthService and FilterPolicy filters.
+    pub bypass_auth: bool,
 }
 
 pub fn validate_all(
@@ -444,7 +449,15 @@ fn validate(
             "labels",
             serde_yaml::to_string(&spec.labels).unwrap_or_default(),
         ),
+        (
+            "bypass_auth",
+            format!("{}", spec.bypass_auth.unwrap_or(false)),
+        ),
     ];
+    let cors = match &spec.cors {
+        Some(value) => crate::filters::cors::parse(value, "spec.cors", report),
+        None => module.cors.clone(),
+    };
 
     Some(Mapping {
         id: raw.id.clone(),
@@ -481,6 +494,8 @@ fn validate(
             .unwrap_or(module.add_linkerd_headers),
         group_invariants,
         redirect,
+        cors,
+        bypass_auth: spec.bypass_auth.unwrap_or(false),
     })
 }
 

@@ -7,12 +7,13 @@
 mod edge;
 mod host_tls;
 mod mapping;
-mod spec;
+pub(crate) mod spec;
 mod tls_context;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
 pub use mapping::{Association, Mapping, Rewrite};
@@ -20,6 +21,10 @@ pub use tls_context::TlsContexts;
 
 use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
+use crate::filters::cors::CorsPolicy;
+use crate::filters::ip::IpFilter;
+use crate::filters::policy::{self, FilterPolicies};
+use crate::filters::Registry;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
 use crate::upstream::breaker::Thresholds;
@@ -49,6 +54,11 @@ pub struct ModuleSettings {
     /// The default `retry_policy` of every Mapping.
     pub retry_policy: Option<RetryPolicy>,
     pub defaults: MappingDefaults,
+    pub preserve_external_request_id: bool,
+    /// The default `cors` of every Mapping.
+    pub cors: Option<Arc<CorsPolicy>>,
+    /// `ip_allow` / `ip_deny`.
+    pub(crate) ip_filter: Option<IpFilter>,
 }
 
 impl Default for ModuleSettings {
@@ -70,6 +80,9 @@ impl Default for ModuleSettings {
             circuit_breakers: Thresholds::default(),
             retry_policy: None,
             defaults: MappingDefaults::default(),
+            preserve_external_request_id: false,
+            cors: None,
+            ip_filter: None,
         }
     }
 }
@@ -99,6 +112,7 @@ pub struct Model {
     pub hosts: Vec<VirtualHost>,
     pub mappings: Vec<Mapping>,
     pub tls_contexts: TlsContexts,
+    pub filter_policies: FilterPolicies,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
     /// Certificate files the resources name, valid or not: a reload must
@@ -112,7 +126,15 @@ pub(crate) type SecretStore = HashMap<(String, String), RawResource>;
 const SUPPORTED_API_VERSIONS: &[&str] = &["getambassador.io/v3alpha1", "getambassador.io/v2"];
 
 /// The Emissary kinds pingress implements (besides the core Secret).
-const KINDS: &[&str] = &["Mapping", "TLSContext", "Host", "Listener", "Module"];
+const KINDS: &[&str] = &[
+    "Mapping",
+    "TLSContext",
+    "Host",
+    "Listener",
+    "Module",
+    "Filter",
+    "FilterPolicy",
+];
 
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
@@ -151,7 +173,11 @@ const IGNORED_KUBERNETES_KINDS: &[&str] = &[
 ];
 
 /// Validates every resource; `ambassador_id` selects this instance's share.
-pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec<Diagnostic>) {
+pub fn validate(
+    resources: Vec<RawResource>,
+    ambassador_id: &str,
+    registry: &Registry,
+) -> (Model, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut by_kind: BTreeMap<&str, Vec<&RawResource>> = BTreeMap::new();
     let mut seen = HashMap::new();
@@ -214,7 +240,8 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
             Reporter::new(raw.location(), &mut diags)
                 .error("kind", format!("unknown kind {kind:?}"))
                 .with_hint(format!(
-                    "{hint}pingress reads Mapping, TLSContext, Host, Listener, Module and Secret"
+                    "{hint}pingress reads {} and Secret",
+                    KINDS.join(", ")
                 ));
             continue;
         }
@@ -254,6 +281,13 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
         &kinds("Mapping"),
         &model.module,
         &model.tls_contexts,
+        &mut diags,
+        &mut model.accepted,
+    );
+    model.filter_policies = policy::validate(
+        &kinds("Filter"),
+        &kinds("FilterPolicy"),
+        registry,
         &mut diags,
         &mut model.accepted,
     );

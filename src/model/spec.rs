@@ -50,7 +50,7 @@ pub fn parse_value<T: DeserializeOwned + Default>(
 
 /// Serde's type errors speak Rust (`expected u64`); say it in the words of
 /// YAML: `expected a whole number, found the string "3s"`.
-fn plain_words(message: &str) -> String {
+pub(crate) fn plain_words(message: &str) -> String {
     let Some(rest) = message
         .strip_prefix("invalid type: ")
         .or_else(|| message.strip_prefix("invalid value: "))
@@ -65,6 +65,7 @@ fn plain_words(message: &str) -> String {
         "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
         "a boolean" => "true or false",
         "a sequence" => "a list",
+        "unit" => "nothing",
         "a borrowed string" | "a string" => "a string",
         other if other.starts_with("struct ") || other == "a map" => "a map",
         other => other,

@@ -12,6 +12,7 @@
 mod respond;
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +28,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorType;
 use rand::Rng;
 
+use crate::filters::chain::{Entry, Run, Stage};
+use crate::filters::ip::remote_address;
+use crate::filters::RequestInfo;
 use crate::metrics::metrics;
 use crate::model::{InsecureAction, Rewrite, SecurityModel};
 use crate::routing::headers::{HeaderEdits, RequestFacts};
@@ -37,7 +41,7 @@ use crate::tls::edge::EdgeSession;
 use crate::upstream::breaker::Admission;
 use crate::upstream::retry::RetryPolicy;
 
-pub use respond::{classify, Failure};
+pub use respond::{classify, Failure, Reply};
 
 mod access_log;
 use access_log::AccessEntry;
@@ -107,6 +111,8 @@ pub struct RequestCtx {
     retries: u32,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
+    /// The filters this request runs and their state.
+    filters: Option<Run>,
 }
 
 fn protocol(session: &Session) -> &'static str {
@@ -160,18 +166,30 @@ fn split_port(authority: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Where routing left a request that reached a Host.
+struct Routed {
+    /// The matched Mapping; `None` when nothing matched.
+    route: Option<Arc<Route>>,
+    /// The gateway's own answer instead of proxying: 404, a redirect.
+    answer: Option<Reply>,
+    /// The filters this request runs; `None` when there are none.
+    filters: Option<Arc<[Entry]>>,
+    client_ip: Option<IpAddr>,
+}
+
 impl Gateway {
-    /// Routing proper; `Err` carries the reply the gateway gives itself.
+    /// Routing proper. `Err` is an answer given before any filter runs: the
+    /// request reached no Host, or the Host refuses insecure requests.
     fn route(
         &self,
         session: &Session,
         snapshot: &Snapshot,
         ctx: &mut RequestCtx,
-    ) -> Result<Arc<Route>, respond::LocalReply> {
+    ) -> Result<Routed, Reply> {
         let req = session.req_header();
         let listener = local_port(session)
             .and_then(|port| snapshot.listener(port))
-            .ok_or(respond::LocalReply::no_listener())?;
+            .ok_or(Reply::no_listener())?;
         let module = &snapshot.module;
         let path = match normalize(
             req.uri.path(),
@@ -179,8 +197,8 @@ impl Gateway {
             module.reject_escaped_slashes,
         ) {
             Ok(path) => path,
-            Err(PathError::EscapedSlash) => return Err(respond::LocalReply::escaped_slash()),
-            Err(PathError::NotAbsolute) => return Err(respond::LocalReply::bad_path()),
+            Err(PathError::EscapedSlash) => return Err(Reply::escaped_slash()),
+            Err(PathError::NotAbsolute) => return Err(Reply::bad_path()),
         };
         // Clients almost always send lower-case names: copy only when not.
         let raw_authority = match authority(req) {
@@ -208,16 +226,16 @@ impl Gateway {
             // mTLS bypass of Emissary #3340).
             let sni = edge_session(session).and_then(|e| e.sni.as_deref());
             let Some((chosen, vhost)) = listener.hosts.select_tls(sni) else {
-                return Err(respond::LocalReply::no_host(host_name));
+                return Err(Reply::no_host(host_name));
             };
             if by_name.is_some_and(|(named, _)| named != chosen) {
-                return Err(respond::LocalReply::misdirected(host_name));
+                return Err(Reply::misdirected(host_name));
             }
             vhost
         } else {
             match by_name {
                 Some((_, vhost)) => vhost,
-                None => return Err(respond::LocalReply::no_host(host_name)),
+                None => return Err(Reply::no_host(host_name)),
             }
         };
 
@@ -238,12 +256,9 @@ impl Gateway {
                 // Every insecure request is redirected, mapped or not
                 // (Emissary answers 404 for unmapped paths, a known gap).
                 InsecureAction::Redirect => {
-                    return Err(respond::LocalReply::https_redirect(
-                        host_name,
-                        req.uri.path_and_query(),
-                    ))
+                    return Err(Reply::https_redirect(host_name, req.uri.path_and_query()))
                 }
-                InsecureAction::Reject => return Err(respond::LocalReply::rejected_insecure()),
+                InsecureAction::Reject => return Err(Reply::rejected_insecure()),
             }
         }
 
@@ -254,28 +269,95 @@ impl Gateway {
             method: req.method.as_str(),
             headers: &req.headers,
         };
-        let Some(group) = vhost.find(&view) else {
-            return Err(respond::LocalReply::no_route(
-                req.method.as_str(),
-                host_name,
-                &path,
-            ));
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let forwarded_for = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let client_ip = remote_address(peer, forwarded_for, listener.listener.l7_depth);
+        let route = vhost.find(&view).map(|group| {
+            let pick = if group.is_canary() {
+                rand::thread_rng().gen_range(0..100)
+            } else {
+                0
+            };
+            group.pick(pick).clone()
+        });
+        let answer = match route.as_deref().map(|r| (r, &r.target)) {
+            None => Some(Reply::no_route(req.method.as_str(), host_name, &path)),
+            Some((route, Target::Redirect(redirect))) => {
+                let scheme = if secure { "https" } else { "http" };
+                let matched = route.path.matched_len(&path);
+                let location = redirect.location(scheme, &path, matched, req.uri.query());
+                Some(Reply::redirect(redirect.status, location))
+            }
+            Some((_, Target::Upstream(_))) => None,
         };
-        let route = if group.is_canary() {
-            group.pick(rand::thread_rng().gen_range(0..100))
-        } else {
-            group.pick(0)
-        };
-        if let Target::Redirect(redirect) = &route.target {
-            let scheme = if secure { "https" } else { "http" };
-            let matched = route.path.matched_len(&path);
-            let location = redirect.location(scheme, &path, matched, req.uri.query());
-            return Err(respond::LocalReply::redirect(redirect.status, location));
-        }
+        let bypass_auth = route.as_ref().is_some_and(|r| r.bypass_auth);
+        let filters = snapshot
+            .filters
+            .select(host_name, &path, bypass_auth)
+            .cloned();
         if let Cow::Owned(normalized) = path {
             ctx.normalized_path = Some(normalized);
         }
-        Ok(route.clone())
+        Ok(Routed {
+            route,
+            answer,
+            filters,
+            client_ip,
+        })
+    }
+
+    /// Sends the gateway's own answer; the exchange ends here.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        reply: Reply,
+    ) -> Result<bool> {
+        self.close_if_draining(session);
+        ctx.local_reply = Some(reply.reason);
+        let server_name = ctx
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.module.server_name.clone());
+        reply.send(session, server_name.as_deref()).await?;
+        Ok(true)
+    }
+
+    /// Runs the request's filters; `Some` is a filter's answer. After the
+    /// authentication stage the route is matched again if a filter asked,
+    /// so headers added by an authorizer can choose the Mapping.
+    async fn run_filters(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        routed: &mut Routed,
+        run: &mut Run,
+    ) -> Result<Option<Reply>> {
+        for stage in [Stage::Early, Stage::Auth] {
+            if let Some(reply) = run.request(session, stage).await? {
+                return Ok(Some(reply));
+            }
+        }
+        if run.facts.reroute {
+            let snapshot = ctx.snapshot.clone().ok_or_else(|| {
+                Error::explain(ErrorType::InternalError, "no snapshot to route again")
+            })?;
+            match self.route(session, &snapshot, ctx) {
+                Ok(again) => {
+                    routed.route = again.route;
+                    routed.answer = again.answer;
+                    run.facts.route = routed.route.clone();
+                }
+                Err(reply) => return Ok(Some(reply)),
+            }
+        }
+        run.request(session, Stage::Late).await
     }
 }
 
@@ -297,31 +379,46 @@ impl ProxyHttp for Gateway {
             overloaded: false,
             retries: 0,
             local_reply: None,
+            filters: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
         let decision = self.route(session, &snapshot, ctx);
-        let server_name = snapshot.module.server_name.clone();
         ctx.snapshot = Some(snapshot);
-        match decision {
-            Ok(route) => {
-                if route.retry.is_some() {
-                    // A body kept in memory can be sent again on a retry.
-                    session.enable_retry_buffering();
-                }
-                ctx.deadline = route.timeout.map(|t| ctx.started + t);
-                ctx.route = Some(route);
-                Ok(false)
+        let mut routed = match decision {
+            Ok(routed) => routed,
+            Err(reply) => return self.answer(session, ctx, reply).await,
+        };
+        if let Some(chain) = routed.filters.take() {
+            let facts = RequestInfo {
+                route: routed.route.clone(),
+                client_ip: routed.client_ip,
+                reroute: false,
+                redirecting: routed.route.as_ref().is_some_and(|r| r.cluster().is_none()),
+            };
+            let mut run = Run::new(chain, facts);
+            let outcome = self.run_filters(session, ctx, &mut routed, &mut run).await;
+            ctx.filters = Some(run);
+            ctx.route = routed.route.take();
+            if let Some(reply) = outcome? {
+                return self.answer(session, ctx, reply).await;
             }
-            Err(reply) => {
-                self.close_if_draining(session);
-                ctx.local_reply = Some(reply.reason);
-                reply.send(session, server_name.as_deref()).await?;
-                Ok(true)
-            }
+        } else {
+            ctx.route = routed.route.take();
         }
+        if let Some(reply) = routed.answer {
+            return self.answer(session, ctx, reply).await;
+        }
+        if let Some(route) = &ctx.route {
+            if route.retry.is_some() {
+                // A body kept in memory can be sent again on a retry.
+                session.enable_retry_buffering();
+            }
+            ctx.deadline = route.timeout.map(|t| ctx.started + t);
+        }
+        Ok(false)
     }
 
     async fn upstream_peer(
@@ -524,12 +621,16 @@ impl ProxyHttp for Gateway {
         if let Some(value) = &route.expected_timeout {
             upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
         }
-        apply_edits(&route.request_headers, &facts(session), upstream)
+        apply_edits(&route.request_headers, &facts(session), upstream)?;
+        match ctx.filters.as_mut() {
+            Some(run) => run.upstream_request(session, upstream).await,
+            None => Ok(()),
+        }
     }
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -544,7 +645,25 @@ impl ProxyHttp for Gateway {
                 started.elapsed().as_millis().to_string(),
             )?;
         }
-        Ok(())
+        match ctx.filters.as_mut() {
+            Some(run) => run.upstream_response(session, upstream_response).await,
+            None => Ok(()),
+        }
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        match ctx.filters.as_mut() {
+            Some(run) => run
+                .response_body(session, body, end_of_stream)
+                .map(|_| None),
+            None => Ok(None),
+        }
     }
 
     fn upstream_response_body_filter(
@@ -604,9 +723,9 @@ impl ProxyHttp for Gateway {
                 .as_ref()
                 .and_then(|s| s.module.server_name.clone());
             let reply = if ctx.overloaded {
-                respond::LocalReply::overloaded()
+                Reply::overloaded()
             } else {
-                respond::LocalReply::failure(failure.status, failure.cause)
+                Reply::failure(failure.status, failure.cause)
             };
             if let Err(write_error) = reply.send(session, server_name.as_deref()).await {
                 warn!("failed to send the error response: {write_error}");
@@ -630,6 +749,9 @@ impl ProxyHttp for Gateway {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let elapsed = ctx.started.elapsed();
+        if let Some(run) = ctx.filters.as_mut() {
+            run.logging(session, status).await;
+        }
         match (&ctx.route, ctx.local_reply) {
             (Some(route), None) => {
                 route.metrics.record(status, elapsed.as_secs_f64());

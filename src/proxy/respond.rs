@@ -1,8 +1,11 @@
 //! Replies the gateway gives by itself, and how proxy errors become statuses.
-//! Every such reply has a short plain-text body that names its cause.
+//! Every reply of the gateway's own has a short plain-text body that names
+//! its cause.
 
 use bytes::Bytes;
+use http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, SERVER};
 use http::uri::PathAndQuery;
+use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -11,53 +14,87 @@ use pingora::{ErrorSource, ErrorType};
 /// The `ErrorType::Custom` tag of an upstream TLS policy violation.
 pub const TLS_POLICY: &str = "UpstreamTlsPolicy";
 
-pub struct LocalReply {
-    pub status: u16,
-    /// A short tag for the access log.
-    pub reason: &'static str,
-    body: String,
-    location: Option<String>,
-    /// Envoy's `x-envoy-overloaded: true`, for circuit-breaker refusals.
-    overloaded: bool,
+/// A response the gateway writes itself: its own answers (404, redirects,
+/// 503 overloaded...) and those of filters.
+pub struct Reply {
+    status: u16,
+    /// A short tag for the access log and the local-reply metric.
+    pub(crate) reason: &'static str,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
 }
 
-impl LocalReply {
-    fn new(status: u16, reason: &'static str, body: String) -> Self {
-        LocalReply {
+impl Reply {
+    /// An empty reply.
+    pub fn new(status: u16) -> Self {
+        Reply {
             status,
-            reason,
-            body,
-            location: None,
-            overloaded: false,
+            reason: "filter",
+            headers: Vec::new(),
+            body: Bytes::new(),
         }
     }
 
+    /// A plain-text reply; a line break is added.
+    pub fn text(status: u16, text: impl std::fmt::Display) -> Self {
+        Reply::new(status).body("text/plain; charset=utf-8", format!("{text}\n"))
+    }
+
+    /// Adds a header (another value if the name is already there).
+    pub fn header(mut self, name: HeaderName, value: impl Into<HeaderValue>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn body(mut self, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+        self.headers.retain(|(name, _)| name != CONTENT_TYPE);
+        self.headers
+            .push((CONTENT_TYPE, HeaderValue::from_static(content_type)));
+        self.body = body.into();
+        self
+    }
+
+    /// Names the cause in the access log (`note=`) and in
+    /// `pingress_local_replies_total{reason}`.
+    pub fn reason(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    fn gateway(status: u16, reason: &'static str, body: impl std::fmt::Display) -> Self {
+        Reply::text(status, body).reason(reason)
+    }
+
     pub fn no_listener() -> Self {
-        Self::new(
+        Self::gateway(
             404,
             "no_listener",
-            "no listener configuration for this port".into(),
+            "no listener configuration for this port",
         )
     }
 
     pub fn bad_path() -> Self {
-        Self::new(400, "bad_path", "the request target is not a path".into())
+        Self::gateway(400, "bad_path", "the request target is not a path")
     }
 
     pub fn escaped_slash() -> Self {
-        Self::new(
+        Self::gateway(
             400,
             "escaped_slash",
-            "escaped slashes are not allowed in the path".into(),
+            "escaped slashes are not allowed in the path",
         )
     }
 
     pub fn no_host(host: &str) -> Self {
-        Self::new(404, "no_host", format!("no Host matches {host:?}"))
+        Self::gateway(404, "no_host", format!("no Host matches {host:?}"))
     }
 
     pub fn no_route(method: &str, host: &str, path: &str) -> Self {
-        Self::new(
+        Self::gateway(
             404,
             "no_route",
             format!("no Mapping matches {method} {host}{path}"),
@@ -66,7 +103,7 @@ impl LocalReply {
 
     /// 421: the Host header names another Host than the TLS handshake's.
     pub fn misdirected(host: &str) -> Self {
-        Self::new(
+        Self::gateway(
             421,
             "misdirected",
             format!("this connection's TLS certificate was chosen for another Host than {host:?}"),
@@ -76,10 +113,10 @@ impl LocalReply {
     pub fn rejected_insecure() -> Self {
         // Emissary answers Reject with 404: the routes simply do not exist
         // for insecure requests.
-        Self::new(
+        Self::gateway(
             404,
             "insecure_rejected",
-            "this Host does not serve insecure requests".into(),
+            "this Host does not serve insecure requests",
         )
     }
 
@@ -92,44 +129,53 @@ impl LocalReply {
 
     /// A redirect Mapping's answer.
     pub fn redirect(status: u16, location: String) -> Self {
-        let mut reply = Self::new(status, "redirect", format!("redirecting to {location}"));
-        reply.location = Some(location);
-        reply
+        let body = format!("redirecting to {location}");
+        match HeaderValue::try_from(location) {
+            Ok(location) => Self::gateway(status, "redirect", body).header(LOCATION, location),
+            // The parts of a Location are checked at compile time; a
+            // request's path that slips an invalid byte in gets a 400.
+            Err(_) => Self::gateway(
+                400,
+                "bad_redirect",
+                "the redirect target is not a valid header value",
+            ),
+        }
     }
 
     /// 503 from an open circuit breaker.
     pub fn overloaded() -> Self {
-        let mut reply = Self::new(
+        Self::gateway(
             503,
             "overloaded",
-            "upstream overloaded: the circuit breaker is open".into(),
-        );
-        reply.overloaded = true;
-        reply
+            "upstream overloaded: the circuit breaker is open",
+        )
+        .header(
+            HeaderName::from_static("x-envoy-overloaded"),
+            HeaderValue::from_static("true"),
+        )
     }
 
     pub fn failure(status: u16, cause: &'static str) -> Self {
-        Self::new(status, "proxy_error", cause.to_string())
+        Self::gateway(status, "proxy_error", cause)
     }
 
     pub async fn send(self, session: &mut Session, server_name: Option<&str>) -> Result<()> {
-        let body = Bytes::from(format!("{}\n", self.body));
-        let mut header = ResponseHeader::build(self.status, Some(4))?;
-        header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        if let Some(location) = self.location {
-            header.insert_header(http::header::LOCATION, location)?;
+        let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 2))?;
+        for (name, value) in self.headers {
+            header.append_header(name, value)?;
         }
-        if self.overloaded {
-            header.insert_header("x-envoy-overloaded", "true")?;
-        }
+        header.insert_header(CONTENT_LENGTH, self.body.len().to_string())?;
         if let Some(server) = server_name {
-            header.insert_header(http::header::SERVER, server)?;
+            header.insert_header(SERVER, server)?;
         }
+        let empty = self.body.is_empty();
         session
-            .write_response_header(Box::new(header), false)
+            .write_response_header(Box::new(header), empty)
             .await?;
-        session.write_response_body(Some(body), true).await
+        if !empty {
+            session.write_response_body(Some(self.body), true).await?;
+        }
+        Ok(())
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::load::GatewayFile;
+use crate::filters::Registry;
 use crate::metrics::metrics;
 use crate::server::{load, Loaded};
 use crate::snapshot::{Resolution, Snapshot};
@@ -37,6 +38,8 @@ pub struct Live {
     /// The gateway file's process settings (`pingora:`, `admin:`) the
     /// process started with: a reload cannot change them.
     process_settings: String,
+    /// The filter types a rebuild may use.
+    registry: Registry,
 }
 
 /// The parts of the gateway file that only a new process applies.
@@ -74,9 +77,15 @@ pub enum Outcome {
 }
 
 impl Live {
-    pub fn new(snapshot: Snapshot, diagnostics: Vec<Diagnostic>, gateway: &GatewayFile) -> Live {
+    pub fn new(
+        snapshot: Snapshot,
+        diagnostics: Vec<Diagnostic>,
+        gateway: &GatewayFile,
+        registry: Registry,
+    ) -> Live {
         publish_metrics(&snapshot, 1);
         Live {
+            registry,
             process_settings: process_settings(gateway),
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             status: ArcSwap::from_pointee(Status {
@@ -90,7 +99,7 @@ impl Live {
 
     /// Rebuilds from the gateway file and swaps when acceptable.
     pub fn reload(&self, gateway_path: &Path) -> Outcome {
-        let outcome = match load(gateway_path, Resolution::Resolve) {
+        let outcome = match load(gateway_path, Resolution::Resolve, &self.registry) {
             Err(problem) => Outcome::Failed(problem.to_string()),
             Ok(loaded) => self.apply(loaded),
         };

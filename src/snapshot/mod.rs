@@ -1,12 +1,17 @@
 //! Stage 3: compile the model into the immutable runtime [`Snapshot`] that
 //! requests read. Publication (stage 4) is an `ArcSwap` in [`crate::proxy`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
 
 use crate::config::diagnostics::{Diagnostic, Location};
+use crate::filters::chain::{Entry, Stage};
+use crate::filters::cors::{CorsFilter, CorsPolicy};
+use crate::filters::request_id::RequestId;
+use crate::filters::FilterChains;
 use crate::metrics::{metrics, RouteMetrics};
 use crate::model::{
     HostBinding, Listener, Model, ModuleSettings, Rewrite, SecurityModel, VirtualHost,
@@ -73,6 +78,10 @@ pub struct Route {
     pub expected_timeout: Option<HeaderValue>,
     pub metrics: RouteMetrics,
     pub retry: Option<RetryPolicy>,
+    /// The Mapping's `metadata.labels`, for filters.
+    pub labels: BTreeMap<String, String>,
+    pub cors: Option<Arc<CorsPolicy>>,
+    pub bypass_auth: bool,
 }
 
 #[derive(Debug)]
@@ -135,6 +144,7 @@ impl ListenerRoutes {
 pub struct Snapshot {
     pub listeners: Vec<ListenerRoutes>,
     pub module: ModuleSettings,
+    pub filters: FilterChains,
     /// The files and directories this snapshot was built from.
     pub sources: Vec<std::path::PathBuf>,
 }
@@ -336,10 +346,37 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         Snapshot {
             listeners,
             module: model.module.clone(),
+            filters: FilterChains::new(builtin_filters(model), &model.filter_policies),
             sources: model.referenced_files.clone(),
         },
         diags,
     )
+}
+
+/// The gateway's own filters, as the Module and the Mappings ask for them,
+/// in Emissary's order.
+fn builtin_filters(model: &Model) -> Vec<Entry> {
+    let module = &model.module;
+    let mut entries = vec![Entry::builtin(
+        RequestId::new(module.preserve_external_request_id),
+        "Module/ambassador (request IDs)",
+        Stage::Early,
+    )];
+    if let Some(ip) = &module.ip_filter {
+        entries.push(Entry::builtin(
+            ip.clone(),
+            "Module/ambassador (ip_allow/ip_deny)",
+            Stage::Early,
+        ));
+    }
+    if model.mappings.iter().any(|m| m.cors.is_some()) {
+        entries.push(Entry::builtin(
+            CorsFilter::per_route(),
+            "cors",
+            Stage::Early,
+        ));
+    }
+    entries
 }
 
 /// Where a synthesized Listener or Host comes from: the gateway itself.
@@ -397,6 +434,9 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         expected_timeout,
         metrics: metrics().route(&mapping.name),
         retry: mapping.retry,
+        labels: mapping.labels.clone(),
+        cors: mapping.cors.clone(),
+        bypass_auth: mapping.bypass_auth,
     }
 }
 
@@ -433,7 +473,8 @@ mod tests {
         }
         let (mut raw, mut diags) = (Vec::new(), Vec::new());
         parse_documents(std::path::Path::new("t.yaml"), &text, &mut raw, &mut diags);
-        let (model, problems) = crate::model::validate(raw, "default");
+        let (model, problems) =
+            crate::model::validate(raw, "default", &crate::filters::Registry::default());
         assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
         let (snapshot, _) = compile(&model, Resolution::Skip);
         let (_, host) = snapshot.listeners[0].hosts.select("h").unwrap();

@@ -770,14 +770,19 @@ impl Output {
 
 /// `pingress -t -c <dir>/gateway.yaml`: validate the configuration only.
 pub fn check(dir: &Path) -> Output {
-    let out = Command::new(PINGRESS)
+    check_program(Path::new(PINGRESS), dir)
+}
+
+/// `-t` with another pingress binary, e.g. an example with its own filters.
+pub fn check_program(program: &Path, dir: &Path) -> Output {
+    let out = Command::new(program)
         .arg("-t")
         .arg("-c")
         .arg(dir.join("gateway.yaml"))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("run {PINGRESS} -t: {e}"));
+        .unwrap_or_else(|e| panic!("run {} -t: {e}", program.display()));
     Output {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -800,6 +805,24 @@ fn admin_addr_from(gateway_yaml: &Path) -> SocketAddr {
         .unwrap_or_else(|e| panic!("admin.listen {listen:?}: {e}"))
 }
 
+/// The binary of `examples/<name>.rs`, which `cargo test` builds beside
+/// the test binaries.
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> → target/<profile>/examples/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let binary = profile_dir.join("examples").join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo test` builds the examples (or run `cargo build --examples`)",
+        binary.display()
+    );
+    binary
+}
+
 /// A running `pingress -c <dir>/gateway.yaml`, killed (SIGKILL) on drop.
 pub struct Gateway {
     child: Child,
@@ -812,7 +835,13 @@ impl Gateway {
     /// Starts the gateway on an already written `dir/gateway.yaml` and waits
     /// (20 s) until `/ambassador/v0/check_ready` answers 200.
     pub fn start(dir: &Path) -> Gateway {
-        let mut gw = Gateway::spawn(dir, &[], "gateway.log");
+        Gateway::start_program(Path::new(PINGRESS), dir)
+    }
+
+    /// Like [`Gateway::start`], with another pingress binary (an example
+    /// with its own filters, see [`example_binary`]).
+    pub fn start_program(program: &Path, dir: &Path) -> Gateway {
+        let mut gw = Gateway::spawn_program(program, dir, &[], "gateway.log");
         gw.wait_ready(Duration::from_secs(20));
         gw
     }
@@ -821,12 +850,16 @@ impl Gateway {
     /// `dir/<log>`, without waiting for it (a `-u` process waits for the old
     /// one's sockets).
     pub fn spawn(dir: &Path, extra: &[&str], log: &str) -> Gateway {
+        Gateway::spawn_program(Path::new(PINGRESS), dir, extra, log)
+    }
+
+    fn spawn_program(program: &Path, dir: &Path, extra: &[&str], log: &str) -> Gateway {
         let config = dir.join("gateway.yaml");
         let admin = admin_addr_from(&config);
         let log_path = dir.join(log);
         let log = fs::File::create(&log_path).expect("create the gateway log");
         let log2 = log.try_clone().expect("clone log handle");
-        let child = Command::new(PINGRESS)
+        let child = Command::new(program)
             .arg("-c")
             .arg(&config)
             .args(extra)
@@ -835,7 +868,7 @@ impl Gateway {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {PINGRESS}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         Gateway {
             child,
             dir: dir.to_path_buf(),

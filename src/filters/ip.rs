@@ -1,0 +1,171 @@
+//! The Module's `ip_allow` / `ip_deny`: 403 for clients outside the allowed
+//! ranges or inside the denied ones. `peer` rules test the connection's
+//! address, `remote` rules the client address that trusted proxies report
+//! (a Listener's `l7Depth`).
+
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use pingora::Result;
+use serde::Deserialize;
+
+use super::{Cx, Filter, Flow, Reply, Session};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Peer,
+    Remote,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Range {
+    source: Source,
+    net: IpNet,
+}
+
+/// Parses `10.0.0.0/8`, or a single address as a one-address range.
+fn parse_net(text: &str) -> std::result::Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is neither an IP address nor a CIDR range"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct IpFilter {
+    mode: Mode,
+    ranges: Vec<Range>,
+}
+
+/// The Module's keys, also usable as `spec: {IpAllowDeny: {ip_allow: ...}}`
+/// in a Filter, so a FilterPolicy can guard some paths only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Settings {
+    pub ip_allow: Option<Vec<RangeSpec>>,
+    pub ip_deny: Option<Vec<RangeSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RangeSpec {
+    peer: Option<String>,
+    remote: Option<String>,
+}
+
+fn ranges(key: &str, specs: &[RangeSpec]) -> std::result::Result<Vec<Range>, String> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let (source, text) = match (&spec.peer, &spec.remote) {
+                (Some(peer), None) => (Source::Peer, peer),
+                (None, Some(remote)) => (Source::Remote, remote),
+                _ => return Err(format!("{key}[{i}]: give exactly one of peer or remote")),
+            };
+            let net = parse_net(text).map_err(|e| format!("{key}[{i}]: {e}"))?;
+            Ok(Range { source, net })
+        })
+        .collect()
+}
+
+/// The client address behind `l7_depth` trusted proxies: the entry that
+/// many places from the right of `X-Forwarded-For` (Envoy's
+/// `xff_num_trusted_hops`), else the connection's peer.
+pub(crate) fn remote_address(
+    peer: Option<IpAddr>,
+    forwarded_for: Option<&str>,
+    l7_depth: u32,
+) -> Option<IpAddr> {
+    if l7_depth == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = forwarded_for?.split(',').map(str::trim).collect();
+    let index = entries.len().checked_sub(l7_depth as usize)?;
+    entries[index].parse().ok()
+}
+
+#[async_trait]
+impl Filter for IpFilter {
+    const TYPE: &'static str = "IpAllowDeny";
+    type Settings = Settings;
+    type Arguments = ();
+    type State = ();
+
+    fn build(settings: Settings) -> std::result::Result<Self, String> {
+        let (mode, ranges) = match (&settings.ip_allow, &settings.ip_deny) {
+            (Some(allow), None) => (Mode::Allow, ranges("ip_allow", allow)?),
+            (None, Some(deny)) => (Mode::Deny, ranges("ip_deny", deny)?),
+            _ => return Err("give exactly one of ip_allow and ip_deny".into()),
+        };
+        Ok(IpFilter { mode, ranges })
+    }
+
+    async fn request(&self, session: &mut Session, cx: &mut Cx<'_, Self>) -> Result<Flow> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let remote = cx.client_ip();
+        let listed = self.ranges.iter().any(|range| {
+            let address = match range.source {
+                Source::Peer => peer,
+                Source::Remote => remote,
+            };
+            address.is_some_and(|a| range.net.contains(&a))
+        });
+        let allowed = match self.mode {
+            Mode::Allow => listed,
+            Mode::Deny => !listed,
+        };
+        Ok(if allowed {
+            Flow::Continue
+        } else {
+            Flow::Respond(
+                Reply::text(403, "access denied by the gateway's IP rules").reason("ip_denied"),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trusted_hops_pick_from_the_right() {
+        let peer = Some("10.0.0.1".parse().unwrap());
+        let xff = Some("1.1.1.1, 2.2.2.2, 3.3.3.3");
+        assert_eq!(remote_address(peer, xff, 0), peer);
+        assert_eq!(
+            remote_address(peer, xff, 1),
+            Some("3.3.3.3".parse().unwrap())
+        );
+        assert_eq!(
+            remote_address(peer, xff, 3),
+            Some("1.1.1.1".parse().unwrap())
+        );
+        assert_eq!(remote_address(peer, xff, 4), None);
+        assert_eq!(remote_address(peer, None, 1), None);
+        assert_eq!(remote_address(peer, Some("junk"), 1), None);
+    }
+
+    #[test]
+    fn single_addresses_are_ranges() {
+        assert!(parse_net("127.0.0.1")
+            .unwrap()
+            .contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(parse_net("99.99.0.0/16")
+            .unwrap()
+            .contains(&"99.99.3.4".parse::<IpAddr>().unwrap()));
+        assert!(parse_net("::1").is_ok());
+        assert!(parse_net("99.99.0.0/33").is_err());
+        assert!(parse_net("host.example").is_err());
+    }
+}

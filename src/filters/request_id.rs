@@ -1,0 +1,49 @@
+//! `x-request-id`: every request gets a fresh UUID, as Envoy's edge does,
+//! unless the Module's `preserve_external_request_id` keeps the client's.
+
+use async_trait::async_trait;
+use pingora::Result;
+use serde::Deserialize;
+
+use super::{Cx, Filter, Flow, Session};
+
+pub(crate) const HEADER: &str = "x-request-id";
+
+pub(crate) struct RequestId {
+    preserve_external: bool,
+}
+
+impl RequestId {
+    pub fn new(preserve_external: bool) -> RequestId {
+        RequestId { preserve_external }
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Settings {
+    pub preserve_external_request_id: bool,
+}
+
+#[async_trait]
+impl Filter for RequestId {
+    const TYPE: &'static str = "RequestId";
+    type Settings = Settings;
+    type Arguments = ();
+    type State = ();
+
+    fn build(settings: Settings) -> std::result::Result<Self, String> {
+        Ok(RequestId {
+            preserve_external: settings.preserve_external_request_id,
+        })
+    }
+
+    async fn request(&self, session: &mut Session, _cx: &mut Cx<'_, Self>) -> Result<Flow> {
+        let headers = &session.req_header().headers;
+        let usable = headers.get(HEADER).is_some_and(|v| !v.is_empty());
+        if !(self.preserve_external && usable) {
+            let id = uuid::Uuid::new_v4().hyphenated().to_string();
+            session.req_header_mut().insert_header(HEADER, id)?;
+        }
+        Ok(Flow::Continue)
+    }
+}

@@ -48,6 +48,7 @@
 //! }
 //! ```
 
+pub(crate) mod auth;
 pub(crate) mod chain;
 pub(crate) mod cors;
 pub(crate) mod ip;

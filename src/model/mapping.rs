@@ -311,34 +311,10 @@ fn validate(
         None | Some(MappingTls::Enabled(false)) => (None, false),
         Some(MappingTls::Context(name)) if name.is_empty() => (None, false),
         Some(MappingTls::Enabled(true)) => (None, true),
-        Some(MappingTls::Context(name)) => {
-            match (contexts.valid.get(name), contexts.invalid.get(name)) {
-                (Some(context), _) => (Some(context.clone()), true),
-                (None, Some(invalid)) => {
-                    report.error(
-                        "spec.tls",
-                        format!(
-                            "TLSContext {}/{name} is invalid (see {}); this Mapping is dropped with it",
-                            invalid.namespace, invalid.source
-                        ),
-                    );
-                    return None;
-                }
-                (None, None) => {
-                    let mut known: Vec<&str> = contexts.valid.keys().map(String::as_str).collect();
-                    known.sort_unstable();
-                    let hint = if known.is_empty() {
-                        "no TLSContext is defined".to_string()
-                    } else {
-                        format!("defined TLSContexts: {}", known.join(", "))
-                    };
-                    report
-                        .error("spec.tls", format!("no TLSContext named {name:?}"))
-                        .with_hint(hint);
-                    return None;
-                }
-            }
-        }
+        Some(MappingTls::Context(name)) => (
+            Some(contexts.lookup(name, "spec.tls", "this Mapping", report)?),
+            true,
+        ),
     };
     let redirect = redirect(spec, report)?;
     // A redirect's service is a target authority, not a Kubernetes name.

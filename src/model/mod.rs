@@ -21,6 +21,7 @@ pub use tls_context::TlsContexts;
 
 use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
+use crate::filters::auth::{self, AuthServices};
 use crate::filters::cors::CorsPolicy;
 use crate::filters::ip::IpFilter;
 use crate::filters::policy::{self, FilterPolicies};
@@ -113,6 +114,7 @@ pub struct Model {
     pub mappings: Vec<Mapping>,
     pub tls_contexts: TlsContexts,
     pub filter_policies: FilterPolicies,
+    pub auth_services: AuthServices,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
     /// Certificate files the resources name, valid or not: a reload must
@@ -134,11 +136,11 @@ const KINDS: &[&str] = &[
     "Module",
     "Filter",
     "FilterPolicy",
+    "AuthService",
 ];
 
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
-    "AuthService",
     "RateLimitService",
     "TCPMapping",
     "LogService",
@@ -280,6 +282,12 @@ pub fn validate(
     model.mappings = mapping::validate_all(
         &kinds("Mapping"),
         &model.module,
+        &model.tls_contexts,
+        &mut diags,
+        &mut model.accepted,
+    );
+    model.auth_services = auth::validate_all(
+        &kinds("AuthService"),
         &model.tls_contexts,
         &mut diags,
         &mut model.accepted,

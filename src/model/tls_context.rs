@@ -83,6 +83,43 @@ pub struct TlsContexts {
     pub invalid: HashMap<String, ResourceRef>,
 }
 
+impl TlsContexts {
+    /// The valid context `name`, or an error at `field` saying why there is
+    /// none; `user` (e.g. "this Mapping") is dropped with it.
+    pub(crate) fn lookup(
+        &self,
+        name: &str,
+        field: &str,
+        user: &str,
+        report: &mut Reporter,
+    ) -> Option<Arc<TlsContext>> {
+        if let Some(context) = self.valid.get(name) {
+            return Some(context.clone());
+        }
+        if let Some(invalid) = self.invalid.get(name) {
+            report.error(
+                field,
+                format!(
+                    "TLSContext {}/{name} is invalid (see {}); {user} is dropped with it",
+                    invalid.namespace, invalid.source
+                ),
+            );
+            return None;
+        }
+        let mut known: Vec<&str> = self.valid.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        let hint = if known.is_empty() {
+            "no TLSContext is defined".to_string()
+        } else {
+            format!("defined TLSContexts: {}", known.join(", "))
+        };
+        report
+            .error(field, format!("no TLSContext named {name:?}"))
+            .with_hint(hint);
+        None
+    }
+}
+
 /// Reads a Secret's PEM material. `name` and `namespace` are already split.
 pub(crate) fn secret_data(
     secrets: &SecretStore,

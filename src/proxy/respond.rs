@@ -46,10 +46,13 @@ impl Reply {
         self
     }
 
-    pub fn body(mut self, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+    pub fn body(self, content_type: &'static str, body: impl Into<Bytes>) -> Self {
+        self.typed_body(HeaderValue::from_static(content_type), body)
+    }
+
+    pub(crate) fn typed_body(mut self, content_type: HeaderValue, body: impl Into<Bytes>) -> Self {
         self.headers.retain(|(name, _)| name != CONTENT_TYPE);
-        self.headers
-            .push((CONTENT_TYPE, HeaderValue::from_static(content_type)));
+        self.headers.push((CONTENT_TYPE, content_type));
         self.body = body.into();
         self
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::config::diagnostics::{Diagnostic, Location};
+use crate::filters::auth::{AuthServices, ExtAuth};
 use crate::filters::chain::{Entry, Stage};
 use crate::filters::cors::{CorsFilter, CorsPolicy};
 use crate::filters::request_id::RequestId;
@@ -25,9 +26,13 @@ use crate::routing::table::{
 };
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
+use crate::upstream::breaker::Thresholds;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
 use crate::upstream::retry::RetryPolicy;
 use pingora::tls::ssl::SslVersion;
+
+/// Emissary's `connect_timeout_ms` default, for authorizers too.
+const AUTH_CONNECT_TIMEOUT_MS: u64 = 3000;
 
 /// The port Emissary users expect when they define no Listener.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -346,7 +351,10 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         Snapshot {
             listeners,
             module: model.module.clone(),
-            filters: FilterChains::new(builtin_filters(model), &model.filter_policies),
+            filters: FilterChains::new(
+                builtin_filters(model, &mut clusters, &mut diags),
+                &model.filter_policies,
+            ),
             sources: model.referenced_files.clone(),
         },
         diags,
@@ -355,7 +363,11 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
 
 /// The gateway's own filters, as the Module and the Mappings ask for them,
 /// in Emissary's order.
-fn builtin_filters(model: &Model) -> Vec<Entry> {
+fn builtin_filters(
+    model: &Model,
+    clusters: &mut ClusterBuilder,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Entry> {
     let module = &model.module;
     let mut entries = vec![Entry::builtin(
         RequestId::new(module.preserve_external_request_id),
@@ -376,7 +388,47 @@ fn builtin_filters(model: &Model) -> Vec<Entry> {
             Stage::Early,
         ));
     }
+    if let Some(auth) = auth_filter(&model.auth_services, clusters, diags) {
+        entries.push(Entry::builtin(auth, "AuthService", Stage::Auth));
+    }
     entries
+}
+
+fn auth_filter(
+    auth: &AuthServices,
+    clusters: &mut ClusterBuilder,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<ExtAuth> {
+    if let Some(name) = &auth.misconfigured {
+        return Some(ExtAuth::Misconfigured(name.clone()));
+    }
+    let policy = auth.services.first()?.policy.clone();
+    let authorizers = auth
+        .services
+        .iter()
+        .map(|service| {
+            let (cluster, problem) = clusters.cluster(
+                ClusterKey {
+                    service: service.service.clone(),
+                    originate_tls: service.originate_tls,
+                    tls_identity: service.tls.as_ref().map(|t| t.identity),
+                    connect_timeout_ms: AUTH_CONNECT_TIMEOUT_MS,
+                    h2_only: false,
+                    breaker: Thresholds::default(),
+                },
+                service.tls.clone(),
+            );
+            if let Some(problem) = problem {
+                diags.push(
+                    Diagnostic::warning(Location::Resource(service.id.clone()), problem)
+                        .field("spec.auth_service")
+                        .hint("requests get status_on_error until the name resolves"),
+                );
+            }
+            cluster
+        })
+        .collect();
+    Some(ExtAuth::new(policy, authorizers))
 }
 
 /// Where a synthesized Listener or Host comes from: the gateway itself.

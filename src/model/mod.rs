@@ -8,6 +8,7 @@ mod edge;
 mod host_tls;
 mod mapping;
 mod spec;
+mod tcp_mapping;
 mod tls_context;
 
 use std::collections::hash_map::Entry;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
 pub use mapping::{Association, Mapping, Rewrite};
+pub use tcp_mapping::TcpMapping;
 pub use tls_context::TlsContexts;
 
 use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
@@ -98,6 +100,7 @@ pub struct Model {
     pub listeners: Vec<Listener>,
     pub hosts: Vec<VirtualHost>,
     pub mappings: Vec<Mapping>,
+    pub tcp_mappings: Vec<TcpMapping>,
     pub tls_contexts: TlsContexts,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
@@ -112,13 +115,19 @@ pub(crate) type SecretStore = HashMap<(String, String), RawResource>;
 const SUPPORTED_API_VERSIONS: &[&str] = &["getambassador.io/v3alpha1", "getambassador.io/v2"];
 
 /// The Emissary kinds pingress implements (besides the core Secret).
-const KINDS: &[&str] = &["Mapping", "TLSContext", "Host", "Listener", "Module"];
+const KINDS: &[&str] = &[
+    "Mapping",
+    "TCPMapping",
+    "TLSContext",
+    "Host",
+    "Listener",
+    "Module",
+];
 
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
     "AuthService",
     "RateLimitService",
-    "TCPMapping",
     "LogService",
     "TracingService",
     "KubernetesServiceResolver",
@@ -214,7 +223,7 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
             Reporter::new(raw.location(), &mut diags)
                 .error("kind", format!("unknown kind {kind:?}"))
                 .with_hint(format!(
-                    "{hint}pingress reads Mapping, TLSContext, Host, Listener, Module and Secret"
+                    "{hint}pingress reads Mapping, TCPMapping, TLSContext, Host, Listener, Module and Secret"
                 ));
             continue;
         }
@@ -254,6 +263,14 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
         &kinds("Mapping"),
         &model.module,
         &model.tls_contexts,
+        &mut diags,
+        &mut model.accepted,
+    );
+    model.tcp_mappings = tcp_mapping::validate_all(
+        &kinds("TCPMapping"),
+        &model.module,
+        &model.tls_contexts,
+        &model.hosts,
         &mut diags,
         &mut model.accepted,
     );

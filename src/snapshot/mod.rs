@@ -352,7 +352,8 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             } else {
                 Vec::new()
             };
-            if listener.tls && !bound_hosts.iter().any(|i| edges[*i].is_some()) {
+            let tunnels = tcp.iter().any(|p| p.port == listener.port);
+            if listener.tls && !tunnels && !bound_hosts.iter().any(|i| edges[*i].is_some()) {
                 diags.push(
                     Diagnostic::warning(
                         location(&listener.id),

@@ -647,3 +647,30 @@ pub fn associates(host: &VirtualHost, m: &Mapping) -> bool {
         (None, SelectorOnly) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_exact_shares_and_the_rest_is_divided() {
+        assert_eq!(split(&[Some(25), Some(75)]), Ok(vec![25, 100]));
+        assert_eq!(split(&[Some(10), None, None]), Ok(vec![10, 55, 100]));
+        assert_eq!(split(&[None, None, None]), Ok(vec![33, 66, 100]));
+        // Below 100 with nobody to absorb the rest: the last takes it.
+        assert_eq!(split(&[Some(20), Some(30)]), Ok(vec![20, 100]));
+        assert_eq!(split(&[Some(0), Some(100)]), Ok(vec![0, 100]));
+        assert_eq!(split(&[Some(60), Some(50)]), Err(110));
+        assert_eq!(split(&[Some(7)]), Ok(vec![100]));
+    }
+
+    #[test]
+    fn a_roll_picks_the_first_threshold_above_it() {
+        let members = [(25, "small"), (100, "large")];
+        assert_eq!(*pick(&members, 0), "small");
+        assert_eq!(*pick(&members, 24), "small");
+        assert_eq!(*pick(&members, 25), "large");
+        assert_eq!(*pick(&members, 99), "large");
+        assert_eq!(*pick(&[(0, "never"), (100, "always")], 0), "always");
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Request latency buckets, in seconds: a gateway cares from a fraction of
@@ -31,6 +31,10 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub generation: Gauge,
     certificate_expiry: GaugeVec,
+    tcp_connections: IntCounterVec,
+    tcp_active: IntGaugeVec,
+    tcp_bytes: IntCounterVec,
+    tcp_refused: IntCounterVec,
 }
 
 /// The process's metrics. Registration of fixed names cannot fail; should
@@ -76,7 +80,28 @@ impl Metrics {
             &["context", "role"],
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let tcp_active = IntGaugeVec::new(
+            Opts::new("tcp_connections_active", "Open TCP tunnels, per TCPMapping"),
+            &["tcp_mapping"],
+        )?;
+        registry.register(Box::new(tcp_active.clone()))?;
         Ok(Metrics {
+            tcp_connections: counter_vec(
+                "tcp_connections_total",
+                "TCP connections routed to a TCPMapping",
+                &["tcp_mapping"],
+            )?,
+            tcp_active,
+            tcp_bytes: counter_vec(
+                "tcp_bytes_total",
+                "Bytes through TCP tunnels, per TCPMapping; received from clients, sent to them",
+                &["tcp_mapping", "direction"],
+            )?,
+            tcp_refused: counter_vec(
+                "tcp_connections_refused_total",
+                "TCP connections closed without a tunnel, by reason",
+                &["reason"],
+            )?,
             requests: counter_vec(
                 "requests_total",
                 "Requests routed to a Mapping, by status class",
@@ -142,6 +167,21 @@ impl Metrics {
             .inc();
     }
 
+    /// The handles of one TCPMapping, for its route.
+    pub fn tunnel(&self, tcp_mapping: &str) -> TunnelMetrics {
+        TunnelMetrics {
+            tcp_mapping: tcp_mapping.into(),
+            accepted: OnceLock::new(),
+            active: OnceLock::new(),
+            received: OnceLock::new(),
+            sent: OnceLock::new(),
+        }
+    }
+
+    pub fn tcp_refused(&self, reason: &str) {
+        self.tcp_refused.with_label_values(&[reason]).inc();
+    }
+
     pub fn reload(&self, outcome: &str) {
         self.reloads.with_label_values(&[outcome]).inc();
     }
@@ -192,5 +232,64 @@ impl RouteMetrics {
         self.duration
             .get_or_init(|| metrics().duration.with_label_values(&[&self.mapping]))
             .observe(seconds);
+    }
+}
+
+/// A TCPMapping's series, created with its first connection like a
+/// Mapping's.
+#[derive(Debug)]
+pub struct TunnelMetrics {
+    tcp_mapping: Box<str>,
+    accepted: OnceLock<IntCounter>,
+    active: OnceLock<IntGauge>,
+    received: OnceLock<IntCounter>,
+    sent: OnceLock<IntCounter>,
+}
+
+impl TunnelMetrics {
+    /// Counts a new tunnel; it stays active until the guard drops.
+    pub fn open(&self) -> ActiveTunnel {
+        self.accepted
+            .get_or_init(|| {
+                metrics()
+                    .tcp_connections
+                    .with_label_values(&[&self.tcp_mapping])
+            })
+            .inc();
+        let active = self
+            .active
+            .get_or_init(|| metrics().tcp_active.with_label_values(&[&self.tcp_mapping]))
+            .clone();
+        active.inc();
+        ActiveTunnel(active)
+    }
+
+    /// Bytes read from the client and forwarded upstream.
+    pub fn received(&self, bytes: usize) {
+        self.bytes(&self.received, "received", bytes);
+    }
+
+    /// Bytes from the upstream written to the client.
+    pub fn sent(&self, bytes: usize) {
+        self.bytes(&self.sent, "sent", bytes);
+    }
+
+    fn bytes(&self, counter: &OnceLock<IntCounter>, direction: &str, bytes: usize) {
+        counter
+            .get_or_init(|| {
+                metrics()
+                    .tcp_bytes
+                    .with_label_values(&[&self.tcp_mapping, direction])
+            })
+            .inc_by(bytes as u64);
+    }
+}
+
+/// Keeps a tunnel counted as active.
+pub struct ActiveTunnel(IntGauge);
+
+impl Drop for ActiveTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -1,7 +1,7 @@
 //! Bringing it together: load the gateway file, build the first snapshot,
 //! and run the Pingora server; or, with `-t`, report and exit.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use log::{error, info, warn};
-use pingora::proxy::http_proxy_service;
+use pingora::proxy::{http_proxy_service, HttpProxy};
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
@@ -26,7 +26,8 @@ use crate::filters::Registry;
 use crate::model::{validate, Model};
 use crate::proxy::Gateway;
 use crate::reload::{Live, Reloader};
-use crate::snapshot::{compile, Resolution, Snapshot};
+use crate::snapshot::{compile, Bound, Resolution, Snapshot};
+use crate::tcp::tunnel::TcpProxy;
 use crate::tls::edge::EdgeAcceptor;
 use pingora::listeners::tls::TlsSettings;
 use pingora::tls::ssl::{select_next_proto, AlpnError, NameType, SslOptions, SslSessionCacheMode};
@@ -113,11 +114,7 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
         ..
     } = loaded;
     let ports = snapshot.ports();
-    let listeners: Vec<(u16, bool)> = snapshot
-        .listeners
-        .iter()
-        .map(|l| (l.listener.port, l.listener.tls))
-        .collect();
+    let bindings = snapshot.bindings();
     let admin_addr: SocketAddr = gateway.admin.listen.parse().map_err(|e| {
         format!(
             "admin.listen {:?}: {e} (expected ip:port)",
@@ -127,8 +124,8 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
     if !opt.upgrade {
         // Pingora retries a taken port for 30 s and then stays up with no
         // listener; a supervisor deserves a clear, immediate failure.
-        for port in &ports {
-            ensure_free(SocketAddr::from(([0, 0, 0, 0], *port)), "listener")?;
+        for bound in &bindings {
+            ensure_free(bind_address(bound), "listener")?;
         }
         ensure_free(admin_addr, "admin.listen")?;
     }
@@ -156,7 +153,7 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
     );
     let mut proxy = http_proxy_service(
         &server.configuration,
-        Gateway::new(snapshot.clone(), draining),
+        Gateway::new(snapshot.clone(), draining.clone()),
     );
     // Cleartext listeners also take HTTP/2 with prior knowledge (h2c), as
     // Envoy's automatic codec does: gRPC clients use it.
@@ -165,12 +162,23 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
         options.h2c = true;
         app.server_options = Some(options);
     }
-    for (port, tls) in listeners {
-        let address = format!("0.0.0.0:{port}");
-        if tls {
-            proxy.add_tls_with_settings(&address, None, edge_tls_settings(port, &snapshot)?);
+    // Ports with TCPMappings have their own app; on a port it shares with
+    // an HTTPS Listener it hands the HTTP connections to an HTTP proxy of
+    // its own.
+    let mut shared_http = HttpProxy::new(
+        Gateway::new(snapshot.clone(), draining.clone()),
+        server.configuration.clone(),
+    );
+    shared_http.handle_init_modules();
+    let mut tcp = Service::new(
+        "tcp".to_string(),
+        TcpProxy::new(snapshot.clone(), shared_http, &server.configuration),
+    );
+    for bound in &bindings {
+        if bound.binding.tcp() {
+            listen(&mut tcp, bound, &snapshot)?;
         } else {
-            proxy.add_tcp(&address);
+            listen(&mut proxy, bound, &snapshot)?;
         }
     }
     let ready = Arc::new(AtomicBool::new(false));
@@ -184,6 +192,9 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
     let reloader = background_service("reload", Reloader::new(gateway_path, live));
 
     server.add_service(proxy);
+    if bindings.iter().any(|b| b.binding.tcp()) {
+        server.add_service(tcp);
+    }
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(reloader);
@@ -269,8 +280,16 @@ fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<Tls
         let sni = ssl
             .servername(NameType::HOST_NAME)
             .map(str::to_ascii_lowercase);
+        let snapshot = snapshot.load();
+        if snapshot
+            .tcp_port(port)
+            .and_then(|p| p.group(sni.as_deref()))
+            .is_some()
+        {
+            // A tunnel's bytes are not necessarily HTTP.
+            return Err(AlpnError::NOACK);
+        }
         let h2 = snapshot
-            .load()
             .listener(port)
             .and_then(|l| l.tls_host(sni.as_deref()))
             .is_some_and(|(_, edge)| edge.allows_h2());
@@ -282,6 +301,28 @@ fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<Tls
         select_next_proto(ours, offered).ok_or(AlpnError::NOACK)
     });
     Ok(settings)
+}
+
+fn listen<A>(
+    service: &mut Service<A>,
+    bound: &Bound,
+    snapshot: &Arc<ArcSwap<Snapshot>>,
+) -> Result<(), String> {
+    let address = bind_address(bound).to_string();
+    if bound.binding.tls() {
+        service.add_tls_with_settings(&address, None, edge_tls_settings(bound.port, snapshot)?);
+    } else {
+        service.add_tcp(&address);
+    }
+    Ok(())
+}
+
+/// Where a port is bound: every IPv4 address unless a TCPMapping names one.
+fn bind_address(bound: &Bound) -> SocketAddr {
+    SocketAddr::new(
+        bound.address.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        bound.port,
+    )
 }
 
 fn ensure_free(address: SocketAddr, what: &str) -> Result<(), String> {

@@ -265,6 +265,20 @@ fn warning_only() {
 }
 
 #[test]
+fn tcp_mapping_problems() {
+    golden("tcp_mapping_problems", 1, |dir| {
+        let pki = Pki::new(&dir.join("pki"));
+        let cert = pki.issue_server("db.example.com", &["db.example.com"]);
+        write_secret(
+            dir,
+            "secret.yaml",
+            "db-cert",
+            &[("tls.crt", &cert.cert_pem), ("tls.key", &cert.key_pem)],
+        );
+    });
+}
+
+#[test]
 fn gateway_file_problems() {
     golden("gateway_file_problems", 1, |_| {});
 }

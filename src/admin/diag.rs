@@ -114,6 +114,32 @@ pub fn full_json(live: &Live) -> Value {
             }
         }
     }
+    let mut tcp = Vec::new();
+    for port in &snapshot.tcp {
+        for group in &port.groups {
+            let mut previous = 0;
+            let mappings: Vec<Value> = group
+                .members
+                .iter()
+                .map(|(threshold, route)| {
+                    let share = threshold - previous;
+                    previous = *threshold;
+                    json!({
+                        "tcp_mapping": route.mapping,
+                        "weight": share,
+                        "upstream": route.cluster.name,
+                        "endpoints": route.cluster.endpoint_count(),
+                    })
+                })
+                .collect();
+            tcp.push(json!({
+                "port": port.port,
+                "address": port.address.map(|a| a.to_string()),
+                "sni": group.sni,
+                "mappings": mappings,
+            }));
+        }
+    }
     let last_reload = status.last_reload.as_ref().map(|reload| {
         let outcome = match reload.outcome {
             Outcome::Applied => "applied",
@@ -129,6 +155,7 @@ pub fn full_json(live: &Live) -> Value {
         "errors": by_key,
         "warnings": warnings,
         "routes": routes,
+        "tcp": tcp,
     })
 }
 
@@ -154,6 +181,19 @@ pub fn text(live: &Live) -> String {
                 route["hostname"].as_str().unwrap_or(""),
                 route["match"].as_str().unwrap_or(""),
                 route["mappings"]
+            ));
+        }
+    }
+    if let Value::Array(ports) = &full_json(live)["tcp"] {
+        if !ports.is_empty() {
+            out.push_str("\nTCPMappings:\n");
+        }
+        for port in ports {
+            out.push_str(&format!(
+                "  :{} sni={} -> {}\n",
+                port["port"],
+                port["sni"].as_str().unwrap_or("-"),
+                port["mappings"]
             ));
         }
     }

@@ -167,6 +167,34 @@ pub struct MappingSpec {
     pub other: BTreeMap<String, Value>,
 }
 
+/// A duration in milliseconds that Emissary's CRDs type as a string for
+/// some fields (TCPMapping `idle_timeout_ms`): both forms are read.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Milliseconds {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TcpMappingSpec {
+    pub port: Option<i64>,
+    pub address: Option<String>,
+    pub service: Option<String>,
+    pub tls: Option<MappingTls>,
+    pub host: Option<String>,
+    pub weight: Option<u32>,
+    pub idle_timeout_ms: Option<Milliseconds>,
+    pub enable_ipv4: Option<bool>,
+    pub enable_ipv6: Option<bool>,
+    pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
+    pub stats_name: Option<String>,
+    pub cluster_tag: Option<String>,
+    pub ambassador_id: Option<StringOrList>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 /// Also the shape of a Host's inline `tls:`, which accepts camelCase names.
 pub struct TlsContextSpec {

@@ -376,8 +376,10 @@ pub struct Listener {
     pub id: Option<ResourceRef>,
     pub name: String,
     pub port: u16,
-    /// Terminates TLS (protocol HTTPS).
+    /// Terminates TLS (protocol HTTPS or TLS).
     pub tls: bool,
+    /// Carries TCPMappings, not HTTP (protocol TCP or TLS).
+    pub l4: bool,
     pub security: SecurityModel,
     pub l7_depth: u32,
     pub binding: HostBinding,
@@ -429,41 +431,44 @@ pub fn validate_listeners(
             .protocol_stack
             .as_ref()
             .map(|s| s.iter().map(String::as_str).collect());
-        let tls = match (spec.protocol.as_deref(), stack.as_deref()) {
+        // (terminates TLS, carries TCPMappings)
+        let (tls, l4) = match (spec.protocol.as_deref(), stack.as_deref()) {
             (Some(_), Some(_)) => {
                 report.error(
                     "spec.protocolStack",
                     "set either protocol or protocolStack, not both",
                 );
-                false
+                (false, false)
             }
-            (Some("HTTP"), None) | (None, Some(["HTTP", "TCP"])) => false,
+            (Some("HTTP"), None) | (None, Some(["HTTP", "TCP"])) => (false, false),
             // Emissary's HTTPS also answers cleartext on the same port by
             // inspecting the first bytes; pingress serves TLS only there.
-            (Some("HTTPS"), None) | (None, Some(["TLS", "HTTP", "TCP"])) => true,
-            (Some(p @ ("HTTPPROXY" | "HTTPSPROXY" | "TCP" | "TLS" | "UDP")), None) => {
+            (Some("HTTPS"), None) | (None, Some(["TLS", "HTTP", "TCP"])) => (true, false),
+            (Some("TCP"), None) | (None, Some(["TCP"])) => (false, true),
+            (Some("TLS"), None) | (None, Some(["TLS", "TCP"])) => (true, true),
+            (Some(p @ ("HTTPPROXY" | "HTTPSPROXY" | "UDP")), None) => {
                 report
                     .error(
                         "spec.protocol",
                         format!("protocol {p} is not supported by pingress yet"),
                     )
-                    .with_hint("use protocol: HTTP or HTTPS");
-                false
+                    .with_hint("use protocol: HTTP, HTTPS, TCP or TLS");
+                (false, false)
             }
             (Some(p), None) => {
                 report.error("spec.protocol", format!("unknown protocol {p:?}"));
-                false
+                (false, false)
             }
             (None, Some(stack)) => {
                 report.error(
                     "spec.protocolStack",
-                    format!("protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP] or [TLS, HTTP, TCP]"),
+                    format!("protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP], [TLS, HTTP, TCP], [TCP] or [TLS, TCP]"),
                 );
-                false
+                (false, false)
             }
             (None, None) => {
                 report.error("spec.protocol", "protocol is required");
-                false
+                (false, false)
             }
         };
         let security = match spec.security_model.as_deref() {
@@ -524,6 +529,7 @@ pub fn validate_listeners(
             name: format!("{}.{}", raw.id.name, raw.id.namespace),
             port,
             tls,
+            l4,
             security,
             l7_depth: spec.l7_depth.unwrap_or(module.xff_num_trusted_hops),
             binding,

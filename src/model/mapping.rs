@@ -307,15 +307,7 @@ fn validate(
         (None, None) => Rewrite::Prefix("/".into()),
     };
 
-    let (context, originate_tls) = match &spec.tls {
-        None | Some(MappingTls::Enabled(false)) => (None, false),
-        Some(MappingTls::Context(name)) if name.is_empty() => (None, false),
-        Some(MappingTls::Enabled(true)) => (None, true),
-        Some(MappingTls::Context(name)) => (
-            Some(contexts.lookup(name, "spec.tls", "this Mapping", report)?),
-            true,
-        ),
-    };
+    let (context, originate_tls) = origination(spec.tls.as_ref(), "Mapping", contexts, report)?;
     let redirect = redirect(spec, report)?;
     // A redirect's service is a target authority, not a Kubernetes name.
     let namespace = (!module.use_ambassador_namespace && redirect.is_none())
@@ -350,19 +342,8 @@ fn validate(
             "service says http:// but tls is set: TLS is originated anyway, as Emissary does",
         );
     }
-    if let Some(ctx) = &context {
-        if ctx.ca.is_some() && ctx.sni.is_none() && service.is_ip() {
-            report
-                .error(
-                    "spec.tls",
-                    format!(
-                        "TLSContext {} verifies upstreams, but {} is an IP address",
-                        ctx.name, service.host
-                    ),
-                )
-                .with_hint("set `sni` on the TLSContext to the name in the upstream's certificate");
-            return None;
-        }
+    if !verifiable(context.as_deref(), &service, report) {
+        return None;
     }
 
     let host_rewrite = match spec.host_rewrite.as_deref() {
@@ -473,6 +454,48 @@ fn validate(
         cors,
         bypass_auth: spec.bypass_auth.unwrap_or(false),
     })
+}
+
+/// The `tls:` of a Mapping or TCPMapping: the origination context, and
+/// whether TLS is originated at all. `None` when the reference is an error.
+pub(crate) fn origination(
+    tls: Option<&MappingTls>,
+    kind: &str,
+    contexts: &TlsContexts,
+    report: &mut Reporter,
+) -> Option<(Option<Arc<TlsContext>>, bool)> {
+    Some(match tls {
+        None | Some(MappingTls::Enabled(false)) => (None, false),
+        Some(MappingTls::Context(name)) if name.is_empty() => (None, false),
+        Some(MappingTls::Enabled(true)) => (None, true),
+        Some(MappingTls::Context(name)) => (
+            Some(contexts.lookup(name, "spec.tls", &format!("this {kind}"), report)?),
+            true,
+        ),
+    })
+}
+
+/// A context that verifies upstreams needs a name to verify the
+/// certificate against; an IP address service gives none unless `sni` does.
+pub(crate) fn verifiable(
+    context: Option<&TlsContext>,
+    service: &ServiceAddr,
+    report: &mut Reporter,
+) -> bool {
+    let Some(ctx) = context else { return true };
+    if ctx.ca.is_some() && ctx.sni.is_none() && service.is_ip() {
+        report
+            .error(
+                "spec.tls",
+                format!(
+                    "TLSContext {} verifies upstreams, but {} is an IP address",
+                    ctx.name, service.host
+                ),
+            )
+            .with_hint("set `sni` on the TLSContext to the name in the upstream's certificate");
+        return false;
+    }
+    true
 }
 
 /// A `retry_policy`; `None` when it retries nothing.

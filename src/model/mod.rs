@@ -8,6 +8,7 @@ mod edge;
 mod host_tls;
 mod mapping;
 pub(crate) mod spec;
+mod tcp_mapping;
 mod tls_context;
 
 use std::collections::hash_map::Entry;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
 pub use mapping::{Association, Mapping, Rewrite};
+pub use tcp_mapping::TcpMapping;
 pub use tls_context::TlsContexts;
 
 use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
@@ -112,6 +114,7 @@ pub struct Model {
     pub listeners: Vec<Listener>,
     pub hosts: Vec<VirtualHost>,
     pub mappings: Vec<Mapping>,
+    pub tcp_mappings: Vec<TcpMapping>,
     pub tls_contexts: TlsContexts,
     pub filter_policies: FilterPolicies,
     pub auth_services: AuthServices,
@@ -130,6 +133,7 @@ const SUPPORTED_API_VERSIONS: &[&str] = &["getambassador.io/v3alpha1", "getambas
 /// The Emissary kinds pingress implements (besides the core Secret).
 const KINDS: &[&str] = &[
     "Mapping",
+    "TCPMapping",
     "TLSContext",
     "Host",
     "Listener",
@@ -142,7 +146,6 @@ const KINDS: &[&str] = &[
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
     "RateLimitService",
-    "TCPMapping",
     "LogService",
     "TracingService",
     "KubernetesServiceResolver",
@@ -296,6 +299,14 @@ pub fn validate(
         &kinds("Filter"),
         &kinds("FilterPolicy"),
         registry,
+        &mut diags,
+        &mut model.accepted,
+    );
+    model.tcp_mappings = tcp_mapping::validate_all(
+        &kinds("TCPMapping"),
+        &model.module,
+        &model.tls_contexts,
+        &model.hosts,
         &mut diags,
         &mut model.accepted,
     );

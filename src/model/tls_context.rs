@@ -363,11 +363,14 @@ pub(crate) fn build(
     }
     let sni = spec.sni.clone().filter(|s| !s.is_empty());
     if spec.hosts.as_ref().is_some_and(|h| !h.is_empty()) {
-        report.warning(
-            "spec.hosts",
-            "TLS termination is not supported by pingress yet; this context is used for \
-             origination only",
-        );
+        report
+            .warning(
+                "spec.hosts",
+                "only TCPMappings whose host is listed here terminate TLS with this context",
+            )
+            .with_hint(
+                "HTTPS termination comes from a Host: tlsSecret, and tlsContext for settings",
+            );
     }
     if ca.is_none() && (cert_key.is_some() || sni.is_some()) {
         report

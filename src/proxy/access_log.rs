@@ -22,13 +22,7 @@ pub struct AccessEntry<'a> {
 
 impl AccessEntry<'_> {
     pub fn render(&self, format: AccessLog) -> String {
-        let time = crate::routing::timefmt::format(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-            "%Y-%m-%dT%H:%M:%SZ",
-        );
+        let time = crate::routing::timefmt::now_utc();
         match format {
             AccessLog::Json => serde_json::json!({
                 "time": time,

@@ -148,7 +148,7 @@ impl Live {
             );
         }
         let serving = self.snapshot.load();
-        if listener_shape(&serving) != listener_shape(&loaded.snapshot) {
+        if serving.bindings() != loaded.snapshot.bindings() {
             warn!(
                 "reload: listener ports or protocols changed; they take effect only in a new \
                  process: start `pingress -u` with the same gateway file, then send SIGQUIT to \
@@ -201,16 +201,6 @@ fn publish_metrics(snapshot: &Snapshot, generation: u64) {
         }
     }
     counters.set_certificates(&certificates);
-}
-
-fn listener_shape(snapshot: &Snapshot) -> Vec<(u16, bool)> {
-    let mut shape: Vec<(u16, bool)> = snapshot
-        .listeners
-        .iter()
-        .map(|l| (l.listener.port, l.listener.tls))
-        .collect();
-    shape.sort_unstable();
-    shape
 }
 
 /// The background service that watches and reloads; SIGHUP forces a reload.

@@ -92,18 +92,23 @@ impl<R> RouteGroup<R> {
     /// Chooses a member with one random number in 0..100, as Envoy checks
     /// its runtime fractions: the first member whose threshold is above it.
     pub fn pick(&self, roll: u32) -> &Arc<R> {
-        let last = self.members.len() - 1;
-        let index = self
-            .members
-            .iter()
-            .position(|(threshold, _)| roll < *threshold)
-            .unwrap_or(last);
-        &self.members[index].1
+        pick(&self.members, roll)
     }
 
     pub fn is_canary(&self) -> bool {
         self.members.len() > 1
     }
+}
+
+/// The first member whose cumulative threshold is above `roll` (0..100).
+/// A group always has a member: groups are built from at least one.
+pub fn pick<R>(members: &[(u32, R)], roll: u32) -> &R {
+    let last = members.len() - 1;
+    let index = members
+        .iter()
+        .position(|(threshold, _)| roll < *threshold)
+        .unwrap_or(last);
+    &members[index].1
 }
 
 /// One virtual host with its routes in evaluation order.
@@ -505,39 +510,52 @@ pub fn group_mappings<'m>(
     out.into_iter().map(|(_, g)| g).collect()
 }
 
-/// Splits 100% among a group ordered by [`ordered_for_split`]: weighted
-/// members take their weight, the rest is shared equally by the unweighted
-/// ones, the last absorbing rounding.
+/// Splits 100% among a group ordered by [`weighted_first`], or reports the
+/// group when its weights add up to more than 100.
 fn thresholds(members: &[&Mapping], diags: &mut Vec<Diagnostic>) -> Option<Vec<u32>> {
-    if members.len() == 1 {
-        return Some(vec![100]);
-    }
-    let total: u32 = members.iter().filter_map(|m| m.weight).sum();
-    if total > 100 {
-        for m in members {
-            diags.push(
-                Diagnostic::error(
-                    Location::Resource(m.id.clone()),
-                    format!(
-                        "the weights of the canary group of {} add up to {total}, above 100; \
-                         the whole group is dropped",
-                        m.prefix
-                    ),
-                )
-                .field("spec.weight"),
-            );
+    let weights: Vec<Option<u32>> = members.iter().map(|m| m.weight).collect();
+    match split(&weights) {
+        Ok(thresholds) => Some(thresholds),
+        Err(total) => {
+            for m in members {
+                diags.push(
+                    Diagnostic::error(
+                        Location::Resource(m.id.clone()),
+                        format!(
+                            "the weights of the canary group of {} add up to {total}, above 100; \
+                             the whole group is dropped",
+                            m.prefix
+                        ),
+                    )
+                    .field("spec.weight"),
+                );
+            }
+            None
         }
-        return None;
     }
-    let unweighted = members.iter().filter(|m| m.weight.is_none()).count() as u32;
+}
+
+/// Cumulative thresholds out of 100 for weights in [`weighted_first`]
+/// order: weighted members take their weight, the rest is shared equally
+/// by the unweighted ones, the last absorbing rounding. `Err` carries the
+/// total when the weights add up to more than 100.
+pub fn split(weights: &[Option<u32>]) -> Result<Vec<u32>, u32> {
+    if weights.len() == 1 {
+        return Ok(vec![100]);
+    }
+    let total: u32 = weights.iter().flatten().sum();
+    if total > 100 {
+        return Err(total);
+    }
+    let unweighted = weights.iter().filter(|w| w.is_none()).count() as u32;
     let remaining = 100 - total;
     let share = remaining.checked_div(unweighted).unwrap_or(0);
     let mut cumulative = 0;
-    let mut out = Vec::with_capacity(members.len());
+    let mut out = Vec::with_capacity(weights.len());
     let mut seen_unweighted = 0;
-    for (index, m) in members.iter().enumerate() {
-        let part = match m.weight {
-            Some(w) => w,
+    for (index, weight) in weights.iter().enumerate() {
+        let part = match weight {
+            Some(w) => *w,
             None => {
                 seen_unweighted += 1;
                 if seen_unweighted == unweighted {
@@ -550,22 +568,27 @@ fn thresholds(members: &[&Mapping], diags: &mut Vec<Diagnostic>) -> Option<Vec<u
         cumulative += part;
         // Weights below 100 with nobody left to absorb the rest: the last
         // member takes it, so every request routes.
-        if index == members.len() - 1 {
+        if index == weights.len() - 1 {
             cumulative = 100;
         }
         out.push(cumulative);
     }
-    Some(out)
+    Ok(out)
 }
 
 /// Weighted members take their share first.
 fn ordered_for_split<'m>(members: &[&'m Mapping]) -> Vec<&'m Mapping> {
-    let mut ordered: Vec<&Mapping> = members
+    weighted_first(members, |m| m.weight)
+}
+
+/// The members with a weight, then those without, each in their order.
+pub fn weighted_first<T: Copy>(members: &[T], weight: impl Fn(&T) -> Option<u32>) -> Vec<T> {
+    let mut ordered: Vec<T> = members
         .iter()
         .copied()
-        .filter(|m| m.weight.is_some())
+        .filter(|m| weight(m).is_some())
         .collect();
-    ordered.extend(members.iter().copied().filter(|m| m.weight.is_none()));
+    ordered.extend(members.iter().copied().filter(|m| weight(m).is_none()));
     ordered
 }
 
@@ -622,5 +645,32 @@ pub fn associates(host: &VirtualHost, m: &Mapping) -> bool {
         (Some(selector), SelectorOnly) => labels_match(selector),
         (None, Hostname(glob)) => glob.compatible(&host.hostname),
         (None, SelectorOnly) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_exact_shares_and_the_rest_is_divided() {
+        assert_eq!(split(&[Some(25), Some(75)]), Ok(vec![25, 100]));
+        assert_eq!(split(&[Some(10), None, None]), Ok(vec![10, 55, 100]));
+        assert_eq!(split(&[None, None, None]), Ok(vec![33, 66, 100]));
+        // Below 100 with nobody to absorb the rest: the last takes it.
+        assert_eq!(split(&[Some(20), Some(30)]), Ok(vec![20, 100]));
+        assert_eq!(split(&[Some(0), Some(100)]), Ok(vec![0, 100]));
+        assert_eq!(split(&[Some(60), Some(50)]), Err(110));
+        assert_eq!(split(&[Some(7)]), Ok(vec![100]));
+    }
+
+    #[test]
+    fn a_roll_picks_the_first_threshold_above_it() {
+        let members = [(25, "small"), (100, "large")];
+        assert_eq!(*pick(&members, 0), "small");
+        assert_eq!(*pick(&members, 24), "small");
+        assert_eq!(*pick(&members, 25), "large");
+        assert_eq!(*pick(&members, 99), "large");
+        assert_eq!(*pick(&[(0, "never"), (100, "always")], 0), "always");
     }
 }

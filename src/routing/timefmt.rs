@@ -30,6 +30,15 @@ const DAYS: [&str; 7] = [
     "Saturday",
 ];
 
+/// Now, for log lines: `2024-05-01T12:00:00Z`.
+pub fn now_utc() -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    format(seconds, "%Y-%m-%dT%H:%M:%SZ")
+}
+
 /// Conversions this formatter knows; anything else is a configuration error.
 pub fn check(format: &str) -> Result<(), String> {
     let mut chars = format.chars();

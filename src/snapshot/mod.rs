@@ -2,6 +2,7 @@
 //! requests read. Publication (stage 4) is an `ArcSwap` in [`crate::proxy`].
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::routing::table::{
     associates, describe, group_mappings, route_match, HostRoutes, HostTable, MappingGroup,
     RouteGroup,
 };
+use crate::tcp::table::{TcpPort, TcpPortKind};
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
 use crate::upstream::breaker::Thresholds;
@@ -147,11 +149,44 @@ impl ListenerRoutes {
 
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The HTTP and HTTPS listeners.
     pub listeners: Vec<ListenerRoutes>,
+    /// The ports that carry TCPMappings (an HTTPS port may be in both).
+    pub tcp: Vec<TcpPort>,
     pub module: ModuleSettings,
     pub filters: FilterChains,
     /// The files and directories this snapshot was built from.
     pub sources: Vec<std::path::PathBuf>,
+}
+
+/// How the process serves a port. Only a new process can change these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Binding {
+    Http,
+    Https,
+    Tcp,
+    Tls,
+    /// HTTPS whose SNIs of TCPMappings tunnel.
+    HttpsAndTcp,
+}
+
+impl Binding {
+    pub fn tls(self) -> bool {
+        !matches!(self, Binding::Http | Binding::Tcp)
+    }
+
+    /// Served by the TCP service rather than the HTTP proxy.
+    pub fn tcp(self) -> bool {
+        matches!(self, Binding::Tcp | Binding::Tls | Binding::HttpsAndTcp)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bound {
+    pub port: u16,
+    /// Every address when `None`.
+    pub address: Option<IpAddr>,
+    pub binding: Binding,
 }
 
 impl Snapshot {
@@ -159,8 +194,41 @@ impl Snapshot {
         self.listeners.iter().find(|l| l.listener.port == port)
     }
 
+    pub fn tcp_port(&self, port: u16) -> Option<&TcpPort> {
+        self.tcp.iter().find(|p| p.port == port)
+    }
+
     pub fn ports(&self) -> Vec<u16> {
-        self.listeners.iter().map(|l| l.listener.port).collect()
+        self.bindings().iter().map(|b| b.port).collect()
+    }
+
+    /// Every port to listen on and how, in port order.
+    pub fn bindings(&self) -> Vec<Bound> {
+        let mut out: Vec<Bound> = self
+            .listeners
+            .iter()
+            .filter(|l| self.tcp_port(l.listener.port).is_none())
+            .map(|l| Bound {
+                port: l.listener.port,
+                address: None,
+                binding: if l.listener.tls {
+                    Binding::Https
+                } else {
+                    Binding::Http
+                },
+            })
+            .collect();
+        out.extend(self.tcp.iter().map(|p| Bound {
+            port: p.port,
+            address: p.address,
+            binding: match p.kind {
+                TcpPortKind::Tcp => Binding::Tcp,
+                TcpPortKind::Tls => Binding::Tls,
+                TcpPortKind::SharedWithHttps => Binding::HttpsAndTcp,
+            },
+        }));
+        out.sort_unstable();
+        out
     }
 }
 
@@ -202,6 +270,8 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                         connect_timeout_ms: mapping.connect_timeout_ms,
                         h2_only: mapping.grpc,
                         breaker: mapping.breaker,
+                        tcp: false,
+                        families: None,
                     },
                     mapping.tls.clone(),
                 );
@@ -231,18 +301,41 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
     } else {
         model.hosts.clone()
     };
+    let http_default = model.listeners.is_empty().then_some(DEFAULT_PORT);
+    let tcp = crate::tcp::table::compile(
+        &model.tcp_mappings,
+        &model.listeners,
+        http_default,
+        &mut clusters,
+        &mut diags,
+    );
+    for listener in model.listeners.iter().filter(|l| l.l4) {
+        if !tcp.iter().any(|p| p.port == listener.port) {
+            diags.push(
+                Diagnostic::warning(
+                    location(&listener.id),
+                    format!(
+                        "no TCPMapping uses the listener on port {}; nothing listens there",
+                        listener.port
+                    ),
+                )
+                .hint("a TCPMapping with this port puts the listener to use"),
+            );
+        }
+    }
     let listeners: Vec<Listener> = if model.listeners.is_empty() {
         vec![Listener {
             name: "default".into(),
             id: None,
             port: DEFAULT_PORT,
             tls: false,
+            l4: false,
             security: SecurityModel::Xfp,
             l7_depth: model.module.xff_num_trusted_hops,
             binding: HostBinding::default(),
         }]
     } else {
-        model.listeners.clone()
+        model.listeners.iter().filter(|l| !l.l4).cloned().collect()
     };
 
     // Each TLS Host's handshake material, built once for all listeners.
@@ -274,7 +367,8 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             } else {
                 Vec::new()
             };
-            if listener.tls && !bound_hosts.iter().any(|i| edges[*i].is_some()) {
+            let tunnels = tcp.iter().any(|p| p.port == listener.port);
+            if listener.tls && !tunnels && !bound_hosts.iter().any(|i| edges[*i].is_some()) {
                 diags.push(
                     Diagnostic::warning(
                         location(&listener.id),
@@ -350,6 +444,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
     (
         Snapshot {
             listeners,
+            tcp,
             module: model.module.clone(),
             filters: FilterChains::new(
                 builtin_filters(model, &mut clusters, &mut diags),
@@ -415,6 +510,8 @@ fn auth_filter(
                     connect_timeout_ms: AUTH_CONNECT_TIMEOUT_MS,
                     h2_only: false,
                     breaker: Thresholds::default(),
+                    tcp: false,
+                    families: None,
                 },
                 service.tls.clone(),
             );

@@ -194,7 +194,8 @@ pub struct EdgeSession {
     pub client: Option<PeerCert>,
 }
 
-/// The handshake side of one TLS listener.
+/// The handshake side of one TLS listener: HTTPS Hosts and TCPMappings'
+/// hosts.
 pub struct EdgeAcceptor {
     pub port: u16,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -210,10 +211,19 @@ impl TlsAccept for EdgeAcceptor {
     async fn certificate_callback(&self, ssl: &mut TlsRef) {
         let snapshot = self.snapshot.load();
         let name = sni(ssl);
-        let Some((_, edge)) = snapshot
-            .listener(self.port)
-            .and_then(|l| l.tls_host(name.as_deref()))
-        else {
+        // A TCPMapping's host wins over an HTTPS Host with the same name,
+        // as in Emissary.
+        let tunnel = snapshot
+            .tcp_port(self.port)
+            .and_then(|p| p.group(name.as_deref()))
+            .and_then(|g| g.edge.as_ref());
+        let host = || {
+            snapshot
+                .listener(self.port)
+                .and_then(|l| l.tls_host(name.as_deref()))
+                .map(|(_, edge)| edge)
+        };
+        let Some(edge) = tunnel.or_else(host) else {
             // No certificate: the handshake fails with an alert. A client
             // never gets a cleartext answer to a ClientHello.
             debug!("TLS on port {}: no TLS Host for SNI {name:?}", self.port);

@@ -45,6 +45,11 @@ impl Breaker {
         }
     }
 
+    /// A place now, or none: a tunnel has no request that could wait.
+    pub fn try_admit(&self) -> Option<Admission> {
+        self.active.clone().try_acquire_owned().ok()
+    }
+
     /// Waits for a place, or refuses at once when too many already wait.
     pub async fn admit(&self) -> Option<Admission> {
         if let Ok(permit) = self.active.clone().try_acquire_owned() {

@@ -53,6 +53,11 @@ pub struct ClusterKey {
     pub h2_only: bool,
     /// Breakers are part of a cluster's identity, as in Emissary.
     pub breaker: Thresholds,
+    /// A TCPMapping's cluster counts tunnels, not requests, against its
+    /// breaker, so it never shares one with HTTP Mappings.
+    pub tcp: bool,
+    /// `(enable_ipv4, enable_ipv6)` when they differ from the Module's.
+    pub families: Option<(bool, bool)>,
 }
 
 /// Builds clusters for one snapshot, resolving each host name once.
@@ -87,7 +92,7 @@ impl ClusterBuilder {
         }
         let (addresses, problem) = match self.resolve {
             false => (Vec::new(), None),
-            true => match self.lookup(&key.service) {
+            true => match self.lookup(&key) {
                 Ok(addresses) => (addresses, None),
                 Err(e) => (Vec::new(), Some(e)),
             },
@@ -116,34 +121,36 @@ impl ClusterBuilder {
 
     /// Resolution happens while a snapshot is compiled, never per request:
     /// Pingora's `HttpPeer::new` would block (and panic) on a failed lookup.
-    fn lookup(&mut self, service: &ServiceAddr) -> Result<Vec<SocketAddr>, String> {
-        let (v4, v6) = (self.enable_ipv4, self.enable_ipv6);
-        self.resolved
+    fn lookup(&mut self, key: &ClusterKey) -> Result<Vec<SocketAddr>, String> {
+        let service = &key.service;
+        let (v4, v6) = key.families.unwrap_or((self.enable_ipv4, self.enable_ipv6));
+        let found = self
+            .resolved
             .entry((service.host.clone(), service.port))
             .or_insert_with(|| {
-                let found: Vec<SocketAddr> = (service.host.as_str(), service.port)
+                (service.host.as_str(), service.port)
                     .to_socket_addrs()
-                    .map_err(|e| format!("cannot resolve {}: {e}", service.host))?
-                    .collect();
-                let mut usable: Vec<SocketAddr> = found
-                    .iter()
-                    .copied()
-                    .filter(|a| (a.is_ipv4() && v4) || (a.is_ipv6() && v6))
-                    .collect();
-                // Emissary prefers IPv6 when both families are enabled.
-                usable.sort_by_key(|a| a.is_ipv4());
-                usable.dedup();
-                if usable.is_empty() {
-                    return Err(format!(
-                        "{} resolves to no address of an enabled family ({} found; \
-                         enable_ipv4={v4}, enable_ipv6={v6})",
-                        service.host,
-                        found.len()
-                    ));
-                }
-                Ok(usable)
+                    .map(Iterator::collect)
+                    .map_err(|e| format!("cannot resolve {}: {e}", service.host))
             })
-            .clone()
+            .clone()?;
+        let mut usable: Vec<SocketAddr> = found
+            .iter()
+            .copied()
+            .filter(|a| (a.is_ipv4() && v4) || (a.is_ipv6() && v6))
+            .collect();
+        // Emissary prefers IPv6 when both families are enabled.
+        usable.sort_by_key(|a| a.is_ipv4());
+        usable.dedup();
+        if usable.is_empty() {
+            return Err(format!(
+                "{} resolves to no address of an enabled family ({} found; \
+                 enable_ipv4={v4}, enable_ipv6={v6})",
+                service.host,
+                found.len()
+            ));
+        }
+        Ok(usable)
     }
 }
 

@@ -16,7 +16,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -2030,4 +2030,85 @@ impl Pki {
         let crl = b.build().expect("CRL");
         String::from_utf8(crl.to_pem().expect("CRL PEM")).expect("utf8 PEM")
     }
+}
+
+// ---------------------------------------------------------------------------
+// Byte streams that are not HTTP (used by tests/tcp_mappings.rs)
+// ---------------------------------------------------------------------------
+
+/// A TCP upstream on 127.0.0.1 that speaks no HTTP: each connection is
+/// read until the client ends its writing (half-close), then answered with
+/// `<name>:<what was read>` and closed. So a reply proves that the end of
+/// the client's stream crossed the gateway while the way back stayed open.
+pub struct ByteEcho {
+    addr: SocketAddr,
+    name: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl ByteEcho {
+    pub fn start(name: &str) -> ByteEcho {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local_addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tag, stopping) = (name.to_string(), Arc::clone(&stop));
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let tag = tag.clone();
+                thread::spawn(move || {
+                    let mut read = Vec::new();
+                    if conn.read_to_end(&mut read).is_ok() {
+                        let mut reply = format!("{tag}:").into_bytes();
+                        reply.extend_from_slice(&read);
+                        let _ = conn.write_all(&reply);
+                    }
+                });
+            }
+        });
+        ByteEcho {
+            addr,
+            name: name.to_string(),
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ByteEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// Sends `bytes` to 127.0.0.1:`port`, ends the writing side (half-close)
+/// and returns everything read until the other side closes.
+pub fn half_close_exchange(port: u16, bytes: &[u8]) -> io::Result<Vec<u8>> {
+    let mut s = connect(port)?;
+    s.write_all(bytes)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// A TCPMapping; `extra` is block YAML at the level of its spec's keys.
+pub fn tcp_mapping(name: &str, port: u16, service: &str, extra: &str) -> String {
+    doc(
+        "TCPMapping",
+        &format!("name: {}", q(name)),
+        &format!("port: {port}\nservice: {}\n{extra}", q(service)),
+    )
 }

@@ -296,3 +296,53 @@ fn a_broken_authservice_fails_closed() {
     );
     assert!(gateway.log().contains("spec.proto"), "{}", gateway.log());
 }
+
+/// The order of the chain: IP rules and CORS preflights come before the
+/// authorizer, which is never asked about them.
+#[test]
+fn ip_rules_and_cors_preflights_come_before_auth() {
+    let authz = Echo::plain("authz");
+    let app = Echo::plain("app");
+    let resources = [
+        auth_service(
+            "deny-all",
+            &format!("127.0.0.1:{}", authz.port()),
+            "add_auth_headers:\n  x-echo-status: \"401\"\n",
+        ),
+        route("app", "/", &app, ""),
+        doc(
+            "Module",
+            "name: ambassador",
+            "config:\n  ip_deny:\n    - remote: 99.98.0.0/16\n  \
+             cors:\n    origins: [http://ui.example]\n    methods: [GET]",
+        ),
+    ]
+    .concat();
+    let dir = tempdir();
+    let port = free_port();
+    write_gateway_with_listener(dir.path(), port, free_port(), "l7Depth: 1", &resources);
+    let _gateway = Gateway::start(dir.path());
+
+    assert_eq!(
+        request(port, "GET", "/", &[("x-forwarded-for", "10.0.0.1")]).status,
+        401
+    );
+    let denied = request(port, "GET", "/", &[("x-forwarded-for", "99.98.0.1")]);
+    assert_eq!(denied.status, 403, "IP rules answer before the authorizer");
+    assert!(denied.text().contains("IP rules"), "{}", denied.text());
+    let preflight = request(
+        port,
+        "OPTIONS",
+        "/",
+        &[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("origin", "http://ui.example"),
+            ("access-control-request-method", "GET"),
+        ],
+    );
+    assert_eq!(preflight.status, 200, "preflights are not authenticated");
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("http://ui.example")
+    );
+}

@@ -41,7 +41,12 @@ impl Filter for RequestId {
         let headers = &session.req_header().headers;
         let usable = headers.get(HEADER).is_some_and(|v| !v.is_empty());
         if !(self.preserve_external && usable) {
-            let id = uuid::Uuid::new_v4().hyphenated().to_string();
+            // The thread's RNG, not the OS's: a getrandom call per request
+            // would cost more than the rest of this filter.
+            let id = uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .hyphenated()
+                .to_string();
             session.req_header_mut().insert_header(HEADER, id)?;
         }
         Ok(Flow::Continue)

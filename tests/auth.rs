@@ -346,3 +346,39 @@ fn ip_rules_and_cors_preflights_come_before_auth() {
         Some("http://ui.example")
     );
 }
+
+/// The seed scenario for the authorizer: TLS with the client certificate
+/// of the AuthService's TLSContext, verified against its CA.
+#[test]
+fn authorizer_over_mutual_tls() {
+    let dir = tempdir();
+    let pki = Pki::new(dir.path());
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let client = pki.issue_client("gateway-authz");
+    let authz = Echo::mtls("authz", &server, pki.ca_pem_path(), true);
+    let app = Echo::plain("app");
+    let resources = [
+        tls_secret("authz-client", "default", &client),
+        ca_secret("authz-ca", "default", pki.ca_pem()),
+        doc(
+            "TLSContext",
+            "name: authz-context",
+            "hosts: []\nsecret: authz-client\nca_secret: authz-ca",
+        ),
+        auth_service(
+            "authz",
+            &format!("https://localhost:{}", authz.port()),
+            &format!("tls: authz-context\n{STEERABLE}"),
+        ),
+        route("app", "/", &app, ""),
+    ]
+    .concat();
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), &resources);
+    let _gateway = Gateway::start(dir.path());
+
+    request(port, "GET", "/", &[]).echo_ok();
+    let seen = request(port, "GET", "/", &[("x-echo-status", "403")]);
+    assert_eq!(seen.status, 403);
+    assert_eq!(seen.echo().client_cert_subject(), Some(client.subject()));
+}

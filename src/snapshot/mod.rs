@@ -10,6 +10,8 @@ use http::HeaderValue;
 use crate::config::diagnostics::{Diagnostic, Location};
 use crate::filters::chain::{Entry, Stage};
 use crate::filters::cors::{CorsFilter, CorsPolicy};
+use crate::filters::rate_limit::labels::LabelGroup;
+use crate::filters::rate_limit::RateLimitFilter;
 use crate::filters::request_id::RequestId;
 use crate::filters::FilterChains;
 use crate::metrics::{metrics, RouteMetrics};
@@ -82,6 +84,8 @@ pub struct Route {
     pub labels: BTreeMap<String, String>,
     pub cors: Option<Arc<CorsPolicy>>,
     pub bypass_auth: bool,
+    /// The label groups of the evaluated rate-limit domain.
+    pub(crate) rate_labels: Arc<[LabelGroup]>,
 }
 
 #[derive(Debug)]
@@ -187,7 +191,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             .map(|(mapping, threshold)| {
                 if let Some(redirect) = &mapping.redirect {
                     let target = Target::Redirect(redirect.clone());
-                    return (*threshold, Arc::new(route(mapping, target, &model.module)));
+                    return (*threshold, Arc::new(route(mapping, target, model)));
                 }
                 let (cluster, problem) = clusters.cluster(
                     ClusterKey {
@@ -208,7 +212,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                     );
                 }
                 let target = Target::Upstream(cluster);
-                (*threshold, Arc::new(route(mapping, target, &model.module)))
+                (*threshold, Arc::new(route(mapping, target, model)))
             })
             .collect();
         compiled.push((
@@ -346,7 +350,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         Snapshot {
             listeners,
             module: model.module.clone(),
-            filters: FilterChains::new(builtin_filters(model), &model.filter_policies),
+            filters: FilterChains::new(builtin_filters(model, &mut diags), &model.filter_policies),
             sources: model.referenced_files.clone(),
         },
         diags,
@@ -355,7 +359,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
 
 /// The gateway's own filters, as the Module and the Mappings ask for them,
 /// in Emissary's order.
-fn builtin_filters(model: &Model) -> Vec<Entry> {
+fn builtin_filters(model: &Model, diags: &mut Vec<Diagnostic>) -> Vec<Entry> {
     let module = &model.module;
     let mut entries = vec![Entry::builtin(
         RequestId::new(module.preserve_external_request_id),
@@ -375,6 +379,23 @@ fn builtin_filters(model: &Model) -> Vec<Entry> {
             "cors",
             Stage::Early,
         ));
+    }
+    let domain = &model.rate_limits.domain;
+    let labelled = model
+        .mappings
+        .iter()
+        .any(|m| m.rate_labels.contains_key(domain));
+    if !model.rate_limits.is_empty() && labelled {
+        match RateLimitFilter::new(model.rate_limits.clone()) {
+            Ok(filter) => entries.push(Entry::builtin(filter, "RateLimit", Stage::Late)),
+            Err(e) => diags.push(
+                Diagnostic::error(
+                    Location::File("(rate limits)".into()),
+                    format!("rate limits are off: {e}"),
+                )
+                .hint("check the RateLimitService's service address"),
+            ),
+        }
     }
     entries
 }
@@ -398,7 +419,8 @@ fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {
             .all(|(k, v)| host.labels.get(k) == Some(v))
 }
 
-fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSettings) -> Route {
+fn route(mapping: &crate::model::Mapping, target: Target, model: &Model) -> Route {
+    let module = &model.module;
     let host_rewrite = mapping.host_rewrite.clone().or_else(|| {
         mapping
             .auto_host_rewrite
@@ -437,6 +459,12 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         labels: mapping.labels.clone(),
         cors: mapping.cors.clone(),
         bypass_auth: mapping.bypass_auth,
+        rate_labels: mapping
+            .rate_labels
+            .get(&model.rate_limits.domain)
+            .cloned()
+            .unwrap_or_default()
+            .into(),
     }
 }
 

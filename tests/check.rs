@@ -235,6 +235,11 @@ fn filter_problems() {
 }
 
 #[test]
+fn rate_limit_problems() {
+    golden("rate_limit_problems", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

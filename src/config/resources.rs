@@ -354,6 +354,8 @@ pub struct ModuleConfig {
     pub cors: Option<Value>,
     pub ip_allow: Option<Value>,
     pub ip_deny: Option<Value>,
+    pub default_label_domain: Option<String>,
+    pub default_labels: Option<Value>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
 }

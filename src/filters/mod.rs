@@ -53,6 +53,7 @@ pub(crate) mod chain;
 pub(crate) mod cors;
 pub(crate) mod ip;
 pub(crate) mod policy;
+pub(crate) mod rate_limit;
 pub(crate) mod registry;
 pub(crate) mod request_id;
 

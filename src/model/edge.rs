@@ -17,6 +17,7 @@ use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 use super::spec::{check_unknown_fields, parse_section, parse_value};
 use super::{count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
 use crate::filters::ip::{self, IpFilter};
+use crate::filters::rate_limit::labels;
 use crate::filters::Filter;
 use crate::tls::TlsContext;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ const MODULE_SUPPORTED: &[&str] = &[
     "cors",
     "ip_allow",
     "ip_deny",
+    "default_label_domain",
+    "default_labels",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
@@ -68,8 +71,6 @@ const MODULE_LATER: &[&str] = &[
     "enable_grpc_http11_bridge",
     "enable_grpc_web",
     "grpc_stats",
-    "default_label_domain",
-    "default_labels",
     "envoy_log_path",
     "envoy_log_format",
     "envoy_validation_timeout",
@@ -283,6 +284,22 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         preserve_external_request_id: config.preserve_external_request_id.unwrap_or(false),
         cors,
         ip_filter,
+        default_label_domain: match config.default_label_domain.as_deref() {
+            Some("") => {
+                report.error(
+                    "spec.config.default_label_domain",
+                    "a label domain is not empty",
+                );
+                base.default_label_domain
+            }
+            Some(domain) => domain.to_string(),
+            None => base.default_label_domain,
+        },
+        default_labels: config
+            .default_labels
+            .as_ref()
+            .map(|value| labels::parse_default_labels(value, "spec.config.default_labels", report))
+            .unwrap_or_default(),
     })
 }
 

@@ -13,6 +13,7 @@ use crate::config::resources::{
     CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
 };
 use crate::filters::cors::CorsPolicy;
+use crate::filters::rate_limit::labels::{self, Labels};
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
     full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
@@ -163,6 +164,8 @@ pub struct Mapping {
     pub cors: Option<Arc<CorsPolicy>>,
     /// Skip the AuthService and FilterPolicy filters.
     pub bypass_auth: bool,
+    /// Rate-limit label groups by domain, the Module's defaults included.
+    pub(crate) rate_labels: Labels,
 }
 
 pub fn validate_all(
@@ -411,6 +414,12 @@ fn validate(
             format!("{}", spec.bypass_auth.unwrap_or(false)),
         ),
     ];
+    let own_labels = spec
+        .labels
+        .as_ref()
+        .map(|value| labels::parse_labels(value, "spec.labels", report))
+        .unwrap_or_default();
+    let rate_labels = labels::with_defaults(own_labels, &module.default_labels);
     let cors = match &spec.cors {
         Some(value) => crate::filters::cors::parse(value, "spec.cors", report),
         None => module.cors.clone(),
@@ -453,6 +462,7 @@ fn validate(
         redirect,
         cors,
         bypass_auth: spec.bypass_auth.unwrap_or(false),
+        rate_labels,
     })
 }
 

@@ -27,6 +27,8 @@ use crate::filters::auth::{self, AuthServices};
 use crate::filters::cors::CorsPolicy;
 use crate::filters::ip::IpFilter;
 use crate::filters::policy::{self, FilterPolicies};
+use crate::filters::rate_limit::labels::DefaultLabels;
+use crate::filters::rate_limit::{limits, RateLimits};
 use crate::filters::Registry;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
@@ -62,6 +64,10 @@ pub struct ModuleSettings {
     pub cors: Option<Arc<CorsPolicy>>,
     /// `ip_allow` / `ip_deny`.
     pub(crate) ip_filter: Option<IpFilter>,
+    /// The label domain evaluated when no RateLimitService names one.
+    pub default_label_domain: String,
+    /// Label specifiers put in front of every Mapping's groups.
+    pub(crate) default_labels: DefaultLabels,
 }
 
 impl Default for ModuleSettings {
@@ -86,6 +92,8 @@ impl Default for ModuleSettings {
             preserve_external_request_id: false,
             cors: None,
             ip_filter: None,
+            default_label_domain: "ambassador".into(),
+            default_labels: DefaultLabels::new(),
         }
     }
 }
@@ -118,6 +126,8 @@ pub struct Model {
     pub tls_contexts: TlsContexts,
     pub filter_policies: FilterPolicies,
     pub auth_services: AuthServices,
+    /// RateLimits of the evaluated label domain, and where counters live.
+    pub rate_limits: Arc<RateLimits>,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
     /// Certificate files the resources name, valid or not: a reload must
@@ -141,11 +151,12 @@ const KINDS: &[&str] = &[
     "Filter",
     "FilterPolicy",
     "AuthService",
+    "RateLimit",
+    "RateLimitService",
 ];
 
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
-    "RateLimitService",
     "LogService",
     "TracingService",
     "KubernetesServiceResolver",
@@ -263,6 +274,13 @@ pub fn validate(
     let kinds = |k: &str| by_kind.get(k).cloned().unwrap_or_default();
 
     model.module = edge::validate_modules(&kinds("Module"), &mut diags, &mut model.accepted);
+    model.rate_limits = Arc::new(limits::validate(
+        &kinds("RateLimit"),
+        &kinds("RateLimitService"),
+        &model.module,
+        &mut diags,
+        &mut model.accepted,
+    ));
     model.tls_contexts = tls_context::validate_all(
         &kinds("TLSContext"),
         &secrets,

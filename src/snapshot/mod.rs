@@ -12,6 +12,8 @@ use crate::config::diagnostics::{Diagnostic, Location};
 use crate::filters::auth::{AuthServices, ExtAuth};
 use crate::filters::chain::{Entry, Stage};
 use crate::filters::cors::{CorsFilter, CorsPolicy};
+use crate::filters::rate_limit::labels::LabelGroup;
+use crate::filters::rate_limit::RateLimitFilter;
 use crate::filters::request_id::RequestId;
 use crate::filters::FilterChains;
 use crate::metrics::{metrics, RouteMetrics};
@@ -89,6 +91,8 @@ pub struct Route {
     pub labels: BTreeMap<String, String>,
     pub cors: Option<Arc<CorsPolicy>>,
     pub bypass_auth: bool,
+    /// The label groups of the evaluated rate-limit domain.
+    pub(crate) rate_labels: Arc<[LabelGroup]>,
 }
 
 #[derive(Debug)]
@@ -260,7 +264,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             .map(|(mapping, threshold)| {
                 if let Some(redirect) = &mapping.redirect {
                     let target = Target::Redirect(redirect.clone());
-                    return (*threshold, Arc::new(route(mapping, target, &model.module)));
+                    return (*threshold, Arc::new(route(mapping, target, model)));
                 }
                 let (cluster, problem) = clusters.cluster(
                     ClusterKey {
@@ -283,7 +287,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                     );
                 }
                 let target = Target::Upstream(cluster);
-                (*threshold, Arc::new(route(mapping, target, &model.module)))
+                (*threshold, Arc::new(route(mapping, target, model)))
             })
             .collect();
         compiled.push((
@@ -486,6 +490,23 @@ fn builtin_filters(
     if let Some(auth) = auth_filter(&model.auth_services, clusters, diags) {
         entries.push(Entry::builtin(auth, "AuthService", Stage::Auth));
     }
+    let domain = &model.rate_limits.domain;
+    let labelled = model
+        .mappings
+        .iter()
+        .any(|m| m.rate_labels.contains_key(domain));
+    if !model.rate_limits.is_empty() && labelled {
+        match RateLimitFilter::new(model.rate_limits.clone()) {
+            Ok(filter) => entries.push(Entry::builtin(filter, "RateLimit", Stage::Late)),
+            Err(e) => diags.push(
+                Diagnostic::error(
+                    Location::File("(rate limits)".into()),
+                    format!("rate limits are off: {e}"),
+                )
+                .hint("check the RateLimitService's service address"),
+            ),
+        }
+    }
     entries
 }
 
@@ -547,7 +568,8 @@ fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {
             .all(|(k, v)| host.labels.get(k) == Some(v))
 }
 
-fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSettings) -> Route {
+fn route(mapping: &crate::model::Mapping, target: Target, model: &Model) -> Route {
+    let module = &model.module;
     let host_rewrite = mapping.host_rewrite.clone().or_else(|| {
         mapping
             .auto_host_rewrite
@@ -586,6 +608,12 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         labels: mapping.labels.clone(),
         cors: mapping.cors.clone(),
         bypass_auth: mapping.bypass_auth,
+        rate_labels: mapping
+            .rate_labels
+            .get(&model.rate_limits.domain)
+            .cloned()
+            .unwrap_or_default()
+            .into(),
     }
 }
 

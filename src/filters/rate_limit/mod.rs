@@ -1,0 +1,191 @@
+//! Rate limits: the matched Mapping's label groups (its `labels` with the
+//! Module's `default_labels` in front) are checked against the `RateLimit`
+//! limits of the evaluated domain. Runs after authentication, as Emissary
+//! orders its filters, so it sees the route the authorizer chose.
+//!
+//! Over a limit the gateway answers 429 with `Retry-After` and the IETF
+//! `RateLimit-Limit`, `-Remaining` and `-Reset` headers; responses it lets
+//! through carry the `RateLimit-*` headers of the tightest limit applied.
+
+pub(crate) mod labels;
+pub(crate) mod limits;
+mod local;
+mod redis_store;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue};
+use log::info;
+use pingora::http::ResponseHeader;
+use pingora::Result;
+
+use super::{Cx, Filter, Flow, Reply, Session};
+use labels::RequestLabels;
+use limits::Limit;
+pub use limits::RateLimits;
+
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// One bucket's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the bucket is full (or the window ends) again.
+    pub reset: u64,
+    /// Seconds until a request would be allowed again.
+    pub retry_after: u64,
+}
+
+impl Decision {
+    fn headers(&self) -> [(HeaderName, HeaderValue); 3] {
+        [
+            (RATELIMIT_LIMIT, HeaderValue::from(self.limit)),
+            (RATELIMIT_REMAINING, HeaderValue::from(self.remaining)),
+            (RATELIMIT_RESET, HeaderValue::from(self.reset)),
+        ]
+    }
+}
+
+/// Where a snapshot's counters live.
+enum Counters {
+    Local,
+    Redis {
+        counters: Arc<redis_store::RedisCounters>,
+        failure_mode_deny: bool,
+    },
+}
+
+/// The built-in filter a snapshot with RateLimits runs.
+pub(crate) struct RateLimitFilter {
+    limits: Arc<RateLimits>,
+    counters: Counters,
+}
+
+impl RateLimitFilter {
+    /// `Err` when the Redis address cannot be used.
+    pub fn new(limits: Arc<RateLimits>) -> std::result::Result<RateLimitFilter, String> {
+        let counters = match &limits.redis {
+            None => Counters::Local,
+            Some(settings) => Counters::Redis {
+                counters: redis_store::shared(settings)?,
+                failure_mode_deny: settings.failure_mode_deny,
+            },
+        };
+        Ok(RateLimitFilter { limits, counters })
+    }
+
+    /// The bucket's answer; `Err` is the reply when Redis failed and
+    /// `failure_mode_deny` is set, `Ok(None)` when it failed open.
+    async fn take(
+        &self,
+        limit: &Limit,
+        key: String,
+    ) -> std::result::Result<Option<Decision>, Reply> {
+        let period = Duration::from_secs(limit.unit.seconds());
+        match &self.counters {
+            Counters::Local => Ok(Some(local::buckets().take(
+                key,
+                limit.rate,
+                period,
+                Instant::now(),
+            ))),
+            Counters::Redis {
+                counters,
+                failure_mode_deny,
+            } => match counters.take(&key, limit.rate, period).await {
+                Some(decision) => Ok(Some(decision)),
+                None if *failure_mode_deny => Err(Reply::text(
+                    500,
+                    "rate-limit service unavailable (failure_mode_deny)",
+                )
+                .reason("rate_limit_unavailable")),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Filter for RateLimitFilter {
+    const TYPE: &'static str = "RateLimit";
+    type Settings = ();
+    type Arguments = ();
+    /// The tightest limit applied, for the response's headers.
+    type State = Option<Decision>;
+
+    fn build(_: ()) -> std::result::Result<Self, String> {
+        Err("rate limits come from RateLimit resources and Mapping labels, not a Filter".into())
+    }
+
+    async fn request(&self, session: &mut Session, cx: &mut Cx<'_, Self>) -> Result<Flow> {
+        let Some(route) = cx.request.route.clone() else {
+            return Ok(Flow::Continue);
+        };
+        let request = RequestLabels {
+            headers: &session.req_header().headers,
+            client_ip: cx.client_ip(),
+            destination: route.cluster().map(|c| c.name.as_str()),
+        };
+        let mut tightest: Option<Decision> = None;
+        let mut refused: Option<Decision> = None;
+        // Every group counts, as a rate-limit service counts every
+        // descriptor it is sent; one refusal refuses the request.
+        for group in route.rate_labels.iter() {
+            let Some(entries) = group.entries(&request) else {
+                continue;
+            };
+            let Some(limit) = self.limits.find(&entries) else {
+                continue;
+            };
+            let decision = match self.take(limit, limit.bucket_key(&entries)).await {
+                Ok(Some(decision)) => decision,
+                Ok(None) => continue,
+                Err(reply) => return Ok(Flow::Respond(reply)),
+            };
+            if !decision.allowed && !limit.enforce {
+                info!(
+                    "rate limit {} (LogOnly) exceeded by a request for Mapping {}",
+                    limit.name, route.mapping
+                );
+                continue;
+            }
+            if !decision.allowed && refused.is_none_or(|r| decision.retry_after > r.retry_after) {
+                refused = Some(decision);
+            }
+            if tightest.is_none_or(|t| decision.remaining < t.remaining) {
+                tightest = Some(decision);
+            }
+        }
+        if let Some(decision) = refused {
+            let mut reply = Reply::text(429, "too many requests: rate limit exceeded")
+                .reason("rate_limited")
+                .header(http::header::RETRY_AFTER, decision.retry_after);
+            for (name, value) in decision.headers() {
+                reply = reply.header(name, value);
+            }
+            return Ok(Flow::Respond(reply));
+        }
+        *cx.state = tightest;
+        Ok(Flow::Continue)
+    }
+
+    async fn upstream_response(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        cx: &mut Cx<'_, Self>,
+    ) -> Result<()> {
+        if let Some(decision) = cx.state.take() {
+            for (name, value) in decision.headers() {
+                response.insert_header(name, value)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -61,11 +61,36 @@ pub fn tempdir() -> TempDir {
         .expect("create temp dir")
 }
 
-/// A port that was free a moment ago. Racy by nature; the window is tiny and
-/// the nginx starter retries on EADDRINUSE.
+/// Ports handed out by [`free_port`] lie below the kernel's ephemeral range
+/// (32768-60999 by default), where every outgoing connection of every test
+/// process takes its local port: a port from `bind(0)` is in that range
+/// and, once released, is soon some client's source port, or another
+/// process's listener.
+const PORT_RANGE: std::ops::Range<u16> = 20000..32000;
+
+/// A port no listener holds now, on 127.0.0.1 or on all addresses (the
+/// gateway binds 0.0.0.0). Each test process starts at its own random place
+/// in [`PORT_RANGE`] and never hands out a port twice, so concurrent tests
+/// and test binaries rarely meet.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = PORT_RANGE.start + offset as u16;
+        let free = |ip: [u8; 4]| TcpListener::bind(SocketAddr::from((ip, port))).is_ok();
+        if free([127, 0, 0, 1]) && free([0, 0, 0, 0]) {
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?}");
 }
 
 /// Calls `f` every 50 ms until it returns true or `timeout` elapses; returns

@@ -28,6 +28,11 @@ fn read(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{name}={path}: {e}"))
 }
 
+/// The same allocator as the pingress binary, so the floor differs from it
+/// by the gateway's logic alone.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Floor {
     plain: HttpPeer,
     mtls: HttpPeer,

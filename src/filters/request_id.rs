@@ -43,11 +43,18 @@ impl Filter for RequestId {
         if !(self.preserve_external && usable) {
             // The thread's RNG, not the OS's: a getrandom call per request
             // would cost more than the rest of this filter.
+            let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
             let id = uuid::Builder::from_random_bytes(rand::random())
                 .into_uuid()
                 .hyphenated()
-                .to_string();
-            session.req_header_mut().insert_header(HEADER, id)?;
+                .encode_lower(&mut text);
+            let value = http::HeaderValue::from_str(id).map_err(|e| {
+                pingora::Error::explain(
+                    pingora::ErrorType::InternalError,
+                    format!("request ID: {e}"),
+                )
+            })?;
+            session.req_header_mut().insert_header(HEADER, value)?;
         }
         Ok(Flow::Continue)
     }

@@ -230,6 +230,16 @@ fn duplicate_name() {
 }
 
 #[test]
+fn load_balancer_shapes() {
+    golden("load_balancer_shapes", 1, |_| {});
+}
+
+#[test]
+fn endpoint_resources() {
+    golden("endpoint_resources", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

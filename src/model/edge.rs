@@ -38,15 +38,15 @@ const MODULE_SUPPORTED: &[&str] = &[
     "envoy_log_type",
     "circuit_breakers",
     "retry_policy",
+    "resolver",
+    "load_balancer",
 ];
 const MODULE_LATER: &[&str] = &[
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
     "cors",
-    "load_balancer",
     "keepalive",
-    "resolver",
     "diagnostics",
     "readiness_probe",
     "liveness_probe",
@@ -246,6 +246,14 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         .retry_policy
         .as_ref()
         .and_then(|policy| super::retry_policy(policy, "spec.config.retry_policy", report));
+    let load_balancer = match &config.load_balancer {
+        Some(spec) => Some(super::load_balancer(
+            spec,
+            "spec.config.load_balancer",
+            report,
+        )?),
+        None => None,
+    };
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -272,6 +280,8 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         access_log,
         circuit_breakers,
         retry_policy,
+        resolver: config.resolver.clone().unwrap_or(base.resolver),
+        load_balancer,
         defaults,
     })
 }

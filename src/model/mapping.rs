@@ -10,7 +10,8 @@ use regex::Regex;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
+    CircuitBreakerSpec, LoadBalancerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap,
+    RetryPolicySpec,
 };
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
@@ -18,13 +19,14 @@ use crate::routing::matchers::{
 };
 use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
+use crate::upstream::balancer::{Cookie, HashOn, Policy};
 use crate::upstream::breaker::Thresholds;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::ServiceAddr;
 
 use super::edge::{add_headers, header_names};
 use super::spec::{check_unknown_fields, parse_section};
-use super::{count, ModuleSettings, TlsContexts};
+use super::{count, ModuleSettings, ResolverKind, Resolvers, TlsContexts};
 
 const SUPPORTED: &[&str] = &[
     "prefix",
@@ -65,6 +67,8 @@ const SUPPORTED: &[&str] = &[
     "redirect_response_code",
     "weight",
     "labels",
+    "resolver",
+    "load_balancer",
     "ambassador_id",
 ];
 
@@ -76,8 +80,6 @@ const LATER: &[&str] = &[
     "shadow",
     "allow_upgrade",
     "use_websocket",
-    "resolver",
-    "load_balancer",
     "dns_type",
     "respect_dns_ttl",
     "enable_ipv4",
@@ -141,6 +143,8 @@ pub struct Mapping {
     pub host_rewrite: Option<HeaderValue>,
     pub auto_host_rewrite: bool,
     pub service: ServiceAddr,
+    pub resolver: ResolverKind,
+    pub load_balancer: Policy,
     pub originate_tls: bool,
     pub tls: Option<Arc<TlsContext>>,
     /// 0 disables.
@@ -164,6 +168,7 @@ pub fn validate_all(
     raws: &[&RawResource],
     module: &ModuleSettings,
     contexts: &TlsContexts,
+    resolvers: &Resolvers,
     diags: &mut Vec<Diagnostic>,
     accepted: &mut BTreeMap<String, usize>,
 ) -> Vec<Mapping> {
@@ -174,7 +179,8 @@ pub fn validate_all(
             continue;
         };
         let suggested = check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
-        let mapping = validate(raw, &spec, module, contexts, &suggested, &mut report);
+        let mapping = validate(raw, &spec, module, contexts, &suggested, &mut report)
+            .and_then(|m| upstream_choice(m, &spec, module, resolvers, &mut report));
         if let (Some(mapping), false) = (mapping, report.has_errors()) {
             count(accepted, "Mapping");
             mappings.push(mapping);
@@ -463,6 +469,9 @@ fn validate(
         host_rewrite,
         auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
         service,
+        // Set by `upstream_choice`.
+        resolver: ResolverKind::Service,
+        load_balancer: Policy::RoundRobin,
         originate_tls,
         tls: context,
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
@@ -481,6 +490,225 @@ fn validate(
             .unwrap_or(module.add_linkerd_headers),
         group_invariants,
         redirect,
+    })
+}
+
+/// The resolver and the load balancer (§1.9, §2.13). A redirect has
+/// neither.
+fn upstream_choice(
+    mut mapping: Mapping,
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    resolvers: &Resolvers,
+    report: &mut Reporter,
+) -> Option<Mapping> {
+    if mapping.redirect.is_some() {
+        return Some(mapping);
+    }
+    let name = spec.resolver.as_deref().unwrap_or(&module.resolver);
+    let whose = match spec.resolver {
+        Some(_) => "",
+        None => "the Module's default ",
+    };
+    mapping.resolver = match resolvers.0.get(name) {
+        Some(ResolverKind::Consul) => {
+            report
+                .error(
+                    "spec.resolver",
+                    format!(
+                        "{whose}resolver {name} is a ConsulResolver: pingress has no Consul client"
+                    ),
+                )
+                .with_hint(
+                    "list the service's addresses as Kubernetes Endpoints and use a \
+                     KubernetesEndpointResolver",
+                );
+            return None;
+        }
+        Some(kind) => *kind,
+        None => {
+            report
+                .error(
+                    "spec.resolver",
+                    format!("{whose}resolver {name:?} is not defined"),
+                )
+                .with_hint(format!(
+                    "defined resolvers: {}",
+                    resolvers.names().join(", ")
+                ));
+            return None;
+        }
+    };
+    match (&spec.load_balancer, mapping.resolver) {
+        (None, ResolverKind::Endpoint) => {
+            mapping.load_balancer = module.load_balancer.clone().unwrap_or_default();
+        }
+        // The Module's default applies where it can: a Mapping that did not
+        // ask for a policy is not made invalid by it.
+        (None, _) => {}
+        (Some(_), ResolverKind::Service | ResolverKind::Consul) => {
+            report
+                .error(
+                    "spec.load_balancer",
+                    format!("load_balancer needs an endpoint resolver; resolver {name} resolves the service name"),
+                )
+                .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
+            return None;
+        }
+        (Some(lb), ResolverKind::Endpoint) => {
+            mapping.load_balancer = load_balancer(lb, "spec.load_balancer", report)?;
+        }
+    }
+    Some(mapping)
+}
+
+/// A `load_balancer`, checked exactly as Emissary checks it: round_robin
+/// and least_request alone; ring_hash and maglev with exactly one of
+/// `cookie` (with a name), `header` or `source_ip: true`.
+pub(crate) fn load_balancer(
+    spec: &LoadBalancerSpec,
+    field: &str,
+    report: &mut Reporter,
+) -> Option<Policy> {
+    for key in spec.other.keys() {
+        report
+            .error(&format!("{field}.{key}"), "unknown field")
+            .with_hint("load_balancer has policy, and for ring_hash or maglev one of cookie, header, source_ip");
+    }
+    let mut keys = Vec::new();
+    if spec.cookie.is_some() {
+        keys.push("cookie");
+    }
+    if spec.header.is_some() {
+        keys.push("header");
+    }
+    if spec.source_ip.is_some() {
+        keys.push("source_ip");
+    }
+    let Some(policy) = spec.policy.as_deref() else {
+        report
+            .error(&format!("{field}.policy"), "policy is required")
+            .with_hint("round_robin, least_request, ring_hash or maglev");
+        return None;
+    };
+    let hashed = match policy {
+        "round_robin" | "least_request" => {
+            if let Some(key) = keys.first() {
+                report.error(
+                    &format!("{field}.{key}"),
+                    format!("{policy} does not hash; only ring_hash and maglev take {key}"),
+                );
+                return None;
+            }
+            return (!report.has_errors()).then(|| match policy {
+                "round_robin" => Policy::RoundRobin,
+                _ => Policy::LeastRequest,
+            });
+        }
+        "ring_hash" | "maglev" => policy,
+        other => {
+            report
+                .error(
+                    &format!("{field}.policy"),
+                    format!("unknown policy {other:?}"),
+                )
+                .with_hint("round_robin, least_request, ring_hash or maglev");
+            return None;
+        }
+    };
+    let on = match keys.as_slice() {
+        [] => {
+            report.error(
+                field,
+                format!("{hashed} needs exactly one of cookie, header or source_ip to hash on"),
+            );
+            return None;
+        }
+        [first, second, ..] => {
+            report.error(
+                &format!("{field}.{second}"),
+                format!("{first} is also set; {hashed} hashes on exactly one of cookie, header or source_ip"),
+            );
+            return None;
+        }
+        ["header"] => {
+            let text = spec.header.as_deref().unwrap_or_default();
+            match HeaderName::from_bytes(text.trim().as_bytes()) {
+                Ok(name) => HashOn::Header(name),
+                Err(_) => {
+                    report.error(
+                        &format!("{field}.header"),
+                        format!("{text:?} is not a valid header name"),
+                    );
+                    return None;
+                }
+            }
+        }
+        ["source_ip"] => {
+            if spec.source_ip != Some(true) {
+                report.error(
+                    &format!("{field}.source_ip"),
+                    "source_ip: false hashes on nothing; write source_ip: true",
+                );
+                return None;
+            }
+            HashOn::SourceIp
+        }
+        _ => {
+            let cookie = spec.cookie.clone().unwrap_or_default();
+            let Some(name) = cookie.name.filter(|n| !n.is_empty()) else {
+                report.error(&format!("{field}.cookie.name"), "a cookie needs a name");
+                return None;
+            };
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+            {
+                report.error(
+                    &format!("{field}.cookie.name"),
+                    format!("{name:?} is not a cookie name"),
+                );
+                return None;
+            }
+            let ttl = match cookie.ttl.as_deref().map(str::trim) {
+                None => None,
+                // Envoy: a zero ttl makes a session cookie.
+                Some("0" | "0s") => Some(std::time::Duration::ZERO),
+                Some(text) => match parse_duration(text) {
+                    Some(ttl) => Some(ttl),
+                    None => {
+                        report
+                            .error(
+                                &format!("{field}.cookie.ttl"),
+                                format!("{text:?} is not a duration"),
+                            )
+                            .with_hint("e.g. 60s, 10m or 1h");
+                        return None;
+                    }
+                },
+            };
+            if let Some(path) = &cookie.path {
+                if !path.starts_with('/') || path.contains([';', ' ', '\r', '\n']) {
+                    report.error(
+                        &format!("{field}.cookie.path"),
+                        format!("{path:?} is not a cookie path"),
+                    );
+                    return None;
+                }
+            }
+            HashOn::Cookie(Cookie {
+                name,
+                path: cookie.path,
+                ttl,
+            })
+        }
+    };
+    if report.has_errors() {
+        return None;
+    }
+    Some(match hashed {
+        "ring_hash" => Policy::RingHash(on),
+        _ => Policy::Maglev(on),
     })
 }
 

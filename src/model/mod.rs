@@ -6,6 +6,7 @@
 
 mod edge;
 mod host_tls;
+mod kubernetes;
 mod mapping;
 mod spec;
 mod tls_context;
@@ -15,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
+pub use kubernetes::{ResolverKind, Resolvers};
 pub use mapping::{Association, Mapping, Rewrite};
 pub use tls_context::TlsContexts;
 
@@ -22,9 +24,11 @@ use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
+use crate::upstream::balancer::Policy;
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::endpoints::EndpointIndex;
 use crate::upstream::retry::RetryPolicy;
-pub(crate) use mapping::{breaker_thresholds, retry_policy};
+pub(crate) use mapping::{breaker_thresholds, load_balancer, retry_policy};
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -48,6 +52,10 @@ pub struct ModuleSettings {
     pub circuit_breakers: Thresholds,
     /// The default `retry_policy` of every Mapping.
     pub retry_policy: Option<RetryPolicy>,
+    /// The default `resolver` of every Mapping.
+    pub resolver: String,
+    /// The default `load_balancer` of Mappings that use an endpoint resolver.
+    pub load_balancer: Option<Policy>,
     pub defaults: MappingDefaults,
 }
 
@@ -69,6 +77,8 @@ impl Default for ModuleSettings {
             access_log: AccessLog::Text,
             circuit_breakers: Thresholds::default(),
             retry_policy: None,
+            resolver: "kubernetes-service".into(),
+            load_balancer: None,
             defaults: MappingDefaults::default(),
         }
     }
@@ -99,6 +109,9 @@ pub struct Model {
     pub hosts: Vec<VirtualHost>,
     pub mappings: Vec<Mapping>,
     pub tls_contexts: TlsContexts,
+    pub resolvers: Resolvers,
+    /// Kubernetes Services, Endpoints and EndpointSlices.
+    pub endpoints: EndpointIndex,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
     /// Certificate files the resources name, valid or not: a reload must
@@ -112,7 +125,22 @@ pub(crate) type SecretStore = HashMap<(String, String), RawResource>;
 const SUPPORTED_API_VERSIONS: &[&str] = &["getambassador.io/v3alpha1", "getambassador.io/v2"];
 
 /// The Emissary kinds pingress implements (besides the core Secret).
-const KINDS: &[&str] = &["Mapping", "TLSContext", "Host", "Listener", "Module"];
+const KINDS: &[&str] = &[
+    "Mapping",
+    "TLSContext",
+    "Host",
+    "Listener",
+    "Module",
+    "KubernetesServiceResolver",
+    "KubernetesEndpointResolver",
+    "ConsulResolver",
+];
+
+const RESOLVER_KINDS: &[&str] = &[
+    "KubernetesServiceResolver",
+    "KubernetesEndpointResolver",
+    "ConsulResolver",
+];
 
 /// Emissary kinds that pingress recognises but does not implement yet.
 const LATER_KINDS: &[&str] = &[
@@ -121,15 +149,11 @@ const LATER_KINDS: &[&str] = &[
     "TCPMapping",
     "LogService",
     "TracingService",
-    "KubernetesServiceResolver",
-    "KubernetesEndpointResolver",
-    "ConsulResolver",
     "DevPortal",
 ];
 
 /// Kubernetes kinds that often share a manifest file with Emissary resources.
 const IGNORED_KUBERNETES_KINDS: &[&str] = &[
-    "Service",
     "Deployment",
     "StatefulSet",
     "DaemonSet",
@@ -141,8 +165,6 @@ const IGNORED_KUBERNETES_KINDS: &[&str] = &[
     "RoleBinding",
     "ClusterRole",
     "ClusterRoleBinding",
-    "Endpoints",
-    "EndpointSlice",
     "Ingress",
     "IngressClass",
     "CustomResourceDefinition",
@@ -174,6 +196,26 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
                     slot.insert(raw.clone());
                 }
             }
+            continue;
+        }
+        if let Some((_, version)) = kubernetes::API_VERSIONS.iter().find(|(k, _)| *k == kind) {
+            if raw.api_version != *version {
+                Reporter::new(raw.location(), &mut diags).error(
+                    "apiVersion",
+                    format!(
+                        "pingress reads {kind} in apiVersion {version}, not {:?}",
+                        raw.api_version
+                    ),
+                );
+                continue;
+            }
+            let identity = (kind, raw.id.namespace.as_str(), raw.id.name.as_str());
+            if let Some(&first) = seen.get(&identity) {
+                duplicate(raw, first, &mut diags);
+                continue;
+            }
+            seen.insert(identity, &raw.id.source);
+            by_kind.entry("kubernetes").or_default().push(raw);
             continue;
         }
         if !raw.api_version.starts_with("getambassador.io/") {
@@ -214,7 +256,8 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
             Reporter::new(raw.location(), &mut diags)
                 .error("kind", format!("unknown kind {kind:?}"))
                 .with_hint(format!(
-                    "{hint}pingress reads Mapping, TLSContext, Host, Listener, Module and Secret"
+                    "{hint}pingress reads Mapping, TLSContext, Host, Listener, Module, the \
+                     resolvers, Secret, Service, Endpoints and EndpointSlice"
                 ));
             continue;
         }
@@ -224,7 +267,12 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
             continue;
         }
         seen.insert(identity, &raw.id.source);
-        by_kind.entry(kind).or_default().push(raw);
+        let group = if RESOLVER_KINDS.contains(&kind) {
+            "resolver"
+        } else {
+            kind
+        };
+        by_kind.entry(group).or_default().push(raw);
     }
 
     let mut model = Model::default();
@@ -250,10 +298,15 @@ pub fn validate(resources: Vec<RawResource>, ambassador_id: &str) -> (Model, Vec
         &mut diags,
         &mut model.accepted,
     );
+    model.resolvers =
+        kubernetes::validate_resolvers(&kinds("resolver"), &mut diags, &mut model.accepted);
+    model.endpoints =
+        kubernetes::validate_endpoints(&kinds("kubernetes"), &mut diags, &mut model.accepted);
     model.mappings = mapping::validate_all(
         &kinds("Mapping"),
         &model.module,
         &model.tls_contexts,
+        &model.resolvers,
         &mut diags,
         &mut model.accepted,
     );

@@ -9,7 +9,7 @@ use http::HeaderValue;
 use crate::config::diagnostics::{Diagnostic, Location};
 use crate::metrics::{metrics, RouteMetrics};
 use crate::model::{
-    HostBinding, Listener, Model, ModuleSettings, Rewrite, SecurityModel, VirtualHost,
+    HostBinding, Listener, Model, ModuleSettings, ResolverKind, Rewrite, SecurityModel, VirtualHost,
 };
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::PathMatch;
@@ -137,6 +137,8 @@ pub struct Snapshot {
     pub module: ModuleSettings,
     /// The files and directories this snapshot was built from.
     pub sources: Vec<std::path::PathBuf>,
+    /// Every upstream cluster, for the background work on them.
+    pub clusters: Vec<Arc<Cluster>>,
 }
 
 impl Snapshot {
@@ -165,6 +167,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         model.module.enable_ipv4,
         model.module.enable_ipv6,
         resolution == Resolution::Resolve,
+        &model.endpoints,
     );
 
     let groups = group_mappings(&model.mappings, &mut diags);
@@ -179,22 +182,34 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                     let target = Target::Redirect(redirect.clone());
                     return (*threshold, Arc::new(route(mapping, target, &model.module)));
                 }
+                let endpoints = mapping.resolver == ResolverKind::Endpoint;
                 let (cluster, problem) = clusters.cluster(
                     ClusterKey {
                         service: mapping.service.clone(),
+                        resolver: mapping.resolver,
+                        // Only a Kubernetes lookup reads the namespace.
+                        namespace: match endpoints {
+                            true => mapping.id.namespace.clone(),
+                            false => String::new(),
+                        },
                         originate_tls: mapping.originate_tls,
                         tls_identity: mapping.tls.as_ref().map(|t| t.identity),
                         connect_timeout_ms: mapping.connect_timeout_ms,
                         h2_only: mapping.grpc,
                         breaker: mapping.breaker,
+                        policy: mapping.load_balancer.clone(),
                     },
                     mapping.tls.clone(),
                 );
                 if let Some(problem) = problem {
+                    let hint = match endpoints {
+                        true => "requests for this Mapping get 503 until endpoints appear",
+                        false => "requests for this Mapping get 503 until the name resolves",
+                    };
                     diags.push(
                         Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
                             .field("spec.service")
-                            .hint("requests for this Mapping get 503 until the name resolves"),
+                            .hint(hint),
                     );
                 }
                 let target = Target::Upstream(cluster);
@@ -337,6 +352,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             listeners,
             module: model.module.clone(),
             sources: model.referenced_files.clone(),
+            clusters: clusters.finish(),
         },
         diags,
     )

@@ -1,18 +1,26 @@
 //! Clusters: the upstream endpoints of a service, with their `HttpPeer`s
-//! prepared at compile time (TLS material attached, pool identity set).
-//! The request path only clones a peer.
+//! prepared ahead of requests (TLS material attached, pool identity set),
+//! and the load balancer that picks one per request.
+//!
+//! A cluster's endpoints sit behind an `ArcSwap`: background work (DNS
+//! refresh, health checks) publishes a new [`Selection`]; a request reads
+//! the current one without a lock and clones one peer.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use pingora::protocols::tls::ALPN;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::model::ResolverKind;
 use crate::tls::TlsContext;
+use crate::upstream::endpoints::EndpointIndex;
 
+use super::balancer::{Choice, Endpoint, EndpointState, Policy, RequestKey, Selection};
 use super::breaker::{Breaker, Thresholds};
 use super::service::ServiceAddr;
 
@@ -22,30 +30,62 @@ pub struct Cluster {
     pub name: String,
     pub tls: Option<Arc<TlsContext>>,
     pub breaker: Breaker,
-    endpoints: Vec<HttpPeer>,
-    next: AtomicUsize,
+    pub key: ClusterKey,
+    selection: ArcSwap<Selection>,
+    /// The round-robin position, shared with the clusters of later
+    /// snapshots that have the same identity.
+    next: Arc<AtomicUsize>,
 }
 
 impl Cluster {
-    /// The next endpoint's peer, round robin. `None` when the service has no
+    /// The endpoint for this request. `None` when the service has no
     /// endpoints (the request gets a 503).
-    pub fn peer(&self) -> Option<HttpPeer> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        Some(self.endpoints[index].clone())
+    pub fn choose(&self, request: &RequestKey) -> Option<Choice> {
+        self.selection
+            .load()
+            .choose(&self.key.policy, &self.next, request)
     }
 
     pub fn endpoint_count(&self) -> usize {
-        self.endpoints.len()
+        self.selection.load().endpoints.len()
+    }
+
+    /// Publishes a new set of addresses. Addresses the cluster already had
+    /// keep their prepared peer and their health and load.
+    pub fn set_addresses(&self, addresses: &[SocketAddr]) {
+        let current = self.selection.load();
+        let endpoints = endpoints_for(
+            addresses,
+            &current.endpoints,
+            &self.key,
+            self.tls.as_deref(),
+        );
+        self.selection
+            .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.selection.load().endpoints.clone()
+    }
+
+    /// Rebuilds the selection after the health of an endpoint changed.
+    pub fn health_changed(&self) {
+        let endpoints = self.endpoints();
+        self.selection
+            .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
     }
 }
 
-/// What makes two Mappings share a cluster (and its connection pool).
+/// What makes two Mappings share a cluster (and its connection pool and
+/// balancer state).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterKey {
     pub service: ServiceAddr,
+    /// Where the endpoints come from.
+    pub resolver: ResolverKind,
+    /// The Kubernetes namespace of a bare service name.
+    pub namespace: String,
     pub originate_tls: bool,
     pub tls_identity: Option<u64>,
     pub connect_timeout_ms: u64,
@@ -53,30 +93,46 @@ pub struct ClusterKey {
     pub h2_only: bool,
     /// Breakers are part of a cluster's identity, as in Emissary.
     pub breaker: Thresholds,
+    /// So is the load balancer: two policies never share a balancer state.
+    pub policy: Policy,
 }
 
+/// Clusters alive in the serving (or a previous, still draining) snapshot,
+/// by identity: a rebuilt snapshot's cluster takes over the round-robin
+/// position and each endpoint's health and load from its predecessor.
+static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Weak<Cluster>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
 /// Builds clusters for one snapshot, resolving each host name once.
-pub struct ClusterBuilder {
+pub struct ClusterBuilder<'m> {
     enable_ipv4: bool,
     enable_ipv6: bool,
     resolve: bool,
+    index: &'m EndpointIndex,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
     resolved: HashMap<(String, u16), Result<Vec<SocketAddr>, String>>,
 }
 
-impl ClusterBuilder {
-    /// Without `resolve`, clusters get no endpoints and no name is looked up.
-    pub fn new(enable_ipv4: bool, enable_ipv6: bool, resolve: bool) -> Self {
+impl<'m> ClusterBuilder<'m> {
+    /// Without `resolve`, no name is looked up and nothing is carried over
+    /// from earlier snapshots (`pingress -t`).
+    pub fn new(
+        enable_ipv4: bool,
+        enable_ipv6: bool,
+        resolve: bool,
+        index: &'m EndpointIndex,
+    ) -> Self {
         ClusterBuilder {
             enable_ipv4,
             enable_ipv6,
             resolve,
+            index,
             clusters: HashMap::new(),
             resolved: HashMap::new(),
         }
     }
 
-    /// Returns the cluster and, the first time a name fails to resolve, why.
+    /// Returns the cluster and, the first time it finds no endpoints, why.
     pub fn cluster(
         &mut self,
         key: ClusterKey,
@@ -85,17 +141,19 @@ impl ClusterBuilder {
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
         }
-        let (addresses, problem) = match self.resolve {
-            false => (Vec::new(), None),
-            true => match self.lookup(&key.service) {
-                Ok(addresses) => (addresses, None),
-                Err(e) => (Vec::new(), Some(e)),
-            },
+        let (addresses, problem) = match self.addresses(&key) {
+            Ok(addresses) => (addresses, None),
+            Err(e) => (Vec::new(), Some(e)),
         };
-        let endpoints = addresses
-            .iter()
-            .map(|address| prepare_peer(*address, &key, tls.as_deref()))
-            .collect();
+        let previous = match self.resolve {
+            true => LIVE
+                .lock()
+                .ok()
+                .and_then(|live| live.get(&key).and_then(Weak::upgrade)),
+            false => None,
+        };
+        let inherited = previous.as_ref().map(|p| p.endpoints()).unwrap_or_default();
+        let endpoints = endpoints_for(&addresses, &inherited, &key, tls.as_deref());
         let mut name = key.service.to_string();
         if key.originate_tls && !key.service.https {
             name = name.replacen("http://", "https://", 1);
@@ -107,11 +165,44 @@ impl ClusterBuilder {
             name,
             tls,
             breaker: Breaker::new(key.breaker),
-            endpoints,
-            next: AtomicUsize::new(0),
+            selection: ArcSwap::from_pointee(Selection::new(endpoints, &key.policy)),
+            next: previous.map(|p| p.next.clone()).unwrap_or_default(),
+            key: key.clone(),
         });
         self.clusters.insert(key, cluster.clone());
         (cluster, problem)
+    }
+
+    /// Every cluster built, registered as the live ones.
+    pub fn finish(self) -> Vec<Arc<Cluster>> {
+        if self.resolve {
+            if let Ok(mut live) = LIVE.lock() {
+                live.retain(|_, cluster| cluster.strong_count() > 0);
+                for (key, cluster) in &self.clusters {
+                    live.insert(key.clone(), Arc::downgrade(cluster));
+                }
+            }
+        }
+        self.clusters.into_values().collect()
+    }
+
+    fn addresses(&mut self, key: &ClusterKey) -> Result<Vec<SocketAddr>, String> {
+        let service = &key.service;
+        if let Ok(ip) = service.host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, service.port)]);
+        }
+        match key.resolver {
+            ResolverKind::Endpoint => {
+                let (name, namespace) = match service.host.split_once('.') {
+                    Some((name, rest)) => (name, rest.split('.').next().unwrap_or(rest)),
+                    None => (service.host.as_str(), key.namespace.as_str()),
+                };
+                let port = service.explicit_port.then_some(service.port);
+                self.index.lookup(namespace, name, port)
+            }
+            ResolverKind::Service | ResolverKind::Consul if self.resolve => self.lookup(service),
+            ResolverKind::Service | ResolverKind::Consul => Ok(Vec::new()),
+        }
     }
 
     /// Resolution happens while a snapshot is compiled, never per request:
@@ -145,6 +236,28 @@ impl ClusterBuilder {
             })
             .clone()
     }
+}
+
+/// Endpoints for `addresses`, reusing what `known` has for an address.
+fn endpoints_for(
+    addresses: &[SocketAddr],
+    known: &[Endpoint],
+    key: &ClusterKey,
+    tls: Option<&TlsContext>,
+) -> Vec<Endpoint> {
+    addresses
+        .iter()
+        .map(
+            |address| match known.iter().find(|e| e.address == *address) {
+                Some(endpoint) => endpoint.clone(),
+                None => Endpoint {
+                    address: *address,
+                    peer: prepare_peer(*address, key, tls),
+                    state: Arc::new(EndpointState::default()),
+                },
+            },
+        )
+        .collect()
 }
 
 /// Concurrent streams on one upstream HTTP/2 connection; Pingora's default

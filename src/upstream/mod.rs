@@ -1,8 +1,10 @@
 //! Upstreams: the `service` syntax, clusters with prepared peers, and the
 //! upstream TLS policy checks.
 
+pub mod balancer;
 pub mod breaker;
 pub mod cluster;
+pub mod endpoints;
 pub mod policy;
 pub mod retry;
 pub mod service;

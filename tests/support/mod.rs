@@ -421,9 +421,20 @@ impl Echo {
     /// Starts pingress-echo with `--listen 127.0.0.1:0 --name <name>` plus
     /// `extra` arguments, and waits (10 s) for its `listening on` line.
     pub fn spawn(name: &str, extra: Vec<OsString>) -> Echo {
+        Echo::spawn_on("127.0.0.1:0", name, extra)
+    }
+
+    /// A plain echo on `listen`, e.g. `127.0.0.3:<port>`: Linux answers on
+    /// all of 127.0.0.0/8, so pods can share a port on their own addresses.
+    pub fn plain_on(listen: &str, name: &str) -> Echo {
+        Echo::spawn_on(listen, name, Vec::new())
+    }
+
+    /// Like [`Echo::spawn`], listening on `listen`.
+    pub fn spawn_on(listen: &str, name: &str, extra: Vec<OsString>) -> Echo {
         let mut child = Command::new(PINGRESS_ECHO)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--name")
             .arg(name)
             .args(&extra)
@@ -1847,6 +1858,77 @@ pub fn tls_spec(secret: &str, action: Option<&str>) -> String {
         .map(|a| format!("requestPolicy:\n  insecure:\n    action: {a}\n"))
         .unwrap_or_default();
     format!("tlsSecret:\n  name: {}\n{policy}", q(secret))
+}
+
+/// `count` echoes named `pod-1`.. on 127.0.0.2, 127.0.0.3.. sharing one
+/// port, as the pods of a Kubernetes Service.
+pub fn pods(count: usize) -> Vec<Echo> {
+    let port = free_port();
+    (1..=count)
+        .map(|i| Echo::plain_on(&format!("127.0.0.{}:{port}", i + 1), &format!("pod-{i}")))
+        .collect()
+}
+
+/// A Kubernetes object: `metadata` is the inside of a flow map, `body`
+/// block YAML at the top level (`subsets:`, `endpoints:`, `spec:`).
+pub fn kube_doc(api_version: &str, kind: &str, metadata: &str, body: &str) -> String {
+    format!("---\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{{metadata}}}\n{body}")
+}
+
+/// A core/v1 Endpoints `default/<name>`: `ready` and `not_ready` pods on
+/// their shared port.
+pub fn endpoints(name: &str, ready: &[&Echo], not_ready: &[&Echo]) -> String {
+    let port = ready
+        .iter()
+        .chain(not_ready)
+        .map(|e| e.port())
+        .next()
+        .unwrap_or(80);
+    let list = |pods: &[&Echo]| -> String {
+        match pods {
+            [] => " []\n".to_string(),
+            _ => pods
+                .iter()
+                .map(|e| format!("\n  - ip: {}", e.addr().ip()))
+                .chain(["\n".to_string()])
+                .collect(),
+        }
+    };
+    kube_doc(
+        "v1",
+        "Endpoints",
+        &format!("name: {name}, namespace: default"),
+        &format!(
+            "subsets:\n- addresses:{}  notReadyAddresses:{}  ports:\n  - name: http\n    port: {port}\n",
+            list(ready),
+            list(not_ready)
+        ),
+    )
+}
+
+/// A discovery.k8s.io/v1 EndpointSlice `default/<name>` of Service
+/// `service`; each pod with its `ready` condition.
+pub fn endpoint_slice(name: &str, service: &str, pods: &[(&Echo, bool)]) -> String {
+    let port = pods.first().map(|(e, _)| e.port()).unwrap_or(80);
+    let endpoints: String = pods
+        .iter()
+        .map(|(e, ready)| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}}}\n",
+                e.addr().ip()
+            )
+        })
+        .collect();
+    kube_doc(
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        &format!(
+            "name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}"
+        ),
+        &format!(
+            "addressType: IPv4\nendpoints:\n{endpoints}ports:\n- name: http\n  port: {port}\n"
+        ),
+    )
 }
 
 /// A Mapping of `prefix` to `echo`; `metadata_extra` is appended inside the

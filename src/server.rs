@@ -176,12 +176,17 @@ pub fn serve(opt: Opt, gateway_path: PathBuf) -> Result<(), String> {
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
     let probe = background_service("readiness", ReadinessProbe { ports, ready });
+    let upstream_tasks = background_service(
+        "upstream tasks",
+        crate::upstream::tasks::UpstreamTasks::new(snapshot.clone()),
+    );
     let reloader = background_service("reload", Reloader::new(gateway_path, live));
 
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(reloader);
+    server.add_service(upstream_tasks);
     server.add_service(drain_watch);
     server.run_forever()
 }

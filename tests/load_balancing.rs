@@ -291,3 +291,96 @@ fn a_killed_endpoint_is_skipped_by_connect_failure_retries() {
         assert_ne!(reply.echo().server(), "pod-2");
     }
 }
+
+/// A health check every 200 ms: two failures take an endpoint out, two
+/// passes bring it back.
+const QUICK_CHECKS: &str = "health_checks:\n- interval: 200ms\n  timeout: 500ms\n  \
+                            unhealthy_threshold: 2\n  healthy_threshold: 2\n  health_check:\n    \
+                            http:\n      path: /healthz\n";
+
+#[test]
+fn health_checks_take_a_dead_endpoint_out_and_bring_it_back() {
+    let mut pods = pods(3);
+    let all: Vec<&Echo> = pods.iter().collect();
+    let resources = [
+        endpoints("quote", &all, &[]),
+        endpoint_mapping("checked", "/checked/", "quote", QUICK_CHECKS),
+    ]
+    .concat();
+    let (dir, gateway, port) = start(&resources);
+    let dead = pods.remove(1);
+    let (address, name) = (dead.addr(), dead.name().to_string());
+    drop(dead);
+    let out = format!("endpoint {address} failed 2 health check(s)");
+    assert!(
+        poll_until(Duration::from_secs(10), || gateway.log().contains(&out)),
+        "never detected:\n{}",
+        gateway.log()
+    );
+    // No retry policy: after detection, no request may meet the dead pod.
+    for _ in 0..30 {
+        let reply = Request::get("/checked/").send(port);
+        assert_eq!(reply.status, 200, "{}\n{}", reply.text(), gateway.log());
+    }
+
+    // A reload keeps the cluster's health: the dead pod stays out.
+    let other = Echo::plain("other");
+    fs::write(
+        dir.path().join("resources").join("other.yaml"),
+        mapping("other", "", "/other/", &other, "hostname: \"*\""),
+    )
+    .expect("write other.yaml");
+    assert!(
+        poll_until(Duration::from_secs(10), || Request::get("/other/")
+            .send(port)
+            .status
+            == 200),
+        "the reload never came:\n{}",
+        gateway.log()
+    );
+    for _ in 0..30 {
+        let reply = Request::get("/checked/").send(port);
+        assert_eq!(
+            reply.status,
+            200,
+            "after the reload: {}\n{}",
+            reply.text(),
+            gateway.log()
+        );
+    }
+
+    let _back = Echo::plain_on(&address.to_string(), &name);
+    let returned = poll_until(Duration::from_secs(10), || {
+        Request::get("/checked/").send(port).echo_ok().server() == name
+    });
+    assert!(returned, "{name} never came back:\n{}", gateway.log());
+    assert!(gateway
+        .log()
+        .contains(&format!("endpoint {address} passed 2 health check(s)")));
+}
+
+#[test]
+fn a_check_that_every_endpoint_fails_leaves_them_all_in_rotation() {
+    let pods = pods(2);
+    let all: Vec<&Echo> = pods.iter().collect();
+    // The echo answers 503 when asked to; the check expects 2xx.
+    let failing = format!(
+        "{QUICK_CHECKS}      expected_statuses:\n      - {{min: 200, max: 299}}\n      \
+         add_request_headers:\n        x-echo-status: \"503\"\n"
+    );
+    let resources = [
+        endpoints("quote", &all, &[]),
+        endpoint_mapping("failing", "/failing/", "quote", &failing),
+    ]
+    .concat();
+    let (_dir, gateway, port) = start(&resources);
+    let both_out = poll_until(Duration::from_secs(10), || {
+        let log = gateway.log();
+        pods.iter()
+            .all(|p| log.contains(&format!("endpoint {} failed", p.addr())))
+    });
+    assert!(both_out, "{}", gateway.log());
+    // Better to try than to refuse: Envoy's panic mode.
+    let counts = tally(&answers(port, 10, |_| Request::get("/failing/")));
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}

@@ -162,6 +162,7 @@ pub struct MappingSpec {
     pub labels: Option<Value>,
     pub resolver: Option<String>,
     pub load_balancer: Option<LoadBalancerSpec>,
+    pub health_checks: Option<Vec<HealthCheckSpec>>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

@@ -21,6 +21,7 @@ use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
 use crate::upstream::balancer::{Cookie, HashOn, Policy};
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::ServiceAddr;
 
@@ -69,6 +70,7 @@ const SUPPORTED: &[&str] = &[
     "labels",
     "resolver",
     "load_balancer",
+    "health_checks",
     "ambassador_id",
 ];
 
@@ -85,7 +87,6 @@ const LATER: &[&str] = &[
     "enable_ipv4",
     "enable_ipv6",
     "keepalive",
-    "health_checks",
     "priority",
     "cluster_tag",
     "stats_name",
@@ -145,6 +146,7 @@ pub struct Mapping {
     pub service: ServiceAddr,
     pub resolver: ResolverKind,
     pub load_balancer: Policy,
+    pub health_check: Option<HealthCheck>,
     pub originate_tls: bool,
     pub tls: Option<Arc<TlsContext>>,
     /// 0 disables.
@@ -472,6 +474,7 @@ fn validate(
         // Set by `upstream_choice`.
         resolver: ResolverKind::Service,
         load_balancer: Policy::RoundRobin,
+        health_check: None,
         originate_tls,
         tls: context,
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
@@ -557,6 +560,19 @@ fn upstream_choice(
         }
         (Some(lb), ResolverKind::Endpoint) => {
             mapping.load_balancer = load_balancer(lb, "spec.load_balancer", report)?;
+        }
+    }
+    if let Some(list) = &spec.health_checks {
+        let check = super::health::health_check(list, "spec.health_checks", report)?;
+        if check.is_some() && mapping.resolver != ResolverKind::Endpoint {
+            report
+                .warning(
+                    "spec.health_checks",
+                    format!("health checks need an endpoint resolver, as in Emissary; resolver {name} resolves the service name, so they are ignored"),
+                )
+                .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
+        } else {
+            mapping.health_check = check;
         }
     }
     Some(mapping)

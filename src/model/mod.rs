@@ -5,6 +5,7 @@
 //! its own: a bad one is reported and left out, its siblings stay.
 
 mod edge;
+mod health;
 mod host_tls;
 mod kubernetes;
 mod mapping;

@@ -198,6 +198,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                         h2_only: mapping.grpc,
                         breaker: mapping.breaker,
                         policy: mapping.load_balancer.clone(),
+                        health_check: mapping.health_check.clone(),
                     },
                     mapping.tls.clone(),
                 );

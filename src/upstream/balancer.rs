@@ -115,6 +115,8 @@ pub struct Selection {
     /// to refuse every request).
     active: Vec<usize>,
     table: Table,
+    /// Each endpoint's health when this selection was built.
+    built_with: Vec<bool>,
 }
 
 impl std::fmt::Debug for Selection {
@@ -138,9 +140,11 @@ pub struct Choice {
 
 impl Selection {
     pub fn new(endpoints: Vec<Endpoint>, policy: &Policy) -> Selection {
-        let healthy: Vec<usize> = (0..endpoints.len())
-            .filter(|i| endpoints[*i].state.healthy.load(Ordering::Relaxed))
+        let built_with: Vec<bool> = endpoints
+            .iter()
+            .map(|e| e.state.healthy.load(Ordering::Relaxed))
             .collect();
+        let healthy: Vec<usize> = (0..endpoints.len()).filter(|i| built_with[*i]).collect();
         let active = if healthy.is_empty() {
             (0..endpoints.len()).collect()
         } else {
@@ -160,14 +164,17 @@ impl Selection {
             endpoints,
             active,
             table,
+            built_with,
         }
     }
 
-    pub fn healthy_count(&self) -> usize {
+    /// Some endpoint's health changed since this selection was built (by
+    /// this cluster's checks or by a predecessor's, which share the state).
+    pub fn is_stale(&self) -> bool {
         self.endpoints
             .iter()
-            .filter(|e| e.state.healthy.load(Ordering::Relaxed))
-            .count()
+            .zip(&self.built_with)
+            .any(|(e, was)| e.state.healthy.load(Ordering::Relaxed) != *was)
     }
 
     /// Picks an endpoint; `None` when the cluster has none.

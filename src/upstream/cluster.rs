@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use crate::upstream::endpoints::EndpointIndex;
 
 use super::balancer::{Choice, Endpoint, EndpointState, Policy, RequestKey, Selection};
 use super::breaker::{Breaker, Thresholds};
+use super::health::{self, HealthCheck};
 use super::service::ServiceAddr;
 
 #[derive(Debug)]
@@ -35,6 +36,7 @@ pub struct Cluster {
     /// The round-robin position, shared with the clusters of later
     /// snapshots that have the same identity.
     next: Arc<AtomicUsize>,
+    tasks_started: AtomicBool,
 }
 
 impl Cluster {
@@ -69,11 +71,25 @@ impl Cluster {
         self.selection.load().endpoints.clone()
     }
 
-    /// Rebuilds the selection after the health of an endpoint changed.
-    pub fn health_changed(&self) {
-        let endpoints = self.endpoints();
-        self.selection
-            .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
+    /// Rebuilds the selection when the health of an endpoint changed.
+    pub fn refresh_health(&self) {
+        let current = self.selection.load();
+        if current.is_stale() {
+            let endpoints = current.endpoints.clone();
+            self.selection
+                .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
+        }
+    }
+
+    /// Starts the cluster's background work (health checks) on the
+    /// current runtime, once. The tasks end when the cluster is dropped.
+    pub fn start_tasks(self: &Arc<Self>) {
+        if self.tasks_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(check) = &self.key.health_check {
+            tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
+        }
     }
 }
 
@@ -95,6 +111,7 @@ pub struct ClusterKey {
     pub breaker: Thresholds,
     /// So is the load balancer: two policies never share a balancer state.
     pub policy: Policy,
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Clusters alive in the serving (or a previous, still draining) snapshot,
@@ -167,6 +184,7 @@ impl<'m> ClusterBuilder<'m> {
             breaker: Breaker::new(key.breaker),
             selection: ArcSwap::from_pointee(Selection::new(endpoints, &key.policy)),
             next: previous.map(|p| p.next.clone()).unwrap_or_default(),
+            tasks_started: AtomicBool::new(false),
             key: key.clone(),
         });
         self.clusters.insert(key, cluster.clone());

@@ -5,6 +5,8 @@ pub mod balancer;
 pub mod breaker;
 pub mod cluster;
 pub mod endpoints;
+pub mod health;
 pub mod policy;
 pub mod retry;
 pub mod service;
+pub mod tasks;

@@ -240,6 +240,11 @@ fn endpoint_resources() {
 }
 
 #[test]
+fn dns_settings() {
+    golden("dns_settings", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

@@ -163,6 +163,10 @@ pub struct MappingSpec {
     pub resolver: Option<String>,
     pub load_balancer: Option<LoadBalancerSpec>,
     pub health_checks: Option<Vec<HealthCheckSpec>>,
+    pub dns_type: Option<String>,
+    pub respect_dns_ttl: Option<bool>,
+    pub enable_ipv4: Option<bool>,
+    pub enable_ipv6: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

@@ -21,6 +21,7 @@ use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
 use crate::upstream::balancer::{Cookie, HashOn, Policy};
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::dns::DnsOptions;
 use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::ServiceAddr;
@@ -71,6 +72,10 @@ const SUPPORTED: &[&str] = &[
     "resolver",
     "load_balancer",
     "health_checks",
+    "dns_type",
+    "respect_dns_ttl",
+    "enable_ipv4",
+    "enable_ipv6",
     "ambassador_id",
 ];
 
@@ -82,10 +87,6 @@ const LATER: &[&str] = &[
     "shadow",
     "allow_upgrade",
     "use_websocket",
-    "dns_type",
-    "respect_dns_ttl",
-    "enable_ipv4",
-    "enable_ipv6",
     "keepalive",
     "priority",
     "cluster_tag",
@@ -147,6 +148,8 @@ pub struct Mapping {
     pub resolver: ResolverKind,
     pub load_balancer: Policy,
     pub health_check: Option<HealthCheck>,
+    /// How the service resolver looks the service up.
+    pub dns: DnsOptions,
     pub originate_tls: bool,
     pub tls: Option<Arc<TlsContext>>,
     /// 0 disables.
@@ -475,6 +478,7 @@ fn validate(
         resolver: ResolverKind::Service,
         load_balancer: Policy::RoundRobin,
         health_check: None,
+        dns: DnsOptions::default(),
         originate_tls,
         tls: context,
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
@@ -561,6 +565,29 @@ fn upstream_choice(
         (Some(lb), ResolverKind::Endpoint) => {
             mapping.load_balancer = load_balancer(lb, "spec.load_balancer", report)?;
         }
+    }
+    let logical = match spec.dns_type.as_deref() {
+        None | Some("strict_dns") => false,
+        Some("logical_dns") => true,
+        Some(other) => {
+            report
+                .error("spec.dns_type", format!("unknown dns_type {other:?}"))
+                .with_hint("strict_dns (every address) or logical_dns (the first address)");
+            return None;
+        }
+    };
+    mapping.dns = DnsOptions {
+        ipv4: spec.enable_ipv4.unwrap_or(module.enable_ipv4),
+        ipv6: spec.enable_ipv6.unwrap_or(module.enable_ipv6),
+        respect_ttl: spec.respect_dns_ttl.unwrap_or(false),
+        logical,
+    };
+    if !mapping.dns.ipv4 && !mapping.dns.ipv6 {
+        report.error(
+            "spec.enable_ipv4",
+            "enable_ipv4 and enable_ipv6 are both false: no address could be used",
+        );
+        return None;
     }
     if let Some(list) = &spec.health_checks {
         let check = super::health::health_check(list, "spec.health_checks", report)?;

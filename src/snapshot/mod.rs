@@ -21,6 +21,7 @@ use crate::routing::table::{
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+use crate::upstream::dns::DnsOptions;
 use crate::upstream::retry::RetryPolicy;
 use pingora::tls::ssl::SslVersion;
 
@@ -163,11 +164,13 @@ pub enum Resolution {
 /// services, unreachable Mappings) are returned beside the snapshot.
 pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut clusters = ClusterBuilder::new(
-        model.module.enable_ipv4,
-        model.module.enable_ipv6,
-        resolution == Resolution::Resolve,
-        &model.endpoints,
+    let mut clusters = ClusterBuilder::new(resolution == Resolution::Resolve, &model.endpoints);
+    clusters.prefetch(
+        model
+            .mappings
+            .iter()
+            .filter(|m| m.redirect.is_none())
+            .map(cluster_key),
     );
 
     let groups = group_mappings(&model.mappings, &mut diags);
@@ -183,25 +186,8 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                     return (*threshold, Arc::new(route(mapping, target, &model.module)));
                 }
                 let endpoints = mapping.resolver == ResolverKind::Endpoint;
-                let (cluster, problem) = clusters.cluster(
-                    ClusterKey {
-                        service: mapping.service.clone(),
-                        resolver: mapping.resolver,
-                        // Only a Kubernetes lookup reads the namespace.
-                        namespace: match endpoints {
-                            true => mapping.id.namespace.clone(),
-                            false => String::new(),
-                        },
-                        originate_tls: mapping.originate_tls,
-                        tls_identity: mapping.tls.as_ref().map(|t| t.identity),
-                        connect_timeout_ms: mapping.connect_timeout_ms,
-                        h2_only: mapping.grpc,
-                        breaker: mapping.breaker,
-                        policy: mapping.load_balancer.clone(),
-                        health_check: mapping.health_check.clone(),
-                    },
-                    mapping.tls.clone(),
-                );
+                let (cluster, problem) =
+                    clusters.cluster(cluster_key(mapping), mapping.tls.clone());
                 if let Some(problem) = problem {
                     let hint = match endpoints {
                         true => "requests for this Mapping get 503 until endpoints appear",
@@ -357,6 +343,31 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         },
         diags,
     )
+}
+
+/// What makes a Mapping's cluster: settings that only one resolver reads
+/// are left at their defaults for the other, so they split no clusters.
+fn cluster_key(mapping: &crate::model::Mapping) -> ClusterKey {
+    let endpoints = mapping.resolver == ResolverKind::Endpoint;
+    ClusterKey {
+        service: mapping.service.clone(),
+        resolver: mapping.resolver,
+        namespace: match endpoints {
+            true => mapping.id.namespace.clone(),
+            false => String::new(),
+        },
+        originate_tls: mapping.originate_tls,
+        tls_identity: mapping.tls.as_ref().map(|t| t.identity),
+        connect_timeout_ms: mapping.connect_timeout_ms,
+        h2_only: mapping.grpc,
+        breaker: mapping.breaker,
+        policy: mapping.load_balancer.clone(),
+        health_check: mapping.health_check.clone(),
+        dns: match endpoints {
+            true => DnsOptions::default(),
+            false => mapping.dns,
+        },
+    }
 }
 
 /// Where a synthesized Listener or Host comes from: the gateway itself.

@@ -7,7 +7,7 @@
 //! the current one without a lock and clones one peer.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use crate::upstream::endpoints::EndpointIndex;
 
 use super::balancer::{Choice, Endpoint, EndpointState, Policy, RequestKey, Selection};
 use super::breaker::{Breaker, Thresholds};
+use super::dns::{self, DnsOptions, DnsTarget, Lookup};
 use super::health::{self, HealthCheck};
 use super::service::ServiceAddr;
 
@@ -56,6 +57,9 @@ impl Cluster {
     /// keep their prepared peer and their health and load.
     pub fn set_addresses(&self, addresses: &[SocketAddr]) {
         let current = self.selection.load();
+        if current.endpoints.iter().map(|e| &e.address).eq(addresses) {
+            return;
+        }
         let endpoints = endpoints_for(
             addresses,
             &current.endpoints,
@@ -81,11 +85,15 @@ impl Cluster {
         }
     }
 
-    /// Starts the cluster's background work (health checks) on the
-    /// current runtime, once. The tasks end when the cluster is dropped.
+    /// Starts the cluster's background work (DNS refresh, health checks)
+    /// on the current runtime, once. The tasks end when the cluster is
+    /// dropped.
     pub fn start_tasks(self: &Arc<Self>) {
         if self.tasks_started.swap(true, Ordering::Relaxed) {
             return;
+        }
+        if let Some(target) = self.key.dns_target() {
+            tokio::spawn(dns::run(Arc::downgrade(self), target));
         }
         if let Some(check) = &self.key.health_check {
             tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
@@ -112,6 +120,19 @@ pub struct ClusterKey {
     /// So is the load balancer: two policies never share a balancer state.
     pub policy: Policy,
     pub health_check: Option<HealthCheck>,
+    /// How the service resolver looks the name up.
+    pub dns: DnsOptions,
+}
+
+impl ClusterKey {
+    /// The name DNS resolves for this cluster, if any.
+    pub fn dns_target(&self) -> Option<DnsTarget> {
+        (self.resolver == ResolverKind::Service && !self.service.is_ip()).then(|| DnsTarget {
+            host: self.service.host.clone(),
+            port: self.service.port,
+            options: self.dns,
+        })
+    }
 }
 
 /// Clusters alive in the serving (or a previous, still draining) snapshot,
@@ -120,33 +141,36 @@ pub struct ClusterKey {
 static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Weak<Cluster>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// Builds clusters for one snapshot, resolving each host name once.
+/// Builds clusters for one snapshot.
 pub struct ClusterBuilder<'m> {
-    enable_ipv4: bool,
-    enable_ipv6: bool,
     resolve: bool,
     index: &'m EndpointIndex,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
-    resolved: HashMap<(String, u16), Result<Vec<SocketAddr>, String>>,
+    resolved: HashMap<DnsTarget, Lookup>,
 }
 
 impl<'m> ClusterBuilder<'m> {
     /// Without `resolve`, no name is looked up and nothing is carried over
     /// from earlier snapshots (`pingress -t`).
-    pub fn new(
-        enable_ipv4: bool,
-        enable_ipv6: bool,
-        resolve: bool,
-        index: &'m EndpointIndex,
-    ) -> Self {
+    pub fn new(resolve: bool, index: &'m EndpointIndex) -> Self {
         ClusterBuilder {
-            enable_ipv4,
-            enable_ipv6,
             resolve,
             index,
             clusters: HashMap::new(),
             resolved: HashMap::new(),
         }
+    }
+
+    /// Resolves the names of the clusters to come, all at once and within
+    /// a deadline, so that no name waits for another.
+    pub fn prefetch(&mut self, keys: impl Iterator<Item = ClusterKey>) {
+        if !self.resolve {
+            return;
+        }
+        let mut targets: Vec<DnsTarget> = keys.filter_map(|k| k.dns_target()).collect();
+        targets.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+        targets.dedup();
+        self.resolved = dns::resolve_all(targets, dns::FIRST_LOOKUP_DEADLINE);
     }
 
     /// Returns the cluster and, the first time it finds no endpoints, why.
@@ -158,10 +182,6 @@ impl<'m> ClusterBuilder<'m> {
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
         }
-        let (addresses, problem) = match self.addresses(&key) {
-            Ok(addresses) => (addresses, None),
-            Err(e) => (Vec::new(), Some(e)),
-        };
         let previous = match self.resolve {
             true => LIVE
                 .lock()
@@ -170,6 +190,14 @@ impl<'m> ClusterBuilder<'m> {
             false => None,
         };
         let inherited = previous.as_ref().map(|p| p.endpoints()).unwrap_or_default();
+        let (addresses, problem) = match self.addresses(&key) {
+            Ok(addresses) => (addresses, None),
+            // A name that fails to resolve keeps the addresses it had.
+            Err(e) if key.dns_target().is_some() && !inherited.is_empty() => {
+                (inherited.iter().map(|e| e.address).collect(), Some(e))
+            }
+            Err(e) => (Vec::new(), Some(e)),
+        };
         let endpoints = endpoints_for(&addresses, &inherited, &key, tls.as_deref());
         let mut name = key.service.to_string();
         if key.originate_tls && !key.service.https {
@@ -204,13 +232,13 @@ impl<'m> ClusterBuilder<'m> {
         self.clusters.into_values().collect()
     }
 
-    fn addresses(&mut self, key: &ClusterKey) -> Result<Vec<SocketAddr>, String> {
+    fn addresses(&self, key: &ClusterKey) -> Lookup {
         let service = &key.service;
         if let Ok(ip) = service.host.parse::<std::net::IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, service.port)]);
         }
-        match key.resolver {
-            ResolverKind::Endpoint => {
+        match (key.resolver, key.dns_target()) {
+            (ResolverKind::Endpoint, _) => {
                 let (name, namespace) = match service.host.split_once('.') {
                     Some((name, rest)) => (name, rest.split('.').next().unwrap_or(rest)),
                     None => (service.host.as_str(), key.namespace.as_str()),
@@ -218,41 +246,13 @@ impl<'m> ClusterBuilder<'m> {
                 let port = service.explicit_port.then_some(service.port);
                 self.index.lookup(namespace, name, port)
             }
-            ResolverKind::Service | ResolverKind::Consul if self.resolve => self.lookup(service),
-            ResolverKind::Service | ResolverKind::Consul => Ok(Vec::new()),
+            (_, Some(target)) if self.resolve => self
+                .resolved
+                .get(&target)
+                .cloned()
+                .unwrap_or_else(|| Err(format!("{} was not looked up", target.host))),
+            _ => Ok(Vec::new()),
         }
-    }
-
-    /// Resolution happens while a snapshot is compiled, never per request:
-    /// Pingora's `HttpPeer::new` would block (and panic) on a failed lookup.
-    fn lookup(&mut self, service: &ServiceAddr) -> Result<Vec<SocketAddr>, String> {
-        let (v4, v6) = (self.enable_ipv4, self.enable_ipv6);
-        self.resolved
-            .entry((service.host.clone(), service.port))
-            .or_insert_with(|| {
-                let found: Vec<SocketAddr> = (service.host.as_str(), service.port)
-                    .to_socket_addrs()
-                    .map_err(|e| format!("cannot resolve {}: {e}", service.host))?
-                    .collect();
-                let mut usable: Vec<SocketAddr> = found
-                    .iter()
-                    .copied()
-                    .filter(|a| (a.is_ipv4() && v4) || (a.is_ipv6() && v6))
-                    .collect();
-                // Emissary prefers IPv6 when both families are enabled.
-                usable.sort_by_key(|a| a.is_ipv4());
-                usable.dedup();
-                if usable.is_empty() {
-                    return Err(format!(
-                        "{} resolves to no address of an enabled family ({} found; \
-                         enable_ipv4={v4}, enable_ipv6={v6})",
-                        service.host,
-                        found.len()
-                    ));
-                }
-                Ok(usable)
-            })
-            .clone()
     }
 }
 

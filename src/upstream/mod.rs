@@ -4,6 +4,7 @@
 pub mod balancer;
 pub mod breaker;
 pub mod cluster;
+pub mod dns;
 pub mod endpoints;
 pub mod health;
 pub mod policy;

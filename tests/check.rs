@@ -245,6 +245,11 @@ fn dns_settings() {
 }
 
 #[test]
+fn connection_settings() {
+    golden("connection_settings", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

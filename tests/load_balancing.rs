@@ -384,3 +384,26 @@ fn a_check_that_every_endpoint_fails_leaves_them_all_in_rotation() {
     let counts = tally(&answers(port, 10, |_| Request::get("/failing/")));
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
+
+#[test]
+fn cluster_idle_timeout_ms_retires_idle_pooled_connections() {
+    let echo = Echo::plain("pooled");
+    let resources = [
+        mapping("kept", "", "/kept/", &echo, "hostname: \"*\""),
+        mapping(
+            "short",
+            "",
+            "/short/",
+            &echo,
+            "hostname: \"*\"\ncluster_idle_timeout_ms: 200\nkeepalive: {idle_time: 60, interval: 10, probes: 3}",
+        ),
+    ]
+    .concat();
+    let (_dir, gateway, port) = start(&resources);
+    let connection = |prefix: &str| Request::get(prefix).send(port).echo_ok().connection();
+    let (kept, short) = (connection("/kept/"), connection("/short/"));
+    // Longer than the short idle timeout.
+    thread::sleep(Duration::from_millis(700));
+    assert_eq!(connection("/kept/"), kept, "{}", gateway.log());
+    assert_ne!(connection("/short/"), short, "{}", gateway.log());
+}

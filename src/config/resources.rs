@@ -167,9 +167,22 @@ pub struct MappingSpec {
     pub respect_dns_ttl: Option<bool>,
     pub enable_ipv4: Option<bool>,
     pub enable_ipv6: Option<bool>,
+    pub cluster_idle_timeout_ms: Option<u64>,
+    pub keepalive: Option<KeepaliveSpec>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// Upstream TCP keepalive (`keepalive`), in seconds. Emissary documents
+/// `idle_time` but reads `time`; both are accepted.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveSpec {
+    pub probes: Option<u32>,
+    #[serde(alias = "time")]
+    pub idle_time: Option<u64>,
+    pub interval: Option<u64>,
 }
 
 /// `load_balancer` of a Mapping or the Module (§2.13). Unknown keys are kept
@@ -438,6 +451,7 @@ pub struct ModuleConfig {
     pub defaults: Option<ModuleDefaults>,
     pub cluster_request_timeout_ms: Option<u64>,
     pub cluster_idle_timeout_ms: Option<u64>,
+    pub keepalive: Option<KeepaliveSpec>,
     pub resolver: Option<String>,
     pub load_balancer: Option<LoadBalancerSpec>,
     pub server_name: Option<String>,

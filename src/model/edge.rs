@@ -17,7 +17,14 @@ use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 use super::spec::{check_unknown_fields, parse_section};
 use super::{count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
 use crate::tls::TlsContext;
+use crate::upstream::cluster::ConnectionOptions;
 use std::sync::Arc;
+
+/// `cluster_idle_timeout_ms`: 0 turns the idle timeout off, as in Envoy.
+pub(crate) fn idle_timeout(ms: Option<u64>) -> Option<std::time::Duration> {
+    ms.filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
 
 const MODULE_SUPPORTED: &[&str] = &[
     "defaults",
@@ -40,13 +47,13 @@ const MODULE_SUPPORTED: &[&str] = &[
     "retry_policy",
     "resolver",
     "load_balancer",
+    "cluster_idle_timeout_ms",
+    "keepalive",
 ];
 const MODULE_LATER: &[&str] = &[
-    "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
     "cors",
-    "keepalive",
     "diagnostics",
     "readiness_probe",
     "liveness_probe",
@@ -282,6 +289,13 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         retry_policy,
         resolver: config.resolver.clone().unwrap_or(base.resolver),
         load_balancer,
+        connections: ConnectionOptions {
+            idle_timeout: idle_timeout(config.cluster_idle_timeout_ms),
+            keepalive: match &config.keepalive {
+                Some(spec) => Some(super::keepalive(spec, "spec.config.keepalive", report)?),
+                None => None,
+            },
+        },
         defaults,
     })
 }

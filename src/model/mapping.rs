@@ -10,8 +10,8 @@ use regex::Regex;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    CircuitBreakerSpec, LoadBalancerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap,
-    RetryPolicySpec,
+    CircuitBreakerSpec, KeepaliveSpec, LoadBalancerSpec, MappingSpec, MappingTls, MatchValue,
+    OrderedMap, RetryPolicySpec,
 };
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
@@ -21,6 +21,7 @@ use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
 use crate::upstream::balancer::{Cookie, HashOn, Policy};
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::cluster::{ConnectionOptions, Keepalive};
 use crate::upstream::dns::DnsOptions;
 use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
@@ -76,6 +77,8 @@ const SUPPORTED: &[&str] = &[
     "respect_dns_ttl",
     "enable_ipv4",
     "enable_ipv6",
+    "cluster_idle_timeout_ms",
+    "keepalive",
     "ambassador_id",
 ];
 
@@ -87,7 +90,6 @@ const LATER: &[&str] = &[
     "shadow",
     "allow_upgrade",
     "use_websocket",
-    "keepalive",
     "priority",
     "cluster_tag",
     "stats_name",
@@ -100,7 +102,6 @@ const LATER: &[&str] = &[
     "v2ExplicitTLS",
     "v2BoolHeaders",
     "v2BoolQueryParameters",
-    "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
 ];
 
@@ -150,6 +151,7 @@ pub struct Mapping {
     pub health_check: Option<HealthCheck>,
     /// How the service resolver looks the service up.
     pub dns: DnsOptions,
+    pub connections: ConnectionOptions,
     pub originate_tls: bool,
     pub tls: Option<Arc<TlsContext>>,
     /// 0 disables.
@@ -479,6 +481,7 @@ fn validate(
         load_balancer: Policy::RoundRobin,
         health_check: None,
         dns: DnsOptions::default(),
+        connections: ConnectionOptions::default(),
         originate_tls,
         tls: context,
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
@@ -589,6 +592,16 @@ fn upstream_choice(
         );
         return None;
     }
+    mapping.connections = ConnectionOptions {
+        idle_timeout: match spec.cluster_idle_timeout_ms {
+            Some(ms) => super::edge::idle_timeout(Some(ms)),
+            None => module.connections.idle_timeout,
+        },
+        keepalive: match &spec.keepalive {
+            Some(spec) => Some(keepalive(spec, "spec.keepalive", report)?),
+            None => module.connections.keepalive,
+        },
+    };
     if let Some(list) = &spec.health_checks {
         let check = super::health::health_check(list, "spec.health_checks", report)?;
         if check.is_some() && mapping.resolver != ResolverKind::Endpoint {
@@ -752,6 +765,35 @@ pub(crate) fn load_balancer(
     Some(match hashed {
         "ring_hash" => Policy::RingHash(on),
         _ => Policy::Maglev(on),
+    })
+}
+
+/// `keepalive`; what it leaves out keeps Linux's defaults.
+pub(crate) fn keepalive(
+    spec: &KeepaliveSpec,
+    field: &str,
+    report: &mut Reporter,
+) -> Option<Keepalive> {
+    let mut valid = true;
+    let mut positive = |value: Option<u64>, key: &str, default: u64| match value {
+        Some(0) => {
+            report.error(
+                &format!("{field}.{key}"),
+                "0 is not a keepalive setting; use 1 or more",
+            );
+            valid = false;
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let idle = positive(spec.idle_time, "idle_time", 7200);
+    let interval = positive(spec.interval, "interval", 75);
+    let probes = positive(spec.probes.map(u64::from), "probes", 9);
+    valid.then(|| Keepalive {
+        idle: std::time::Duration::from_secs(idle),
+        interval: std::time::Duration::from_secs(interval),
+        probes: probes as usize,
     })
 }
 

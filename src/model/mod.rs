@@ -27,9 +27,10 @@ use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
 use crate::upstream::balancer::Policy;
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::cluster::ConnectionOptions;
 use crate::upstream::endpoints::EndpointIndex;
 use crate::upstream::retry::RetryPolicy;
-pub(crate) use mapping::{breaker_thresholds, load_balancer, retry_policy};
+pub(crate) use mapping::{breaker_thresholds, keepalive, load_balancer, retry_policy};
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub struct ModuleSettings {
     pub resolver: String,
     /// The default `load_balancer` of Mappings that use an endpoint resolver.
     pub load_balancer: Option<Policy>,
+    /// The default `cluster_idle_timeout_ms` and `keepalive`.
+    pub connections: ConnectionOptions,
     pub defaults: MappingDefaults,
 }
 
@@ -80,6 +83,7 @@ impl Default for ModuleSettings {
             retry_policy: None,
             resolver: "kubernetes-service".into(),
             load_balancer: None,
+            connections: ConnectionOptions::default(),
             defaults: MappingDefaults::default(),
         }
     }

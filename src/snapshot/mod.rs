@@ -367,6 +367,7 @@ fn cluster_key(mapping: &crate::model::Mapping) -> ClusterKey {
             true => DnsOptions::default(),
             false => mapping.dns,
         },
+        connections: mapping.connections,
     }
 }
 

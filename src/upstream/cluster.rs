@@ -7,6 +7,7 @@
 //! the current one without a lock and clones one peer.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pingora::protocols::tls::ALPN;
+use pingora::protocols::TcpKeepalive;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::model::ResolverKind;
@@ -122,6 +124,25 @@ pub struct ClusterKey {
     pub health_check: Option<HealthCheck>,
     /// How the service resolver looks the name up.
     pub dns: DnsOptions,
+    pub connections: ConnectionOptions,
+}
+
+/// How pooled upstream connections are kept (`cluster_idle_timeout_ms`,
+/// `keepalive`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ConnectionOptions {
+    /// How long a pooled connection may sit idle; `None`: until the pool
+    /// evicts it or the upstream closes it.
+    pub idle_timeout: Option<Duration>,
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive on upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probes: usize,
 }
 
 impl ClusterKey {
@@ -297,6 +318,15 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
     let connect = Duration::from_millis(key.connect_timeout_ms);
     peer.options.connection_timeout = Some(connect);
     peer.options.total_connection_timeout = Some(connect);
+    peer.options.idle_timeout = key.connections.idle_timeout;
+    peer.options.tcp_keepalive = key.connections.keepalive.map(|k| TcpKeepalive {
+        idle: k.idle,
+        interval: k.interval,
+        count: k.probes,
+        // The system's default.
+        #[cfg(target_os = "linux")]
+        user_timeout: Duration::ZERO,
+    });
     let verify = tls.is_some_and(|t| t.ca.is_some());
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
@@ -313,6 +343,13 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
         }
         peer.options.curves = tls.curves.clone().map(Into::into);
         peer.group_key = tls.identity;
+    }
+    if key.connections != ConnectionOptions::default() {
+        // Pingora's pool key ignores the idle timeout and keepalive: without
+        // this, another cluster's connections (and timeouts) would be shared.
+        let mut hasher = std::hash::DefaultHasher::new();
+        (peer.group_key, key.connections).hash(&mut hasher);
+        peer.group_key = hasher.finish();
     }
     peer
 }

@@ -246,9 +246,23 @@ fn least_request_prefers_the_idle_endpoint() {
             "quote",
             "load_balancer:\n  policy: least_request\ntimeout_ms: 10000",
         ),
+        endpoint_mapping(
+            "least-timeout",
+            "/least/",
+            "quote",
+            "load_balancer:\n  policy: least_request\ntimeout_ms: 200\nheaders:\n  x-timeout: \"1\"",
+        ),
     ]
     .concat();
     let (_dir, gateway, port) = start(&resources);
+    // A request that fails (504) must give its endpoint back too: a leaked
+    // count would starve that endpoint below.
+    let failed = Request::get("/least/")
+        .headers(&[("x-echo-delay-ms", "1000"), ("x-timeout", "1")])
+        .send(port);
+    assert_eq!(failed.status, 504, "{}", failed.text());
+    let spread = tally(&answers(port, 20, |_| Request::get("/least/")));
+    assert_eq!(spread.len(), 2, "{spread:?}");
     for _ in 0..2 {
         let slow = thread::spawn(move || {
             Request::get("/least/")
@@ -406,4 +420,49 @@ fn cluster_idle_timeout_ms_retires_idle_pooled_connections() {
     thread::sleep(Duration::from_millis(700));
     assert_eq!(connection("/kept/"), kept, "{}", gateway.log());
     assert_ne!(connection("/short/"), short, "{}", gateway.log());
+}
+
+#[test]
+fn the_module_load_balancer_is_the_default_and_a_mapping_replaces_it() {
+    // Emissary's KAT: the Module hashes on a header, Mapping a on a cookie.
+    let pods = pods(3);
+    let all: Vec<&Echo> = pods.iter().collect();
+    let module = doc(
+        "Module",
+        "name: ambassador",
+        "config:\n  resolver: kubernetes-endpoint\n  load_balancer:\n    policy: maglev\n    \
+         header: LB-HEADER",
+    );
+    let resources = [
+        module,
+        endpoints("quote", &all, &[]),
+        endpoint_mapping(
+            "a",
+            "/a/",
+            "quote",
+            "load_balancer:\n  policy: ring_hash\n  cookie:\n    name: lb-cookie",
+        ),
+        // No resolver of its own: the Module's.
+        doc(
+            "Mapping",
+            "name: b, namespace: default",
+            "hostname: \"*\"\nprefix: /b/\nservice: quote",
+        ),
+    ]
+    .concat();
+    let (_dir, gateway, port) = start(&resources);
+    let by_header = |prefix: &str| {
+        tally(&answers(port, 30, |_| {
+            Request::get(prefix).header("LB-HEADER", "alice")
+        }))
+    };
+    let by_cookie = |prefix: &str| {
+        tally(&answers(port, 30, |_| {
+            Request::get(prefix).header("cookie", "lb-cookie=alice")
+        }))
+    };
+    assert_eq!(by_header("/b/").len(), 1, "{}", gateway.log());
+    assert!(by_cookie("/b/").len() > 1);
+    assert_eq!(by_cookie("/a/").len(), 1);
+    assert!(by_header("/a/").len() > 1);
 }

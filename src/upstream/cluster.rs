@@ -157,9 +157,11 @@ impl ClusterKey {
 }
 
 /// Clusters alive in the serving (or a previous, still draining) snapshot,
-/// by identity: a rebuilt snapshot's cluster takes over the round-robin
-/// position and each endpoint's health and load from its predecessor.
-static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Weak<Cluster>>>> =
+/// by identity, newest last: a rebuilt snapshot's cluster takes over the
+/// round-robin position and each endpoint's health and load from its
+/// predecessor. A refused reload's clusters die young; the serving ones
+/// stay findable behind them.
+static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Vec<Weak<Cluster>>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Builds clusters for one snapshot.
@@ -204,10 +206,10 @@ impl<'m> ClusterBuilder<'m> {
             return (existing.clone(), None);
         }
         let previous = match self.resolve {
-            true => LIVE
-                .lock()
-                .ok()
-                .and_then(|live| live.get(&key).and_then(Weak::upgrade)),
+            true => LIVE.lock().ok().and_then(|live| {
+                live.get(&key)
+                    .and_then(|found| found.iter().rev().find_map(Weak::upgrade))
+            }),
             false => None,
         };
         let inherited = previous.as_ref().map(|p| p.endpoints()).unwrap_or_default();
@@ -244,10 +246,15 @@ impl<'m> ClusterBuilder<'m> {
     pub fn finish(self) -> Vec<Arc<Cluster>> {
         if self.resolve {
             if let Ok(mut live) = LIVE.lock() {
-                live.retain(|_, cluster| cluster.strong_count() > 0);
                 for (key, cluster) in &self.clusters {
-                    live.insert(key.clone(), Arc::downgrade(cluster));
+                    live.entry(key.clone())
+                        .or_default()
+                        .push(Arc::downgrade(cluster));
                 }
+                live.retain(|_, found| {
+                    found.retain(|cluster| cluster.strong_count() > 0);
+                    !found.is_empty()
+                });
             }
         }
         self.clusters.into_values().collect()

@@ -331,6 +331,11 @@ fn health_checks_take_a_dead_endpoint_out_and_bring_it_back() {
         "never detected:\n{}",
         gateway.log()
     );
+    let diag = gateway.admin_get("/ambassador/v0/diag/?json=true").text();
+    assert!(
+        diag.contains("\"endpoints\": 3,\n") && diag.contains("\"healthy\": 2,\n"),
+        "{diag}"
+    );
     // No retry policy: after detection, no request may meet the dead pod.
     for _ in 0..30 {
         let reply = Request::get("/checked/").send(port);

@@ -55,6 +55,16 @@ impl Cluster {
         self.selection.load().endpoints.len()
     }
 
+    /// Endpoints that pass their health checks (all, without checks).
+    pub fn healthy_count(&self) -> usize {
+        self.selection
+            .load()
+            .endpoints
+            .iter()
+            .filter(|e| e.state.healthy.load(Ordering::Relaxed))
+            .count()
+    }
+
     /// Publishes a new set of addresses. Addresses the cluster already had
     /// keep their prepared peer and their health and load.
     pub fn set_addresses(&self, addresses: &[SocketAddr]) {

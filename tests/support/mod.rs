@@ -938,6 +938,8 @@ pub struct Request {
     body: Option<Vec<u8>>,
     host: bool,
     timeout: Duration,
+    /// The client's own address (a loopback address other than 127.0.0.1).
+    source: Option<std::net::IpAddr>,
 }
 
 impl Request {
@@ -949,6 +951,7 @@ impl Request {
             body: None,
             host: true,
             timeout: READ_TIMEOUT,
+            source: None,
         }
     }
 
@@ -983,6 +986,12 @@ impl Request {
     /// as-is, e.g. pre-encoded chunks).
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Request {
         self.body = Some(body.into());
+        self
+    }
+
+    /// Connect from `ip` (e.g. 127.0.0.7), as another client would.
+    pub fn source_ip(mut self, ip: &str) -> Request {
+        self.source = Some(ip.parse().expect("a client IP address"));
         self
     }
 
@@ -1032,7 +1041,10 @@ impl Request {
     }
 
     pub fn try_send(self, port: u16) -> io::Result<Response> {
-        let stream = connect(port)?;
+        let stream = match self.source {
+            Some(ip) => connect_from(port, ip)?,
+            None => connect(port)?,
+        };
         stream.set_read_timeout(Some(self.timeout))?;
         let mut wire = Wire::new(stream);
         let bytes = self.to_bytes(&format!("127.0.0.1:{port}"), true);
@@ -1069,6 +1081,21 @@ fn connect(port: u16) -> io::Result<TcpStream> {
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(5),
     )?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    s.set_write_timeout(Some(READ_TIMEOUT))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Like [`connect`], from the client address `ip`.
+fn connect_from(port: u16, ip: std::net::IpAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(ip, 0).into())?;
+    socket.connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)).into(),
+        Duration::from_secs(5),
+    )?;
+    let s: TcpStream = socket.into();
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(READ_TIMEOUT))?;
     let _ = s.set_nodelay(true);

@@ -352,7 +352,8 @@ fn cluster_key(mapping: &crate::model::Mapping) -> ClusterKey {
     ClusterKey {
         service: mapping.service.clone(),
         resolver: mapping.resolver,
-        namespace: match endpoints {
+        // Only the Kubernetes lookup of an unqualified name reads it.
+        namespace: match endpoints && !mapping.service.host.contains('.') {
             true => mapping.id.namespace.clone(),
             false => String::new(),
         },

@@ -432,6 +432,12 @@ impl Echo {
 
     /// Like [`Echo::spawn`], listening on `listen`.
     pub fn spawn_on(listen: &str, name: &str, extra: Vec<OsString>) -> Echo {
+        Echo::try_spawn_on(listen, name, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Echo::spawn_on`]; `Err` says why it did not start (a taken
+    /// port, for one).
+    pub fn try_spawn_on(listen: &str, name: &str, extra: Vec<OsString>) -> Result<Echo, String> {
         let mut child = Command::new(PINGRESS_ECHO)
             .arg("--listen")
             .arg(listen)
@@ -467,22 +473,22 @@ impl Echo {
                 .and_then(|a| a.trim().parse::<SocketAddr>().ok())
         });
         match addr {
-            Some(addr) => Echo {
+            Some(addr) => Ok(Echo {
                 child,
                 addr,
                 name: name.to_string(),
                 stderr,
-            },
+            }),
             None => {
                 kill_child(&mut child);
                 if let Some(t) = stderr_thread {
                     let _ = t.join();
                 }
                 let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
-                panic!(
+                Err(format!(
                     "pingress-echo {name:?} did not report its address (got {line:?}); \
                      stderr:\n{err}"
-                );
+                ))
             }
         }
     }
@@ -1890,10 +1896,25 @@ pub fn tls_spec(secret: &str, action: Option<&str>) -> String {
 /// `count` echoes named `pod-1`.. on 127.0.0.2, 127.0.0.3.. sharing one
 /// port, as the pods of a Kubernetes Service.
 pub fn pods(count: usize) -> Vec<Echo> {
-    let port = free_port();
-    (1..=count)
-        .map(|i| Echo::plain_on(&format!("127.0.0.{}:{port}", i + 1), &format!("pod-{i}")))
-        .collect()
+    // The first pod's port is the kernel's choice; another test's
+    // connection may hold it on the next address, so a taken port means
+    // starting over.
+    let mut last_error = String::new();
+    for _ in 0..10 {
+        let first = Echo::plain_on("127.0.0.2:0", "pod-1");
+        let port = first.port();
+        let others: Result<Vec<Echo>, String> = (2..=count)
+            .map(|i| {
+                let listen = format!("127.0.0.{}:{port}", i + 1);
+                Echo::try_spawn_on(&listen, &format!("pod-{i}"), Vec::new())
+            })
+            .collect();
+        match others {
+            Ok(others) => return std::iter::once(first).chain(others).collect(),
+            Err(e) => last_error = e,
+        }
+    }
+    panic!("no port free on all of 127.0.0.2..: {last_error}");
 }
 
 /// A Kubernetes object: `metadata` is the inside of a flow map, `body`

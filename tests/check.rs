@@ -250,6 +250,11 @@ fn connection_settings() {
 }
 
 #[test]
+fn health_checks() {
+    golden("health_checks", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

@@ -189,6 +189,10 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
     admin.add_tcp(&admin_addr.to_string());
     admin.threads = Some(1);
     let probe = background_service("readiness", ReadinessProbe { ports, ready });
+    let upstream_tasks = background_service(
+        "upstream tasks",
+        crate::upstream::tasks::UpstreamTasks::new(snapshot.clone()),
+    );
     let reloader = background_service("reload", Reloader::new(gateway_path, live));
 
     server.add_service(proxy);
@@ -198,6 +202,7 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(reloader);
+    server.add_service(upstream_tasks);
     server.add_service(drain_watch);
     server.run_forever()
 }

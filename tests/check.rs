@@ -240,6 +240,31 @@ fn rate_limit_problems() {
 }
 
 #[test]
+fn load_balancer_shapes() {
+    golden("load_balancer_shapes", 1, |_| {});
+}
+
+#[test]
+fn endpoint_resources() {
+    golden("endpoint_resources", 1, |_| {});
+}
+
+#[test]
+fn dns_settings() {
+    golden("dns_settings", 1, |_| {});
+}
+
+#[test]
+fn connection_settings() {
+    golden("connection_settings", 1, |_| {});
+}
+
+#[test]
+fn health_checks() {
+    golden("health_checks", 1, |_| {});
+}
+
+#[test]
 fn valid() {
     golden("valid", 0, |dir| {
         let (pki, cert) = client_cert(dir);

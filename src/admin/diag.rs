@@ -98,7 +98,7 @@ pub fn full_json(live: &Live) -> Value {
                         let share = threshold - previous;
                         previous = *threshold;
                         let target = match &route.target {
-                            Target::Upstream(cluster) => json!({"upstream": cluster.name, "endpoints": cluster.endpoint_count()}),
+                            Target::Upstream(cluster) => json!({"upstream": cluster.name, "endpoints": cluster.endpoint_count(), "healthy": cluster.healthy_count()}),
                             Target::Redirect(redirect) => json!({"redirect": redirect.authority, "status": redirect.status}),
                         };
                         json!({"mapping": route.mapping, "weight": share, "target": target})

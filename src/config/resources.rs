@@ -160,6 +160,15 @@ pub struct MappingSpec {
     pub add_linkerd_headers: Option<bool>,
     pub weight: Option<u32>,
     pub labels: Option<Value>,
+    pub resolver: Option<String>,
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub health_checks: Option<Vec<HealthCheckSpec>>,
+    pub dns_type: Option<String>,
+    pub respect_dns_ttl: Option<bool>,
+    pub enable_ipv4: Option<bool>,
+    pub enable_ipv6: Option<bool>,
+    pub cluster_idle_timeout_ms: Option<u64>,
+    pub keepalive: Option<KeepaliveSpec>,
     pub cors: Option<Value>,
     pub bypass_auth: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
@@ -193,6 +202,146 @@ pub struct TcpMappingSpec {
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// Upstream TCP keepalive (`keepalive`), in seconds. Emissary documents
+/// `idle_time` but reads `time`; both are accepted.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveSpec {
+    pub probes: Option<u32>,
+    #[serde(alias = "time")]
+    pub idle_time: Option<u64>,
+    pub interval: Option<u64>,
+}
+
+/// `load_balancer` of a Mapping or the Module (§2.13). Unknown keys are kept
+/// so validation can name them.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct LoadBalancerSpec {
+    pub policy: Option<String>,
+    pub cookie: Option<CookieSpec>,
+    pub header: Option<String>,
+    pub source_ip: Option<bool>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieSpec {
+    pub name: Option<String>,
+    pub path: Option<String>,
+    pub ttl: Option<String>,
+}
+
+/// One entry of a Mapping's `health_checks` (Emissary v3).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    pub unhealthy_threshold: Option<u32>,
+    pub healthy_threshold: Option<u32>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub health_check: Option<HealthCheckKind>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckKind {
+    pub http: Option<HttpHealthCheckSpec>,
+    pub grpc: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHealthCheckSpec {
+    pub path: Option<String>,
+    pub hostname: Option<String>,
+    pub expected_statuses: Option<Vec<StatusRange>>,
+    pub add_request_headers: Option<OrderedMap<AddHeaderValue>>,
+    pub remove_request_headers: Option<StringOrList>,
+}
+
+/// Inclusive, as Emissary writes it (Envoy's ranges are half-open).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+/// A core/v1 Service: only its ports matter here (`port` → `targetPort`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KubeServiceSpec {
+    #[serde(default)]
+    pub ports: Vec<KubeServicePort>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KubeServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(rename = "targetPort")]
+    pub target_port: Option<IntOrString>,
+    pub protocol: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// Kubernetes' IntOrString (`targetPort: 8080` or `targetPort: http`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(u16),
+    Str(String),
+}
+
+/// One subset of a core/v1 Endpoints object.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EndpointSubset {
+    #[serde(default)]
+    pub addresses: Vec<EndpointAddress>,
+    #[serde(rename = "notReadyAddresses", default)]
+    pub not_ready_addresses: Vec<EndpointAddress>,
+    #[serde(default)]
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EndpointAddress {
+    pub ip: String,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// A port of an Endpoints subset or an EndpointSlice.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Option<String>,
+    #[serde(rename = "appProtocol")]
+    pub app_protocol: Option<String>,
+}
+
+/// One endpoint of a discovery.k8s.io/v1 EndpointSlice.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SliceEndpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub conditions: Option<SliceConditions>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SliceConditions {
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -332,6 +481,9 @@ pub struct ModuleConfig {
     pub defaults: Option<ModuleDefaults>,
     pub cluster_request_timeout_ms: Option<u64>,
     pub cluster_idle_timeout_ms: Option<u64>,
+    pub keepalive: Option<KeepaliveSpec>,
+    pub resolver: Option<String>,
+    pub load_balancer: Option<LoadBalancerSpec>,
     pub server_name: Option<String>,
     pub add_linkerd_headers: Option<bool>,
     pub xff_num_trusted_hops: Option<u32>,

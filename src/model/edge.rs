@@ -20,7 +20,14 @@ use crate::filters::ip::{self, IpFilter};
 use crate::filters::rate_limit::labels;
 use crate::filters::Filter;
 use crate::tls::TlsContext;
+use crate::upstream::cluster::ConnectionOptions;
 use std::sync::Arc;
+
+/// `cluster_idle_timeout_ms`: 0 turns the idle timeout off, as in Envoy.
+pub(crate) fn idle_timeout(ms: Option<u64>) -> Option<std::time::Duration> {
+    ms.filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
 
 const MODULE_SUPPORTED: &[&str] = &[
     "defaults",
@@ -47,14 +54,14 @@ const MODULE_SUPPORTED: &[&str] = &[
     "ip_deny",
     "default_label_domain",
     "default_labels",
+    "resolver",
+    "load_balancer",
+    "cluster_idle_timeout_ms",
+    "keepalive",
 ];
 const MODULE_LATER: &[&str] = &[
-    "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
-    "load_balancer",
-    "keepalive",
-    "resolver",
     "diagnostics",
     "readiness_probe",
     "liveness_probe",
@@ -254,6 +261,14 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         .as_ref()
         .and_then(|value| crate::filters::cors::parse(value, "spec.config.cors", report));
     let ip_filter = ip_rules(config, report);
+    let load_balancer = match &config.load_balancer {
+        Some(spec) => Some(super::load_balancer(
+            spec,
+            "spec.config.load_balancer",
+            report,
+        )?),
+        None => None,
+    };
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -280,6 +295,15 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         access_log,
         circuit_breakers,
         retry_policy,
+        resolver: config.resolver.clone().unwrap_or(base.resolver),
+        load_balancer,
+        connections: ConnectionOptions {
+            idle_timeout: idle_timeout(config.cluster_idle_timeout_ms),
+            keepalive: match &config.keepalive {
+                Some(spec) => Some(super::keepalive(spec, "spec.config.keepalive", report)?),
+                None => None,
+            },
+        },
         defaults,
         preserve_external_request_id: config.preserve_external_request_id.unwrap_or(false),
         cors,

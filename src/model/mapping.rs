@@ -10,7 +10,8 @@ use regex::Regex;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
+    CircuitBreakerSpec, KeepaliveSpec, LoadBalancerSpec, MappingSpec, MappingTls, MatchValue,
+    OrderedMap, RetryPolicySpec,
 };
 use crate::filters::cors::CorsPolicy;
 use crate::filters::rate_limit::labels::{self, Labels};
@@ -20,13 +21,17 @@ use crate::routing::matchers::{
 };
 use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
+use crate::upstream::balancer::{Cookie, HashOn, Policy};
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::cluster::{ConnectionOptions, Keepalive};
+use crate::upstream::dns::DnsOptions;
+use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::ServiceAddr;
 
 use super::edge::{add_headers, header_names};
 use super::spec::{check_unknown_fields, parse_section};
-use super::{count, ModuleSettings, TlsContexts};
+use super::{count, ModuleSettings, ResolverKind, Resolvers, TlsContexts};
 
 const SUPPORTED: &[&str] = &[
     "prefix",
@@ -69,6 +74,15 @@ const SUPPORTED: &[&str] = &[
     "redirect_response_code",
     "weight",
     "labels",
+    "resolver",
+    "load_balancer",
+    "health_checks",
+    "dns_type",
+    "respect_dns_ttl",
+    "enable_ipv4",
+    "enable_ipv6",
+    "cluster_idle_timeout_ms",
+    "keepalive",
     "ambassador_id",
 ];
 
@@ -78,14 +92,6 @@ const LATER: &[&str] = &[
     "shadow",
     "allow_upgrade",
     "use_websocket",
-    "resolver",
-    "load_balancer",
-    "dns_type",
-    "respect_dns_ttl",
-    "enable_ipv4",
-    "enable_ipv6",
-    "keepalive",
-    "health_checks",
     "priority",
     "cluster_tag",
     "stats_name",
@@ -98,7 +104,6 @@ const LATER: &[&str] = &[
     "v2ExplicitTLS",
     "v2BoolHeaders",
     "v2BoolQueryParameters",
-    "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
 ];
 
@@ -143,6 +148,12 @@ pub struct Mapping {
     pub host_rewrite: Option<HeaderValue>,
     pub auto_host_rewrite: bool,
     pub service: ServiceAddr,
+    pub resolver: ResolverKind,
+    pub load_balancer: Policy,
+    pub health_check: Option<HealthCheck>,
+    /// How the service resolver looks the service up.
+    pub dns: DnsOptions,
+    pub connections: ConnectionOptions,
     pub originate_tls: bool,
     pub tls: Option<Arc<TlsContext>>,
     /// 0 disables.
@@ -172,6 +183,7 @@ pub fn validate_all(
     raws: &[&RawResource],
     module: &ModuleSettings,
     contexts: &TlsContexts,
+    resolvers: &Resolvers,
     diags: &mut Vec<Diagnostic>,
     accepted: &mut BTreeMap<String, usize>,
 ) -> Vec<Mapping> {
@@ -182,7 +194,8 @@ pub fn validate_all(
             continue;
         };
         let suggested = check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
-        let mapping = validate(raw, &spec, module, contexts, &suggested, &mut report);
+        let mapping = validate(raw, &spec, module, contexts, &suggested, &mut report)
+            .and_then(|m| upstream_choice(m, &spec, module, resolvers, &mut report));
         if let (Some(mapping), false) = (mapping, report.has_errors()) {
             count(accepted, "Mapping");
             mappings.push(mapping);
@@ -442,6 +455,12 @@ fn validate(
         host_rewrite,
         auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
         service,
+        // Set by `upstream_choice`.
+        resolver: ResolverKind::Service,
+        load_balancer: Policy::RoundRobin,
+        health_check: None,
+        dns: DnsOptions::default(),
+        connections: ConnectionOptions::default(),
         originate_tls,
         tls: context,
         timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
@@ -506,6 +525,300 @@ pub(crate) fn verifiable(
         return false;
     }
     true
+}
+
+/// The resolver and the load balancer (§1.9, §2.13). A redirect has
+/// neither.
+fn upstream_choice(
+    mut mapping: Mapping,
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    resolvers: &Resolvers,
+    report: &mut Reporter,
+) -> Option<Mapping> {
+    if mapping.redirect.is_some() {
+        return Some(mapping);
+    }
+    let name = spec.resolver.as_deref().unwrap_or(&module.resolver);
+    let whose = match spec.resolver {
+        Some(_) => "",
+        None => "the Module's default ",
+    };
+    mapping.resolver = match resolvers.0.get(name) {
+        Some(ResolverKind::Consul) => {
+            report
+                .error(
+                    "spec.resolver",
+                    format!(
+                        "{whose}resolver {name} is a ConsulResolver: pingress has no Consul client"
+                    ),
+                )
+                .with_hint(
+                    "list the service's addresses as Kubernetes Endpoints and use a \
+                     KubernetesEndpointResolver",
+                );
+            return None;
+        }
+        Some(kind) => *kind,
+        None => {
+            report
+                .error(
+                    "spec.resolver",
+                    format!("{whose}resolver {name:?} is not defined"),
+                )
+                .with_hint(format!(
+                    "defined resolvers: {}",
+                    resolvers.names().join(", ")
+                ));
+            return None;
+        }
+    };
+    match (&spec.load_balancer, mapping.resolver) {
+        (None, ResolverKind::Endpoint) => {
+            mapping.load_balancer = module.load_balancer.clone().unwrap_or_default();
+        }
+        // The Module's default applies where it can: a Mapping that did not
+        // ask for a policy is not made invalid by it.
+        (None, _) => {}
+        (Some(_), ResolverKind::Service | ResolverKind::Consul) => {
+            report
+                .error(
+                    "spec.load_balancer",
+                    format!("load_balancer needs an endpoint resolver; resolver {name} resolves the service name"),
+                )
+                .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
+            return None;
+        }
+        (Some(lb), ResolverKind::Endpoint) => {
+            mapping.load_balancer = load_balancer(lb, "spec.load_balancer", report)?;
+        }
+    }
+    let logical = match spec.dns_type.as_deref() {
+        None | Some("strict_dns") => false,
+        Some("logical_dns") => true,
+        Some(other) => {
+            report
+                .error("spec.dns_type", format!("unknown dns_type {other:?}"))
+                .with_hint("strict_dns (every address) or logical_dns (the first address)");
+            return None;
+        }
+    };
+    mapping.dns = DnsOptions {
+        ipv4: spec.enable_ipv4.unwrap_or(module.enable_ipv4),
+        ipv6: spec.enable_ipv6.unwrap_or(module.enable_ipv6),
+        respect_ttl: spec.respect_dns_ttl.unwrap_or(false),
+        logical,
+    };
+    if !mapping.dns.ipv4 && !mapping.dns.ipv6 {
+        report.error(
+            "spec.enable_ipv4",
+            "enable_ipv4 and enable_ipv6 are both false: no address could be used",
+        );
+        return None;
+    }
+    mapping.connections = ConnectionOptions {
+        idle_timeout: match spec.cluster_idle_timeout_ms {
+            Some(ms) => super::edge::idle_timeout(Some(ms)),
+            None => module.connections.idle_timeout,
+        },
+        keepalive: match &spec.keepalive {
+            Some(spec) => Some(keepalive(spec, "spec.keepalive", report)?),
+            None => module.connections.keepalive,
+        },
+    };
+    if let Some(list) = &spec.health_checks {
+        let check = super::health::health_check(list, "spec.health_checks", report)?;
+        if check.is_some() && mapping.resolver != ResolverKind::Endpoint {
+            report
+                .warning(
+                    "spec.health_checks",
+                    format!("health checks need an endpoint resolver, as in Emissary; resolver {name} resolves the service name, so they are ignored"),
+                )
+                .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
+        } else {
+            mapping.health_check = check;
+        }
+    }
+    Some(mapping)
+}
+
+/// A `load_balancer`, checked exactly as Emissary checks it: round_robin
+/// and least_request alone; ring_hash and maglev with exactly one of
+/// `cookie` (with a name), `header` or `source_ip: true`.
+pub(crate) fn load_balancer(
+    spec: &LoadBalancerSpec,
+    field: &str,
+    report: &mut Reporter,
+) -> Option<Policy> {
+    for key in spec.other.keys() {
+        report
+            .error(&format!("{field}.{key}"), "unknown field")
+            .with_hint("load_balancer has policy, and for ring_hash or maglev one of cookie, header, source_ip");
+    }
+    let mut keys = Vec::new();
+    if spec.cookie.is_some() {
+        keys.push("cookie");
+    }
+    if spec.header.is_some() {
+        keys.push("header");
+    }
+    if spec.source_ip.is_some() {
+        keys.push("source_ip");
+    }
+    let Some(policy) = spec.policy.as_deref() else {
+        report
+            .error(&format!("{field}.policy"), "policy is required")
+            .with_hint("round_robin, least_request, ring_hash or maglev");
+        return None;
+    };
+    let hashed = match policy {
+        "round_robin" | "least_request" => {
+            if let Some(key) = keys.first() {
+                report.error(
+                    &format!("{field}.{key}"),
+                    format!("{policy} does not hash; only ring_hash and maglev take {key}"),
+                );
+                return None;
+            }
+            return (!report.has_errors()).then(|| match policy {
+                "round_robin" => Policy::RoundRobin,
+                _ => Policy::LeastRequest,
+            });
+        }
+        "ring_hash" | "maglev" => policy,
+        other => {
+            report
+                .error(
+                    &format!("{field}.policy"),
+                    format!("unknown policy {other:?}"),
+                )
+                .with_hint("round_robin, least_request, ring_hash or maglev");
+            return None;
+        }
+    };
+    let on = match keys.as_slice() {
+        [] => {
+            report.error(
+                field,
+                format!("{hashed} needs exactly one of cookie, header or source_ip to hash on"),
+            );
+            return None;
+        }
+        [first, second, ..] => {
+            report.error(
+                &format!("{field}.{second}"),
+                format!("{first} is also set; {hashed} hashes on exactly one of cookie, header or source_ip"),
+            );
+            return None;
+        }
+        ["header"] => {
+            let text = spec.header.as_deref().unwrap_or_default();
+            match HeaderName::from_bytes(text.trim().as_bytes()) {
+                Ok(name) => HashOn::Header(name),
+                Err(_) => {
+                    report.error(
+                        &format!("{field}.header"),
+                        format!("{text:?} is not a valid header name"),
+                    );
+                    return None;
+                }
+            }
+        }
+        ["source_ip"] => {
+            if spec.source_ip != Some(true) {
+                report.error(
+                    &format!("{field}.source_ip"),
+                    "source_ip: false hashes on nothing; write source_ip: true",
+                );
+                return None;
+            }
+            HashOn::SourceIp
+        }
+        _ => {
+            let cookie = spec.cookie.clone().unwrap_or_default();
+            let Some(name) = cookie.name.filter(|n| !n.is_empty()) else {
+                report.error(&format!("{field}.cookie.name"), "a cookie needs a name");
+                return None;
+            };
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+            {
+                report.error(
+                    &format!("{field}.cookie.name"),
+                    format!("{name:?} is not a cookie name"),
+                );
+                return None;
+            }
+            let ttl = match cookie.ttl.as_deref().map(str::trim) {
+                None => None,
+                // Envoy: a zero ttl makes a session cookie.
+                Some("0" | "0s") => Some(std::time::Duration::ZERO),
+                Some(text) => match parse_duration(text) {
+                    Some(ttl) => Some(ttl),
+                    None => {
+                        report
+                            .error(
+                                &format!("{field}.cookie.ttl"),
+                                format!("{text:?} is not a duration"),
+                            )
+                            .with_hint("e.g. 60s, 10m or 1h");
+                        return None;
+                    }
+                },
+            };
+            if let Some(path) = &cookie.path {
+                if !path.starts_with('/') || path.contains([';', ' ', '\r', '\n']) {
+                    report.error(
+                        &format!("{field}.cookie.path"),
+                        format!("{path:?} is not a cookie path"),
+                    );
+                    return None;
+                }
+            }
+            HashOn::Cookie(Cookie {
+                name,
+                path: cookie.path,
+                ttl,
+            })
+        }
+    };
+    if report.has_errors() {
+        return None;
+    }
+    Some(match hashed {
+        "ring_hash" => Policy::RingHash(on),
+        _ => Policy::Maglev(on),
+    })
+}
+
+/// `keepalive`; what it leaves out keeps Linux's defaults.
+pub(crate) fn keepalive(
+    spec: &KeepaliveSpec,
+    field: &str,
+    report: &mut Reporter,
+) -> Option<Keepalive> {
+    let mut valid = true;
+    let mut positive = |value: Option<u64>, key: &str, default: u64| match value {
+        Some(0) => {
+            report.error(
+                &format!("{field}.{key}"),
+                "0 is not a keepalive setting; use 1 or more",
+            );
+            valid = false;
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let idle = positive(spec.idle_time, "idle_time", 7200);
+    let interval = positive(spec.interval, "interval", 75);
+    let probes = positive(spec.probes.map(u64::from), "probes", 9);
+    valid.then(|| Keepalive {
+        idle: std::time::Duration::from_secs(idle),
+        interval: std::time::Duration::from_secs(interval),
+        probes: probes as usize,
+    })
 }
 
 /// A `retry_policy`; `None` when it retries nothing.

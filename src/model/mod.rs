@@ -5,7 +5,9 @@
 //! its own: a bad one is reported and left out, its siblings stay.
 
 mod edge;
+mod health;
 mod host_tls;
+mod kubernetes;
 mod mapping;
 pub(crate) mod spec;
 mod tcp_mapping;
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
+pub use kubernetes::{ResolverKind, Resolvers};
 pub use mapping::{Association, Mapping, Rewrite};
 pub use tcp_mapping::TcpMapping;
 pub use tls_context::TlsContexts;
@@ -32,9 +35,12 @@ use crate::filters::rate_limit::{limits, RateLimits};
 use crate::filters::Registry;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
+use crate::upstream::balancer::Policy;
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::cluster::ConnectionOptions;
+use crate::upstream::endpoints::EndpointIndex;
 use crate::upstream::retry::RetryPolicy;
-pub(crate) use mapping::{breaker_thresholds, retry_policy};
+pub(crate) use mapping::{breaker_thresholds, keepalive, load_balancer, retry_policy};
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -58,6 +64,12 @@ pub struct ModuleSettings {
     pub circuit_breakers: Thresholds,
     /// The default `retry_policy` of every Mapping.
     pub retry_policy: Option<RetryPolicy>,
+    /// The default `resolver` of every Mapping.
+    pub resolver: String,
+    /// The default `load_balancer` of Mappings that use an endpoint resolver.
+    pub load_balancer: Option<Policy>,
+    /// The default `cluster_idle_timeout_ms` and `keepalive`.
+    pub connections: ConnectionOptions,
     pub defaults: MappingDefaults,
     pub preserve_external_request_id: bool,
     /// The default `cors` of every Mapping.
@@ -88,6 +100,9 @@ impl Default for ModuleSettings {
             access_log: AccessLog::Text,
             circuit_breakers: Thresholds::default(),
             retry_policy: None,
+            resolver: "kubernetes-service".into(),
+            load_balancer: None,
+            connections: ConnectionOptions::default(),
             defaults: MappingDefaults::default(),
             preserve_external_request_id: false,
             cors: None,
@@ -128,6 +143,9 @@ pub struct Model {
     pub auth_services: AuthServices,
     /// RateLimits of the evaluated label domain, and where counters live.
     pub rate_limits: Arc<RateLimits>,
+    pub resolvers: Resolvers,
+    /// Kubernetes Services, Endpoints and EndpointSlices.
+    pub endpoints: EndpointIndex,
     /// Accepted resources per kind, for `pingress -t`.
     pub accepted: BTreeMap<String, usize>,
     /// Certificate files the resources name, valid or not: a reload must
@@ -153,21 +171,22 @@ const KINDS: &[&str] = &[
     "AuthService",
     "RateLimit",
     "RateLimitService",
-];
-
-/// Emissary kinds that pingress recognises but does not implement yet.
-const LATER_KINDS: &[&str] = &[
-    "LogService",
-    "TracingService",
     "KubernetesServiceResolver",
     "KubernetesEndpointResolver",
     "ConsulResolver",
-    "DevPortal",
 ];
+
+const RESOLVER_KINDS: &[&str] = &[
+    "KubernetesServiceResolver",
+    "KubernetesEndpointResolver",
+    "ConsulResolver",
+];
+
+/// Emissary kinds that pingress recognises but does not implement yet.
+const LATER_KINDS: &[&str] = &["LogService", "TracingService", "DevPortal"];
 
 /// Kubernetes kinds that often share a manifest file with Emissary resources.
 const IGNORED_KUBERNETES_KINDS: &[&str] = &[
-    "Service",
     "Deployment",
     "StatefulSet",
     "DaemonSet",
@@ -179,8 +198,6 @@ const IGNORED_KUBERNETES_KINDS: &[&str] = &[
     "RoleBinding",
     "ClusterRole",
     "ClusterRoleBinding",
-    "Endpoints",
-    "EndpointSlice",
     "Ingress",
     "IngressClass",
     "CustomResourceDefinition",
@@ -216,6 +233,26 @@ pub fn validate(
                     slot.insert(raw.clone());
                 }
             }
+            continue;
+        }
+        if let Some((_, version)) = kubernetes::API_VERSIONS.iter().find(|(k, _)| *k == kind) {
+            if raw.api_version != *version {
+                Reporter::new(raw.location(), &mut diags).error(
+                    "apiVersion",
+                    format!(
+                        "pingress reads {kind} in apiVersion {version}, not {:?}",
+                        raw.api_version
+                    ),
+                );
+                continue;
+            }
+            let identity = (kind, raw.id.namespace.as_str(), raw.id.name.as_str());
+            if let Some(&first) = seen.get(&identity) {
+                duplicate(raw, first, &mut diags);
+                continue;
+            }
+            seen.insert(identity, &raw.id.source);
+            by_kind.entry("kubernetes").or_default().push(raw);
             continue;
         }
         if !raw.api_version.starts_with("getambassador.io/") {
@@ -256,7 +293,7 @@ pub fn validate(
             Reporter::new(raw.location(), &mut diags)
                 .error("kind", format!("unknown kind {kind:?}"))
                 .with_hint(format!(
-                    "{hint}pingress reads {} and Secret",
+                    "{hint}pingress reads {}, Secret, Service, Endpoints and EndpointSlice",
                     KINDS.join(", ")
                 ));
             continue;
@@ -267,7 +304,12 @@ pub fn validate(
             continue;
         }
         seen.insert(identity, &raw.id.source);
-        by_kind.entry(kind).or_default().push(raw);
+        let group = if RESOLVER_KINDS.contains(&kind) {
+            "resolver"
+        } else {
+            kind
+        };
+        by_kind.entry(group).or_default().push(raw);
     }
 
     let mut model = Model::default();
@@ -300,10 +342,15 @@ pub fn validate(
         &mut diags,
         &mut model.accepted,
     );
+    model.resolvers =
+        kubernetes::validate_resolvers(&kinds("resolver"), &mut diags, &mut model.accepted);
+    model.endpoints =
+        kubernetes::validate_endpoints(&kinds("kubernetes"), &mut diags, &mut model.accepted);
     model.mappings = mapping::validate_all(
         &kinds("Mapping"),
         &model.module,
         &model.tls_contexts,
+        &model.resolvers,
         &mut diags,
         &mut model.accepted,
     );

@@ -36,6 +36,9 @@ pub fn parse_value<T: DeserializeOwned + Default>(
             let path = e.path().to_string();
             let field = if path == "." {
                 key.to_string()
+            } else if path.starts_with('[') {
+                // A list at the top: `subsets[0].ip`, not `subsets.[0].ip`.
+                format!("{key}{path}")
             } else {
                 format!("{key}.{path}")
             };

@@ -38,6 +38,7 @@ use crate::routing::path::{normalize, PathError};
 use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
+use crate::upstream::balancer::{InFlight, RequestKey};
 use crate::upstream::breaker::Admission;
 use crate::upstream::retry::RetryPolicy;
 
@@ -107,6 +108,10 @@ pub struct RequestCtx {
     admission: Option<Admission>,
     /// The circuit breaker refused the request.
     overloaded: bool,
+    /// This request's count on its endpoint under `least_request`.
+    in_flight: Option<InFlight>,
+    /// A hash cookie the balancer made for this client.
+    set_cookie: Option<String>,
     /// Retries spent under the route's retry policy.
     retries: u32,
     /// Why the gateway answered by itself, for the access log.
@@ -377,6 +382,8 @@ impl ProxyHttp for Gateway {
             upstream_addr: None,
             admission: None,
             overloaded: false,
+            in_flight: None,
+            set_cookie: None,
             retries: 0,
             local_reply: None,
             filters: None,
@@ -423,7 +430,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let route = ctx
@@ -446,12 +453,19 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        let mut peer = cluster.peer().ok_or_else(|| {
+        let request = RequestKey {
+            headers: &session.req_header().headers,
+            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        };
+        let choice = cluster.choose(&request).ok_or_else(|| {
             Error::explain(
                 ErrorType::HTTPStatus(503),
                 format!("no endpoints for {}", cluster.name),
             )
         })?;
+        ctx.in_flight = choice.in_flight;
+        ctx.set_cookie = choice.set_cookie;
+        let mut peer = choice.peer;
         ctx.upstream_addr = Some(peer._address.to_string());
         let now = Instant::now();
         // Each read may wait at most what is left of the route timeout (or
@@ -683,6 +697,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.close_if_draining(session);
+        if let Some(cookie) = ctx.set_cookie.take() {
+            response.append_header(http::header::SET_COOKIE, cookie)?;
+        }
         let (Some(route), Some(snapshot)) = (ctx.route.as_ref(), ctx.snapshot.as_ref()) else {
             return Ok(());
         };

@@ -18,7 +18,7 @@ use crate::filters::request_id::RequestId;
 use crate::filters::FilterChains;
 use crate::metrics::{metrics, RouteMetrics};
 use crate::model::{
-    HostBinding, Listener, Model, ModuleSettings, Rewrite, SecurityModel, VirtualHost,
+    HostBinding, Listener, Model, ModuleSettings, ResolverKind, Rewrite, SecurityModel, VirtualHost,
 };
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::PathMatch;
@@ -30,8 +30,8 @@ use crate::routing::table::{
 use crate::tcp::table::{TcpPort, TcpPortKind};
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
-use crate::upstream::breaker::Thresholds;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+use crate::upstream::dns::DnsOptions;
 use crate::upstream::retry::RetryPolicy;
 use pingora::tls::ssl::SslVersion;
 
@@ -161,6 +161,8 @@ pub struct Snapshot {
     pub filters: FilterChains,
     /// The files and directories this snapshot was built from.
     pub sources: Vec<std::path::PathBuf>,
+    /// Every upstream cluster, for the background work on them.
+    pub clusters: Vec<Arc<Cluster>>,
 }
 
 /// How the process serves a port. Only a new process can change these.
@@ -248,10 +250,13 @@ pub enum Resolution {
 /// services, unreachable Mappings) are returned beside the snapshot.
 pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut clusters = ClusterBuilder::new(
-        model.module.enable_ipv4,
-        model.module.enable_ipv6,
-        resolution == Resolution::Resolve,
+    let mut clusters = ClusterBuilder::new(resolution == Resolution::Resolve, &model.endpoints);
+    clusters.prefetch(
+        model
+            .mappings
+            .iter()
+            .filter(|m| m.redirect.is_none())
+            .map(cluster_key),
     );
 
     let groups = group_mappings(&model.mappings, &mut diags);
@@ -266,24 +271,18 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                     let target = Target::Redirect(redirect.clone());
                     return (*threshold, Arc::new(route(mapping, target, model)));
                 }
-                let (cluster, problem) = clusters.cluster(
-                    ClusterKey {
-                        service: mapping.service.clone(),
-                        originate_tls: mapping.originate_tls,
-                        tls_identity: mapping.tls.as_ref().map(|t| t.identity),
-                        connect_timeout_ms: mapping.connect_timeout_ms,
-                        h2_only: mapping.grpc,
-                        breaker: mapping.breaker,
-                        tcp: false,
-                        families: None,
-                    },
-                    mapping.tls.clone(),
-                );
+                let endpoints = mapping.resolver == ResolverKind::Endpoint;
+                let (cluster, problem) =
+                    clusters.cluster(cluster_key(mapping), mapping.tls.clone());
                 if let Some(problem) = problem {
+                    let hint = match endpoints {
+                        true => "requests for this Mapping get 503 until endpoints appear",
+                        false => "requests for this Mapping get 503 until the name resolves",
+                    };
                     diags.push(
                         Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
                             .field("spec.service")
-                            .hint("requests for this Mapping get 503 until the name resolves"),
+                            .hint(hint),
                     );
                 }
                 let target = Target::Upstream(cluster);
@@ -445,16 +444,19 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         }
     }
 
+    // Authorizers get their clusters here too, before the set is closed.
+    let filters = FilterChains::new(
+        builtin_filters(model, &mut clusters, &mut diags),
+        &model.filter_policies,
+    );
     (
         Snapshot {
             listeners,
             tcp,
             module: model.module.clone(),
-            filters: FilterChains::new(
-                builtin_filters(model, &mut clusters, &mut diags),
-                &model.filter_policies,
-            ),
+            filters,
             sources: model.referenced_files.clone(),
+            clusters: clusters.finish(),
         },
         diags,
     )
@@ -529,10 +531,7 @@ fn auth_filter(
                     originate_tls: service.originate_tls,
                     tls_identity: service.tls.as_ref().map(|t| t.identity),
                     connect_timeout_ms: AUTH_CONNECT_TIMEOUT_MS,
-                    h2_only: false,
-                    breaker: Thresholds::default(),
-                    tcp: false,
-                    families: None,
+                    ..ClusterKey::of_service(service.service.clone())
                 },
                 service.tls.clone(),
             );
@@ -547,6 +546,34 @@ fn auth_filter(
         })
         .collect();
     Some(ExtAuth::new(policy, authorizers))
+}
+
+/// What makes a Mapping's cluster: settings that only one resolver reads
+/// are left at their defaults for the other, so they split no clusters.
+fn cluster_key(mapping: &crate::model::Mapping) -> ClusterKey {
+    let endpoints = mapping.resolver == ResolverKind::Endpoint;
+    ClusterKey {
+        service: mapping.service.clone(),
+        resolver: mapping.resolver,
+        // Only the Kubernetes lookup of an unqualified name reads it.
+        namespace: match endpoints && !mapping.service.host.contains('.') {
+            true => mapping.id.namespace.clone(),
+            false => String::new(),
+        },
+        originate_tls: mapping.originate_tls,
+        tls_identity: mapping.tls.as_ref().map(|t| t.identity),
+        connect_timeout_ms: mapping.connect_timeout_ms,
+        h2_only: mapping.grpc,
+        breaker: mapping.breaker,
+        policy: mapping.load_balancer.clone(),
+        health_check: mapping.health_check.clone(),
+        dns: match endpoints {
+            true => DnsOptions::default(),
+            false => mapping.dns,
+        },
+        connections: mapping.connections,
+        tcp: false,
+    }
 }
 
 /// Where a synthesized Listener or Host comes from: the gateway itself.

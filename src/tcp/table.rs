@@ -13,6 +13,7 @@ use crate::model::{Listener, TcpMapping};
 use crate::routing::table::{pick, split, weighted_first};
 use crate::tls::edge::EdgeTls;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+use crate::upstream::dns::DnsOptions;
 
 /// Emissary's cluster connect timeout, which TCPMappings cannot change.
 const CONNECT_TIMEOUT_MS: u64 = 3000;
@@ -248,14 +249,17 @@ fn group(
         .map(|(mapping, threshold)| {
             let (cluster, problem) = clusters.cluster(
                 ClusterKey {
-                    service: mapping.service.clone(),
                     originate_tls: mapping.originate_tls,
                     tls_identity: mapping.tls.as_ref().map(|t| t.identity),
                     connect_timeout_ms: CONNECT_TIMEOUT_MS,
-                    h2_only: false,
                     breaker: mapping.breaker,
+                    dns: DnsOptions {
+                        ipv4: mapping.enable_ipv4,
+                        ipv6: mapping.enable_ipv6,
+                        ..DnsOptions::default()
+                    },
                     tcp: true,
-                    families: Some((mapping.enable_ipv4, mapping.enable_ipv6)),
+                    ..ClusterKey::of_service(mapping.service.clone())
                 },
                 mapping.tls.clone(),
             );

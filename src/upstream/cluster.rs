@@ -1,19 +1,32 @@
 //! Clusters: the upstream endpoints of a service, with their `HttpPeer`s
-//! prepared at compile time (TLS material attached, pool identity set).
-//! The request path only clones a peer.
+//! prepared ahead of requests (TLS material attached, pool identity set),
+//! and the load balancer that picks one per request.
+//!
+//! A cluster's endpoints sit behind an `ArcSwap`: background work (DNS
+//! refresh, health checks) publishes a new [`Selection`]; a request reads
+//! the current one without a lock and clones one peer.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use http::HeaderMap;
 use pingora::protocols::tls::ALPN;
+use pingora::protocols::TcpKeepalive;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::model::ResolverKind;
 use crate::tls::TlsContext;
+use crate::upstream::endpoints::EndpointIndex;
 
+use super::balancer::{Choice, Endpoint, EndpointState, Policy, RequestKey, Selection};
 use super::breaker::{Breaker, Thresholds};
+use super::dns::{self, DnsOptions, DnsTarget, Lookup};
+use super::health::{self, HealthCheck};
 use super::service::ServiceAddr;
 
 #[derive(Debug)]
@@ -22,30 +35,105 @@ pub struct Cluster {
     pub name: String,
     pub tls: Option<Arc<TlsContext>>,
     pub breaker: Breaker,
-    endpoints: Vec<HttpPeer>,
-    next: AtomicUsize,
+    pub key: ClusterKey,
+    selection: ArcSwap<Selection>,
+    /// The round-robin position, shared with the clusters of later
+    /// snapshots that have the same identity.
+    next: Arc<AtomicUsize>,
+    tasks_started: AtomicBool,
 }
 
 impl Cluster {
-    /// The next endpoint's peer, round robin. `None` when the service has no
+    /// The endpoint for this request. `None` when the service has no
     /// endpoints (the request gets a 503).
+    pub fn choose(&self, request: &RequestKey) -> Option<Choice> {
+        self.selection
+            .load()
+            .choose(&self.key.policy, &self.next, request)
+    }
+
+    /// An endpoint for a connection with no request to hash on (a TCP
+    /// tunnel, a call to an authorizer); least_request does not count it.
     pub fn peer(&self) -> Option<HttpPeer> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        Some(self.endpoints[index].clone())
+        static NO_HEADERS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
+        let request = RequestKey {
+            headers: &NO_HEADERS,
+            client: None,
+        };
+        self.choose(&request).map(|choice| choice.peer)
     }
 
     pub fn endpoint_count(&self) -> usize {
-        self.endpoints.len()
+        self.selection.load().endpoints.len()
+    }
+
+    /// Endpoints that pass their health checks (all, without checks).
+    pub fn healthy_count(&self) -> usize {
+        self.selection
+            .load()
+            .endpoints
+            .iter()
+            .filter(|e| e.state.healthy.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Publishes a new set of addresses. Addresses the cluster already had
+    /// keep their prepared peer and their health and load.
+    pub fn set_addresses(&self, addresses: &[SocketAddr]) {
+        let current = self.selection.load();
+        if current.endpoints.iter().map(|e| &e.address).eq(addresses) {
+            return;
+        }
+        let endpoints = endpoints_for(
+            addresses,
+            &current.endpoints,
+            &self.key,
+            self.tls.as_deref(),
+        );
+        self.selection
+            .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.selection.load().endpoints.clone()
+    }
+
+    /// Rebuilds the selection when the health of an endpoint changed.
+    pub fn refresh_health(&self) {
+        let current = self.selection.load();
+        if current.is_stale() {
+            let endpoints = current.endpoints.clone();
+            self.selection
+                .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
+        }
+    }
+
+    /// Starts the cluster's background work (DNS refresh, health checks)
+    /// on the current runtime, once. The tasks end when the cluster is
+    /// dropped.
+    pub fn start_tasks(self: &Arc<Self>) {
+        if self.tasks_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(target) = self.key.dns_target() {
+            tokio::spawn(dns::run(Arc::downgrade(self), target));
+        }
+        if let Some(check) = &self.key.health_check {
+            tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
+        }
     }
 }
 
-/// What makes two Mappings share a cluster (and its connection pool).
+/// What makes two Mappings share a cluster (and its connection pool and
+/// balancer state).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterKey {
     pub service: ServiceAddr,
+    /// Where the endpoints come from.
+    pub resolver: ResolverKind,
+    /// The Kubernetes namespace of a bare service name.
+    pub namespace: String,
     pub originate_tls: bool,
     pub tls_identity: Option<u64>,
     pub connect_timeout_ms: u64,
@@ -53,35 +141,109 @@ pub struct ClusterKey {
     pub h2_only: bool,
     /// Breakers are part of a cluster's identity, as in Emissary.
     pub breaker: Thresholds,
+    /// So is the load balancer: two policies never share a balancer state.
+    pub policy: Policy,
+    pub health_check: Option<HealthCheck>,
+    /// How the service resolver looks the name up.
+    pub dns: DnsOptions,
+    pub connections: ConnectionOptions,
     /// A TCPMapping's cluster counts tunnels, not requests, against its
     /// breaker, so it never shares one with HTTP Mappings.
     pub tcp: bool,
-    /// `(enable_ipv4, enable_ipv6)` when they differ from the Module's.
-    pub families: Option<(bool, bool)>,
 }
 
-/// Builds clusters for one snapshot, resolving each host name once.
-pub struct ClusterBuilder {
-    enable_ipv4: bool,
-    enable_ipv6: bool,
+impl ClusterKey {
+    /// A plain cleartext cluster of `service` through the service
+    /// resolver, with every option at its default; callers set the rest.
+    pub fn of_service(service: ServiceAddr) -> ClusterKey {
+        ClusterKey {
+            service,
+            resolver: ResolverKind::Service,
+            namespace: String::new(),
+            originate_tls: false,
+            tls_identity: None,
+            connect_timeout_ms: 3000,
+            h2_only: false,
+            breaker: Thresholds::default(),
+            policy: Policy::default(),
+            health_check: None,
+            dns: DnsOptions::default(),
+            connections: ConnectionOptions::default(),
+            tcp: false,
+        }
+    }
+}
+
+/// How pooled upstream connections are kept (`cluster_idle_timeout_ms`,
+/// `keepalive`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ConnectionOptions {
+    /// How long a pooled connection may sit idle; `None`: until the pool
+    /// evicts it or the upstream closes it.
+    pub idle_timeout: Option<Duration>,
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive on upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probes: usize,
+}
+
+impl ClusterKey {
+    /// The name DNS resolves for this cluster, if any.
+    pub fn dns_target(&self) -> Option<DnsTarget> {
+        (self.resolver == ResolverKind::Service && !self.service.is_ip()).then(|| DnsTarget {
+            host: self.service.host.clone(),
+            port: self.service.port,
+            options: self.dns,
+        })
+    }
+}
+
+/// Clusters alive in the serving (or a previous, still draining) snapshot,
+/// by identity, newest last: a rebuilt snapshot's cluster takes over the
+/// round-robin position and each endpoint's health and load from its
+/// predecessor. A refused reload's clusters die young; the serving ones
+/// stay findable behind them.
+static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Vec<Weak<Cluster>>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Builds clusters for one snapshot.
+pub struct ClusterBuilder<'m> {
     resolve: bool,
+    index: &'m EndpointIndex,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
-    resolved: HashMap<(String, u16), Result<Vec<SocketAddr>, String>>,
+    resolved: HashMap<DnsTarget, Lookup>,
 }
 
-impl ClusterBuilder {
-    /// Without `resolve`, clusters get no endpoints and no name is looked up.
-    pub fn new(enable_ipv4: bool, enable_ipv6: bool, resolve: bool) -> Self {
+impl<'m> ClusterBuilder<'m> {
+    /// Without `resolve`, no name is looked up and nothing is carried over
+    /// from earlier snapshots (`pingress -t`).
+    pub fn new(resolve: bool, index: &'m EndpointIndex) -> Self {
         ClusterBuilder {
-            enable_ipv4,
-            enable_ipv6,
             resolve,
+            index,
             clusters: HashMap::new(),
             resolved: HashMap::new(),
         }
     }
 
-    /// Returns the cluster and, the first time a name fails to resolve, why.
+    /// Resolves the names of the clusters to come, all at once and within
+    /// a deadline, so that no name waits for another.
+    pub fn prefetch(&mut self, keys: impl Iterator<Item = ClusterKey>) {
+        if !self.resolve {
+            return;
+        }
+        let mut targets: Vec<DnsTarget> = keys.filter_map(|k| k.dns_target()).collect();
+        targets.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+        targets.dedup();
+        self.resolved = dns::resolve_all(targets, dns::FIRST_LOOKUP_DEADLINE);
+    }
+
+    /// Returns the cluster and, the first time it finds no endpoints, why.
     pub fn cluster(
         &mut self,
         key: ClusterKey,
@@ -90,17 +252,23 @@ impl ClusterBuilder {
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
         }
-        let (addresses, problem) = match self.resolve {
-            false => (Vec::new(), None),
-            true => match self.lookup(&key) {
-                Ok(addresses) => (addresses, None),
-                Err(e) => (Vec::new(), Some(e)),
-            },
+        let previous = match self.resolve {
+            true => LIVE.lock().ok().and_then(|live| {
+                live.get(&key)
+                    .and_then(|found| found.iter().rev().find_map(Weak::upgrade))
+            }),
+            false => None,
         };
-        let endpoints = addresses
-            .iter()
-            .map(|address| prepare_peer(*address, &key, tls.as_deref()))
-            .collect();
+        let inherited = previous.as_ref().map(|p| p.endpoints()).unwrap_or_default();
+        let (addresses, problem) = match self.addresses(&key) {
+            Ok(addresses) => (addresses, None),
+            // A name that fails to resolve keeps the addresses it had.
+            Err(e) if key.dns_target().is_some() && !inherited.is_empty() => {
+                (inherited.iter().map(|e| e.address).collect(), Some(e))
+            }
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let endpoints = endpoints_for(&addresses, &inherited, &key, tls.as_deref());
         let mut name = key.service.to_string();
         if key.originate_tls && !key.service.https {
             name = name.replacen("http://", "https://", 1);
@@ -112,46 +280,77 @@ impl ClusterBuilder {
             name,
             tls,
             breaker: Breaker::new(key.breaker),
-            endpoints,
-            next: AtomicUsize::new(0),
+            selection: ArcSwap::from_pointee(Selection::new(endpoints, &key.policy)),
+            next: previous.map(|p| p.next.clone()).unwrap_or_default(),
+            tasks_started: AtomicBool::new(false),
+            key: key.clone(),
         });
         self.clusters.insert(key, cluster.clone());
         (cluster, problem)
     }
 
-    /// Resolution happens while a snapshot is compiled, never per request:
-    /// Pingora's `HttpPeer::new` would block (and panic) on a failed lookup.
-    fn lookup(&mut self, key: &ClusterKey) -> Result<Vec<SocketAddr>, String> {
-        let service = &key.service;
-        let (v4, v6) = key.families.unwrap_or((self.enable_ipv4, self.enable_ipv6));
-        let found = self
-            .resolved
-            .entry((service.host.clone(), service.port))
-            .or_insert_with(|| {
-                (service.host.as_str(), service.port)
-                    .to_socket_addrs()
-                    .map(Iterator::collect)
-                    .map_err(|e| format!("cannot resolve {}: {e}", service.host))
-            })
-            .clone()?;
-        let mut usable: Vec<SocketAddr> = found
-            .iter()
-            .copied()
-            .filter(|a| (a.is_ipv4() && v4) || (a.is_ipv6() && v6))
-            .collect();
-        // Emissary prefers IPv6 when both families are enabled.
-        usable.sort_by_key(|a| a.is_ipv4());
-        usable.dedup();
-        if usable.is_empty() {
-            return Err(format!(
-                "{} resolves to no address of an enabled family ({} found; \
-                 enable_ipv4={v4}, enable_ipv6={v6})",
-                service.host,
-                found.len()
-            ));
+    /// Every cluster built, registered as the live ones.
+    pub fn finish(self) -> Vec<Arc<Cluster>> {
+        if self.resolve {
+            if let Ok(mut live) = LIVE.lock() {
+                for (key, cluster) in &self.clusters {
+                    live.entry(key.clone())
+                        .or_default()
+                        .push(Arc::downgrade(cluster));
+                }
+                live.retain(|_, found| {
+                    found.retain(|cluster| cluster.strong_count() > 0);
+                    !found.is_empty()
+                });
+            }
         }
-        Ok(usable)
+        self.clusters.into_values().collect()
     }
+
+    fn addresses(&self, key: &ClusterKey) -> Lookup {
+        let service = &key.service;
+        if let Ok(ip) = service.host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, service.port)]);
+        }
+        match (key.resolver, key.dns_target()) {
+            (ResolverKind::Endpoint, _) => {
+                let (name, namespace) = match service.host.split_once('.') {
+                    Some((name, rest)) => (name, rest.split('.').next().unwrap_or(rest)),
+                    None => (service.host.as_str(), key.namespace.as_str()),
+                };
+                let port = service.explicit_port.then_some(service.port);
+                self.index.lookup(namespace, name, port)
+            }
+            (_, Some(target)) if self.resolve => self
+                .resolved
+                .get(&target)
+                .cloned()
+                .unwrap_or_else(|| Err(format!("{} was not looked up", target.host))),
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Endpoints for `addresses`, reusing what `known` has for an address.
+fn endpoints_for(
+    addresses: &[SocketAddr],
+    known: &[Endpoint],
+    key: &ClusterKey,
+    tls: Option<&TlsContext>,
+) -> Vec<Endpoint> {
+    addresses
+        .iter()
+        .map(
+            |address| match known.iter().find(|e| e.address == *address) {
+                Some(endpoint) => endpoint.clone(),
+                None => Endpoint {
+                    address: *address,
+                    peer: prepare_peer(*address, key, tls),
+                    state: Arc::new(EndpointState::default()),
+                },
+            },
+        )
+        .collect()
 }
 
 /// Concurrent streams on one upstream HTTP/2 connection; Pingora's default
@@ -173,6 +372,15 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
     let connect = Duration::from_millis(key.connect_timeout_ms);
     peer.options.connection_timeout = Some(connect);
     peer.options.total_connection_timeout = Some(connect);
+    peer.options.idle_timeout = key.connections.idle_timeout;
+    peer.options.tcp_keepalive = key.connections.keepalive.map(|k| TcpKeepalive {
+        idle: k.idle,
+        interval: k.interval,
+        count: k.probes,
+        // The system's default.
+        #[cfg(target_os = "linux")]
+        user_timeout: Duration::ZERO,
+    });
     let verify = tls.is_some_and(|t| t.ca.is_some());
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
@@ -189,6 +397,13 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
         }
         peer.options.curves = tls.curves.clone().map(Into::into);
         peer.group_key = tls.identity;
+    }
+    if key.connections != ConnectionOptions::default() {
+        // Pingora's pool key ignores the idle timeout and keepalive: without
+        // this, another cluster's connections (and timeouts) would be shared.
+        let mut hasher = std::hash::DefaultHasher::new();
+        (peer.group_key, key.connections).hash(&mut hasher);
+        peer.group_key = hasher.finish();
     }
     peer
 }

@@ -9,6 +9,9 @@ pub struct ServiceAddr {
     /// Host to resolve, namespace-qualified where Kubernetes would qualify it.
     pub host: String,
     pub port: u16,
+    /// The port was written, not defaulted (the endpoint resolver then
+    /// takes the endpoints' only port).
+    pub explicit_port: bool,
 }
 
 impl fmt::Display for ServiceAddr {
@@ -72,6 +75,7 @@ impl ServiceAddr {
         if host.is_empty() || host.contains(['@', ' ', '{', '}']) {
             return Err(ServiceError::Host(host.to_string()));
         }
+        let explicit_port = port.is_some();
         let port = match port {
             Some(p) => p
                 .parse::<u16>()
@@ -85,7 +89,12 @@ impl ServiceAddr {
             Some(ns) if !host.contains(['.', ':']) && host != "localhost" => format!("{host}.{ns}"),
             _ => host.to_string(),
         };
-        Ok(ServiceAddr { https, host, port })
+        Ok(ServiceAddr {
+            https,
+            host,
+            port,
+            explicit_port,
+        })
     }
 
     /// The host is a literal IP address (it cannot serve as an SNI name).

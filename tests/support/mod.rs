@@ -447,9 +447,26 @@ impl Echo {
     /// Starts pingress-echo with `--listen 127.0.0.1:0 --name <name>` plus
     /// `extra` arguments, and waits (10 s) for its `listening on` line.
     pub fn spawn(name: &str, extra: Vec<OsString>) -> Echo {
+        Echo::spawn_on("127.0.0.1:0", name, extra)
+    }
+
+    /// A plain echo on `listen`, e.g. `127.0.0.3:<port>`: Linux answers on
+    /// all of 127.0.0.0/8, so pods can share a port on their own addresses.
+    pub fn plain_on(listen: &str, name: &str) -> Echo {
+        Echo::spawn_on(listen, name, Vec::new())
+    }
+
+    /// Like [`Echo::spawn`], listening on `listen`.
+    pub fn spawn_on(listen: &str, name: &str, extra: Vec<OsString>) -> Echo {
+        Echo::try_spawn_on(listen, name, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Echo::spawn_on`]; `Err` says why it did not start (a taken
+    /// port, for one).
+    pub fn try_spawn_on(listen: &str, name: &str, extra: Vec<OsString>) -> Result<Echo, String> {
         let mut child = Command::new(PINGRESS_ECHO)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--name")
             .arg(name)
             .args(&extra)
@@ -482,22 +499,22 @@ impl Echo {
                 .and_then(|a| a.trim().parse::<SocketAddr>().ok())
         });
         match addr {
-            Some(addr) => Echo {
+            Some(addr) => Ok(Echo {
                 child,
                 addr,
                 name: name.to_string(),
                 stderr,
-            },
+            }),
             None => {
                 kill_child(&mut child);
                 if let Some(t) = stderr_thread {
                     let _ = t.join();
                 }
                 let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
-                panic!(
+                Err(format!(
                     "pingress-echo {name:?} did not report its address (got {line:?}); \
                      stderr:\n{err}"
-                );
+                ))
             }
         }
     }
@@ -1084,6 +1101,8 @@ pub struct Request {
     body: Option<Vec<u8>>,
     host: bool,
     timeout: Duration,
+    /// The client's own address (a loopback address other than 127.0.0.1).
+    source: Option<std::net::IpAddr>,
 }
 
 impl Request {
@@ -1095,6 +1114,7 @@ impl Request {
             body: None,
             host: true,
             timeout: READ_TIMEOUT,
+            source: None,
         }
     }
 
@@ -1129,6 +1149,12 @@ impl Request {
     /// as-is, e.g. pre-encoded chunks).
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Request {
         self.body = Some(body.into());
+        self
+    }
+
+    /// Connect from `ip` (e.g. 127.0.0.7), as another client would.
+    pub fn source_ip(mut self, ip: &str) -> Request {
+        self.source = Some(ip.parse().expect("a client IP address"));
         self
     }
 
@@ -1178,7 +1204,10 @@ impl Request {
     }
 
     pub fn try_send(self, port: u16) -> io::Result<Response> {
-        let stream = connect(port)?;
+        let stream = match self.source {
+            Some(ip) => connect_from(port, ip)?,
+            None => connect(port)?,
+        };
         stream.set_read_timeout(Some(self.timeout))?;
         let mut wire = Wire::new(stream);
         let bytes = self.to_bytes(&format!("127.0.0.1:{port}"), true);
@@ -1215,6 +1244,21 @@ fn connect(port: u16) -> io::Result<TcpStream> {
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(5),
     )?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    s.set_write_timeout(Some(READ_TIMEOUT))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Like [`connect`], from the client address `ip`.
+fn connect_from(port: u16, ip: std::net::IpAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(ip, 0).into())?;
+    socket.connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)).into(),
+        Duration::from_secs(5),
+    )?;
+    let s: TcpStream = socket.into();
     s.set_read_timeout(Some(READ_TIMEOUT))?;
     s.set_write_timeout(Some(READ_TIMEOUT))?;
     let _ = s.set_nodelay(true);
@@ -2004,6 +2048,92 @@ pub fn tls_spec(secret: &str, action: Option<&str>) -> String {
         .map(|a| format!("requestPolicy:\n  insecure:\n    action: {a}\n"))
         .unwrap_or_default();
     format!("tlsSecret:\n  name: {}\n{policy}", q(secret))
+}
+
+/// `count` echoes named `pod-1`.. on 127.0.0.2, 127.0.0.3.. sharing one
+/// port, as the pods of a Kubernetes Service.
+pub fn pods(count: usize) -> Vec<Echo> {
+    // The first pod's port is the kernel's choice; another test's
+    // connection may hold it on the next address, so a taken port means
+    // starting over.
+    let mut last_error = String::new();
+    for _ in 0..10 {
+        let first = Echo::plain_on("127.0.0.2:0", "pod-1");
+        let port = first.port();
+        let others: Result<Vec<Echo>, String> = (2..=count)
+            .map(|i| {
+                let listen = format!("127.0.0.{}:{port}", i + 1);
+                Echo::try_spawn_on(&listen, &format!("pod-{i}"), Vec::new())
+            })
+            .collect();
+        match others {
+            Ok(others) => return std::iter::once(first).chain(others).collect(),
+            Err(e) => last_error = e,
+        }
+    }
+    panic!("no port free on all of 127.0.0.2..: {last_error}");
+}
+
+/// A Kubernetes object: `metadata` is the inside of a flow map, `body`
+/// block YAML at the top level (`subsets:`, `endpoints:`, `spec:`).
+pub fn kube_doc(api_version: &str, kind: &str, metadata: &str, body: &str) -> String {
+    format!("---\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{{metadata}}}\n{body}")
+}
+
+/// A core/v1 Endpoints `default/<name>`: `ready` and `not_ready` pods on
+/// their shared port.
+pub fn endpoints(name: &str, ready: &[&Echo], not_ready: &[&Echo]) -> String {
+    let port = ready
+        .iter()
+        .chain(not_ready)
+        .map(|e| e.port())
+        .next()
+        .unwrap_or(80);
+    let list = |pods: &[&Echo]| -> String {
+        match pods {
+            [] => " []\n".to_string(),
+            _ => pods
+                .iter()
+                .map(|e| format!("\n  - ip: {}", e.addr().ip()))
+                .chain(["\n".to_string()])
+                .collect(),
+        }
+    };
+    kube_doc(
+        "v1",
+        "Endpoints",
+        &format!("name: {name}, namespace: default"),
+        &format!(
+            "subsets:\n- addresses:{}  notReadyAddresses:{}  ports:\n  - name: http\n    port: {port}\n",
+            list(ready),
+            list(not_ready)
+        ),
+    )
+}
+
+/// A discovery.k8s.io/v1 EndpointSlice `default/<name>` of Service
+/// `service`; each pod with its `ready` condition.
+pub fn endpoint_slice(name: &str, service: &str, pods: &[(&Echo, bool)]) -> String {
+    let port = pods.first().map(|(e, _)| e.port()).unwrap_or(80);
+    let endpoints: String = pods
+        .iter()
+        .map(|(e, ready)| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}}}\n",
+                e.addr().ip()
+            )
+        })
+        .collect();
+    kube_doc(
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        &format!(
+            "name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}"
+        ),
+        &format!(
+            "addressType: IPv4\nendpoints:\n{endpoints}ports:\n- name: http\n  port: {port}\n"
+        ),
+    )
 }
 
 /// A Mapping of `prefix` to `echo`; `metadata_extra` is appended inside the

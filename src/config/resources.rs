@@ -162,6 +162,8 @@ pub struct MappingSpec {
     pub labels: Option<Value>,
     pub cors: Option<Value>,
     pub bypass_auth: Option<bool>,
+    pub allow_upgrade: Option<Vec<String>>,
+    pub use_websocket: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

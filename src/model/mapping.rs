@@ -68,6 +68,8 @@ const SUPPORTED: &[&str] = &[
     "redirect_response_code",
     "weight",
     "labels",
+    "allow_upgrade",
+    "use_websocket",
     "ambassador_id",
 ];
 
@@ -75,8 +77,6 @@ const SUPPORTED: &[&str] = &[
 const LATER: &[&str] = &[
     "auth_context_extensions",
     "shadow",
-    "allow_upgrade",
-    "use_websocket",
     "resolver",
     "load_balancer",
     "dns_type",
@@ -163,6 +163,9 @@ pub struct Mapping {
     pub cors: Option<Arc<CorsPolicy>>,
     /// Skip the AuthService and FilterPolicy filters.
     pub bypass_auth: bool,
+    /// Protocols a request may upgrade to (`allow_upgrade`, `use_websocket`),
+    /// lower-cased.
+    pub allow_upgrade: Vec<String>,
 }
 
 pub fn validate_all(
@@ -415,6 +418,7 @@ fn validate(
         Some(value) => crate::filters::cors::parse(value, "spec.cors", report),
         None => module.cors.clone(),
     };
+    let allow_upgrade = upgrades(spec, report);
 
     Some(Mapping {
         id: raw.id.clone(),
@@ -453,7 +457,31 @@ fn validate(
         redirect,
         cors,
         bypass_auth: spec.bypass_auth.unwrap_or(false),
+        allow_upgrade,
     })
+}
+
+/// `allow_upgrade`, with the legacy `use_websocket: true` adding `websocket`.
+fn upgrades(spec: &MappingSpec, report: &mut Reporter) -> Vec<String> {
+    let mut protocols = Vec::new();
+    for (index, protocol) in spec.allow_upgrade.iter().flatten().enumerate() {
+        let protocol = protocol.trim().to_ascii_lowercase();
+        // The name is compared with the whole `Upgrade` header value.
+        if protocol.is_empty() || !protocol.bytes().all(|b| b.is_ascii_graphic()) {
+            report
+                .error(
+                    &format!("spec.allow_upgrade[{index}]"),
+                    format!("{protocol:?} is not a protocol name"),
+                )
+                .with_hint("e.g. websocket or spdy/3.1");
+        } else if !protocols.contains(&protocol) {
+            protocols.push(protocol);
+        }
+    }
+    if spec.use_websocket == Some(true) && !protocols.iter().any(|p| p == "websocket") {
+        protocols.push("websocket".into());
+    }
+    protocols
 }
 
 /// The `tls:` of a Mapping or TCPMapping: the origination context, and

@@ -25,6 +25,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::{H1UpgradePolicy, HttpUpstreamRequestPolicy};
 use pingora::ErrorType;
 use rand::Rng;
 
@@ -113,6 +114,34 @@ pub struct RequestCtx {
     local_reply: Option<&'static str>,
     /// The filters this request runs and their state.
     filters: Option<Run>,
+    /// An HTTP/1.1 upgrade the route allows.
+    upgrade: Option<Upgrade>,
+}
+
+/// An allowed upgrade. Pingora forwards WebSocket handshakes by itself;
+/// other protocols need the request's hop-by-hop headers kept as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    WebSocket,
+    Other,
+}
+
+/// How long an upgraded connection may sit silent when the Mapping sets no
+/// `idle_timeout_ms`: Envoy's default stream idle timeout, 5 minutes.
+const UPGRADED_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The protocol an HTTP/1.1 request asks to upgrade to. `h2c` is not an
+/// upgrade here: Envoy's codec drops it, and Pingora strips it upstream, so
+/// the request is proxied as it is. HTTP/1.0 and HTTP/2 requests never
+/// upgrade (Pingora does not treat them as upgrades).
+fn upgrade_protocol(session: &Session) -> Option<&str> {
+    if !session.is_upgrade_req() {
+        return None;
+    }
+    let value = session.req_header().headers.get(http::header::UPGRADE)?;
+    // A value that is not text cannot name an allowed protocol: refused.
+    let protocol = value.to_str().unwrap_or("").trim();
+    (!protocol.eq_ignore_ascii_case("h2c")).then_some(protocol)
 }
 
 fn protocol(session: &Session) -> &'static str {
@@ -380,6 +409,7 @@ impl ProxyHttp for Gateway {
             retries: 0,
             local_reply: None,
             filters: None,
+            upgrade: None,
         }
     }
 
@@ -412,6 +442,17 @@ impl ProxyHttp for Gateway {
             return self.answer(session, ctx, reply).await;
         }
         if let Some(route) = &ctx.route {
+            if let Some(protocol) = upgrade_protocol(session) {
+                if !route.allows_upgrade(protocol) {
+                    let reply = Reply::upgrade_refused(protocol);
+                    return self.answer(session, ctx, reply).await;
+                }
+                ctx.upgrade = Some(if protocol.eq_ignore_ascii_case("websocket") {
+                    Upgrade::WebSocket
+                } else {
+                    Upgrade::Other
+                });
+            }
             if route.retry.is_some() {
                 // A body kept in memory can be sent again on a retry.
                 session.enable_retry_buffering();
@@ -459,10 +500,24 @@ impl ProxyHttp for Gateway {
         // response that trickles in under that.
         let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
         let per_try = route.retry.and_then(|r| r.per_try_timeout);
-        let wait = [left, route.idle_timeout, per_try]
-            .into_iter()
-            .flatten()
-            .min();
+        let wait = match ctx.upgrade {
+            // Pingora keeps these timeouts for the upgraded stream's life,
+            // so they can only be the idle timeout; `check_deadline` still
+            // holds the handshake's answer to the route timeout.
+            Some(upgrade) => {
+                if upgrade == Upgrade::Other {
+                    peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy {
+                        h1_upgrade: H1UpgradePolicy::Preserve,
+                        ..HttpUpstreamRequestPolicy::standard()
+                    };
+                }
+                Some(route.idle_timeout.unwrap_or(UPGRADED_IDLE))
+            }
+            None => [left, route.idle_timeout, per_try]
+                .into_iter()
+                .flatten()
+                .min(),
+        };
         peer.options.read_timeout = wait;
         peer.options.write_timeout = wait;
         ctx.upstream_started = Some(now);
@@ -635,6 +690,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         check_deadline(ctx)?;
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // The route timeout covers the handshake, not the upgraded
+            // stream's life, which the idle timeout bounds.
+            ctx.deadline = None;
+        }
         let suppress = ctx
             .snapshot
             .as_ref()

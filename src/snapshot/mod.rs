@@ -62,6 +62,14 @@ impl Route {
             Target::Redirect(redirect) => &redirect.authority,
         }
     }
+
+    /// Whether an HTTP/1.1 `Upgrade` to `protocol` may pass, as Envoy
+    /// compares upgrade types: the whole header value, any case.
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        self.allow_upgrade
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(protocol.trim()))
+    }
 }
 
 /// What a matched Mapping does with a request.
@@ -89,6 +97,8 @@ pub struct Route {
     pub labels: BTreeMap<String, String>,
     pub cors: Option<Arc<CorsPolicy>>,
     pub bypass_auth: bool,
+    /// Protocols a request may upgrade to, lower-cased.
+    pub allow_upgrade: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -586,6 +596,7 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         labels: mapping.labels.clone(),
         cors: mapping.cors.clone(),
         bypass_auth: mapping.bypass_auth,
+        allow_upgrade: mapping.allow_upgrade.clone(),
     }
 }
 

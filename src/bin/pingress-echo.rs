@@ -18,6 +18,9 @@
 //!
 //! Control headers: `x-echo-status: 503`, `x-echo-delay-ms: 2000`,
 //! `x-echo-header: name: value` (repeatable), `x-echo-close: 1`.
+//! `x-echo-key: K` counts the requests carrying K (the reply's `attempt`);
+//! with `x-echo-fail-first: N` the first N of them get `x-echo-status`
+//! (503 when absent) and later ones 200, so retries can be observed.
 //!
 //! A WebSocket handshake (`Upgrade: websocket` with a `Sec-WebSocket-Key`)
 //! is accepted, and every data frame is then sent back as it came (pings
@@ -94,6 +97,27 @@ struct TlsInfo(Value);
 struct Shared {
     name: String,
     connections: AtomicU64,
+    /// Requests seen per `x-echo-key`.
+    attempts: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// Keys kept before the counts start over: a test peer must not grow
+/// without bound when a client invents keys forever.
+const MAX_KEYS: usize = 100_000;
+
+impl Shared {
+    /// This request's number among those with its key, from 1.
+    fn attempt(&self, key: &str) -> u64 {
+        let Ok(mut attempts) = self.attempts.lock() else {
+            return 1;
+        };
+        if attempts.len() >= MAX_KEYS && !attempts.contains_key(key) {
+            attempts.clear();
+        }
+        let count = attempts.entry(key.to_string()).or_insert(0);
+        *count += 1;
+        *count
+    }
 }
 
 #[tokio::main]
@@ -136,6 +160,7 @@ async fn run(args: Args) -> Result<(), String> {
     let shared = Arc::new(Shared {
         name: args.name,
         connections: AtomicU64::new(0),
+        attempts: Default::default(),
     });
 
     loop {
@@ -447,12 +472,29 @@ async fn handle_one<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(false);
     }
 
+    let attempt = head.value_str("x-echo-key").map(|key| shared.attempt(&key));
+    let fail_first = match head.value_str("x-echo-fail-first") {
+        None => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if attempt.is_some() => Some(n),
+            _ => {
+                return Err(Stop::Bad(format!(
+                    "bad x-echo-fail-first (needs x-echo-key): {s:?}"
+                )))
+            }
+        },
+    };
     let status = match head.value_str("x-echo-status") {
-        None => 200,
+        None => None,
         Some(s) => match s.parse::<u16>() {
-            Ok(code) if (200..=999).contains(&code) => code,
+            Ok(code) if (200..=999).contains(&code) => Some(code),
             _ => return Err(Stop::Bad(format!("bad x-echo-status: {s:?}"))),
         },
+    };
+    let status = match (fail_first, attempt) {
+        (Some(n), Some(attempt)) if attempt > n => 200,
+        (Some(_), _) => status.unwrap_or(503),
+        (None, _) => status.unwrap_or(200),
     };
     let delay = match head.value_str("x-echo-delay-ms") {
         None => None,
@@ -494,6 +536,7 @@ async fn handle_one<S: AsyncRead + AsyncWrite + Unpin>(
         ("body_len", json!(body_len)),
         ("tls", tls.map_or(Value::Null, |t| t.0.clone())),
         ("connection", json!(conn_id)),
+        ("attempt", json!(attempt)),
     ]);
 
     if let Some(d) = delay {

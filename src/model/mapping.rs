@@ -532,20 +532,19 @@ pub(crate) fn retry_policy(
     field: &str,
     report: &mut Reporter,
 ) -> Option<RetryPolicy> {
-    let (connect_failure, reset, unsupported) =
-        match conditions(spec.retry_on.as_deref().unwrap_or("")) {
-            Ok(found) => found,
-            Err(e) => {
-                report.error(&format!("{field}.retry_on"), e);
-                return None;
-            }
-        };
+    let (on, unsupported) = match conditions(spec.retry_on.as_deref().unwrap_or("")) {
+        Ok(found) => found,
+        Err(e) => {
+            report.error(&format!("{field}.retry_on"), e);
+            return None;
+        }
+    };
     if !unsupported.is_empty() {
         report.warning(
             &format!("{field}.retry_on"),
             format!(
-                "retries decided by the response status ({}) are not supported by pingress yet; \
-                 failed connections and resets are retried",
+                "{} needs a list of status codes that retry_policy has no field for; it \
+                 retries nothing",
                 unsupported.join(", ")
             ),
         );
@@ -565,9 +564,8 @@ pub(crate) fn retry_policy(
             }
         },
     };
-    (connect_failure || reset).then_some(RetryPolicy {
-        connect_failure,
-        reset,
+    on.map(|on| RetryPolicy {
+        on,
         // Envoy retries once unless told otherwise.
         num_retries: spec.num_retries.unwrap_or(1),
         per_try_timeout,
@@ -601,11 +599,8 @@ pub(crate) fn breaker_thresholds(
                 continue;
             }
         }
-        if entry.max_retries.is_some() {
-            report.warning(
-                &format!("{entry_field}.max_retries"),
-                "retries are not supported by pingress yet; ignored",
-            );
+        if let Some(max) = entry.max_retries {
+            thresholds.max_retries = max;
         }
         if let Some(max) = entry.max_connections {
             thresholds.max_connections = max;

@@ -40,7 +40,7 @@ use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 use crate::upstream::breaker::Admission;
-use crate::upstream::retry::RetryPolicy;
+use crate::upstream::retry::RetryOn;
 
 pub use respond::{classify, Failure, Reply};
 
@@ -63,18 +63,28 @@ impl Gateway {
         Gateway { snapshot, draining }
     }
 
-    /// Spends one retry of the route's policy when it covers this failure
-    /// and the deadline has time left.
-    fn retry_allowed(&self, ctx: &mut RequestCtx, covers: impl Fn(&RetryPolicy) -> bool) -> bool {
-        let Some(policy) = ctx.route.as_ref().and_then(|r| r.retry) else {
+    /// Spends one retry of the route's policy when it covers this failure,
+    /// the deadline has time left and the cluster's `max_retries` has room.
+    fn retry_allowed(&self, ctx: &mut RequestCtx, covers: impl Fn(&RetryOn) -> bool) -> bool {
+        let Some(route) = ctx.route.as_ref() else {
+            return false;
+        };
+        let Some(policy) = route.retry else {
             return false;
         };
         let in_time = ctx.deadline.is_none_or(|d| Instant::now() < d);
-        if covers(&policy) && ctx.retries < policy.num_retries && in_time {
-            ctx.retries += 1;
-            return true;
+        if !covers(&policy.on) || ctx.retries >= policy.num_retries || !in_time {
+            return false;
         }
-        false
+        if ctx.retrying.is_none() {
+            ctx.retrying = route.cluster().and_then(|c| c.breaker.try_retry());
+            if ctx.retrying.is_none() {
+                return false;
+            }
+        }
+        ctx.retries += 1;
+        route.metrics.retry();
+        true
     }
 
     /// Once the process is draining, every response closes its connection:
@@ -110,6 +120,10 @@ pub struct RequestCtx {
     overloaded: bool,
     /// Retries spent under the route's retry policy.
     retries: u32,
+    /// This request's place among its cluster's retrying requests.
+    retrying: Option<Admission>,
+    /// `upstream_response_filter` turned the response into a retry.
+    status_retry: bool,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
     /// The filters this request runs and their state.
@@ -407,6 +421,8 @@ impl ProxyHttp for Gateway {
             admission: None,
             overloaded: false,
             retries: 0,
+            retrying: None,
+            status_retry: false,
             local_reply: None,
             filters: None,
             upgrade: None,
@@ -533,7 +549,7 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         // Nothing reached the upstream: always safe to try again, and the
         // next try gets the cluster's next endpoint.
-        if self.retry_allowed(ctx, |policy| policy.connect_failure) {
+        if self.retry_allowed(ctx, |on| on.connect_failure) {
             e.set_retry(true);
         }
         e
@@ -548,6 +564,10 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // Decided when the response head arrived, with the buffer checked.
+        if std::mem::take(&mut ctx.status_retry) {
+            return e;
+        }
         // A request whose body was streamed beyond the retry buffer, or
         // that changes state, is never sent twice.
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
@@ -565,7 +585,18 @@ impl ProxyHttp for Gateway {
                     | ErrorType::WriteError
                     | ErrorType::H2Error
             );
-        if !e.retry() && broken && self.retry_allowed(ctx, |policy| policy.reset) {
+        // A try that ran out of its per_try_timeout is a 504 to Envoy's
+        // retry policy; one that ran out of the route timeout is not
+        // retried, as the deadline has passed.
+        let timed_out = session.response_written().is_none()
+            && matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            );
+        if !e.retry()
+            && ((broken && self.retry_allowed(ctx, |on| on.reset))
+                || (timed_out && self.retry_allowed(ctx, |on| on.status(504))))
+        {
             e.set_retry(true);
         }
         e
@@ -690,6 +721,23 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         check_deadline(ctx)?;
+        let status = upstream_response.status.as_u16();
+        // Nothing has gone downstream yet, so the response can still be
+        // dropped for another try: the error ends this try without
+        // returning its connection to the pool (the rest of the response
+        // is unread), and Pingora calls `upstream_peer` again, replaying
+        // the buffered request body.
+        if !session.as_ref().retry_buffer_truncated()
+            && self.retry_allowed(ctx, |on| on.status(status))
+        {
+            ctx.status_retry = true;
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("upstream answered {status}; retrying"),
+            );
+            e.set_retry(true);
+            return Err(e.into_up());
+        }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             // The route timeout covers the handshake, not the upgraded
             // stream's life, which the idle timeout bounds.

@@ -25,6 +25,7 @@ pub struct Metrics {
     local_replies: IntCounterVec,
     upstream_errors: IntCounterVec,
     retries: IntCounterVec,
+    shadows: IntCounterVec,
     pub upstream_connections_new: IntCounter,
     pub upstream_connections_reused: IntCounter,
     pub upstream_tls_handshakes: IntCounter,
@@ -124,6 +125,12 @@ impl Metrics {
                 "Upstream tries repeated under a Mapping's retry_policy",
                 &["mapping"],
             )?,
+            shadows: counter_vec(
+                "shadow_requests_total",
+                "Copies of requests for shadow Mappings: sent, failed, timeout, skipped \
+                 (too many in flight) or not_copied (body too large)",
+                &["mapping", "outcome"],
+            )?,
             upstream_connections_new: counter(
                 "upstream_connections_new_total",
                 "Upstream connections opened",
@@ -172,6 +179,10 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[mapping, kind])
             .inc();
+    }
+
+    pub fn shadow(&self, mapping: &str, outcome: &str) {
+        self.shadows.with_label_values(&[mapping, outcome]).inc();
     }
 
     /// The handles of one TCPMapping, for its route.

@@ -164,6 +164,7 @@ pub struct MappingSpec {
     pub bypass_auth: Option<bool>,
     pub allow_upgrade: Option<Vec<String>>,
     pub use_websocket: Option<bool>,
+    pub shadow: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

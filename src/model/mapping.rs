@@ -70,13 +70,13 @@ const SUPPORTED: &[&str] = &[
     "labels",
     "allow_upgrade",
     "use_websocket",
+    "shadow",
     "ambassador_id",
 ];
 
 /// Emissary Mapping fields that later pingress work implements.
 const LATER: &[&str] = &[
     "auth_context_extensions",
-    "shadow",
     "resolver",
     "load_balancer",
     "dns_type",
@@ -166,6 +166,8 @@ pub struct Mapping {
     /// Protocols a request may upgrade to (`allow_upgrade`, `use_websocket`),
     /// lower-cased.
     pub allow_upgrade: Vec<String>,
+    /// Mirrors its group's requests instead of taking a share (§2.7).
+    pub shadow: bool,
 }
 
 pub fn validate_all(
@@ -311,7 +313,18 @@ fn validate(
     };
 
     let (context, originate_tls) = origination(spec.tls.as_ref(), "Mapping", contexts, report)?;
-    let redirect = redirect(spec, report)?;
+    let shadow = spec.shadow.unwrap_or(false);
+    let redirect = if shadow && spec.host_redirect == Some(true) {
+        // Emissary drops the redirect and keeps the shadow.
+        report.warning(
+            "spec.host_redirect",
+            "shadow and host_redirect exclude each other; the shadow wins and the redirect \
+             settings are ignored",
+        );
+        None
+    } else {
+        redirect(spec, report)?
+    };
     // A redirect's service is a target authority, not a Kubernetes name.
     let namespace = (!module.use_ambassador_namespace && redirect.is_none())
         .then_some(raw.id.namespace.as_str());
@@ -399,10 +412,7 @@ fn validate(
             format!("{:?}", spec.prefix_exact.unwrap_or(false)),
         ),
         ("case_sensitive", format!("{case_sensitive}")),
-        (
-            "host_redirect",
-            format!("{}", spec.host_redirect.unwrap_or(false)),
-        ),
+        ("host_redirect", format!("{}", redirect.is_some())),
         ("circuit_breakers", format!("{breaker:?}")),
         ("connect_timeout_ms", format!("{connect_timeout_ms}")),
         (
@@ -458,6 +468,7 @@ fn validate(
         cors,
         bypass_auth: spec.bypass_auth.unwrap_or(false),
         allow_upgrade,
+        shadow,
     })
 }
 

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -41,6 +42,7 @@ use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 use crate::upstream::breaker::Admission;
 use crate::upstream::retry::RetryOn;
+use crate::upstream::shadow::{Shadow, MAX_MIRRORED_BODY};
 
 pub use respond::{classify, Failure, Reply};
 
@@ -130,6 +132,22 @@ pub struct RequestCtx {
     filters: Option<Run>,
     /// An HTTP/1.1 upgrade the route allows.
     upgrade: Option<Upgrade>,
+    /// Where the copy for the route's shadow stands.
+    mirror: Mirror,
+}
+
+/// A request's copy for a shadow Mapping.
+enum Mirror {
+    /// Not decided yet: the first try's upstream head decides.
+    Undecided,
+    /// Sent, or not to be sent.
+    Settled,
+    /// The head is copied; the body is kept as it passes to the primary.
+    Collecting {
+        shadow: Arc<Shadow>,
+        request: Box<RequestHeader>,
+        body: BytesMut,
+    },
 }
 
 /// An allowed upgrade. Pingora forwards WebSocket handshakes by itself;
@@ -426,6 +444,7 @@ impl ProxyHttp for Gateway {
             local_reply: None,
             filters: None,
             upgrade: None,
+            mirror: Mirror::Undecided,
         }
     }
 
@@ -708,10 +727,45 @@ impl ProxyHttp for Gateway {
             upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
         }
         apply_edits(&route.request_headers, &facts(session), upstream)?;
-        match ctx.filters.as_mut() {
-            Some(run) => run.upstream_request(session, upstream).await,
-            None => Ok(()),
+        if let Some(run) = ctx.filters.as_mut() {
+            run.upstream_request(session, upstream).await?;
         }
+        start_mirror(session, upstream, ctx);
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Mirror::Collecting {
+            shadow, body: copy, ..
+        } = &mut ctx.mirror
+        else {
+            return Ok(());
+        };
+        if let Some(chunk) = body {
+            if copy.len() + chunk.len() > MAX_MIRRORED_BODY {
+                metrics().shadow(&shadow.mapping, "not_copied");
+                ctx.mirror = Mirror::Settled;
+                return Ok(());
+            }
+            copy.extend_from_slice(chunk);
+        }
+        if end_of_stream {
+            if let Mirror::Collecting {
+                shadow,
+                request,
+                body,
+            } = std::mem::replace(&mut ctx.mirror, Mirror::Settled)
+            {
+                shadow.mirror(*request, body.freeze());
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
@@ -896,6 +950,40 @@ impl ProxyHttp for Gateway {
         };
         info!(target: "access", "{}", entry.render(format));
     }
+}
+
+/// Decides, on the first try, whether the route's shadow gets a copy: the
+/// head as sent to the primary (rewrites included), and the body once it
+/// has passed, if it is small enough to keep.
+fn start_mirror(session: &mut Session, upstream: &RequestHeader, ctx: &mut RequestCtx) {
+    if !matches!(ctx.mirror, Mirror::Undecided) {
+        return;
+    }
+    ctx.mirror = Mirror::Settled;
+    let Some(shadow) = ctx.route.as_ref().and_then(|r| r.shadow.clone()) else {
+        return;
+    };
+    // An upgraded stream has no request to copy.
+    if ctx.upgrade.is_some() || !shadow.takes(rand::thread_rng().gen_range(0..100)) {
+        return;
+    }
+    if session.is_body_empty() {
+        shadow.mirror(upstream.clone(), Bytes::new());
+        return;
+    }
+    let declared = upstream
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > MAX_MIRRORED_BODY) {
+        metrics().shadow(&shadow.mapping, "not_copied");
+        return;
+    }
+    ctx.mirror = Mirror::Collecting {
+        shadow,
+        request: Box::new(upstream.clone()),
+        body: BytesMut::new(),
+    };
 }
 
 /// Fails the exchange once the route timeout has run out; the error maps

@@ -31,10 +31,14 @@ use crate::tls::TlsContext;
 use crate::upstream::breaker::Thresholds;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
 use crate::upstream::retry::RetryPolicy;
+use crate::upstream::shadow::Shadow;
 use pingora::tls::ssl::SslVersion;
 
 /// Emissary's `connect_timeout_ms` default, for authorizers too.
 const AUTH_CONNECT_TIMEOUT_MS: u64 = 3000;
+
+/// How long a copy for a shadow with `timeout_ms: 0` may take.
+const DEFAULT_SHADOW_TIMEOUT_MS: u64 = 3000;
 
 /// The port Emissary users expect when they define no Listener.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -99,6 +103,8 @@ pub struct Route {
     pub bypass_auth: bool,
     /// Protocols a request may upgrade to, lower-cased.
     pub allow_upgrade: Vec<String>,
+    /// The group's shadow, which gets copies of a share of its requests.
+    pub shadow: Option<Arc<Shadow>>,
 }
 
 #[derive(Debug)]
@@ -263,37 +269,30 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
     let groups = group_mappings(&model.mappings, &mut diags);
     let mut compiled: Vec<(Arc<RouteGroup<Route>>, &MappingGroup)> = Vec::new();
     for group in &groups {
+        let shadow = group.shadow.map(|mapping| {
+            let timeout = match mapping.timeout_ms {
+                // A copy nobody waits for still ends.
+                0 => Duration::from_millis(DEFAULT_SHADOW_TIMEOUT_MS),
+                ms => Duration::from_millis(ms),
+            };
+            Arc::new(Shadow::new(
+                mapping.name.clone(),
+                upstream(mapping, &mut clusters, &mut diags),
+                mapping.weight.unwrap_or(100),
+                timeout,
+            ))
+        });
         let members = group
             .members
             .iter()
             .zip(&group.thresholds)
             .map(|(mapping, threshold)| {
-                if let Some(redirect) = &mapping.redirect {
-                    let target = Target::Redirect(redirect.clone());
-                    return (*threshold, Arc::new(route(mapping, target, &model.module)));
-                }
-                let (cluster, problem) = clusters.cluster(
-                    ClusterKey {
-                        service: mapping.service.clone(),
-                        originate_tls: mapping.originate_tls,
-                        tls_identity: mapping.tls.as_ref().map(|t| t.identity),
-                        connect_timeout_ms: mapping.connect_timeout_ms,
-                        h2_only: mapping.grpc,
-                        breaker: mapping.breaker,
-                        tcp: false,
-                        families: None,
-                    },
-                    mapping.tls.clone(),
-                );
-                if let Some(problem) = problem {
-                    diags.push(
-                        Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
-                            .field("spec.service")
-                            .hint("requests for this Mapping get 503 until the name resolves"),
-                    );
-                }
-                let target = Target::Upstream(cluster);
-                (*threshold, Arc::new(route(mapping, target, &model.module)))
+                let target = match &mapping.redirect {
+                    Some(redirect) => Target::Redirect(redirect.clone()),
+                    None => Target::Upstream(upstream(mapping, &mut clusters, &mut diags)),
+                };
+                let route = route(mapping, target, shadow.clone(), &model.module);
+                (*threshold, Arc::new(route))
             })
             .collect();
         compiled.push((
@@ -538,6 +537,35 @@ fn auth_filter(
     Some(ExtAuth::new(policy, authorizers))
 }
 
+/// The cluster a Mapping proxies (or mirrors) to.
+fn upstream(
+    mapping: &crate::model::Mapping,
+    clusters: &mut ClusterBuilder,
+    diags: &mut Vec<Diagnostic>,
+) -> Arc<Cluster> {
+    let (cluster, problem) = clusters.cluster(
+        ClusterKey {
+            service: mapping.service.clone(),
+            originate_tls: mapping.originate_tls,
+            tls_identity: mapping.tls.as_ref().map(|t| t.identity),
+            connect_timeout_ms: mapping.connect_timeout_ms,
+            h2_only: mapping.grpc,
+            breaker: mapping.breaker,
+            tcp: false,
+            families: None,
+        },
+        mapping.tls.clone(),
+    );
+    if let Some(problem) = problem {
+        diags.push(
+            Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
+                .field("spec.service")
+                .hint("requests for this Mapping get 503 until the name resolves"),
+        );
+    }
+    cluster
+}
+
 /// Where a synthesized Listener or Host comes from: the gateway itself.
 fn location(id: &Option<crate::config::diagnostics::ResourceRef>) -> Location {
     match id {
@@ -557,7 +585,12 @@ fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {
             .all(|(k, v)| host.labels.get(k) == Some(v))
 }
 
-fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSettings) -> Route {
+fn route(
+    mapping: &crate::model::Mapping,
+    target: Target,
+    shadow: Option<Arc<Shadow>>,
+    module: &ModuleSettings,
+) -> Route {
     let host_rewrite = mapping.host_rewrite.clone().or_else(|| {
         mapping
             .auto_host_rewrite
@@ -597,6 +630,7 @@ fn route(mapping: &crate::model::Mapping, target: Target, module: &ModuleSetting
         cors: mapping.cors.clone(),
         bypass_auth: mapping.bypass_auth,
         allow_upgrade: mapping.allow_upgrade.clone(),
+        shadow,
     }
 }
 

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod policy;
 pub mod retry;
 pub mod service;
+pub mod shadow;

@@ -109,6 +109,16 @@ pub struct RetryPolicySpec {
     pub per_try_timeout: Option<String>,
 }
 
+/// `keepalive` of a Mapping or the Module: upstream TCP keepalive, in
+/// seconds and probes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveSpec {
+    pub idle_time: Option<u64>,
+    pub interval: Option<u64>,
+    pub probes: Option<u32>,
+}
+
 /// One entry of `circuit_breakers`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +175,7 @@ pub struct MappingSpec {
     pub allow_upgrade: Option<Vec<String>>,
     pub use_websocket: Option<bool>,
     pub shadow: Option<bool>,
+    pub keepalive: Option<KeepaliveSpec>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -351,6 +362,7 @@ pub struct ModuleConfig {
     pub forward_client_cert_details: Option<String>,
     pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
     pub retry_policy: Option<RetryPolicySpec>,
+    pub keepalive: Option<KeepaliveSpec>,
     pub envoy_log_type: Option<String>,
     pub set_current_client_cert_details: Option<ClientCertDetails>,
     pub preserve_external_request_id: Option<bool>,

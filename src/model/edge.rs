@@ -40,6 +40,7 @@ const MODULE_SUPPORTED: &[&str] = &[
     "envoy_log_type",
     "circuit_breakers",
     "retry_policy",
+    "keepalive",
     "preserve_external_request_id",
     "cors",
     "ip_allow",
@@ -50,7 +51,6 @@ const MODULE_LATER: &[&str] = &[
     "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
     "load_balancer",
-    "keepalive",
     "resolver",
     "diagnostics",
     "readiness_probe",
@@ -248,6 +248,10 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         .retry_policy
         .as_ref()
         .and_then(|policy| super::retry_policy(policy, "spec.config.retry_policy", report));
+    let keepalive = config
+        .keepalive
+        .as_ref()
+        .map(|spec| super::keepalive(spec, "spec.config.keepalive", report));
     let cors = config
         .cors
         .as_ref()
@@ -279,6 +283,7 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         access_log,
         circuit_breakers,
         retry_policy,
+        keepalive,
         defaults,
         preserve_external_request_id: config.preserve_external_request_id.unwrap_or(false),
         cors,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 use regex::Regex;
@@ -10,7 +11,8 @@ use regex::Regex;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    CircuitBreakerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
+    CircuitBreakerSpec, KeepaliveSpec, MappingSpec, MappingTls, MatchValue, OrderedMap,
+    RetryPolicySpec,
 };
 use crate::filters::cors::CorsPolicy;
 use crate::routing::headers::HeaderEdits;
@@ -20,6 +22,7 @@ use crate::routing::matchers::{
 use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::cluster::Keepalive;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::ServiceAddr;
 
@@ -71,6 +74,7 @@ const SUPPORTED: &[&str] = &[
     "allow_upgrade",
     "use_websocket",
     "shadow",
+    "keepalive",
     "ambassador_id",
 ];
 
@@ -83,7 +87,6 @@ const LATER: &[&str] = &[
     "respect_dns_ttl",
     "enable_ipv4",
     "enable_ipv6",
-    "keepalive",
     "health_checks",
     "priority",
     "cluster_tag",
@@ -168,6 +171,8 @@ pub struct Mapping {
     pub allow_upgrade: Vec<String>,
     /// Mirrors its group's requests instead of taking a share (§2.7).
     pub shadow: bool,
+    /// TCP keepalive on its upstream connections.
+    pub keepalive: Option<Keepalive>,
 }
 
 pub fn validate_all(
@@ -402,6 +407,10 @@ fn validate(
         Some(list) => breaker_thresholds(list, "spec.circuit_breakers", report),
         None => module.circuit_breakers,
     };
+    let keepalive = match &spec.keepalive {
+        Some(spec) => Some(keepalive(spec, "spec.keepalive", report)),
+        None => module.keepalive,
+    };
     let group_invariants = vec![
         (
             "prefix_regex",
@@ -415,6 +424,7 @@ fn validate(
         ("host_redirect", format!("{}", redirect.is_some())),
         ("circuit_breakers", format!("{breaker:?}")),
         ("connect_timeout_ms", format!("{connect_timeout_ms}")),
+        ("keepalive", format!("{keepalive:?}")),
         (
             "labels",
             serde_yaml::to_string(&spec.labels).unwrap_or_default(),
@@ -469,7 +479,43 @@ fn validate(
         bypass_auth: spec.bypass_auth.unwrap_or(false),
         allow_upgrade,
         shadow,
+        keepalive,
     })
+}
+
+/// A `keepalive`; the system's defaults fill what it leaves out. Unlike
+/// Emissary, whose Mappings read `time` where the schema says `idle_time`,
+/// `idle_time` is honoured everywhere.
+pub(crate) fn keepalive(spec: &KeepaliveSpec, field: &str, report: &mut Reporter) -> Keepalive {
+    let mut keepalive = Keepalive::default();
+    let seconds = [
+        ("idle_time", spec.idle_time, &mut keepalive.idle),
+        ("interval", spec.interval, &mut keepalive.interval),
+    ];
+    for (name, value, slot) in seconds {
+        match value {
+            None => {}
+            // The kernel refuses 0 and more than 32767 seconds.
+            Some(secs @ 1..=32767) => *slot = Duration::from_secs(secs),
+            Some(other) => {
+                report.error(
+                    &format!("{field}.{name}"),
+                    format!("{other} seconds is outside 1 to 32767"),
+                );
+            }
+        }
+    }
+    match spec.probes {
+        None => {}
+        Some(probes @ 1..=127) => keepalive.probes = probes as usize,
+        Some(other) => {
+            report.error(
+                &format!("{field}.probes"),
+                format!("{other} probes is outside 1 to 127"),
+            );
+        }
+    }
+    keepalive
 }
 
 /// `allow_upgrade`, with the legacy `use_websocket: true` adding `websocket`.

@@ -31,8 +31,9 @@ use crate::filters::Registry;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::xfcc::XfccPolicy;
 use crate::upstream::breaker::Thresholds;
+use crate::upstream::cluster::Keepalive;
 use crate::upstream::retry::RetryPolicy;
-pub(crate) use mapping::{breaker_thresholds, retry_policy};
+pub(crate) use mapping::{breaker_thresholds, keepalive, retry_policy};
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -56,6 +57,8 @@ pub struct ModuleSettings {
     pub circuit_breakers: Thresholds,
     /// The default `retry_policy` of every Mapping.
     pub retry_policy: Option<RetryPolicy>,
+    /// The default `keepalive` of every Mapping.
+    pub keepalive: Option<Keepalive>,
     pub defaults: MappingDefaults,
     pub preserve_external_request_id: bool,
     /// The default `cors` of every Mapping.
@@ -82,6 +85,7 @@ impl Default for ModuleSettings {
             access_log: AccessLog::Text,
             circuit_breakers: Thresholds::default(),
             retry_policy: None,
+            keepalive: None,
             defaults: MappingDefaults::default(),
             preserve_external_request_id: false,
             cors: None,

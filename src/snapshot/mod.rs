@@ -521,6 +521,7 @@ fn auth_filter(
                     breaker: Thresholds::default(),
                     tcp: false,
                     families: None,
+                    keepalive: None,
                 },
                 service.tls.clone(),
             );
@@ -553,6 +554,7 @@ fn upstream(
             breaker: mapping.breaker,
             tcp: false,
             families: None,
+            keepalive: mapping.keepalive,
         },
         mapping.tls.clone(),
     );

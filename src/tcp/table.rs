@@ -256,6 +256,7 @@ fn group(
                     breaker: mapping.breaker,
                     tcp: true,
                     families: Some((mapping.enable_ipv4, mapping.enable_ipv6)),
+                    keepalive: None,
                 },
                 mapping.tls.clone(),
             );

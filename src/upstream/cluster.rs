@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::protocols::tls::ALPN;
+use pingora::protocols::TcpKeepalive;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::tls::TlsContext;
@@ -58,6 +59,30 @@ pub struct ClusterKey {
     pub tcp: bool,
     /// `(enable_ipv4, enable_ipv6)` when they differ from the Module's.
     pub families: Option<(bool, bool)>,
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive on upstream connections (`keepalive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: usize,
+}
+
+impl Default for Keepalive {
+    /// Linux's defaults, for what a `keepalive` leaves out (Envoy leaves
+    /// them to the system too).
+    fn default() -> Self {
+        Keepalive {
+            idle: Duration::from_secs(7200),
+            interval: Duration::from_secs(75),
+            probes: 9,
+        }
+    }
 }
 
 /// Builds clusters for one snapshot, resolving each host name once.
@@ -176,6 +201,14 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
     let verify = tls.is_some_and(|t| t.ca.is_some());
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
+    peer.options.tcp_keepalive = key.keepalive.map(|k| TcpKeepalive {
+        idle: k.idle,
+        interval: k.interval,
+        count: k.probes,
+        // The system's default.
+        #[cfg(target_os = "linux")]
+        user_timeout: Duration::ZERO,
+    });
     if key.h2_only {
         // gRPC over h2 (or h2c in cleartext) multiplexes its calls.
         peer.options.alpn = ALPN::H2;

@@ -1,6 +1,6 @@
 //! `allow_upgrade` and `use_websocket`: a WebSocket through the gateway to
 //! pingress-echo, frames both ways; upgrades a Mapping does not name are
-//! refused with Envoy's 403; HTTP/1.0 and `h2c` upgrade requests are
+//! refused with Envoy's 403; HTTP/1.0, `h2c` and HTTP/2 upgrade requests are
 //! proxied as plain requests.
 
 mod support;
@@ -231,4 +231,39 @@ fn protocol_names_are_checked() {
     ] {
         assert!(out.stdout.contains(expected), "{expected}\n{}", out.stdout);
     }
+}
+
+/// HTTP/2 has no `Upgrade` (RFC 9113 §8.2.2) and Pingora no extended
+/// CONNECT: an h2 client asking for one sends a plain request, proxied as
+/// such, even to a Mapping that allows WebSockets.
+#[test]
+fn http2_requests_do_not_upgrade() {
+    let echo = Echo::plain("h2");
+    let resources = mapping(
+        "ws",
+        "",
+        "/ws/",
+        &echo,
+        "hostname: \"*\"\nallow_upgrade: [websocket]",
+    );
+    let (_dir, gateway, port) = start(&resources);
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(["-H", "Upgrade: websocket", "-H", "Connection: Upgrade"])
+        .args(["-H", &format!("Sec-WebSocket-Key: {KEY}")])
+        .arg(format!("http://127.0.0.1:{port}/ws/"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, outcome) = text.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(outcome, "2 200", "{text}\n{}", gateway.log());
+    let seen: serde_json::Value = serde_json::from_str(body).expect("an echo reply");
+    let headers = seen["headers"].to_string().to_ascii_lowercase();
+    assert!(!headers.contains("\"upgrade\""), "{headers}");
+    assert!(headers.contains("sec-websocket-key"), "{headers}");
 }

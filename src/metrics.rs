@@ -24,6 +24,8 @@ pub struct Metrics {
     duration: HistogramVec,
     local_replies: IntCounterVec,
     upstream_errors: IntCounterVec,
+    retries: IntCounterVec,
+    shadows: IntCounterVec,
     pub upstream_connections_new: IntCounter,
     pub upstream_connections_reused: IntCounter,
     pub upstream_tls_handshakes: IntCounter,
@@ -118,6 +120,17 @@ impl Metrics {
                 "Failed upstream exchanges, by Mapping and kind",
                 &["mapping", "kind"],
             )?,
+            retries: counter_vec(
+                "upstream_retries_total",
+                "Upstream tries repeated under a Mapping's retry_policy",
+                &["mapping"],
+            )?,
+            shadows: counter_vec(
+                "shadow_requests_total",
+                "Copies of requests for shadow Mappings: sent, failed, timeout, skipped \
+                 (too many in flight) or not_copied (body too large)",
+                &["mapping", "outcome"],
+            )?,
             upstream_connections_new: counter(
                 "upstream_connections_new_total",
                 "Upstream connections opened",
@@ -154,6 +167,7 @@ impl Metrics {
             mapping: mapping.into(),
             by_class: Default::default(),
             duration: OnceLock::new(),
+            retries: OnceLock::new(),
         }
     }
 
@@ -165,6 +179,10 @@ impl Metrics {
         self.upstream_errors
             .with_label_values(&[mapping, kind])
             .inc();
+    }
+
+    pub fn shadow(&self, mapping: &str, outcome: &str) {
+        self.shadows.with_label_values(&[mapping, outcome]).inc();
     }
 
     /// The handles of one TCPMapping, for its route.
@@ -211,6 +229,7 @@ pub struct RouteMetrics {
     mapping: Box<str>,
     by_class: [OnceLock<IntCounter>; 6],
     duration: OnceLock<Histogram>,
+    retries: OnceLock<IntCounter>,
 }
 
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
@@ -232,6 +251,13 @@ impl RouteMetrics {
         self.duration
             .get_or_init(|| metrics().duration.with_label_values(&[&self.mapping]))
             .observe(seconds);
+    }
+
+    /// Counts one more try of a request.
+    pub fn retry(&self) {
+        self.retries
+            .get_or_init(|| metrics().retries.with_label_values(&[&self.mapping]))
+            .inc();
     }
 }
 

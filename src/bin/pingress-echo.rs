@@ -18,6 +18,13 @@
 //!
 //! Control headers: `x-echo-status: 503`, `x-echo-delay-ms: 2000`,
 //! `x-echo-header: name: value` (repeatable), `x-echo-close: 1`.
+//! `x-echo-key: K` counts the requests carrying K (the reply's `attempt`);
+//! with `x-echo-fail-first: N` the first N of them get `x-echo-status`
+//! (503 when absent) and later ones 200, so retries can be observed.
+//!
+//! A WebSocket handshake (`Upgrade: websocket` with a `Sec-WebSocket-Key`)
+//! is accepted, and every data frame is then sent back as it came (pings
+//! get pongs, a close is answered with a close).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -45,6 +52,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Chunk-size lines and trailers are short; anything longer is garbage.
 const MAX_LINE: usize = 8 * 1024;
+/// WebSocket frames are small in tests; a larger one ends the connection.
+const MAX_FRAME: u64 = 1024 * 1024;
+/// RFC 6455 §1.3: appended to the client's key before hashing.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// A client that connects but never finishes the TLS handshake must not pin a
 /// task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,6 +97,27 @@ struct TlsInfo(Value);
 struct Shared {
     name: String,
     connections: AtomicU64,
+    /// Requests seen per `x-echo-key`.
+    attempts: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// Keys kept before the counts start over: a test peer must not grow
+/// without bound when a client invents keys forever.
+const MAX_KEYS: usize = 100_000;
+
+impl Shared {
+    /// This request's number among those with its key, from 1.
+    fn attempt(&self, key: &str) -> u64 {
+        let Ok(mut attempts) = self.attempts.lock() else {
+            return 1;
+        };
+        if attempts.len() >= MAX_KEYS && !attempts.contains_key(key) {
+            attempts.clear();
+        }
+        let count = attempts.entry(key.to_string()).or_insert(0);
+        *count += 1;
+        *count
+    }
 }
 
 #[tokio::main]
@@ -128,6 +160,7 @@ async fn run(args: Args) -> Result<(), String> {
     let shared = Arc::new(Shared {
         name: args.name,
         connections: AtomicU64::new(0),
+        attempts: Default::default(),
     });
 
     loop {
@@ -295,6 +328,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// Exactly `n` bytes, read ahead or from the stream.
+    async fn take(&mut self, n: usize) -> Result<Vec<u8>, Stop> {
+        while self.buf.len() < n {
+            if self.fill().await? == 0 {
+                return Err(Stop::Gone);
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
     /// Discards exactly `n` body bytes; only the length is reported, so the
     /// body is never held in memory.
     async fn skip(&mut self, mut n: u64) -> Result<(), Stop> {
@@ -424,13 +467,34 @@ async fn handle_one<S: AsyncRead + AsyncWrite + Unpin>(
         conn.io.flush().await?;
     }
     let body_len = read_body(conn, framing).await?;
+    if let Some(key) = websocket_key(&head) {
+        websocket_echo(conn, &key).await?;
+        return Ok(false);
+    }
 
+    let attempt = head.value_str("x-echo-key").map(|key| shared.attempt(&key));
+    let fail_first = match head.value_str("x-echo-fail-first") {
+        None => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if attempt.is_some() => Some(n),
+            _ => {
+                return Err(Stop::Bad(format!(
+                    "bad x-echo-fail-first (needs x-echo-key): {s:?}"
+                )))
+            }
+        },
+    };
     let status = match head.value_str("x-echo-status") {
-        None => 200,
+        None => None,
         Some(s) => match s.parse::<u16>() {
-            Ok(code) if (200..=999).contains(&code) => code,
+            Ok(code) if (200..=999).contains(&code) => Some(code),
             _ => return Err(Stop::Bad(format!("bad x-echo-status: {s:?}"))),
         },
+    };
+    let status = match (fail_first, attempt) {
+        (Some(n), Some(attempt)) if attempt > n => 200,
+        (Some(_), _) => status.unwrap_or(503),
+        (None, _) => status.unwrap_or(200),
     };
     let delay = match head.value_str("x-echo-delay-ms") {
         None => None,
@@ -472,6 +536,7 @@ async fn handle_one<S: AsyncRead + AsyncWrite + Unpin>(
         ("body_len", json!(body_len)),
         ("tls", tls.map_or(Value::Null, |t| t.0.clone())),
         ("connection", json!(conn_id)),
+        ("attempt", json!(attempt)),
     ]);
 
     if let Some(d) = delay {
@@ -506,6 +571,83 @@ async fn handle_one<S: AsyncRead + AsyncWrite + Unpin>(
     conn.io.write_all(&bytes).await?;
     conn.io.flush().await?;
     Ok(keep_alive)
+}
+
+/// The `Sec-WebSocket-Key` of a WebSocket handshake.
+fn websocket_key(head: &Head) -> Option<String> {
+    let upgrade = head.tokens("upgrade").iter().any(|t| t == "websocket");
+    (upgrade && head.method == "GET")
+        .then(|| head.value_str("sec-websocket-key"))
+        .flatten()
+}
+
+/// Accepts the handshake, then echoes frames until a close or an error.
+async fn websocket_echo<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    key: &str,
+) -> Result<(), Stop> {
+    use base64::Engine as _;
+    let digest = openssl::sha::sha1(format!("{key}{WEBSOCKET_GUID}").as_bytes());
+    let accept = base64::engine::general_purpose::STANDARD.encode(digest);
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-accept: {accept}\r\n\r\n"
+    );
+    conn.io.write_all(response.as_bytes()).await?;
+    conn.io.flush().await?;
+    loop {
+        let head = conn.take(2).await?;
+        let opcode = head[0] & 0x0f;
+        let masked = head[1] & 0x80 != 0;
+        let len = match head[1] & 0x7f {
+            126 => {
+                let bytes = conn.take(2).await?;
+                u64::from(u16::from_be_bytes([bytes[0], bytes[1]]))
+            }
+            127 => {
+                let bytes = conn.take(8).await?;
+                u64::from_be_bytes(bytes.try_into().map_err(|_| Stop::Gone)?)
+            }
+            short => u64::from(short),
+        };
+        if len > MAX_FRAME {
+            return Err(Stop::Gone);
+        }
+        let mask = if masked {
+            conn.take(4).await?
+        } else {
+            vec![0; 4]
+        };
+        // Bounded by MAX_FRAME above, so it fits in usize.
+        let mut payload = conn.take(len as usize).await?;
+        for (i, byte) in payload.iter_mut().enumerate() {
+            *byte ^= mask[i % 4];
+        }
+        let reply_opcode = match opcode {
+            0x9 => 0xa,
+            0xa => continue,
+            other => other,
+        };
+        // Server frames are never masked (RFC 6455 §5.1).
+        let mut frame = vec![(head[0] & 0x80) | reply_opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(n as u8),
+            n if n <= usize::from(u16::MAX) => {
+                frame.push(126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&payload);
+        conn.io.write_all(&frame).await?;
+        conn.io.flush().await?;
+        if opcode == 0x8 {
+            return Ok(());
+        }
+    }
 }
 
 /// Returns `None` on a clean EOF between requests.

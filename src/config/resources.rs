@@ -171,6 +171,9 @@ pub struct MappingSpec {
     pub keepalive: Option<KeepaliveSpec>,
     pub cors: Option<Value>,
     pub bypass_auth: Option<bool>,
+    pub allow_upgrade: Option<Vec<String>>,
+    pub use_websocket: Option<bool>,
+    pub shadow: Option<bool>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,

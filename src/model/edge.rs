@@ -48,6 +48,7 @@ const MODULE_SUPPORTED: &[&str] = &[
     "envoy_log_type",
     "circuit_breakers",
     "retry_policy",
+    "keepalive",
     "preserve_external_request_id",
     "cors",
     "ip_allow",

@@ -82,6 +82,9 @@ const SUPPORTED: &[&str] = &[
     "enable_ipv4",
     "enable_ipv6",
     "cluster_idle_timeout_ms",
+    "allow_upgrade",
+    "use_websocket",
+    "shadow",
     "keepalive",
     "ambassador_id",
 ];
@@ -89,9 +92,6 @@ const SUPPORTED: &[&str] = &[
 /// Emissary Mapping fields that later pingress work implements.
 const LATER: &[&str] = &[
     "auth_context_extensions",
-    "shadow",
-    "allow_upgrade",
-    "use_websocket",
     "priority",
     "cluster_tag",
     "stats_name",
@@ -177,6 +177,11 @@ pub struct Mapping {
     pub bypass_auth: bool,
     /// Rate-limit label groups by domain, the Module's defaults included.
     pub(crate) rate_labels: Labels,
+    /// Protocols a request may upgrade to (`allow_upgrade`, `use_websocket`),
+    /// lower-cased.
+    pub allow_upgrade: Vec<String>,
+    /// Mirrors its group's requests instead of taking a share (§2.7).
+    pub shadow: bool,
 }
 
 pub fn validate_all(
@@ -324,7 +329,18 @@ fn validate(
     };
 
     let (context, originate_tls) = origination(spec.tls.as_ref(), "Mapping", contexts, report)?;
-    let redirect = redirect(spec, report)?;
+    let shadow = spec.shadow.unwrap_or(false);
+    let redirect = if shadow && spec.host_redirect == Some(true) {
+        // Emissary drops the redirect and keeps the shadow.
+        report.warning(
+            "spec.host_redirect",
+            "shadow and host_redirect exclude each other; the shadow wins and the redirect \
+             settings are ignored",
+        );
+        None
+    } else {
+        redirect(spec, report)?
+    };
     // A redirect's service is a target authority, not a Kubernetes name.
     let namespace = (!module.use_ambassador_namespace && redirect.is_none())
         .then_some(raw.id.namespace.as_str());
@@ -412,12 +428,10 @@ fn validate(
             format!("{:?}", spec.prefix_exact.unwrap_or(false)),
         ),
         ("case_sensitive", format!("{case_sensitive}")),
-        (
-            "host_redirect",
-            format!("{}", spec.host_redirect.unwrap_or(false)),
-        ),
+        ("host_redirect", format!("{}", redirect.is_some())),
         ("circuit_breakers", format!("{breaker:?}")),
         ("connect_timeout_ms", format!("{connect_timeout_ms}")),
+        ("keepalive", format!("{:?}", spec.keepalive)),
         (
             "labels",
             serde_yaml::to_string(&spec.labels).unwrap_or_default(),
@@ -437,6 +451,7 @@ fn validate(
         Some(value) => crate::filters::cors::parse(value, "spec.cors", report),
         None => module.cors.clone(),
     };
+    let allow_upgrade = upgrades(spec, report);
 
     Some(Mapping {
         id: raw.id.clone(),
@@ -482,7 +497,32 @@ fn validate(
         cors,
         bypass_auth: spec.bypass_auth.unwrap_or(false),
         rate_labels,
+        allow_upgrade,
+        shadow,
     })
+}
+
+/// `allow_upgrade`, with the legacy `use_websocket: true` adding `websocket`.
+fn upgrades(spec: &MappingSpec, report: &mut Reporter) -> Vec<String> {
+    let mut protocols = Vec::new();
+    for (index, protocol) in spec.allow_upgrade.iter().flatten().enumerate() {
+        let protocol = protocol.trim().to_ascii_lowercase();
+        // The name is compared with the whole `Upgrade` header value.
+        if protocol.is_empty() || !protocol.bytes().all(|b| b.is_ascii_graphic()) {
+            report
+                .error(
+                    &format!("spec.allow_upgrade[{index}]"),
+                    format!("{protocol:?} is not a protocol name"),
+                )
+                .with_hint("e.g. websocket or spdy/3.1");
+        } else if !protocols.contains(&protocol) {
+            protocols.push(protocol);
+        }
+    }
+    if spec.use_websocket == Some(true) && !protocols.iter().any(|p| p == "websocket") {
+        protocols.push("websocket".into());
+    }
+    protocols
 }
 
 /// The `tls:` of a Mapping or TCPMapping: the origination context, and
@@ -799,21 +839,24 @@ pub(crate) fn keepalive(
     report: &mut Reporter,
 ) -> Option<Keepalive> {
     let mut valid = true;
-    let mut positive = |value: Option<u64>, key: &str, default: u64| match value {
-        Some(0) => {
-            report.error(
-                &format!("{field}.{key}"),
-                "0 is not a keepalive setting; use 1 or more",
-            );
-            valid = false;
-            default
-        }
-        Some(n) => n,
-        None => default,
-    };
-    let idle = positive(spec.idle_time, "idle_time", 7200);
-    let interval = positive(spec.interval, "interval", 75);
-    let probes = positive(spec.probes.map(u64::from), "probes", 9);
+    // The kernel's bounds: TCP_KEEPIDLE and TCP_KEEPINTVL take 1 to 32767
+    // seconds, TCP_KEEPCNT 1 to 127 probes.
+    let mut bounded =
+        |value: Option<u64>, key: &str, max: u64, unit: &str, default: u64| match value {
+            Some(n) if (1..=max).contains(&n) => n,
+            Some(n) => {
+                report.error(
+                    &format!("{field}.{key}"),
+                    format!("{n} {unit} is outside 1 to {max}"),
+                );
+                valid = false;
+                default
+            }
+            None => default,
+        };
+    let idle = bounded(spec.idle_time, "idle_time", 32767, "seconds", 7200);
+    let interval = bounded(spec.interval, "interval", 32767, "seconds", 75);
+    let probes = bounded(spec.probes.map(u64::from), "probes", 127, "probes", 9);
     valid.then(|| Keepalive {
         idle: std::time::Duration::from_secs(idle),
         interval: std::time::Duration::from_secs(interval),
@@ -827,20 +870,19 @@ pub(crate) fn retry_policy(
     field: &str,
     report: &mut Reporter,
 ) -> Option<RetryPolicy> {
-    let (connect_failure, reset, unsupported) =
-        match conditions(spec.retry_on.as_deref().unwrap_or("")) {
-            Ok(found) => found,
-            Err(e) => {
-                report.error(&format!("{field}.retry_on"), e);
-                return None;
-            }
-        };
+    let (on, unsupported) = match conditions(spec.retry_on.as_deref().unwrap_or("")) {
+        Ok(found) => found,
+        Err(e) => {
+            report.error(&format!("{field}.retry_on"), e);
+            return None;
+        }
+    };
     if !unsupported.is_empty() {
         report.warning(
             &format!("{field}.retry_on"),
             format!(
-                "retries decided by the response status ({}) are not supported by pingress yet; \
-                 failed connections and resets are retried",
+                "{} needs a list of status codes that retry_policy has no field for; it \
+                 retries nothing",
                 unsupported.join(", ")
             ),
         );
@@ -860,9 +902,8 @@ pub(crate) fn retry_policy(
             }
         },
     };
-    (connect_failure || reset).then_some(RetryPolicy {
-        connect_failure,
-        reset,
+    on.map(|on| RetryPolicy {
+        on,
         // Envoy retries once unless told otherwise.
         num_retries: spec.num_retries.unwrap_or(1),
         per_try_timeout,
@@ -896,11 +937,8 @@ pub(crate) fn breaker_thresholds(
                 continue;
             }
         }
-        if entry.max_retries.is_some() {
-            report.warning(
-                &format!("{entry_field}.max_retries"),
-                "retries are not supported by pingress yet; ignored",
-            );
+        if let Some(max) = entry.max_retries {
+            thresholds.max_retries = max;
         }
         if let Some(max) = entry.max_connections {
             thresholds.max_connections = max;

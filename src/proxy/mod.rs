@@ -19,12 +19,14 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::{H1UpgradePolicy, HttpUpstreamRequestPolicy};
 use pingora::ErrorType;
 use rand::Rng;
 
@@ -40,7 +42,8 @@ use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 use crate::upstream::balancer::{InFlight, RequestKey};
 use crate::upstream::breaker::Admission;
-use crate::upstream::retry::RetryPolicy;
+use crate::upstream::retry::RetryOn;
+use crate::upstream::shadow::{Shadow, MAX_MIRRORED_BODY};
 
 pub use respond::{classify, Failure, Reply};
 
@@ -63,18 +66,28 @@ impl Gateway {
         Gateway { snapshot, draining }
     }
 
-    /// Spends one retry of the route's policy when it covers this failure
-    /// and the deadline has time left.
-    fn retry_allowed(&self, ctx: &mut RequestCtx, covers: impl Fn(&RetryPolicy) -> bool) -> bool {
-        let Some(policy) = ctx.route.as_ref().and_then(|r| r.retry) else {
+    /// Spends one retry of the route's policy when it covers this failure,
+    /// the deadline has time left and the cluster's `max_retries` has room.
+    fn retry_allowed(&self, ctx: &mut RequestCtx, covers: impl Fn(&RetryOn) -> bool) -> bool {
+        let Some(route) = ctx.route.as_ref() else {
+            return false;
+        };
+        let Some(policy) = route.retry else {
             return false;
         };
         let in_time = ctx.deadline.is_none_or(|d| Instant::now() < d);
-        if covers(&policy) && ctx.retries < policy.num_retries && in_time {
-            ctx.retries += 1;
-            return true;
+        if !covers(&policy.on) || ctx.retries >= policy.num_retries || !in_time {
+            return false;
         }
-        false
+        if ctx.retrying.is_none() {
+            ctx.retrying = route.cluster().and_then(|c| c.breaker.try_retry());
+            if ctx.retrying.is_none() {
+                return false;
+            }
+        }
+        ctx.retries += 1;
+        route.metrics.retry();
+        true
     }
 
     /// Once the process is draining, every response closes its connection:
@@ -114,10 +127,58 @@ pub struct RequestCtx {
     set_cookie: Option<String>,
     /// Retries spent under the route's retry policy.
     retries: u32,
+    /// This request's place among its cluster's retrying requests.
+    retrying: Option<Admission>,
+    /// `upstream_response_filter` turned the response into a retry.
+    status_retry: bool,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
     /// The filters this request runs and their state.
     filters: Option<Run>,
+    /// An HTTP/1.1 upgrade the route allows.
+    upgrade: Option<Upgrade>,
+    /// Where the copy for the route's shadow stands.
+    mirror: Mirror,
+}
+
+/// A request's copy for a shadow Mapping.
+enum Mirror {
+    /// Not decided yet: the first try's upstream head decides.
+    Undecided,
+    /// Sent, or not to be sent.
+    Settled,
+    /// The head is copied; the body is kept as it passes to the primary.
+    Collecting {
+        shadow: Arc<Shadow>,
+        request: Box<RequestHeader>,
+        body: BytesMut,
+    },
+}
+
+/// An allowed upgrade. Pingora forwards WebSocket handshakes by itself;
+/// other protocols need the request's hop-by-hop headers kept as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    WebSocket,
+    Other,
+}
+
+/// How long an upgraded connection may sit silent when the Mapping sets no
+/// `idle_timeout_ms`: Envoy's default stream idle timeout, 5 minutes.
+const UPGRADED_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The protocol an HTTP/1.1 request asks to upgrade to. `h2c` is not an
+/// upgrade here: Envoy's codec drops it, and Pingora strips it upstream, so
+/// the request is proxied as it is. HTTP/1.0 and HTTP/2 requests never
+/// upgrade (Pingora does not treat them as upgrades).
+fn upgrade_protocol(session: &Session) -> Option<&str> {
+    if !session.is_upgrade_req() {
+        return None;
+    }
+    let value = session.req_header().headers.get(http::header::UPGRADE)?;
+    // A value that is not text cannot name an allowed protocol: refused.
+    let protocol = value.to_str().unwrap_or("").trim();
+    (!protocol.eq_ignore_ascii_case("h2c")).then_some(protocol)
 }
 
 fn protocol(session: &Session) -> &'static str {
@@ -385,8 +446,12 @@ impl ProxyHttp for Gateway {
             in_flight: None,
             set_cookie: None,
             retries: 0,
+            retrying: None,
+            status_retry: false,
             local_reply: None,
             filters: None,
+            upgrade: None,
+            mirror: Mirror::Undecided,
         }
     }
 
@@ -419,6 +484,17 @@ impl ProxyHttp for Gateway {
             return self.answer(session, ctx, reply).await;
         }
         if let Some(route) = &ctx.route {
+            if let Some(protocol) = upgrade_protocol(session) {
+                if !route.allows_upgrade(protocol) {
+                    let reply = Reply::upgrade_refused(protocol);
+                    return self.answer(session, ctx, reply).await;
+                }
+                ctx.upgrade = Some(if protocol.eq_ignore_ascii_case("websocket") {
+                    Upgrade::WebSocket
+                } else {
+                    Upgrade::Other
+                });
+            }
             if route.retry.is_some() {
                 // A body kept in memory can be sent again on a retry.
                 session.enable_retry_buffering();
@@ -473,10 +549,24 @@ impl ProxyHttp for Gateway {
         // response that trickles in under that.
         let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
         let per_try = route.retry.and_then(|r| r.per_try_timeout);
-        let wait = [left, route.idle_timeout, per_try]
-            .into_iter()
-            .flatten()
-            .min();
+        let wait = match ctx.upgrade {
+            // Pingora keeps these timeouts for the upgraded stream's life,
+            // so they can only be the idle timeout; `check_deadline` still
+            // holds the handshake's answer to the route timeout.
+            Some(upgrade) => {
+                if upgrade == Upgrade::Other {
+                    peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy {
+                        h1_upgrade: H1UpgradePolicy::Preserve,
+                        ..HttpUpstreamRequestPolicy::standard()
+                    };
+                }
+                Some(route.idle_timeout.unwrap_or(UPGRADED_IDLE))
+            }
+            None => [left, route.idle_timeout, per_try]
+                .into_iter()
+                .flatten()
+                .min(),
+        };
         peer.options.read_timeout = wait;
         peer.options.write_timeout = wait;
         ctx.upstream_started = Some(now);
@@ -492,7 +582,7 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         // Nothing reached the upstream: always safe to try again, and the
         // next try gets the cluster's next endpoint.
-        if self.retry_allowed(ctx, |policy| policy.connect_failure) {
+        if self.retry_allowed(ctx, |on| on.connect_failure) {
             e.set_retry(true);
         }
         e
@@ -507,6 +597,10 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // Decided when the response head arrived, with the buffer checked.
+        if std::mem::take(&mut ctx.status_retry) {
+            return e;
+        }
         // A request whose body was streamed beyond the retry buffer, or
         // that changes state, is never sent twice.
         if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
@@ -524,7 +618,18 @@ impl ProxyHttp for Gateway {
                     | ErrorType::WriteError
                     | ErrorType::H2Error
             );
-        if !e.retry() && broken && self.retry_allowed(ctx, |policy| policy.reset) {
+        // A try that ran out of its per_try_timeout is a 504 to Envoy's
+        // retry policy; one that ran out of the route timeout is not
+        // retried, as the deadline has passed.
+        let timed_out = session.response_written().is_none()
+            && matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            );
+        if !e.retry()
+            && ((broken && self.retry_allowed(ctx, |on| on.reset))
+                || (timed_out && self.retry_allowed(ctx, |on| on.status(504))))
+        {
             e.set_retry(true);
         }
         e
@@ -637,10 +742,45 @@ impl ProxyHttp for Gateway {
             upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
         }
         apply_edits(&route.request_headers, &facts(session), upstream)?;
-        match ctx.filters.as_mut() {
-            Some(run) => run.upstream_request(session, upstream).await,
-            None => Ok(()),
+        if let Some(run) = ctx.filters.as_mut() {
+            run.upstream_request(session, upstream).await?;
         }
+        start_mirror(session, upstream, ctx);
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Mirror::Collecting {
+            shadow, body: copy, ..
+        } = &mut ctx.mirror
+        else {
+            return Ok(());
+        };
+        if let Some(chunk) = body {
+            if copy.len() + chunk.len() > MAX_MIRRORED_BODY {
+                metrics().shadow(&shadow.mapping, "not_copied");
+                ctx.mirror = Mirror::Settled;
+                return Ok(());
+            }
+            copy.extend_from_slice(chunk);
+        }
+        if end_of_stream {
+            if let Mirror::Collecting {
+                shadow,
+                request,
+                body,
+            } = std::mem::replace(&mut ctx.mirror, Mirror::Settled)
+            {
+                shadow.mirror(*request, body.freeze());
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
@@ -650,6 +790,28 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         check_deadline(ctx)?;
+        let status = upstream_response.status.as_u16();
+        // Nothing has gone downstream yet, so the response can still be
+        // dropped for another try: the error ends this try without
+        // returning its connection to the pool (the rest of the response
+        // is unread), and Pingora calls `upstream_peer` again, replaying
+        // the buffered request body.
+        if !session.as_ref().retry_buffer_truncated()
+            && self.retry_allowed(ctx, |on| on.status(status))
+        {
+            ctx.status_retry = true;
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("upstream answered {status}; retrying"),
+            );
+            e.set_retry(true);
+            return Err(e.into_up());
+        }
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // The route timeout covers the handshake, not the upgraded
+            // stream's life, which the idle timeout bounds.
+            ctx.deadline = None;
+        }
         let suppress = ctx
             .snapshot
             .as_ref()
@@ -805,6 +967,40 @@ impl ProxyHttp for Gateway {
         };
         info!(target: "access", "{}", entry.render(format));
     }
+}
+
+/// Decides, on the first try, whether the route's shadow gets a copy: the
+/// head as sent to the primary (rewrites included), and the body once it
+/// has passed, if it is small enough to keep.
+fn start_mirror(session: &mut Session, upstream: &RequestHeader, ctx: &mut RequestCtx) {
+    if !matches!(ctx.mirror, Mirror::Undecided) {
+        return;
+    }
+    ctx.mirror = Mirror::Settled;
+    let Some(shadow) = ctx.route.as_ref().and_then(|r| r.shadow.clone()) else {
+        return;
+    };
+    // An upgraded stream has no request to copy.
+    if ctx.upgrade.is_some() || !shadow.takes(rand::thread_rng().gen_range(0..100)) {
+        return;
+    }
+    if session.is_body_empty() {
+        shadow.mirror(upstream.clone(), Bytes::new());
+        return;
+    }
+    let declared = upstream
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > MAX_MIRRORED_BODY) {
+        metrics().shadow(&shadow.mapping, "not_copied");
+        return;
+    }
+    ctx.mirror = Mirror::Collecting {
+        shadow,
+        request: Box::new(upstream.clone()),
+        body: BytesMut::new(),
+    };
 }
 
 /// Fails the exchange once the route timeout has run out; the error maps

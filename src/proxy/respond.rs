@@ -113,6 +113,15 @@ impl Reply {
         )
     }
 
+    /// An `Upgrade` the route does not allow: Envoy's 403 (`upgrade_failed`).
+    pub fn upgrade_refused(protocol: &str) -> Self {
+        Self::gateway(
+            403,
+            "upgrade_refused",
+            format!("this route does not allow upgrading to {protocol:?}"),
+        )
+    }
+
     pub fn rejected_insecure() -> Self {
         // Emissary answers Reject with 404: the routes simply do not exist
         // for insecure requests.

@@ -428,6 +428,8 @@ pub struct MappingGroup<'m> {
     pub members: Vec<&'m Mapping>,
     /// Cumulative thresholds, parallel to `members`.
     pub thresholds: Vec<u32>,
+    /// The `shadow: true` Mapping that mirrors the group's requests (§2.7).
+    pub shadow: Option<&'m Mapping>,
 }
 
 /// Groups and orders Mappings; inconsistent groups and newcomers are
@@ -466,6 +468,20 @@ pub fn group_mappings<'m>(
                 continue;
             }
         }
+        if mapping.shadow && members.iter().any(|m| m.shadow) {
+            diags.push(
+                Diagnostic::error(
+                    Location::Resource(mapping.id.clone()),
+                    format!(
+                        "{} shares its match with another shadow Mapping; a group has at most \
+                         one",
+                        mapping.name
+                    ),
+                )
+                .field("spec.shadow"),
+            );
+            continue;
+        }
         if mapping.redirect.is_some() && members.iter().any(|m| m.redirect.is_some()) {
             diags.push(
                 Diagnostic::error(
@@ -485,9 +501,31 @@ pub fn group_mappings<'m>(
 
     let mut out: Vec<(SortKey, MappingGroup)> = Vec::new();
     for identity in order {
-        let Some(members) = groups.remove(&identity) else {
+        let Some(mut members) = groups.remove(&identity) else {
             continue;
         };
+        // A shadow takes no share of the split: its weight is the share
+        // of requests it mirrors.
+        let shadow = members
+            .iter()
+            .position(|m| m.shadow)
+            .map(|index| members.remove(index));
+        if members.is_empty() {
+            if let Some(shadow) = shadow {
+                diags.push(
+                    Diagnostic::warning(
+                        Location::Resource(shadow.id.clone()),
+                        format!(
+                            "shadow Mapping {} has no Mapping with its match to mirror; it \
+                             routes nothing",
+                            shadow.name
+                        ),
+                    )
+                    .field("spec.shadow"),
+                );
+            }
+            continue;
+        }
         let members = ordered_for_split(&members);
         let Some(thresholds) = thresholds(&members, diags) else {
             continue;
@@ -502,6 +540,7 @@ pub fn group_mappings<'m>(
             MappingGroup {
                 members,
                 thresholds,
+                shadow,
             },
         ));
     }

@@ -33,10 +33,14 @@ use crate::tls::TlsContext;
 use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
 use crate::upstream::dns::DnsOptions;
 use crate::upstream::retry::RetryPolicy;
+use crate::upstream::shadow::Shadow;
 use pingora::tls::ssl::SslVersion;
 
 /// Emissary's `connect_timeout_ms` default, for authorizers too.
 const AUTH_CONNECT_TIMEOUT_MS: u64 = 3000;
+
+/// How long a copy for a shadow with `timeout_ms: 0` may take.
+const DEFAULT_SHADOW_TIMEOUT_MS: u64 = 3000;
 
 /// The port Emissary users expect when they define no Listener.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -63,6 +67,14 @@ impl Route {
             Target::Upstream(cluster) => &cluster.name,
             Target::Redirect(redirect) => &redirect.authority,
         }
+    }
+
+    /// Whether an HTTP/1.1 `Upgrade` to `protocol` may pass, as Envoy
+    /// compares upgrade types: the whole header value, any case.
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        self.allow_upgrade
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(protocol.trim()))
     }
 }
 
@@ -93,6 +105,10 @@ pub struct Route {
     pub bypass_auth: bool,
     /// The label groups of the evaluated rate-limit domain.
     pub(crate) rate_labels: Arc<[LabelGroup]>,
+    /// Protocols a request may upgrade to, lower-cased.
+    pub allow_upgrade: Vec<String>,
+    /// The group's shadow, which gets copies of a share of its requests.
+    pub shadow: Option<Arc<Shadow>>,
 }
 
 #[derive(Debug)]
@@ -262,31 +278,30 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
     let groups = group_mappings(&model.mappings, &mut diags);
     let mut compiled: Vec<(Arc<RouteGroup<Route>>, &MappingGroup)> = Vec::new();
     for group in &groups {
+        let shadow = group.shadow.map(|mapping| {
+            let timeout = match mapping.timeout_ms {
+                // A copy nobody waits for still ends.
+                0 => Duration::from_millis(DEFAULT_SHADOW_TIMEOUT_MS),
+                ms => Duration::from_millis(ms),
+            };
+            Arc::new(Shadow::new(
+                mapping.name.clone(),
+                upstream(mapping, &mut clusters, &mut diags),
+                mapping.weight.unwrap_or(100),
+                timeout,
+            ))
+        });
         let members = group
             .members
             .iter()
             .zip(&group.thresholds)
             .map(|(mapping, threshold)| {
-                if let Some(redirect) = &mapping.redirect {
-                    let target = Target::Redirect(redirect.clone());
-                    return (*threshold, Arc::new(route(mapping, target, model)));
-                }
-                let endpoints = mapping.resolver == ResolverKind::Endpoint;
-                let (cluster, problem) =
-                    clusters.cluster(cluster_key(mapping), mapping.tls.clone());
-                if let Some(problem) = problem {
-                    let hint = match endpoints {
-                        true => "requests for this Mapping get 503 until endpoints appear",
-                        false => "requests for this Mapping get 503 until the name resolves",
-                    };
-                    diags.push(
-                        Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
-                            .field("spec.service")
-                            .hint(hint),
-                    );
-                }
-                let target = Target::Upstream(cluster);
-                (*threshold, Arc::new(route(mapping, target, model)))
+                let target = match &mapping.redirect {
+                    Some(redirect) => Target::Redirect(redirect.clone()),
+                    None => Target::Upstream(upstream(mapping, &mut clusters, &mut diags)),
+                };
+                let route = route(mapping, target, shadow.clone(), model);
+                (*threshold, Arc::new(route))
             })
             .collect();
         compiled.push((
@@ -576,6 +591,27 @@ fn cluster_key(mapping: &crate::model::Mapping) -> ClusterKey {
     }
 }
 
+/// The cluster a Mapping proxies (or mirrors) to.
+fn upstream(
+    mapping: &crate::model::Mapping,
+    clusters: &mut ClusterBuilder,
+    diags: &mut Vec<Diagnostic>,
+) -> Arc<Cluster> {
+    let (cluster, problem) = clusters.cluster(cluster_key(mapping), mapping.tls.clone());
+    if let Some(problem) = problem {
+        let hint = match mapping.resolver == ResolverKind::Endpoint {
+            true => "requests for this Mapping get 503 until endpoints appear",
+            false => "requests for this Mapping get 503 until the name resolves",
+        };
+        diags.push(
+            Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
+                .field("spec.service")
+                .hint(hint),
+        );
+    }
+    cluster
+}
+
 /// Where a synthesized Listener or Host comes from: the gateway itself.
 fn location(id: &Option<crate::config::diagnostics::ResourceRef>) -> Location {
     match id {
@@ -595,7 +631,12 @@ fn binds(binding: &HostBinding, host: &VirtualHost) -> bool {
             .all(|(k, v)| host.labels.get(k) == Some(v))
 }
 
-fn route(mapping: &crate::model::Mapping, target: Target, model: &Model) -> Route {
+fn route(
+    mapping: &crate::model::Mapping,
+    target: Target,
+    shadow: Option<Arc<Shadow>>,
+    model: &Model,
+) -> Route {
     let module = &model.module;
     let host_rewrite = mapping.host_rewrite.clone().or_else(|| {
         mapping
@@ -641,6 +682,8 @@ fn route(mapping: &crate::model::Mapping, target: Target, model: &Model) -> Rout
             .cloned()
             .unwrap_or_default()
             .into(),
+        allow_upgrade: mapping.allow_upgrade.clone(),
+        shadow,
     }
 }
 

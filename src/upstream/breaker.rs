@@ -2,7 +2,8 @@
 //! exchanges with a cluster at once, at most `max_pending_requests` waiting
 //! for one of them; beyond that the gateway answers 503 with
 //! `x-envoy-overloaded: true`, as Envoy does, instead of piling up load on
-//! an upstream that cannot keep up.
+//! an upstream that cannot keep up. At most `max_retries` requests retry
+//! at once; beyond that a failure is answered without another try.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct Thresholds {
     pub max_connections: usize,
     pub max_pending_requests: usize,
+    pub max_retries: usize,
 }
 
 impl Default for Thresholds {
@@ -22,6 +24,7 @@ impl Default for Thresholds {
         Thresholds {
             max_connections: 1024,
             max_pending_requests: 1024,
+            max_retries: 3,
         }
     }
 }
@@ -31,6 +34,7 @@ pub struct Breaker {
     thresholds: Thresholds,
     active: Arc<Semaphore>,
     pending: AtomicUsize,
+    retrying: Arc<Semaphore>,
 }
 
 /// An admitted exchange; dropping it frees its place.
@@ -42,12 +46,19 @@ impl Breaker {
             thresholds,
             active: Arc::new(Semaphore::new(thresholds.max_connections)),
             pending: AtomicUsize::new(0),
+            retrying: Arc::new(Semaphore::new(thresholds.max_retries)),
         }
     }
 
     /// A place now, or none: a tunnel has no request that could wait.
     pub fn try_admit(&self) -> Option<Admission> {
         self.active.clone().try_acquire_owned().ok()
+    }
+
+    /// A place among the requests retrying now; a request keeps it until
+    /// it ends, whatever number of tries it takes.
+    pub fn try_retry(&self) -> Option<Admission> {
+        self.retrying.clone().try_acquire_owned().ok()
     }
 
     /// Waits for a place, or refuses at once when too many already wait.
@@ -74,6 +85,7 @@ mod tests {
         let breaker = Arc::new(Breaker::new(Thresholds {
             max_connections: 1,
             max_pending_requests: 1,
+            max_retries: 1,
         }));
         let first = breaker.admit().await.expect("a free place");
         let waiting = tokio::spawn({
@@ -85,5 +97,10 @@ mod tests {
         assert!(breaker.admit().await.is_none());
         drop(first);
         assert!(waiting.await.unwrap());
+
+        let retrying = breaker.try_retry().expect("a free retry");
+        assert!(breaker.try_retry().is_none());
+        drop(retrying);
+        assert!(breaker.try_retry().is_some());
     }
 }

@@ -10,4 +10,5 @@ pub mod health;
 pub mod policy;
 pub mod retry;
 pub mod service;
+pub mod shadow;
 pub mod tasks;

@@ -1,36 +1,73 @@
 //! `retry_policy` (§2.8): which failures are retried, how often, and how
 //! long each try may wait. Retries happen inside the route timeout, and a
-//! request whose body was streamed upstream without being buffered is never
-//! sent twice.
+//! request whose body was streamed upstream beyond Pingora's retry buffer
+//! is never sent twice.
 
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// The upstream could not be reached (refused, timed out, unreachable).
-    pub connect_failure: bool,
-    /// The connection broke before a response arrived.
-    pub reset: bool,
+    pub on: RetryOn,
     pub num_retries: u32,
     pub per_try_timeout: Option<Duration>,
 }
 
-/// The `retry_on` conditions pingress acts on, and those it does not yet
-/// (retries decided by the response status).
-pub fn conditions(retry_on: &str) -> Result<(bool, bool, Vec<&str>), String> {
-    let (mut connect_failure, mut reset, mut unsupported) = (false, false, Vec::new());
+/// The failures a policy retries (`retry_on`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// The upstream could not be reached (refused, timed out, unreachable).
+    pub connect_failure: bool,
+    /// The connection broke before a response arrived.
+    pub reset: bool,
+    /// `5xx`: any 5xx response, and a try that timed out (Envoy counts it
+    /// as a 504).
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504, and a try that timed out.
+    pub gateway_error: bool,
+    /// `retriable-4xx`: 409.
+    pub conflict: bool,
+}
+
+impl RetryOn {
+    /// Whether a response with this status is tried again.
+    pub fn status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+            || (self.conflict && status == 409)
+    }
+
+    fn any(&self) -> bool {
+        self.connect_failure
+            || self.reset
+            || self.server_error
+            || self.gateway_error
+            || self.conflict
+    }
+}
+
+/// The `retry_on` conditions pingress acts on, and those it cannot
+/// (`retriable-status-codes` needs a list of codes Emissary's
+/// `retry_policy` has no field for). `None`: nothing is retried.
+pub fn conditions(retry_on: &str) -> Result<(Option<RetryOn>, Vec<&str>), String> {
+    let (mut on, mut unsupported) = (RetryOn::default(), Vec::new());
     for condition in retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
         match condition {
-            "connect-failure" => connect_failure = true,
-            "reset" | "refused-stream" => reset = true,
+            "connect-failure" => on.connect_failure = true,
+            "reset" | "refused-stream" => on.reset = true,
             // Envoy's 5xx and gateway-error also cover failed connections
-            // and resets; their status-based half is not done yet.
-            "5xx" | "gateway-error" => {
-                connect_failure = true;
-                reset = true;
-                unsupported.push(condition);
+            // and resets.
+            "5xx" => {
+                on.server_error = true;
+                on.connect_failure = true;
+                on.reset = true;
             }
-            "retriable-4xx" | "retriable-status-codes" => unsupported.push(condition),
+            "gateway-error" => {
+                on.gateway_error = true;
+                on.connect_failure = true;
+                on.reset = true;
+            }
+            "retriable-4xx" => on.conflict = true,
+            "retriable-status-codes" => unsupported.push(condition),
             other => {
                 return Err(format!(
                     "unknown retry_on condition {other:?} (5xx, gateway-error, connect-failure, \
@@ -39,7 +76,7 @@ pub fn conditions(retry_on: &str) -> Result<(bool, bool, Vec<&str>), String> {
             }
         }
     }
-    Ok((connect_failure, reset, unsupported))
+    Ok((on.any().then_some(on), unsupported))
 }
 
 /// Envoy durations as Emissary writes them: `250ms`, `1s`, `1.5s`, `2m`.
@@ -73,11 +110,30 @@ mod tests {
 
     #[test]
     fn retry_on() {
+        let (on, unsupported) = conditions("connect-failure").unwrap();
+        let on = on.unwrap();
+        assert!(on.connect_failure && !on.reset && !on.status(503));
+        assert!(unsupported.is_empty());
+
+        let (on, _) = conditions("gateway-error, retriable-4xx").unwrap();
+        let on = on.unwrap();
+        assert!(on.connect_failure && on.reset);
+        for (status, retried) in [
+            (500, false),
+            (502, true),
+            (504, true),
+            (409, true),
+            (404, false),
+        ] {
+            assert_eq!(on.status(status), retried, "{status}");
+        }
+        let (on, _) = conditions("5xx").unwrap();
+        assert!(on.unwrap().status(500) && !on.unwrap().status(409));
+
         assert_eq!(
-            conditions("connect-failure").unwrap(),
-            (true, false, vec![])
+            conditions("retriable-status-codes").unwrap(),
+            (None, vec!["retriable-status-codes"])
         );
-        assert_eq!(conditions("5xx, reset").unwrap(), (true, true, vec!["5xx"]));
         assert!(conditions("sometimes").is_err());
     }
 }

@@ -1770,6 +1770,14 @@ impl EchoReply {
             .unwrap_or(0)
     }
 
+    /// This request's number among those with its `x-echo-key`.
+    pub fn attempt(&self) -> u64 {
+        self.json
+            .get("attempt")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
     /// The `tls` object, `None` for plain connections.
     pub fn tls(&self) -> Option<&Value> {
         self.json.get("tls").filter(|t| !t.is_null())

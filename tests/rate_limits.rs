@@ -307,3 +307,45 @@ fn a_grpc_rate_limit_service_is_a_configuration_error() {
         out.stdout
     );
 }
+
+/// The chain's order: the authorizer answers before rate limits count, so
+/// refused requests spend nothing, and the limit sees the route chosen
+/// after authentication.
+#[test]
+fn rate_limits_count_only_what_authentication_let_through() {
+    let echo = Echo::plain("rl");
+    let authz = Echo::plain("authz");
+    let resources = [
+        labelled(
+            "limited",
+            "/limited/",
+            &echo,
+            "- per-api:\n  - generic_key: {value: limited}",
+        ),
+        rate_limit(
+            "api",
+            "- pattern: [{generic_key: limited}]\n  rate: 2\n  unit: minute",
+        ),
+        doc(
+            "AuthService",
+            "name: authz",
+            &format!(
+                "auth_service: 127.0.0.1:{}\nallowed_request_headers: [x-echo-status]",
+                authz.port()
+            ),
+        ),
+    ]
+    .concat();
+    let (_dir, _gateway, port) = start("", &resources);
+
+    for _ in 0..5 {
+        let refused = get(port, "/limited/", &[("x-echo-status", "401")]);
+        assert_eq!(refused.status, 401, "{}", refused.text());
+    }
+    for remaining in ["1", "0"] {
+        let ok = get(port, "/limited/", &[]);
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        assert_eq!(ok.header("ratelimit-remaining"), Some(remaining));
+    }
+    assert_limited(&get(port, "/limited/", &[]), "2");
+}

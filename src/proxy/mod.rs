@@ -116,7 +116,8 @@ pub struct RequestCtx {
     deadline: Option<Instant>,
     upstream_started: Option<Instant>,
     /// The upstream endpoint chosen, for the access log.
-    upstream_addr: Option<String>,
+    /// Formatted only if an access-log line is written.
+    upstream_addr: Option<pingora::protocols::l4::socket::SocketAddr>,
     /// This request's place under its cluster's circuit breaker.
     admission: Option<Admission>,
     /// The circuit breaker refused the request.
@@ -542,7 +543,7 @@ impl ProxyHttp for Gateway {
         ctx.in_flight = choice.in_flight;
         ctx.set_cookie = choice.set_cookie;
         let mut peer = choice.peer;
-        ctx.upstream_addr = Some(peer._address.to_string());
+        ctx.upstream_addr = Some(peer._address.clone());
         let now = Instant::now();
         // Each read may wait at most what is left of the route timeout (or
         // the idle timeout, if shorter); `check_deadline` catches a
@@ -945,6 +946,7 @@ impl ProxyHttp for Gateway {
             return;
         }
         let req = session.req_header();
+        let upstream = ctx.upstream_addr.as_ref().map(ToString::to_string);
         let entry = AccessEntry {
             client: session.client_addr().map(|a| a.to_string()),
             method: req.method.as_str(),
@@ -953,7 +955,7 @@ impl ProxyHttp for Gateway {
             status,
             bytes: session.body_bytes_sent(),
             duration: elapsed,
-            upstream: ctx.upstream_addr.as_deref(),
+            upstream: upstream.as_deref(),
             mapping: ctx.route.as_ref().map(|r| r.mapping.as_str()),
             request_id: req
                 .headers

@@ -23,8 +23,9 @@ use crate::tls::TlsContext;
 use crate::upstream::cluster::ConnectionOptions;
 use std::sync::Arc;
 
-/// `cluster_idle_timeout_ms`: 0 turns the idle timeout off, as in Envoy.
-pub(crate) fn idle_timeout(ms: Option<u64>) -> Option<std::time::Duration> {
+/// `cluster_idle_timeout_ms` and `cluster_max_connection_lifetime_ms`: 0
+/// means no limit, as in Envoy.
+pub(crate) fn unlimited_if_zero(ms: Option<u64>) -> Option<std::time::Duration> {
     ms.filter(|ms| *ms > 0)
         .map(std::time::Duration::from_millis)
 }
@@ -58,10 +59,10 @@ const MODULE_SUPPORTED: &[&str] = &[
     "resolver",
     "load_balancer",
     "cluster_idle_timeout_ms",
+    "cluster_max_connection_lifetime_ms",
     "keepalive",
 ];
 const MODULE_LATER: &[&str] = &[
-    "cluster_max_connection_lifetime_ms",
     "listener_idle_timeout_ms",
     "diagnostics",
     "readiness_probe",
@@ -299,7 +300,8 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         resolver: config.resolver.clone().unwrap_or(base.resolver),
         load_balancer,
         connections: ConnectionOptions {
-            idle_timeout: idle_timeout(config.cluster_idle_timeout_ms),
+            idle_timeout: unlimited_if_zero(config.cluster_idle_timeout_ms),
+            max_lifetime: unlimited_if_zero(config.cluster_max_connection_lifetime_ms),
             keepalive: match &config.keepalive {
                 Some(spec) => Some(super::keepalive(spec, "spec.config.keepalive", report)?),
                 None => None,

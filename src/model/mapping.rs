@@ -82,6 +82,7 @@ const SUPPORTED: &[&str] = &[
     "enable_ipv4",
     "enable_ipv6",
     "cluster_idle_timeout_ms",
+    "cluster_max_connection_lifetime_ms",
     "allow_upgrade",
     "use_websocket",
     "shadow",
@@ -104,7 +105,6 @@ const LATER: &[&str] = &[
     "v2ExplicitTLS",
     "v2BoolHeaders",
     "v2BoolQueryParameters",
-    "cluster_max_connection_lifetime_ms",
 ];
 
 #[derive(Debug, Clone)]
@@ -658,8 +658,12 @@ fn upstream_choice(
     }
     mapping.connections = ConnectionOptions {
         idle_timeout: match spec.cluster_idle_timeout_ms {
-            Some(ms) => super::edge::idle_timeout(Some(ms)),
+            Some(ms) => super::edge::unlimited_if_zero(Some(ms)),
             None => module.connections.idle_timeout,
+        },
+        max_lifetime: match spec.cluster_max_connection_lifetime_ms {
+            Some(ms) => super::edge::unlimited_if_zero(Some(ms)),
+            None => module.connections.max_lifetime,
         },
         keepalive: match &spec.keepalive {
             Some(spec) => Some(keepalive(spec, "spec.keepalive", report)?),

@@ -68,7 +68,8 @@ pub struct ModuleSettings {
     pub resolver: String,
     /// The default `load_balancer` of Mappings that use an endpoint resolver.
     pub load_balancer: Option<Policy>,
-    /// The default `cluster_idle_timeout_ms` and `keepalive`.
+    /// The default `cluster_idle_timeout_ms`, `cluster_max_connection_lifetime_ms`
+    /// and `keepalive`.
     pub connections: ConnectionOptions,
     pub defaults: MappingDefaults,
     pub preserve_external_request_id: bool,

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -25,7 +25,7 @@ use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Digest;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::upstreams::peer::{H1UpgradePolicy, HttpUpstreamRequestPolicy};
 use pingora::ErrorType;
 use rand::Rng;
@@ -132,6 +132,8 @@ pub struct RequestCtx {
     retrying: Option<Admission>,
     /// `upstream_response_filter` turned the response into a retry.
     status_retry: bool,
+    /// Pooled connections refused for being past their lifetime.
+    expired_refused: u32,
     /// Why the gateway answered by itself, for the access log.
     local_reply: Option<&'static str>,
     /// The filters this request runs and their state.
@@ -163,6 +165,13 @@ enum Upgrade {
     WebSocket,
     Other,
 }
+
+/// Pooled connections past their lifetime that one request refuses before
+/// it opens a connection of its own. Each refusal costs one of Pingora's
+/// tries (`max_retries`, 16 by default), which the retry policy needs too;
+/// past this bound the pool may hold more expired ones, and waiting for
+/// them to be refused one by one could use up the tries.
+const EXPIRED_REFUSALS: u32 = 4;
 
 /// How long an upgraded connection may sit silent when the Mapping sets no
 /// `idle_timeout_ms`: Envoy's default stream idle timeout, 5 minutes.
@@ -449,6 +458,7 @@ impl ProxyHttp for Gateway {
             retries: 0,
             retrying: None,
             status_retry: false,
+            expired_refused: 0,
             local_reply: None,
             filters: None,
             upgrade: None,
@@ -570,6 +580,12 @@ impl ProxyHttp for Gateway {
         };
         peer.options.read_timeout = wait;
         peer.options.write_timeout = wait;
+        if fresh_connection(ctx) {
+            // A pool key no pooled connection has: Pingora connects anew.
+            // `upstream_request_filter` asks for `Connection: close`, so the
+            // connection is not pooled under a key no one else asks for.
+            peer.group_key = !peer.group_key;
+        }
         ctx.upstream_started = Some(now);
         Ok(Box::new(peer))
     }
@@ -600,6 +616,11 @@ impl ProxyHttp for Gateway {
         let mut e = e.more_context(format!("Peer: {peer}"));
         // Decided when the response head arrived, with the buffer checked.
         if std::mem::take(&mut ctx.status_retry) {
+            return e;
+        }
+        // Nothing was sent on an expired connection: another try is always
+        // safe, and it is routine, not a failure the retry policy pays for.
+        if is_expired_refusal(&e) {
             return e;
         }
         // A request whose body was streamed beyond the retry buffer, or
@@ -646,6 +667,22 @@ impl ProxyHttp for Gateway {
         digest: Option<&Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let cluster = ctx.route.as_ref().and_then(|r| r.cluster());
+        let lifetime = cluster.and_then(|c| c.key.connections.max_lifetime);
+        if let (true, Some(lifetime)) = (reused, lifetime) {
+            if expired(peer, digest, lifetime) {
+                // Pingora drops the connection (an H1 session that errs
+                // here is not released to the pool) and tries again.
+                ctx.expired_refused += 1;
+                let mut e = Error::explain(
+                    ErrorType::Custom(respond::EXPIRED_CONNECTION),
+                    format!("pooled connection older than {lifetime:?}"),
+                )
+                .into_up();
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
         let counters = metrics();
         if reused {
             counters.upstream_connections_reused.inc();
@@ -655,7 +692,7 @@ impl ProxyHttp for Gateway {
                 counters.upstream_tls_handshakes.inc();
             }
         }
-        let Some(tls) = ctx.route.as_ref().and_then(|r| r.cluster()?.tls.as_ref()) else {
+        let Some(tls) = cluster.and_then(|c| c.tls.as_ref()) else {
             return Ok(());
         };
         let Some(ssl) = digest.and_then(|d| d.ssl_digest.as_ref()) else {
@@ -747,6 +784,9 @@ impl ProxyHttp for Gateway {
             run.upstream_request(session, upstream).await?;
         }
         start_mirror(session, upstream, ctx);
+        if fresh_connection(ctx) && ctx.upgrade.is_none() {
+            upstream.insert_header(http::header::CONNECTION, "close")?;
+        }
         Ok(())
     }
 
@@ -917,6 +957,17 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// An expired pooled connection that was refused is routine.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        matches!(context, ProxyWarnLogContext::UpstreamRetry) && is_expired_refusal(error)
+    }
+
     /// `fail_to_proxy` logs failures with the Mapping's name; Pingora's own
     /// line would say the same thing again without it.
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
@@ -1003,6 +1054,33 @@ fn start_mirror(session: &mut Session, upstream: &RequestHeader, ctx: &mut Reque
         request: Box::new(upstream.clone()),
         body: BytesMut::new(),
     };
+}
+
+/// Whether a reused HTTP/1 connection was established longer than
+/// `lifetime` ago. An HTTP/2 connection is shared by many streams and
+/// Pingora returns it to its pool even when a stream refuses it, so
+/// refusing would only hand the same connection back: it is not checked.
+fn expired(peer: &HttpPeer, digest: Option<&Digest>, lifetime: std::time::Duration) -> bool {
+    if peer.options.alpn.get_max_http_version() > 1 {
+        return false;
+    }
+    let Some(timing) = digest.and_then(|d| d.timing_digest.first()?.as_ref()) else {
+        return false;
+    };
+    // A clock set back makes the age unknown: the connection stays.
+    SystemTime::now()
+        .duration_since(timing.established_ts)
+        .is_ok_and(|age| age > lifetime)
+}
+
+fn is_expired_refusal(e: &Error) -> bool {
+    e.etype() == &ErrorType::Custom(respond::EXPIRED_CONNECTION)
+}
+
+/// Whether this try must not take a pooled connection: it has refused as
+/// many expired ones as it may.
+fn fresh_connection(ctx: &RequestCtx) -> bool {
+    ctx.expired_refused >= EXPIRED_REFUSALS
 }
 
 /// Fails the exchange once the route timeout has run out; the error maps

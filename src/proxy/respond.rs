@@ -14,6 +14,10 @@ use pingora::{ErrorSource, ErrorType};
 /// The `ErrorType::Custom` tag of an upstream TLS policy violation.
 pub const TLS_POLICY: &str = "UpstreamTlsPolicy";
 
+/// The `ErrorType::Custom` tag of a pooled connection refused for being
+/// older than its cluster's `cluster_max_connection_lifetime_ms`.
+pub const EXPIRED_CONNECTION: &str = "UpstreamConnectionExpired";
+
 /// A response the gateway writes itself: its own answers (404, redirects,
 /// 503 overloaded...) and those of filters.
 pub struct Reply {

@@ -175,12 +175,15 @@ impl ClusterKey {
 }
 
 /// How pooled upstream connections are kept (`cluster_idle_timeout_ms`,
-/// `keepalive`).
+/// `cluster_max_connection_lifetime_ms`, `keepalive`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ConnectionOptions {
     /// How long a pooled connection may sit idle; `None`: until the pool
     /// evicts it or the upstream closes it.
     pub idle_timeout: Option<Duration>,
+    /// How old an HTTP/1 connection may be and still take a new request
+    /// (Envoy's `max_connection_duration`); `None`: no limit.
+    pub max_lifetime: Option<Duration>,
     pub keepalive: Option<Keepalive>,
 }
 
@@ -399,8 +402,9 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
         peer.group_key = tls.identity;
     }
     if key.connections != ConnectionOptions::default() {
-        // Pingora's pool key ignores the idle timeout and keepalive: without
-        // this, another cluster's connections (and timeouts) would be shared.
+        // Pingora's pool key ignores the idle timeout, lifetime and keepalive:
+        // without this, another cluster's connections (and limits) would be
+        // shared.
         let mut hasher = std::hash::DefaultHasher::new();
         (peer.group_key, key.connections).hash(&mut hasher);
         peer.group_key = hasher.finish();

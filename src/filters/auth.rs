@@ -29,6 +29,7 @@ use crate::model::{count, TlsContexts};
 use crate::tls::TlsContext;
 use crate::upstream::cluster::Cluster;
 use crate::upstream::service::ServiceAddr;
+use crate::upstream::side;
 
 /// Request headers the authorizer always sees (Emissary's list).
 const ALWAYS_TO_AUTHORIZER: &[&str] = &[
@@ -354,13 +355,6 @@ impl ExtAuth {
     }
 }
 
-/// What the authorizer said.
-struct Verdict {
-    status: u16,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    body: Bytes,
-}
-
 /// The request to the authorizer: the client's method, the prefixed path,
 /// the chosen headers, and the body shown (if any).
 fn auth_request(
@@ -396,51 +390,6 @@ fn auth_request(
     }
     request.insert_header(CONTENT_LENGTH, body.map_or(0, Bytes::len).to_string())?;
     Ok(request)
-}
-
-/// One exchange with an authorizer over the shared pool.
-async fn ask(
-    cluster: &Cluster,
-    request: RequestHeader,
-    body: Option<Bytes>,
-) -> std::result::Result<Verdict, String> {
-    let peer = cluster
-        .peer()
-        .ok_or_else(|| format!("{} has no endpoints", cluster.name))?;
-    let fail = |e: Box<pingora::Error>| format!("{}: {e}", cluster.name);
-    let (mut http, _reused) = CONNECTOR.get_http_session(&peer).await.map_err(fail)?;
-    http.write_request_header(Box::new(request))
-        .await
-        .map_err(fail)?;
-    if let Some(body) = body {
-        http.write_request_body(body, true).await.map_err(fail)?;
-    }
-    http.finish_request_body().await.map_err(fail)?;
-    http.read_response_header().await.map_err(fail)?;
-    let head = http
-        .response_header()
-        .ok_or_else(|| format!("{}: no response", cluster.name))?;
-    let status = head.status.as_u16();
-    let headers = head
-        .headers
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let mut body = BytesMut::new();
-    while let Some(chunk) = http.read_response_body().await.map_err(fail)? {
-        if body.len() + chunk.len() > MAX_DENIAL_BODY {
-            return Err(format!("{}: the response body is too large", cluster.name));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    CONNECTOR
-        .release_http_session(http, &peer, peer.options.idle_timeout)
-        .await;
-    Ok(Verdict {
-        status,
-        headers,
-        body: body.freeze(),
-    })
 }
 
 /// Reads up to `limit` of the request body into Pingora's retry buffer,
@@ -520,7 +469,11 @@ impl Filter for ExtAuth {
         };
         let request = auth_request(session, policy, body.as_ref())?;
         let cluster = &clusters[next.fetch_add(1, Ordering::Relaxed) % clusters.len()];
-        let answer = match tokio::time::timeout(policy.timeout, ask(cluster, request, body)).await {
+        let keep = side::Body::Keep {
+            at_most: MAX_DENIAL_BODY,
+        };
+        let ask = side::exchange(&CONNECTOR, cluster, request, body, keep);
+        let answer = match tokio::time::timeout(policy.timeout, ask).await {
             Ok(Ok(verdict)) if verdict.status < 500 => Ok(verdict),
             Ok(Ok(verdict)) => Err(format!("{} answered {}", cluster.name, verdict.status)),
             Ok(Err(e)) => Err(e),

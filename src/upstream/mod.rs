@@ -11,4 +11,5 @@ pub mod policy;
 pub mod retry;
 pub mod service;
 pub mod shadow;
+pub mod side;
 pub mod tasks;

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use crate::metrics::metrics;
 
 use super::cluster::Cluster;
+use super::side;
 
 /// Copies of one shadow running at once; one more is skipped.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -74,9 +75,13 @@ impl Shadow {
         let (mapping, cluster, timeout) =
             (self.mapping.clone(), self.cluster.clone(), self.timeout);
         tokio::spawn(async move {
-            let outcome = match tokio::time::timeout(timeout, send(&cluster, request, body)).await {
-                Ok(Ok(status)) => {
-                    debug!("shadow {mapping}: {} answered {status}", cluster.name);
+            let copy = side::exchange(&CONNECTOR, &cluster, request, Some(body), side::Body::Drop);
+            let outcome = match tokio::time::timeout(timeout, copy).await {
+                Ok(Ok(answer)) => {
+                    debug!(
+                        "shadow {mapping}: {} answered {}",
+                        cluster.name, answer.status
+                    );
                     "sent"
                 }
                 Ok(Err(e)) => {
@@ -126,30 +131,6 @@ fn shadow_authority(authority: &str) -> String {
     };
     let (host, port) = authority.split_at(port_at);
     format!("{host}-shadow{port}")
-}
-
-/// One exchange; the answer is read to the end, so the connection can be
-/// pooled, and dropped.
-async fn send(cluster: &Cluster, request: RequestHeader, body: Bytes) -> Result<u16, String> {
-    let peer = cluster
-        .peer()
-        .ok_or_else(|| format!("{} has no endpoints", cluster.name))?;
-    let fail = |e: Box<pingora::Error>| format!("{}: {e}", cluster.name);
-    let (mut http, _reused) = CONNECTOR.get_http_session(&peer).await.map_err(fail)?;
-    http.write_request_header(Box::new(request))
-        .await
-        .map_err(fail)?;
-    if !body.is_empty() {
-        http.write_request_body(body, true).await.map_err(fail)?;
-    }
-    http.finish_request_body().await.map_err(fail)?;
-    http.read_response_header().await.map_err(fail)?;
-    let status = http.response_header().map_or(0, |h| h.status.as_u16());
-    while http.read_response_body().await.map_err(fail)?.is_some() {}
-    CONNECTOR
-        .release_http_session(http, &peer, peer.options.idle_timeout)
-        .await;
-    Ok(status)
 }
 
 #[cfg(test)]

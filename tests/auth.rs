@@ -24,14 +24,6 @@ fn auth_service(name: &str, address: &str, extra: &str) -> String {
 const STEERABLE: &str =
     "allowed_request_headers: [x-echo-status, x-echo-header, x-echo-delay-ms]\n";
 
-fn start(resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway(dir.path(), port, free_port(), resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
-
 /// Behaviours 43 and 44: allowed requests carry the authorizer's chosen
 /// headers (which can choose the Mapping); denials reach the client with
 /// the authorizer's status, body and chosen headers.
@@ -59,7 +51,7 @@ fn allow_deny_and_routing_after_auth() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     let steer = |headers: &[&str]| -> Vec<(&str, String)> {
         headers
@@ -147,7 +139,7 @@ fn bypass_auth_and_redirects_skip_the_authorizer() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     assert_eq!(request(port, "GET", "/target/", &[]).status, 403);
     request(port, "GET", "/target/unauthed/x", &[]).echo_ok();
@@ -173,7 +165,7 @@ fn authorizer_failures_get_status_on_error_or_pass() {
         route("app", "/", &app, ""),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&strict);
+    let (_dir, _gateway, port) = start_gateway("", &strict);
     request(port, "GET", "/", &[]).echo_ok();
     assert_eq!(
         request(port, "GET", "/", &[("x-echo-status", "500")]).status,
@@ -190,7 +182,7 @@ fn authorizer_failures_get_status_on_error_or_pass() {
         route("app", "/", &app, ""),
     ]
     .concat();
-    let (_dir2, _gateway2, port2) = start(&closed);
+    let (_dir2, _gateway2, port2) = start_gateway("", &closed);
     assert_eq!(request(port2, "GET", "/", &[]).status, 403);
     let lenient = [
         auth_service(
@@ -201,7 +193,7 @@ fn authorizer_failures_get_status_on_error_or_pass() {
         route("app", "/", &app, ""),
     ]
     .concat();
-    let (_dir3, _gateway3, port3) = start(&lenient);
+    let (_dir3, _gateway3, port3) = start_gateway("", &lenient);
     request(port3, "GET", "/", &[]).echo_ok();
 }
 
@@ -216,7 +208,7 @@ fn several_authservices_take_turns() {
         route("app", "/", &app, ""),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
     let askers: std::collections::BTreeSet<String> = (0..6)
         .map(|_| {
             request(port, "GET", "/", &[("x-echo-status", "403")])
@@ -245,7 +237,7 @@ fn include_body_shows_the_body_and_still_proxies_it() {
         ]
         .concat()
     };
-    let (_dir, _gateway, port) = start(&with_body("include_body:\n  max_bytes: 100\n"));
+    let (_dir, _gateway, port) = start_gateway("", &with_body("include_body:\n  max_bytes: 100\n"));
     let small = vec![b'a'; 60];
     let allowed = Request::post("/upload", small.clone()).send(port).echo_ok();
     assert_eq!(allowed.body_len(), 60, "the upstream gets the whole body");
@@ -256,9 +248,10 @@ fn include_body_shows_the_body_and_still_proxies_it() {
     let large = Request::post("/upload", vec![b'b'; 300]).send(port);
     assert_eq!(large.status, 413, "{}", large.text());
 
-    let (_dir2, _gateway2, port2) = start(&with_body(
-        "include_body:\n  max_bytes: 100\n  allow_partial: true\n",
-    ));
+    let (_dir2, _gateway2, port2) = start_gateway(
+        "",
+        &with_body("include_body:\n  max_bytes: 100\n  allow_partial: true\n"),
+    );
     let partial = Request::post("/upload", vec![b'c'; 300])
         .header("x-echo-status", "403")
         .send(port2);
@@ -283,7 +276,7 @@ fn a_broken_authservice_fails_closed() {
         route("app", "/", &app, ""),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let refused = request(port, "GET", "/", &[]);
     assert_eq!(refused.status, 500);
     assert_eq!(refused.header("content-type"), Some("application/json"));

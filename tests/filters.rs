@@ -22,22 +22,6 @@ fn module(config: &str) -> String {
     )
 }
 
-fn start(resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    start_with(std::path::Path::new(PINGRESS), "", resources)
-}
-
-fn start_with(
-    program: &std::path::Path,
-    listener_extra: &str,
-    resources: &str,
-) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway_with_listener(dir.path(), port, free_port(), listener_extra, resources);
-    let gateway = Gateway::start_program(program, dir.path());
-    (dir, gateway, port)
-}
-
 fn is_uuid(text: &str) -> bool {
     let groups: Vec<&str> = text.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
@@ -49,7 +33,7 @@ fn is_uuid(text: &str) -> bool {
 #[test]
 fn request_ids_are_generated_and_replace_the_clients() {
     let echo = Echo::plain("ids");
-    let (_dir, _gateway, port) = start(&route("ids", "/ids/", &echo, ""));
+    let (_dir, _gateway, port) = start_gateway("", &route("ids", "/ids/", &echo, ""));
 
     let first = request(port, "GET", "/ids/", &[]).echo_ok();
     let second = request(port, "GET", "/ids/", &[]).echo_ok();
@@ -79,7 +63,7 @@ fn preserve_external_request_id_keeps_the_clients() {
         module("preserve_external_request_id: true"),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     let kept = request(port, "GET", "/ids/", &[("x-request-id", "hello")]).echo_ok();
     assert_eq!(kept.header("x-request-id").as_deref(), Some("hello"));
@@ -98,8 +82,7 @@ fn ip_allow_takes_peer_and_remote_rules() {
         module("ip_allow:\n  - peer: 127.0.0.2\n  - remote: 99.99.0.0/16"),
     ]
     .concat();
-    let (_dir, _gateway, port) =
-        start_with(std::path::Path::new(PINGRESS), "l7Depth: 1", &resources);
+    let (_dir, _gateway, port) = start_gateway("l7Depth: 1", &resources);
 
     let plain = request(port, "GET", "/", &[]);
     assert_eq!(plain.status, 403, "{}", plain.text());
@@ -126,8 +109,7 @@ fn ip_deny_refuses_listed_clients_only() {
         module("ip_deny:\n  - remote: 99.98.0.0/16"),
     ]
     .concat();
-    let (_dir, _gateway, port) =
-        start_with(std::path::Path::new(PINGRESS), "l7Depth: 1", &resources);
+    let (_dir, _gateway, port) = start_gateway("l7Depth: 1", &resources);
 
     request(port, "GET", "/", &[("x-forwarded-for", "99.99.0.1")]).echo_ok();
     let denied = request(port, "GET", "/", &[("x-forwarded-for", "99.98.0.1")]);
@@ -151,7 +133,7 @@ fn cors_policies_of_module_and_mapping() {
         route("any", "/any/", &any, "cors:\n  origins: [\"*\"]"),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     let no_origin = request(port, "GET", "/foo/", &[]);
     no_origin.echo_ok();
@@ -276,7 +258,7 @@ fn filter_policies_select_requests() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start(&resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     request(port, "GET", "/public/", &[]).echo_ok();
     assert_eq!(request(port, "GET", "/admin/users", &[]).status, 403);
@@ -361,7 +343,8 @@ fn example_hmac_signing_signs_what_the_upstream_receives() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start_with(&example_binary("hmac_signing"), "", &resources);
+    let (_dir, _gateway, port) =
+        start_gateway_program(&example_binary("hmac_signing"), "", &resources);
 
     let reply = request(port, "POST", "/api/orders?id=7", &[]).echo_ok();
     let header = reply.header("x-pingress-signature").expect("a signature");
@@ -415,7 +398,8 @@ fn example_tenant_routing_chooses_the_mapping_by_claim() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start_with(&example_binary("tenant_routing"), "", &resources);
+    let (_dir, _gateway, port) =
+        start_gateway_program(&example_binary("tenant_routing"), "", &resources);
 
     let bearer = |claims: &str| format!("Bearer {}", jwt(secret, claims));
     let acme_token = bearer(r#"{"tenant":"acme","exp":4102444800}"#);
@@ -477,7 +461,8 @@ fn example_fault_injection_failures_stay_in_their_request() {
         ),
     ]
     .concat();
-    let (_dir, mut gateway, port) = start_with(&example_binary("fault_injection"), "", &resources);
+    let (_dir, mut gateway, port) =
+        start_gateway_program(&example_binary("fault_injection"), "", &resources);
 
     // Healthy requests run beside the panicking ones the whole time.
     let steady = thread::spawn(move || {

@@ -37,14 +37,6 @@ fn tally(names: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
-fn start(resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway(dir.path(), port, free_port(), resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
-
 #[test]
 fn round_robin_spreads_evenly_over_endpoints() {
     let pods = pods(3);
@@ -61,7 +53,7 @@ fn round_robin_spreads_evenly_over_endpoints() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     for prefix in ["/implicit/", "/explicit/"] {
         let counts = tally(&answers(port, 30, |_| Request::get(prefix)));
         let expected: BTreeMap<String, usize> =
@@ -90,7 +82,7 @@ fn a_service_maps_its_port_to_the_target_port() {
         endpoint_mapping("quote", "/quote/", "quote:80", ""),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let counts = tally(&answers(port, 4, |_| Request::get("/quote/")));
     assert_eq!(counts.len(), 2, "{counts:?}\n{}", gateway.log());
 }
@@ -109,7 +101,7 @@ fn endpoint_slices_and_endpoints_leave_out_what_is_not_ready() {
         endpoint_mapping("api", "/api/", "api", ""),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let web = tally(&answers(port, 20, |_| Request::get("/web/")));
     let expected: BTreeMap<String, usize> = [("pod-1".to_string(), 10), ("pod-3".to_string(), 10)]
         .into_iter()
@@ -127,7 +119,7 @@ fn endpoint_slices_and_endpoints_leave_out_what_is_not_ready() {
 #[test]
 fn a_service_without_endpoints_answers_503_until_they_appear() {
     let pods = pods(2);
-    let (dir, gateway, port) = start(&endpoint_mapping("late", "/late/", "late", ""));
+    let (dir, gateway, port) = start_gateway("", &endpoint_mapping("late", "/late/", "late", ""));
     let reply = Request::get("/late/").send(port);
     assert_eq!(reply.status, 503, "{}", reply.text());
 
@@ -183,7 +175,7 @@ fn ring_hash_and_maglev_stick_by_header_cookie_and_source_address() {
         hashing_mappings("maglev"),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     for policy in ["ring_hash", "maglev"] {
         let header = format!("/{policy}/header/");
         let mut homes = Vec::new();
@@ -259,7 +251,7 @@ fn least_request_prefers_the_idle_endpoint() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     // A request that fails (504) must give its endpoint back too: a leaked
     // count would starve that endpoint below.
     let failed = Request::get("/least/")
@@ -302,7 +294,7 @@ fn a_killed_endpoint_is_skipped_by_connect_failure_retries() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     drop(pods.remove(1));
     for _ in 0..30 {
         let reply = Request::get("/retried/").send(port);
@@ -326,7 +318,7 @@ fn health_checks_take_a_dead_endpoint_out_and_bring_it_back() {
         endpoint_mapping("checked", "/checked/", "quote", QUICK_CHECKS),
     ]
     .concat();
-    let (dir, gateway, port) = start(&resources);
+    let (dir, gateway, port) = start_gateway("", &resources);
     let dead = pods.remove(1);
     let (address, name) = (dead.addr(), dead.name().to_string());
     drop(dead);
@@ -397,7 +389,7 @@ fn a_check_that_every_endpoint_fails_leaves_them_all_in_rotation() {
         endpoint_mapping("failing", "/failing/", "quote", &failing),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let both_out = poll_until(Duration::from_secs(10), || {
         let log = gateway.log();
         pods.iter()
@@ -423,7 +415,7 @@ fn cluster_idle_timeout_ms_retires_idle_pooled_connections() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let connection = |prefix: &str| Request::get(prefix).send(port).echo_ok().connection();
     let (kept, short) = (connection("/kept/"), connection("/short/"));
     // Longer than the short idle timeout.
@@ -460,7 +452,7 @@ fn the_module_load_balancer_is_the_default_and_a_mapping_replaces_it() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let by_header = |prefix: &str| {
         tally(&answers(port, 30, |_| {
             Request::get(prefix).header("LB-HEADER", "alice")

@@ -35,14 +35,6 @@ fn rate_limit(name: &str, limits: &str) -> String {
     )
 }
 
-fn start(listener_extra: &str, resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway_with_listener(dir.path(), port, free_port(), listener_extra, resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
-
 fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Response {
     request(port, "GET", path, headers)
 }
@@ -78,7 +70,7 @@ fn a_generic_key_limit_answers_429_and_leaves_other_mappings_alone() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start("", &resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     for remaining in ["2", "1", "0"] {
         let ok = get(port, "/limited/", &[]);
@@ -116,7 +108,7 @@ fn remote_address_buckets_are_per_client() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start("l7Depth: 1", &resources);
+    let (_dir, _gateway, port) = start_gateway("l7Depth: 1", &resources);
 
     let a = [("x-forwarded-for", "10.0.0.1")];
     let b = [("x-forwarded-for", "10.0.0.2")];
@@ -148,7 +140,7 @@ fn request_header_labels_and_omit_if_not_present() {
         rate_limit("users", limits),
     ]
     .concat();
-    let (_dir, _gateway, port) = start("", &resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     get(port, "/", &[("x-user", "alice")]).echo_ok();
     assert_limited(&get(port, "/", &[("x-user", "alice")]), "1");
@@ -184,7 +176,7 @@ fn default_labels_apply_to_every_mapping() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start("", &resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     get(port, "/a/", &[]).echo_ok();
     get(port, "/b/", &[]).echo_ok();
@@ -224,8 +216,8 @@ fn two_gateways_share_a_limit_through_redis() {
     let redis = Redis::start();
     let echo = Echo::plain("rl");
     let resources = shared_resources(&echo, &redis.url(), "");
-    let (_d1, _g1, one) = start("", &resources);
-    let (_d2, _g2, two) = start("", &resources);
+    let (_d1, _g1, one) = start_gateway("", &resources);
+    let (_d2, _g2, two) = start_gateway("", &resources);
 
     let mut remaining = Vec::new();
     for port in [one, two, one, two] {
@@ -248,7 +240,7 @@ fn without_redis_requests_fail_open_until_it_is_back() {
     let mut redis = Redis::start();
     let echo = Echo::plain("rl");
     let resources = shared_resources(&echo, &redis.url(), "");
-    let (_dir, gateway, port) = start("", &resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     for _ in 0..4 {
         get(port, "/", &[]).echo_ok();
     }
@@ -284,7 +276,7 @@ fn failure_mode_deny_answers_500_without_redis() {
     // Nothing listens there.
     let nowhere = format!("redis://127.0.0.1:{}", free_port());
     let resources = shared_resources(&echo, &nowhere, "failure_mode_deny: true");
-    let (_dir, _gateway, port) = start("", &resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
     let denied = get(port, "/", &[]);
     assert_eq!(denied.status, 500, "{}", denied.text());
     assert!(denied.text().contains("rate-limit service unavailable"));
@@ -336,7 +328,7 @@ fn rate_limits_count_only_what_authentication_let_through() {
         ),
     ]
     .concat();
-    let (_dir, _gateway, port) = start("", &resources);
+    let (_dir, _gateway, port) = start_gateway("", &resources);
 
     for _ in 0..5 {
         let refused = get(port, "/limited/", &[("x-echo-status", "401")]);

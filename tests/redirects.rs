@@ -13,14 +13,6 @@ fn redirect_mapping(name: &str, prefix: &str, extra: &str) -> String {
     )
 }
 
-fn start(resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway(dir.path(), port, free_port(), resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
-
 #[test]
 fn redirect_kinds_and_codes() {
     let resources = [
@@ -47,7 +39,7 @@ fn redirect_kinds_and_codes() {
             .to_string(),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     let cases = [
         (

@@ -116,14 +116,6 @@ fn shadow(name: &str, prefix: &str, port: u16, extra: &str) -> String {
     )
 }
 
-fn start(resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway(dir.path(), port, free_port(), resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
-
 #[test]
 fn a_share_of_requests_is_copied_with_the_primary_rewrites() {
     let primary = Echo::plain("primary");
@@ -147,7 +139,7 @@ fn a_share_of_requests_is_copied_with_the_primary_rewrites() {
         shadow("full-shadow", "/full/", full.port, ""),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     let mut client = Client::connect(port);
     for i in 0..400 {
@@ -230,7 +222,7 @@ fn a_slow_or_dead_shadow_does_not_slow_the_primary() {
         shadow("dead-shadow", "/dead/", dead, ""),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     let slow_p99 = p99(port, "/slow/");
     assert!(

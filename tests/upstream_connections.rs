@@ -10,18 +10,9 @@ use std::thread;
 use std::time::Duration;
 
 use support::*;
-use tempfile::TempDir;
 
 /// Less than the lifetime of 500 ms, so two gaps outlast it.
 const GAP: Duration = Duration::from_millis(300);
-
-fn start(resources: &str) -> (TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway(dir.path(), port, free_port(), resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
 
 /// Four requests over one client connection, the first three `GAP` apart:
 /// the upstream connection of each.
@@ -62,7 +53,7 @@ fn connections_past_their_lifetime_take_no_new_request() {
         mapping("lasting", "", "/lasting/", &lasting, "hostname: \"*\""),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     let mut client = Client::connect(port);
     let first = client.get("/aged/").echo_ok().connection();
@@ -119,7 +110,7 @@ fn a_pool_full_of_expired_connections_is_not_a_failure() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     // Twenty requests at once leave twenty connections in the pool; Pingora
     // gives a request 16 tries.

@@ -81,14 +81,6 @@ fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
     })
 }
 
-fn start(resources: &str) -> (tempfile::TempDir, Gateway, u16) {
-    let dir = tempdir();
-    let port = free_port();
-    write_gateway(dir.path(), port, free_port(), resources);
-    let gateway = Gateway::start(dir.path());
-    (dir, gateway, port)
-}
-
 #[test]
 fn allowed_upgrades_echo_frames_both_ways() {
     let echo = Echo::plain("ws");
@@ -110,7 +102,7 @@ fn allowed_upgrades_echo_frames_both_ways() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     let (mut socket, head) = Socket::open(port, "/ws/chat", "websocket")
         .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
@@ -160,7 +152,7 @@ fn upgrades_the_mapping_does_not_name_are_refused() {
         ),
     ]
     .concat();
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
 
     let refused = Socket::open(port, "/plain/", "websocket")
         .err()
@@ -246,7 +238,7 @@ fn http2_requests_do_not_upgrade() {
         &echo,
         "hostname: \"*\"\nallow_upgrade: [websocket]",
     );
-    let (_dir, gateway, port) = start(&resources);
+    let (_dir, gateway, port) = start_gateway("", &resources);
     let output = std::process::Command::new("curl")
         .args([
             "-s",

@@ -946,6 +946,26 @@ fn admin_addr_from(gateway_yaml: &Path) -> SocketAddr {
         .unwrap_or_else(|e| panic!("admin.listen {listen:?}: {e}"))
 }
 
+/// A ready gateway on `resources` behind an HTTP Listener (`listener_extra`
+/// adds lines to it, e.g. `"l7Depth: 1"`), with the directory that holds its
+/// files (removed when dropped) and the listener's port.
+pub fn start_gateway(listener_extra: &str, resources: &str) -> (TempDir, Gateway, u16) {
+    start_gateway_program(Path::new(PINGRESS), listener_extra, resources)
+}
+
+/// [`start_gateway`] with another pingress binary (see [`example_binary`]).
+pub fn start_gateway_program(
+    program: &Path,
+    listener_extra: &str,
+    resources: &str,
+) -> (TempDir, Gateway, u16) {
+    let dir = tempdir();
+    let port = free_port();
+    write_gateway_with_listener(dir.path(), port, free_port(), listener_extra, resources);
+    let gateway = Gateway::start_program(program, dir.path());
+    (dir, gateway, port)
+}
+
 /// The binary of `examples/<name>.rs`, which `cargo test` builds beside
 /// the test binaries.
 pub fn example_binary(name: &str) -> PathBuf {

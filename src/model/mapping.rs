@@ -344,23 +344,13 @@ fn validate(
     // A redirect's service is a target authority, not a Kubernetes name.
     let namespace = (!module.use_ambassador_namespace && redirect.is_none())
         .then_some(raw.id.namespace.as_str());
-    let service = match spec.service.as_deref() {
-        None => {
-            if !suggested.contains(&"service") {
-                report.error("spec.service", "service is required");
-            }
-            return None;
-        }
-        Some(text) => match ServiceAddr::parse(text, originate_tls, namespace) {
-            Ok(service) => service,
-            Err(e) => {
-                report
-                    .error("spec.service", e.to_string())
-                    .with_hint("the form is [scheme://]host[.namespace][:port]");
-                return None;
-            }
-        },
-    };
+    let service = service(
+        spec.service.as_deref(),
+        originate_tls,
+        namespace,
+        suggested,
+        report,
+    )?;
     let originate_tls = originate_tls || service.https;
     if originate_tls
         && !service.https
@@ -523,6 +513,30 @@ fn upgrades(spec: &MappingSpec, report: &mut Reporter) -> Vec<String> {
         protocols.push("websocket".into());
     }
     protocols
+}
+
+/// The required `service` of a Mapping or TCPMapping. A missing one is not
+/// reported again when an unknown field was already suggested as it.
+pub(crate) fn service(
+    text: Option<&str>,
+    originate_tls: bool,
+    namespace: Option<&str>,
+    suggested: &[&str],
+    report: &mut Reporter,
+) -> Option<ServiceAddr> {
+    let Some(text) = text else {
+        if !suggested.contains(&"service") {
+            report.error("spec.service", "service is required");
+        }
+        return None;
+    };
+    ServiceAddr::parse(text, originate_tls, namespace)
+        .map_err(|e| {
+            report
+                .error("spec.service", e.to_string())
+                .with_hint("the form is [scheme://]host[.namespace][:port]");
+        })
+        .ok()
 }
 
 /// The `tls:` of a Mapping or TCPMapping: the origination context, and

@@ -126,23 +126,13 @@ fn validate(
     };
     let (context, originate_tls) = origination(spec.tls.as_ref(), "TCPMapping", contexts, report)?;
     let namespace = (!module.use_ambassador_namespace).then_some(raw.id.namespace.as_str());
-    let service = match spec.service.as_deref() {
-        None => {
-            if !suggested.contains(&"service") {
-                report.error("spec.service", "service is required");
-            }
-            return None;
-        }
-        Some(text) => match ServiceAddr::parse(text, originate_tls, namespace) {
-            Ok(service) => service,
-            Err(e) => {
-                report
-                    .error("spec.service", e.to_string())
-                    .with_hint("the form is [https://]host[.namespace][:port]");
-                return None;
-            }
-        },
-    };
+    let service = super::mapping::service(
+        spec.service.as_deref(),
+        originate_tls,
+        namespace,
+        suggested,
+        report,
+    )?;
     // From here on every problem is reported before the TCPMapping is
     // dropped, so one `-t` run shows them all.
     verifiable(context.as_deref(), &service, report);

@@ -91,7 +91,11 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => value * 3600.0,
         _ => return None,
     };
-    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    // `try_`: a huge value would panic `from_secs_f64`; one that rounds to
+    // zero would make a health check loop without pause.
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -103,6 +107,9 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+        assert_eq!(parse_duration("0.0000000001s"), None);
+        assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("1d"), None);

@@ -95,8 +95,9 @@ impl Limit {
     }
 }
 
-/// Where counters live when replicas share them.
-#[derive(Debug, Clone)]
+/// Where counters live when replicas share them. `Debug` leaves the URL
+/// out: it may hold a password, and the model is debug-printed.
+#[derive(Clone)]
 pub(crate) struct RedisSettings {
     pub url: String,
     /// `host:port`, for logs: the URL may hold a password.
@@ -105,6 +106,28 @@ pub(crate) struct RedisSettings {
     pub timeout: Duration,
     /// 500 instead of letting requests through when Redis cannot answer.
     pub failure_mode_deny: bool,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("address", &self.address)
+            .field("timeout", &self.timeout)
+            .field("failure_mode_deny", &self.failure_mode_deny)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A service URL fit for diagnostics and logs: user and password become
+/// `***`.
+fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// Every limit of the label domain pingress evaluates.
@@ -261,13 +284,14 @@ fn validate_service(
             .with_hint("redis://host:port: the Redis server that replicas share counters in");
         return None;
     };
-    let Some(address) = service.strip_prefix("redis://") else {
+    if !service.starts_with("redis://") {
         report
             .error(
                 "spec.service",
                 format!(
-                    "{service:?} is not a redis:// address: pingress does not speak Envoy's \
-                     rls.proto, it keeps shared counters in Redis itself"
+                    "{:?} is not a redis:// address: pingress does not speak Envoy's \
+                     rls.proto, it keeps shared counters in Redis itself",
+                    redacted(service)
                 ),
             )
             .with_hint(
@@ -275,13 +299,13 @@ fn validate_service(
                  in each gateway's memory",
             );
         return None;
-    };
+    }
     let client = match redis::Client::open(service) {
         Ok(client) => client,
         Err(e) => {
             report.error(
                 "spec.service",
-                format!("{address:?} is not a Redis address: {e}"),
+                format!("{:?} is not a Redis address: {e}", redacted(service)),
             );
             return None;
         }
@@ -510,6 +534,18 @@ fn pattern(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn service_urls_lose_their_credentials() {
+        assert_eq!(
+            redacted("redis://:pw@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redacted("rediss://user:pw@host"), "rediss://***@host");
+        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redacted("u:p@host"), "***@host");
+    }
+
     use super::*;
     use std::borrow::Cow;
 

@@ -97,6 +97,14 @@ fn ip_allow_takes_peer_and_remote_rules() {
         &[("x-forwarded-for", "99.99.0.1, 10.1.1.1")],
     );
     assert_eq!(spoofed.status, 403);
+    // Nor on a header line of its own before the trusted hop's.
+    let split = request(
+        port,
+        "GET",
+        "/",
+        &[("x-forwarded-for", "99.99.0.1"), ("x-forwarded-for", "10.1.1.1")],
+    );
+    assert_eq!(split.status, 403);
     let outside = request(port, "GET", "/", &[("x-forwarded-for", "99.98.0.1")]);
     assert_eq!(outside.status, 403);
 }

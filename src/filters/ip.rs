@@ -6,11 +6,14 @@
 use std::net::IpAddr;
 
 use async_trait::async_trait;
+use http::HeaderMap;
 use ipnet::IpNet;
 use pingora::Result;
 use serde::Deserialize;
 
 use super::{Cx, Filter, Flow, Reply, Session};
+
+pub(crate) const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -77,18 +80,27 @@ fn ranges(key: &str, specs: &[RangeSpec]) -> std::result::Result<Vec<Range>, Str
 
 /// The client address behind `l7_depth` trusted proxies: the entry that
 /// many places from the right of `X-Forwarded-For` (Envoy's
-/// `xff_num_trusted_hops`), else the connection's peer.
+/// `xff_num_trusted_hops`), else the connection's peer. Several header
+/// lines are one list (RFC 9110 §5.3), so a client cannot push the trusted
+/// proxy's entry out of sight with a line of its own.
 pub(crate) fn remote_address(
     peer: Option<IpAddr>,
-    forwarded_for: Option<&str>,
+    headers: &HeaderMap,
     l7_depth: u32,
 ) -> Option<IpAddr> {
-    if l7_depth == 0 {
+    let Some(hops) = (l7_depth as usize).checked_sub(1) else {
         return peer;
-    }
-    let entries: Vec<&str> = forwarded_for?.split(',').map(str::trim).collect();
-    let index = entries.len().checked_sub(l7_depth as usize)?;
-    entries[index].parse().ok()
+    };
+    headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        // A line that is not text still counts as an entry, and no address.
+        .flat_map(|line| line.to_str().unwrap_or("").rsplit(','))
+        .nth(hops)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[async_trait]
@@ -140,20 +152,27 @@ mod tests {
 
     #[test]
     fn trusted_hops_pick_from_the_right() {
-        let peer = Some("10.0.0.1".parse().unwrap());
-        let xff = Some("1.1.1.1, 2.2.2.2, 3.3.3.3");
-        assert_eq!(remote_address(peer, xff, 0), peer);
-        assert_eq!(
-            remote_address(peer, xff, 1),
-            Some("3.3.3.3".parse().unwrap())
-        );
-        assert_eq!(
-            remote_address(peer, xff, 3),
-            Some("1.1.1.1".parse().unwrap())
-        );
-        assert_eq!(remote_address(peer, xff, 4), None);
-        assert_eq!(remote_address(peer, None, 1), None);
-        assert_eq!(remote_address(peer, Some("junk"), 1), None);
+        let lines = |lines: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(X_FORWARDED_FOR, line.parse().unwrap());
+            }
+            headers
+        };
+        let ip = |text: &str| Some(text.parse::<IpAddr>().unwrap());
+        let peer = ip("10.0.0.1");
+        let xff = lines(&["1.1.1.1, 2.2.2.2, 3.3.3.3"]);
+        assert_eq!(remote_address(peer, &xff, 0), peer);
+        assert_eq!(remote_address(peer, &xff, 1), ip("3.3.3.3"));
+        assert_eq!(remote_address(peer, &xff, 3), ip("1.1.1.1"));
+        assert_eq!(remote_address(peer, &xff, 4), None);
+        assert_eq!(remote_address(peer, &lines(&[]), 1), None);
+        assert_eq!(remote_address(peer, &lines(&["junk"]), 1), None);
+        // The trusted proxy's entry is on the last line, whatever a client
+        // sent on an earlier one.
+        let split = lines(&["6.6.6.6", "1.1.1.1, 3.3.3.3"]);
+        assert_eq!(remote_address(peer, &split, 1), ip("3.3.3.3"));
+        assert_eq!(remote_address(peer, &split, 3), ip("6.6.6.6"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use pingora::ErrorType;
 use rand::Rng;
 
 use crate::filters::chain::{Entry, Run, Stage};
-use crate::filters::ip::remote_address;
+use crate::filters::ip::{remote_address, X_FORWARDED_FOR};
 use crate::filters::RequestInfo;
 use crate::metrics::metrics;
 use crate::model::{InsecureAction, Rewrite, SecurityModel};
@@ -349,11 +349,7 @@ impl Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let forwarded_for = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let client_ip = remote_address(peer, forwarded_for, listener.listener.l7_depth);
+        let client_ip = remote_address(peer, &req.headers, listener.listener.l7_depth);
         let route = vhost.find(&view).map(|group| {
             let pick = if group.is_canary() {
                 rand::thread_rng().gen_range(0..100)
@@ -1109,17 +1105,17 @@ fn forwarded_headers(
         .map(|l| l.listener.l7_depth)
         .unwrap_or(0);
     if let Some(ip) = client {
+        // Every line the client sent, as one list, then the client: the
+        // insert replaces them all.
         let mut value = String::with_capacity(64);
-        if let Some(existing) = upstream
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            value.push_str(existing);
-            value.push_str(", ");
+        for line in upstream.headers.get_all(X_FORWARDED_FOR) {
+            if let Ok(text) = line.to_str() {
+                value.push_str(text);
+                value.push_str(", ");
+            }
         }
         push_ip(&mut value, ip);
-        let _ = upstream.insert_header("x-forwarded-for", value);
+        let _ = upstream.insert_header(X_FORWARDED_FOR, value);
     }
     if l7_depth == 0 || upstream.headers.get("x-forwarded-proto").is_none() {
         let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());

@@ -102,7 +102,10 @@ fn ip_allow_takes_peer_and_remote_rules() {
         port,
         "GET",
         "/",
-        &[("x-forwarded-for", "99.99.0.1"), ("x-forwarded-for", "10.1.1.1")],
+        &[
+            ("x-forwarded-for", "99.99.0.1"),
+            ("x-forwarded-for", "10.1.1.1"),
+        ],
     );
     assert_eq!(split.status, 403);
     let outside = request(port, "GET", "/", &[("x-forwarded-for", "99.98.0.1")]);

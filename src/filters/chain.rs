@@ -332,6 +332,12 @@ impl Run {
     /// stages); `Some` is the reply to send.
     pub async fn request(&mut self, session: &mut Session, stage: Stage) -> Result<Option<Reply>> {
         let mut rest_of_rule_skipped = false;
+        // Redirects are answered without authentication.
+        let redirecting = self
+            .facts
+            .route
+            .as_ref()
+            .is_some_and(|r| r.cluster().is_none());
         while let Some(entry) = self.chain.get(self.next) {
             if entry.stage > stage {
                 break;
@@ -340,7 +346,7 @@ impl Run {
             self.next += 1;
             let auth = entry.stage == Stage::Auth;
             let skip = entry.stage < stage
-                || (auth && (rest_of_rule_skipped || self.facts.redirecting))
+                || (auth && (rest_of_rule_skipped || redirecting))
                 || entry
                     .condition
                     .as_ref()
@@ -348,7 +354,6 @@ impl Run {
             if skip {
                 continue;
             }
-            let entry = entry.clone();
             let state = self.states[index].insert(entry.filter.new_state());
             let hook = entry
                 .filter

@@ -207,6 +207,4 @@ pub(crate) struct RequestInfo {
     pub route: Option<Arc<Route>>,
     pub client_ip: Option<IpAddr>,
     pub reroute: bool,
-    /// The gateway answers with a redirect: authentication is skipped.
-    pub redirecting: bool,
 }

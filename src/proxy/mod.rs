@@ -475,7 +475,6 @@ impl ProxyHttp for Gateway {
                 route: routed.route.clone(),
                 client_ip: routed.client_ip,
                 reroute: false,
-                redirecting: routed.route.as_ref().is_some_and(|r| r.cluster().is_none()),
             };
             let mut run = Run::new(chain, facts);
             let outcome = self.run_filters(session, ctx, &mut routed, &mut run).await;

@@ -2,7 +2,8 @@
 //! over the limit's unit. They are process-wide, keyed by limit and label
 //! values, so a reload that keeps a limit keeps its buckets.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -13,7 +14,7 @@ use super::Decision;
 const SWEEP_ABOVE: usize = 4096;
 /// And at most this often, so a flood of new clients costs one sweep a
 /// second, not one per request.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const SWEEP_EVERY_MS: u64 = 1000;
 
 struct Bucket {
     tokens: f64,
@@ -31,7 +32,11 @@ pub(crate) struct LocalBuckets {
     /// A sharded map: requests for different buckets rarely share a lock,
     /// and each holds it for a few arithmetic operations.
     buckets: DashMap<String, (Bucket, f64, f64)>,
-    last_sweep: Mutex<Option<Instant>>,
+    /// Times below are milliseconds since this instant.
+    origin: Instant,
+    /// When the next sweep is due. One atomic load per request decides;
+    /// the request that wins the exchange sweeps.
+    next_sweep: AtomicU64,
 }
 
 /// The process's buckets.
@@ -44,7 +49,8 @@ impl LocalBuckets {
     fn new() -> LocalBuckets {
         LocalBuckets {
             buckets: DashMap::new(),
-            last_sweep: Mutex::new(None),
+            origin: Instant::now(),
+            next_sweep: AtomicU64::new(0),
         }
     }
 
@@ -90,13 +96,18 @@ impl LocalBuckets {
     /// Drops buckets that have refilled: a full bucket is the same as none.
     /// Buckets of limits that no longer exist fill up too, and go.
     fn sweep(&self, now: Instant) {
-        let Ok(mut last) = self.last_sweep.try_lock() else {
-            return; // another request is sweeping
-        };
-        if last.is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY) {
+        let since = now.saturating_duration_since(self.origin).as_millis();
+        let now_ms = u64::try_from(since).unwrap_or(u64::MAX);
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        let next = now_ms.saturating_add(SWEEP_EVERY_MS);
+        if now_ms < due
+            || self
+                .next_sweep
+                .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return;
         }
-        *last = Some(now);
         self.buckets.retain(|_, (bucket, capacity, per_second)| {
             bucket.refilled(*capacity, *per_second, now) < *capacity
         });

@@ -122,8 +122,8 @@ impl std::fmt::Debug for RedisSettings {
 /// `***`.
 fn redacted(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    // The last `@`, not the path's start: a password may hold a raw `/`.
+    match rest.rfind('@') {
         Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
         Some(at) => format!("{scheme}://***{}", &rest[at..]),
         None => url.to_string(),
@@ -544,6 +544,7 @@ mod tests {
         assert_eq!(redacted("rediss://user:pw@host"), "rediss://***@host");
         assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
         assert_eq!(redacted("u:p@host"), "***@host");
+        assert_eq!(redacted("redis://:a/b@host:6379"), "redis://***@host:6379");
     }
 
     use super::*;

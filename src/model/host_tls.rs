@@ -95,7 +95,7 @@ pub fn resolve(
                 report.error("spec.tlsContext.name", "tlsContext needs a name");
                 return None;
             };
-            linked(name, "spec.tlsContext.name", contexts, report)?
+            contexts.lookup(name, "spec.tlsContext.name", "this Host", report)?
         }
         (None, Some(inline)) => {
             let inline_spec: TlsContextSpec = parse_value(Some(inline), "spec.tls", report)?;
@@ -156,26 +156,4 @@ pub fn resolve(
     let mut context = (*base).clone();
     context.cert_key = Some(server);
     Some(Arc::new(context))
-}
-
-fn linked(
-    name: &str,
-    field: &str,
-    contexts: &TlsContexts,
-    report: &mut Reporter,
-) -> Option<Arc<TlsContext>> {
-    if let Some(context) = contexts.valid.get(name) {
-        return Some(context.clone());
-    }
-    match contexts.invalid.get(name) {
-        Some(invalid) => report.error(
-            field,
-            format!(
-                "TLSContext {}/{name} is invalid (see {}); this Host is dropped with it",
-                invalid.namespace, invalid.source
-            ),
-        ),
-        None => report.error(field, format!("no TLSContext named {name:?}")),
-    };
-    None
 }

@@ -24,8 +24,9 @@ use serde_yaml::Value;
 use super::{Cx, Filter, Flow, Reply, Session};
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
+use crate::config::resources::StringOrList;
 use crate::model::spec::{check_unknown_fields, parse_section};
-use crate::model::{count, TlsContexts};
+use crate::model::{count, header_names as edge_header_names, TlsContexts};
 use crate::tls::TlsContext;
 use crate::upstream::cluster::Cluster;
 use crate::upstream::service::ServiceAddr;
@@ -110,8 +111,8 @@ struct AuthServiceSpec {
     proto: Option<String>,
     path_prefix: Option<String>,
     timeout_ms: Option<u64>,
-    allowed_request_headers: Option<Vec<String>>,
-    allowed_authorization_headers: Option<Vec<String>>,
+    allowed_request_headers: Option<StringOrList>,
+    allowed_authorization_headers: Option<StringOrList>,
     add_auth_headers: Option<BTreeMap<String, String>>,
     include_body: Option<IncludeBodySpec>,
     allow_request_body: Option<bool>,
@@ -160,23 +161,20 @@ const LATER: &[&str] = &[
     "auth_context_extensions",
 ];
 
+/// Emissary's fixed names, then the configured ones not already there.
 fn header_names(
     always: &[&'static str],
-    extra: &Option<Vec<String>>,
+    extra: &Option<StringOrList>,
     field: &str,
     report: &mut Reporter,
 ) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = always.iter().map(|n| HeaderName::from_static(n)).collect();
-    for (i, name) in extra.iter().flatten().enumerate() {
-        match HeaderName::from_bytes(name.trim().as_bytes()) {
-            Ok(name) if !names.contains(&name) => names.push(name),
-            Ok(_) => {}
-            Err(_) => {
-                report.error(
-                    &format!("{field}[{i}]"),
-                    format!("{name:?} is not a header name"),
-                );
-            }
+    let configured = extra
+        .as_ref()
+        .map(|list| edge_header_names(list, field, report));
+    for name in configured.into_iter().flatten() {
+        if !names.contains(&name) {
+            names.push(name);
         }
     }
     names

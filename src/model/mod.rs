@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub(crate) use edge::header_names;
 pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
 pub use kubernetes::{ResolverKind, Resolvers};
 pub use mapping::{Association, Mapping, Rewrite};

@@ -9,6 +9,7 @@
 //! - `fail_to_proxy`: the status and a body that name the cause;
 //! - `logging`: the access log line.
 
+mod headers;
 mod respond;
 
 use std::borrow::Cow;
@@ -20,7 +21,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use log::{info, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -31,11 +32,11 @@ use pingora::ErrorType;
 use rand::Rng;
 
 use crate::filters::chain::{Entry, Run, Stage};
-use crate::filters::ip::{remote_address, X_FORWARDED_FOR};
+use crate::filters::ip::remote_address;
 use crate::filters::RequestInfo;
 use crate::metrics::metrics;
 use crate::model::{InsecureAction, Rewrite, SecurityModel};
-use crate::routing::headers::{HeaderEdits, RequestFacts};
+use crate::routing::headers::RequestFacts;
 use crate::routing::path::{normalize, PathError};
 use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
@@ -265,7 +266,7 @@ impl Gateway {
         let req = session.req_header();
         let listener = local_port(session)
             .and_then(|port| snapshot.listener(port))
-            .ok_or(Reply::no_listener())?;
+            .ok_or_else(Reply::no_listener)?;
         let module = &snapshot.module;
         let path = match normalize(
             req.uri.path(),
@@ -470,6 +471,7 @@ impl ProxyHttp for Gateway {
             Ok(routed) => routed,
             Err(reply) => return self.answer(session, ctx, reply).await,
         };
+        headers::make_room(session.req_header_mut())?;
         if let Some(chain) = routed.filters.take() {
             let facts = RequestInfo {
                 route: routed.route.clone(),
@@ -750,8 +752,15 @@ impl ProxyHttp for Gateway {
             upstream.insert_header(http::header::HOST, host.as_str())?;
         }
 
-        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
-        forwarded_headers(upstream, client.map(|a| a.ip()), snapshot, session);
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let l7_depth = local_port(session)
+            .and_then(|p| snapshot.listener(p))
+            .map_or(0, |l| l.listener.l7_depth);
+        let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        headers::forwarded_headers(upstream, client, l7_depth, wire_tls);
         let peer = edge_session(session).and_then(|e| e.client.as_ref());
         // Several header lines are one comma-separated list (RFC 9110 §5.3).
         let lines: Vec<&str> = upstream
@@ -774,7 +783,7 @@ impl ProxyHttp for Gateway {
         if let Some(value) = &route.expected_timeout {
             upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
         }
-        apply_edits(&route.request_headers, &facts(session), upstream)?;
+        headers::apply_edits(&route.request_headers, &facts(session), upstream)?;
         if let Some(run) = ctx.filters.as_mut() {
             run.upstream_request(session, upstream).await?;
         }
@@ -907,7 +916,7 @@ impl ProxyHttp for Gateway {
         if route.response_headers.is_empty() {
             return Ok(());
         }
-        apply_edits(&route.response_headers, &facts(session), response)
+        headers::apply_edits(&route.response_headers, &facts(session), response)
     }
 
     async fn fail_to_proxy(
@@ -1091,64 +1100,6 @@ fn check_deadline(ctx: &RequestCtx) -> Result<()> {
     }
 }
 
-/// X-Forwarded-For gets the client appended (Envoy's use_remote_address);
-/// X-Forwarded-Proto keeps a trusted proxy's value, else the wire protocol.
-fn forwarded_headers(
-    upstream: &mut RequestHeader,
-    client: Option<std::net::IpAddr>,
-    snapshot: &Snapshot,
-    session: &Session,
-) {
-    let l7_depth = local_port(session)
-        .and_then(|p| snapshot.listener(p))
-        .map(|l| l.listener.l7_depth)
-        .unwrap_or(0);
-    if let Some(ip) = client {
-        // Every line the client sent, as one list, then the client: the
-        // insert replaces them all.
-        let mut value = String::with_capacity(64);
-        for line in upstream.headers.get_all(X_FORWARDED_FOR) {
-            if let Ok(text) = line.to_str() {
-                value.push_str(text);
-                value.push_str(", ");
-            }
-        }
-        push_ip(&mut value, ip);
-        let _ = upstream.insert_header(X_FORWARDED_FOR, value);
-    }
-    if l7_depth == 0 || upstream.headers.get("x-forwarded-proto").is_none() {
-        let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let proto = if wire_tls { "https" } else { "http" };
-        let _ = upstream.insert_header("x-forwarded-proto", proto);
-    }
-}
-
-/// Appends an address; IPv4 by hand, because `Display` for `Ipv4Addr`
-/// formats into a padded buffer first and costs more than the rest of
-/// X-Forwarded-For (the profile in BENCHMARKS.md shows it).
-fn push_ip(out: &mut String, ip: std::net::IpAddr) {
-    use std::fmt::Write;
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
-                }
-                if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
-                }
-                out.push(char::from(b'0' + octet % 10));
-            }
-        }
-        std::net::IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
-        }
-    }
-}
-
 /// What header templates may refer to, for this request.
 fn facts(session: &Session) -> RequestFacts<'_> {
     RequestFacts {
@@ -1158,70 +1109,5 @@ fn facts(session: &Session) -> RequestFacts<'_> {
         request_headers: &session.req_header().headers,
         peer: edge_session(session).and_then(|e| e.client.as_ref()),
         sni: edge_session(session).and_then(|e| e.sni.as_deref()),
-    }
-}
-
-/// Request and response headers, edited alike.
-trait EditableHeaders {
-    fn remove(&mut self, name: &HeaderName) -> bool;
-    fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()>;
-}
-
-/// Pingora's request and response headers share these methods without a
-/// common trait.
-macro_rules! editable_headers {
-    ($($header:ty),*) => {$(
-        impl EditableHeaders for $header {
-            fn remove(&mut self, name: &HeaderName) -> bool {
-                self.remove_header(name).is_some()
-            }
-            fn set(&mut self, name: HeaderName, value: HeaderValue, append: bool) -> Result<()> {
-                if append {
-                    self.append_header(name, value).map(drop)
-                } else {
-                    self.insert_header(name, value)
-                }
-            }
-        }
-    )*};
-}
-editable_headers!(RequestHeader, ResponseHeader);
-
-/// Removes, then adds, as Envoy evaluates a route's header edits.
-fn apply_edits(
-    edits: &HeaderEdits,
-    facts: &RequestFacts,
-    target: &mut impl EditableHeaders,
-) -> Result<()> {
-    for name in &edits.remove {
-        while target.remove(name) {}
-    }
-    for header in &edits.add {
-        if let Some(value) = header.value.render(facts) {
-            target.set(header.name.clone(), value, header.append)?;
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::push_ip;
-
-    #[test]
-    fn addresses_print_as_display_does() {
-        let addresses = [
-            "0.0.0.0",
-            "9.10.99.100",
-            "127.0.0.1",
-            "255.255.255.255",
-            "::1",
-            "2001:db8::7",
-        ];
-        for text in addresses {
-            let mut out = String::from("x, ");
-            push_ip(&mut out, text.parse().unwrap());
-            assert_eq!(out, format!("x, {text}"));
-        }
     }
 }

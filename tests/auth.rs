@@ -88,6 +88,7 @@ fn allow_deny_and_routing_after_auth() {
             ("x-echo-status", "403".into()),
             ("authorization", "Bearer t".into()),
             ("x-private", "not for the authorizer".into()),
+            ("x-forwarded-for", "203.0.113.7".into()),
         ],
     );
     assert_eq!(denied.status, 403);
@@ -97,6 +98,12 @@ fn allow_deny_and_routing_after_auth() {
     assert_eq!(seen.header("authorization").as_deref(), Some("Bearer t"));
     assert_eq!(seen.header("x-gateway").as_deref(), Some("pingress"));
     assert!(!seen.has_header("x-private"));
+    // As Envoy's connection manager leaves them before ext_authz runs.
+    assert_eq!(
+        seen.header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
 
     let mut challenge = steer(&["WWW-Authenticate: Basic realm=x", "X-Secret: no"]);
     challenge.push(("x-echo-status", "401".into()));

@@ -7,17 +7,29 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 
-use crate::filters::ip::X_FORWARDED_FOR;
 use crate::routing::headers::{HeaderEdits, RequestFacts};
 
-/// Room for what is added on the way upstream without growing the map:
-/// x-request-id, X-Forwarded-For and -Proto, x-envoy-expected-rq-timeout-ms,
-/// x-envoy-original-path, and a few of a route's or a filter's own.
+/// Room for what is added later without growing the map: x-request-id,
+/// x-envoy-expected-rq-timeout-ms, x-envoy-original-path, and a few of a
+/// route's or a filter's own.
 const ADDED_HEADERS: usize = 8;
 
-/// Rebuilds the client's request head with room for the headers the
-/// gateway adds, and without Pingora's record of how the client spelled
-/// each name.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(crate::filters::ip::X_FORWARDED_FOR);
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Where a request came from, for X-Forwarded-For and -Proto.
+pub(super) struct Forwarding {
+    /// Appended to X-Forwarded-For (Envoy's use_remote_address).
+    pub client: Option<IpAddr>,
+    /// A trusted proxy in front (l7Depth > 0) keeps its X-Forwarded-Proto.
+    pub trusted_proxy: bool,
+    pub wire_tls: bool,
+}
+
+/// Rebuilds the client's request head as Envoy's connection manager
+/// leaves it before any filter runs (an authorizer sees the client in
+/// X-Forwarded-For), with room for what the gateway adds later and
+/// without Pingora's record of how the client spelled each name.
 ///
 /// Pingora sizes an HTTP/1 request's header map to exactly the headers
 /// received and keeps a second map with each name's spelling. Every header
@@ -25,14 +37,37 @@ const ADDED_HEADERS: usize = 8;
 /// Pingora makes for the upstream: six grows per request in `bench/profile`.
 /// Envoy sends header names in lower case, so the spelling map bought
 /// nothing an Emissary user relies on.
-pub(super) fn make_room(header: &mut RequestHeader) -> Result<()> {
-    let spare = header.headers.capacity() - header.headers.len();
-    if !header.has_case() && spare >= ADDED_HEADERS {
-        return Ok(());
-    }
-    let mut headers = HeaderMap::with_capacity(header.headers.len() + ADDED_HEADERS);
+pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> Result<()> {
+    let mut headers = HeaderMap::with_capacity(header.headers.len() + 2 + ADDED_HEADERS);
+    // Every line the client sent, as one list, then the client.
+    let mut forwarded_for = from.client.map(|_| String::with_capacity(64));
+    let mut proto_kept = false;
     for (name, value) in &header.headers {
+        if *name == X_FORWARDED_FOR {
+            if let Some(list) = forwarded_for.as_mut() {
+                if let Ok(text) = value.to_str() {
+                    list.push_str(text);
+                    list.push_str(", ");
+                }
+                continue;
+            }
+        } else if *name == X_FORWARDED_PROTO {
+            if !from.trusted_proxy {
+                continue;
+            }
+            proto_kept = true;
+        }
         headers.append(name.clone(), value.clone());
+    }
+    if let (Some(mut list), Some(ip)) = (forwarded_for, from.client) {
+        push_ip(&mut list, ip);
+        let value =
+            HeaderValue::try_from(list).or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !proto_kept {
+        let proto = if from.wire_tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = header.method.clone();
@@ -40,45 +75,32 @@ pub(super) fn make_room(header: &mut RequestHeader) -> Result<()> {
     parts.version = header.version;
     parts.headers = headers;
     parts.extensions = std::mem::take(header.extensions_mut());
-    let mut roomy = RequestHeader::from(parts);
+    let mut rebuilt = RequestHeader::from(parts);
     // Only a target the URI cannot reproduce (absolute-form, not UTF-8)
     // differs, and it is kept verbatim as Pingora kept it.
-    if roomy.raw_path() != header.raw_path() {
-        roomy.set_raw_path(header.raw_path())?;
+    if rebuilt.raw_path() != header.raw_path() {
+        rebuilt.set_raw_path(header.raw_path())?;
     }
     if let Some(end_stream) = header.send_end_stream() {
-        roomy.set_send_end_stream(end_stream);
+        rebuilt.set_send_end_stream(end_stream);
     }
-    *header = roomy;
+    *header = rebuilt;
     Ok(())
 }
 
-/// X-Forwarded-For gets the client appended (Envoy's use_remote_address);
-/// X-Forwarded-Proto keeps a trusted proxy's value (`l7_depth` > 0), else
-/// names the wire protocol.
-pub(super) fn forwarded_headers(
-    upstream: &mut RequestHeader,
-    client: Option<IpAddr>,
-    l7_depth: u32,
-    wire_tls: bool,
-) {
-    if let Some(ip) = client {
-        // Every line the client sent, as one list, then the client: the
-        // insert replaces them all.
-        let mut value = String::with_capacity(64);
-        for line in upstream.headers.get_all(X_FORWARDED_FOR) {
-            if let Ok(text) = line.to_str() {
-                value.push_str(text);
-                value.push_str(", ");
-            }
-        }
-        push_ip(&mut value, ip);
-        let _ = upstream.insert_header(X_FORWARDED_FOR, value);
-    }
-    if l7_depth == 0 || upstream.headers.get("x-forwarded-proto").is_none() {
-        let proto = if wire_tls { "https" } else { "http" };
-        let _ = upstream.insert_header("x-forwarded-proto", proto);
-    }
+/// The same for the upstream's response head, on its way to the client,
+/// which gets x-envoy-upstream-service-time, Server and Set-Cookie. A
+/// response can be taken apart, so nothing is copied.
+pub(super) fn make_response_room(header: &mut ResponseHeader) -> Result<()> {
+    let reason = header
+        .get_reason_phrase()
+        .filter(|reason| Some(*reason) != header.status.canonical_reason())
+        .map(str::to_owned);
+    let blank = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts = http::response::Parts::from(std::mem::replace(header, blank));
+    parts.headers.reserve(ADDED_HEADERS);
+    *header = ResponseHeader::from(parts);
+    header.set_reason_phrase(reason.as_deref())
 }
 
 /// Appends an address; IPv4 by hand, because `Display` for `Ipv4Addr`
@@ -179,26 +201,68 @@ mod tests {
         request
     }
 
-    #[test]
-    fn room_is_made_without_losing_a_header_line_or_the_target() {
-        let mut request = http1_request(
-            b"/a/b?c=d",
-            &[("Host", "example.com"), ("X-Dup", "1"), ("X-Dup", "2")],
-        );
-        make_room(&mut request).unwrap();
-        assert!(!request.has_case());
-        assert!(request.headers.capacity() >= 3 + ADDED_HEADERS);
-        assert_eq!(request.raw_path(), b"/a/b?c=d");
-        assert_eq!(request.headers["host"], "example.com");
-        let dups: Vec<_> = request.headers.get_all("x-dup").iter().collect();
-        assert_eq!(dups, ["1", "2"]);
+    fn from_client(trusted_proxy: bool, wire_tls: bool) -> Forwarding {
+        Forwarding {
+            client: Some("10.0.0.9".parse().unwrap()),
+            trusted_proxy,
+            wire_tls,
+        }
+    }
+
+    fn wire(request: &RequestHeader) -> String {
         let mut wire = Vec::new();
         request.header_to_h1_wire(&mut wire);
-        // Pingora spells the names it knows its own way, the rest as stored.
-        assert_eq!(
-            String::from_utf8(wire).unwrap(),
-            "Host: example.com\r\nx-dup: 1\r\nx-dup: 2\r\n"
+        String::from_utf8(wire).unwrap()
+    }
+
+    #[test]
+    fn the_client_is_appended_and_no_other_line_lost() {
+        let mut request = http1_request(
+            b"/a/b?c=d",
+            &[
+                ("Host", "example.com"),
+                ("X-Forwarded-For", "1.1.1.1"),
+                ("X-Dup", "1"),
+                ("X-Forwarded-For", "2.2.2.2, 3.3.3.3"),
+                ("X-Dup", "2"),
+                ("X-Forwarded-Proto", "https"),
+            ],
         );
+        forward_request(&mut request, &from_client(false, false)).unwrap();
+        assert!(!request.has_case());
+        assert!(request.headers.capacity() >= request.headers.len() + ADDED_HEADERS);
+        assert_eq!(request.raw_path(), b"/a/b?c=d");
+        // Pingora spells the names it knows its own way, the rest as stored;
+        // the client's X-Forwarded-Proto is not believed without l7Depth.
+        assert_eq!(
+            wire(&request),
+            "Host: example.com\r\nx-dup: 1\r\nx-dup: 2\r\n\
+             x-forwarded-for: 1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9\r\n\
+             x-forwarded-proto: http\r\n"
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_keeps_its_proto_and_the_wire_fills_a_gap() {
+        let mut request = http1_request(b"/", &[("X-Forwarded-Proto", "https")]);
+        forward_request(&mut request, &from_client(true, false)).unwrap();
+        assert_eq!(request.headers["x-forwarded-proto"], "https");
+        let mut request = http1_request(b"/", &[]);
+        forward_request(&mut request, &from_client(true, true)).unwrap();
+        assert_eq!(request.headers["x-forwarded-proto"], "https");
+        assert_eq!(request.headers["x-forwarded-for"], "10.0.0.9");
+    }
+
+    #[test]
+    fn without_a_client_address_x_forwarded_for_is_left_as_sent() {
+        let mut request = http1_request(b"/", &[("X-Forwarded-For", "1.1.1.1")]);
+        let from = Forwarding {
+            client: None,
+            trusted_proxy: false,
+            wire_tls: false,
+        };
+        forward_request(&mut request, &from).unwrap();
+        assert_eq!(request.headers["x-forwarded-for"], "1.1.1.1");
     }
 
     #[test]
@@ -206,17 +270,23 @@ mod tests {
         for target in [&b"http://example.com/x?y"[..], b"/caf\xc3\xa9/\xff"] {
             let mut request = http1_request(target, &[("Host", "example.com")]);
             let before = request.raw_path().to_vec();
-            make_room(&mut request).unwrap();
+            forward_request(&mut request, &from_client(false, false)).unwrap();
             assert_eq!(request.raw_path(), before);
         }
     }
 
     #[test]
-    fn a_roomy_request_is_left_alone() {
-        let mut request = RequestHeader::build_no_case("GET", b"/", Some(64)).unwrap();
-        request.insert_header("host", "example.com").unwrap();
-        let roomy = request.headers.capacity();
-        make_room(&mut request).unwrap();
-        assert_eq!(request.headers.capacity(), roomy, "rebuilt, so shrunk");
+    fn a_response_keeps_its_headers_and_reason() {
+        let mut response = ResponseHeader::build(299, Some(2)).unwrap();
+        response.append_header("Set-Cookie", "a=1").unwrap();
+        response.append_header("Set-Cookie", "b=2").unwrap();
+        response.set_reason_phrase(Some("Fine Anyway")).unwrap();
+        make_response_room(&mut response).unwrap();
+        assert!(!response.has_case());
+        assert!(response.headers.capacity() >= 2 + ADDED_HEADERS);
+        assert_eq!(response.status, 299);
+        assert_eq!(response.get_reason_phrase(), Some("Fine Anyway"));
+        let cookies: Vec<_> = response.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
     }
 }

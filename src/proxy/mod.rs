@@ -252,6 +252,7 @@ struct Routed {
     /// The filters this request runs; `None` when there are none.
     filters: Option<Arc<[Entry]>>,
     client_ip: Option<IpAddr>,
+    forwarding: headers::Forwarding,
 }
 
 impl Gateway {
@@ -351,6 +352,11 @@ impl Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let client_ip = remote_address(peer, &req.headers, listener.listener.l7_depth);
+        let forwarding = headers::Forwarding {
+            client: peer,
+            trusted_proxy: listener.listener.l7_depth > 0,
+            wire_tls,
+        };
         let route = vhost.find(&view).map(|group| {
             let pick = if group.is_canary() {
                 rand::thread_rng().gen_range(0..100)
@@ -382,6 +388,7 @@ impl Gateway {
             answer,
             filters,
             client_ip,
+            forwarding,
         })
     }
 
@@ -471,7 +478,7 @@ impl ProxyHttp for Gateway {
             Ok(routed) => routed,
             Err(reply) => return self.answer(session, ctx, reply).await,
         };
-        headers::make_room(session.req_header_mut())?;
+        headers::forward_request(session.req_header_mut(), &routed.forwarding)?;
         if let Some(chain) = routed.filters.take() {
             let facts = RequestInfo {
                 route: routed.route.clone(),
@@ -752,15 +759,6 @@ impl ProxyHttp for Gateway {
             upstream.insert_header(http::header::HOST, host.as_str())?;
         }
 
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let l7_depth = local_port(session)
-            .and_then(|p| snapshot.listener(p))
-            .map_or(0, |l| l.listener.l7_depth);
-        let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        headers::forwarded_headers(upstream, client, l7_depth, wire_tls);
         let peer = edge_session(session).and_then(|e| e.client.as_ref());
         // Several header lines are one comma-separated list (RFC 9110 §5.3).
         let lines: Vec<&str> = upstream
@@ -861,6 +859,7 @@ impl ProxyHttp for Gateway {
             .snapshot
             .as_ref()
             .is_some_and(|s| s.module.suppress_envoy_headers);
+        headers::make_response_room(upstream_response)?;
         if let (Some(started), false) = (ctx.upstream_started, suppress) {
             let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             upstream_response

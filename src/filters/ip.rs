@@ -6,14 +6,14 @@
 use std::net::IpAddr;
 
 use async_trait::async_trait;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use pingora::Result;
 use serde::Deserialize;
 
 use super::{Cx, Filter, Flow, Reply, Session};
 
-pub(crate) const X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -92,7 +92,7 @@ pub(crate) fn remote_address(
         return peer;
     };
     headers
-        .get_all(X_FORWARDED_FOR)
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .rev()
         // A line that is not text still counts as an entry, and no address.
@@ -155,7 +155,7 @@ mod tests {
         let lines = |lines: &[&str]| {
             let mut headers = HeaderMap::new();
             for line in lines {
-                headers.append(X_FORWARDED_FOR, line.parse().unwrap());
+                headers.append(X_FORWARDED_FOR.clone(), line.parse().unwrap());
             }
             headers
         };

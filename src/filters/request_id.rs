@@ -2,12 +2,15 @@
 //! unless the Module's `preserve_external_request_id` keeps the client's.
 
 use async_trait::async_trait;
+use http::HeaderName;
 use pingora::Result;
 use serde::Deserialize;
 
 use super::{Cx, Filter, Flow, Session};
 
-pub(crate) const HEADER: &str = "x-request-id";
+/// A `static`, so lookups skip parsing the name and inserts can take
+/// its `&'static str`, which Pingora's API handles cheapest.
+pub(crate) static HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 pub(crate) struct RequestId {
     preserve_external: bool,
@@ -39,7 +42,7 @@ impl Filter for RequestId {
 
     async fn request(&self, session: &mut Session, _cx: &mut Cx<'_, Self>) -> Result<Flow> {
         let headers = &session.req_header().headers;
-        let usable = headers.get(HEADER).is_some_and(|v| !v.is_empty());
+        let usable = headers.get(&HEADER).is_some_and(|v| !v.is_empty());
         if !(self.preserve_external && usable) {
             // The thread's RNG, not the OS's: a getrandom call per request
             // would cost more than the rest of this filter.
@@ -54,7 +57,9 @@ impl Filter for RequestId {
                     format!("request ID: {e}"),
                 )
             })?;
-            session.req_header_mut().insert_header(HEADER, value)?;
+            session
+                .req_header_mut()
+                .insert_header(HEADER.as_str(), value)?;
         }
         Ok(Flow::Continue)
     }

@@ -7,6 +7,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 
+use crate::filters::ip::X_FORWARDED_FOR;
 use crate::routing::headers::{HeaderEdits, RequestFacts};
 
 /// Room for what is added later without growing the map: x-request-id,
@@ -14,8 +15,10 @@ use crate::routing::headers::{HeaderEdits, RequestFacts};
 /// route's or a filter's own.
 const ADDED_HEADERS: usize = 8;
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(crate::filters::ip::X_FORWARDED_FOR);
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(super) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// As the client sent it, or the gateway makes it (Module
+/// `forward_client_cert_details`).
+pub(super) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Where a request came from, for X-Forwarded-For and -Proto.
 pub(super) struct Forwarding {
@@ -63,11 +66,11 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
         push_ip(&mut list, ip);
         let value =
             HeaderValue::try_from(list).or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
-        headers.insert(X_FORWARDED_FOR, value);
+        headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     if !proto_kept {
         let proto = if from.wire_tls { "https" } else { "http" };
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = header.method.clone();
@@ -88,10 +91,16 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
     Ok(())
 }
 
-/// The same for the upstream's response head, on its way to the client,
-/// which gets x-envoy-upstream-service-time, Server and Set-Cookie. A
-/// response can be taken apart, so nothing is copied.
-pub(super) fn make_response_room(header: &mut ResponseHeader) -> Result<()> {
+static UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+
+/// The same for the upstream's response head on its way to the client:
+/// x-envoy-upstream-service-time (unless suppressed) goes straight into the
+/// map, with room for Server, Set-Cookie and a route's own. A response can
+/// be taken apart, so nothing is copied.
+pub(super) fn forward_response(
+    header: &mut ResponseHeader,
+    service_time: Option<HeaderValue>,
+) -> Result<()> {
     let reason = header
         .get_reason_phrase()
         .filter(|reason| Some(*reason) != header.status.canonical_reason())
@@ -99,6 +108,9 @@ pub(super) fn make_response_room(header: &mut ResponseHeader) -> Result<()> {
     let blank = ResponseHeader::from(http::Response::new(()).into_parts().0);
     let mut parts = http::response::Parts::from(std::mem::replace(header, blank));
     parts.headers.reserve(ADDED_HEADERS);
+    if let Some(millis) = service_time {
+        parts.headers.insert(UPSTREAM_SERVICE_TIME.clone(), millis);
+    }
     *header = ResponseHeader::from(parts);
     header.set_reason_phrase(reason.as_deref())
 }
@@ -281,12 +293,13 @@ mod tests {
         response.append_header("Set-Cookie", "a=1").unwrap();
         response.append_header("Set-Cookie", "b=2").unwrap();
         response.set_reason_phrase(Some("Fine Anyway")).unwrap();
-        make_response_room(&mut response).unwrap();
+        forward_response(&mut response, Some(HeaderValue::from(7))).unwrap();
         assert!(!response.has_case());
         assert!(response.headers.capacity() >= 2 + ADDED_HEADERS);
         assert_eq!(response.status, 299);
         assert_eq!(response.get_reason_phrase(), Some("Fine Anyway"));
         let cookies: Vec<_> = response.headers.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(response.headers["x-envoy-upstream-service-time"], "7");
     }
 }

@@ -52,7 +52,6 @@ mod access_log;
 use access_log::AccessEntry;
 
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
-const XFCC: &str = "x-forwarded-client-cert";
 
 /// The gateway's proxy logic over the current snapshot.
 pub struct Gateway {
@@ -118,7 +117,7 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     /// The upstream endpoint chosen, for the access log.
     /// Formatted only if an access-log line is written.
-    upstream_addr: Option<pingora::protocols::l4::socket::SocketAddr>,
+    upstream_addr: Option<std::net::SocketAddr>,
     /// This request's place under its cluster's circuit breaker.
     admission: Option<Admission>,
     /// The circuit breaker refused the request.
@@ -152,11 +151,14 @@ enum Mirror {
     /// Sent, or not to be sent.
     Settled,
     /// The head is copied; the body is kept as it passes to the primary.
-    Collecting {
-        shadow: Arc<Shadow>,
-        request: Box<RequestHeader>,
-        body: BytesMut,
-    },
+    /// Boxed: the context is moved with every request, mirrored or not.
+    Collecting(Box<MirrorCopy>),
+}
+
+struct MirrorCopy {
+    shadow: Arc<Shadow>,
+    request: RequestHeader,
+    body: BytesMut,
 }
 
 /// An allowed upgrade. Pingora forwards WebSocket handshakes by itself;
@@ -325,7 +327,7 @@ impl Gateway {
             SecurityModel::Xfp if listener.listener.l7_depth == 0 => wire_tls,
             SecurityModel::Xfp => req
                 .headers
-                .get("x-forwarded-proto")
+                .get(&headers::X_FORWARDED_PROTO)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
         };
         if !secure && !path.starts_with(ACME_CHALLENGE) {
@@ -557,7 +559,7 @@ impl ProxyHttp for Gateway {
         ctx.in_flight = choice.in_flight;
         ctx.set_cookie = choice.set_cookie;
         let mut peer = choice.peer;
-        ctx.upstream_addr = Some(peer._address.clone());
+        ctx.upstream_addr = peer._address.as_inet().copied();
         let now = Instant::now();
         // Each read may wait at most what is left of the route timeout (or
         // the idle timeout, if shorter); `check_deadline` catches a
@@ -763,15 +765,15 @@ impl ProxyHttp for Gateway {
         // Several header lines are one comma-separated list (RFC 9110 §5.3).
         let lines: Vec<&str> = upstream
             .headers
-            .get_all(XFCC)
+            .get_all(&headers::XFCC)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
         let from_client = (!lines.is_empty()).then(|| lines.join(","));
         match module.xfcc.header(from_client.as_deref(), peer) {
-            Some(value) => upstream.insert_header(XFCC, value)?,
+            Some(value) => upstream.insert_header(headers::XFCC.as_str(), value)?,
             None if from_client.is_some() => {
-                upstream.remove_header(XFCC);
+                upstream.remove_header(&headers::XFCC);
             }
             None => {}
         }
@@ -799,28 +801,25 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Mirror::Collecting {
-            shadow, body: copy, ..
-        } = &mut ctx.mirror
-        else {
+        let Mirror::Collecting(copy) = &mut ctx.mirror else {
             return Ok(());
         };
         if let Some(chunk) = body {
-            if copy.len() + chunk.len() > MAX_MIRRORED_BODY {
-                metrics().shadow(&shadow.mapping, "not_copied");
+            if copy.body.len() + chunk.len() > MAX_MIRRORED_BODY {
+                metrics().shadow(&copy.shadow.mapping, "not_copied");
                 ctx.mirror = Mirror::Settled;
                 return Ok(());
             }
-            copy.extend_from_slice(chunk);
+            copy.body.extend_from_slice(chunk);
         }
         if end_of_stream {
-            if let Mirror::Collecting {
-                shadow,
-                request,
-                body,
-            } = std::mem::replace(&mut ctx.mirror, Mirror::Settled)
-            {
-                shadow.mirror(*request, body.freeze());
+            if let Mirror::Collecting(copy) = std::mem::replace(&mut ctx.mirror, Mirror::Settled) {
+                let MirrorCopy {
+                    shadow,
+                    request,
+                    body,
+                } = *copy;
+                shadow.mirror(request, body.freeze());
             }
         }
         Ok(())
@@ -859,12 +858,14 @@ impl ProxyHttp for Gateway {
             .snapshot
             .as_ref()
             .is_some_and(|s| s.module.suppress_envoy_headers);
-        headers::make_response_room(upstream_response)?;
-        if let (Some(started), false) = (ctx.upstream_started, suppress) {
-            let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            upstream_response
-                .insert_header("x-envoy-upstream-service-time", HeaderValue::from(millis))?;
-        }
+        let service_time = match (ctx.upstream_started, suppress) {
+            (Some(started), false) => {
+                let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                Some(HeaderValue::from(millis))
+            }
+            _ => None,
+        };
+        headers::forward_response(upstream_response, service_time)?;
         match ctx.filters.as_mut() {
             Some(run) => run.upstream_response(session, upstream_response).await,
             None => Ok(()),
@@ -1013,7 +1014,7 @@ impl ProxyHttp for Gateway {
             mapping: ctx.route.as_ref().map(|r| r.mapping.as_str()),
             request_id: req
                 .headers
-                .get("x-request-id")
+                .get(&crate::filters::request_id::HEADER)
                 .and_then(|v| v.to_str().ok()),
             note: match (ctx.local_reply, error) {
                 (Some(reason), _) => Some(reason),
@@ -1052,11 +1053,11 @@ fn start_mirror(session: &mut Session, upstream: &RequestHeader, ctx: &mut Reque
         metrics().shadow(&shadow.mapping, "not_copied");
         return;
     }
-    ctx.mirror = Mirror::Collecting {
+    ctx.mirror = Mirror::Collecting(Box::new(MirrorCopy {
         shadow,
-        request: Box::new(upstream.clone()),
+        request: upstream.clone(),
         body: BytesMut::new(),
-    };
+    }));
 }
 
 /// Whether a reused HTTP/1 connection was established longer than

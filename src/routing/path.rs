@@ -24,7 +24,12 @@ pub fn normalize(
     if reject_escaped_slashes && has_escaped_slash(path) {
         return Err(PathError::EscapedSlash);
     }
-    let needs_work = path.contains("/.") || (merge_slashes && path.contains("//"));
+    // One pass over the bytes: `str::contains` sets up a substring search
+    // per call, which costs more than the scan for a path this short.
+    let needs_work = path
+        .as_bytes()
+        .windows(2)
+        .any(|pair| pair[0] == b'/' && (pair[1] == b'.' || (merge_slashes && pair[1] == b'/')));
     if !needs_work {
         return Ok(Cow::Borrowed(path));
     }

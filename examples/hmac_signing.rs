@@ -29,7 +29,7 @@ use openssl::pkey::{PKey, Private};
 use openssl::sign::Signer;
 use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType};
-use pingress::filters::{Cx, Filter, Session};
+use pingress::filters::{Cx, Filter, Hooks, Session};
 use serde::Deserialize;
 
 const HEADER: &str = "x-pingress-signature";
@@ -54,6 +54,11 @@ fn hex(bytes: &[u8]) -> String {
 #[async_trait]
 impl Filter for HmacSigning {
     const TYPE: &'static str = "HmacSigning";
+    // Only `upstream_request`: the chain skips this filter in the others.
+    const HOOKS: Hooks = Hooks {
+        upstream_request: true,
+        ..Hooks::REQUEST_ONLY
+    };
     type Settings = Settings;
     type Arguments = ();
     type State = ();

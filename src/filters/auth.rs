@@ -21,7 +21,7 @@ use pingora::Result;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::{Cx, Filter, Flow, Reply, Session};
+use super::{Cx, Filter, Flow, Hooks, Reply, Session};
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
@@ -430,6 +430,7 @@ async fn read_body(
 #[async_trait]
 impl Filter for ExtAuth {
     const TYPE: &'static str = "AuthService";
+    const HOOKS: Hooks = Hooks::REQUEST_ONLY;
     type Settings = serde::de::IgnoredAny;
     type Arguments = ();
     type State = ();

@@ -15,7 +15,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
 
 use super::policy::{FilterPolicies, Glob};
-use super::{Cx, Filter, Flow, Reply, RequestInfo, Session};
+use super::{Cx, Filter, Flow, Hooks, Reply, RequestInfo, Session};
 
 pub(crate) type Arguments = Arc<dyn Any + Send + Sync>;
 type State = Box<dyn Any + Send + Sync>;
@@ -25,6 +25,7 @@ type State = Box<dyn Any + Send + Sync>;
 #[async_trait]
 pub(crate) trait DynFilter: Send + Sync {
     fn type_name(&self) -> &'static str;
+    fn hooks(&self) -> Hooks;
     fn new_state(&self) -> State;
     async fn request(
         &self,
@@ -95,6 +96,10 @@ fn mismatch<F: Filter>() -> Box<Error> {
 impl<F: Filter> DynFilter for Typed<F> {
     fn type_name(&self) -> &'static str {
         F::TYPE
+    }
+
+    fn hooks(&self) -> Hooks {
+        F::HOOKS
     }
 
     fn new_state(&self) -> State {
@@ -308,6 +313,19 @@ fn failed(origin: &str, mut e: Box<Error>) -> Box<Error> {
     e
 }
 
+/// The filters whose request hook ran and that implement a later hook.
+fn due<'a>(
+    chain: &'a [Entry],
+    states: &'a mut [Option<State>],
+    implements: fn(Hooks) -> bool,
+) -> impl Iterator<Item = (&'a Entry, &'a mut State)> {
+    chain
+        .iter()
+        .zip(states)
+        .filter(move |(entry, _)| implements(entry.filter.hooks()))
+        .filter_map(|(entry, state)| Some((entry, state.as_mut()?)))
+}
+
 /// Awaits a hook; a panic becomes an error like a returned one.
 async fn guarded<T>(origin: &str, hook: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     match AssertUnwindSafe(hook).catch_unwind().await {
@@ -377,8 +395,7 @@ impl Run {
         session: &mut Session,
         upstream: &mut RequestHeader,
     ) -> Result<()> {
-        for (entry, state) in self.chain.iter().zip(&mut self.states) {
-            let Some(state) = state else { continue };
+        for (entry, state) in due(&self.chain, &mut self.states, |h| h.upstream_request) {
             let hook = entry.filter.upstream_request(
                 session,
                 upstream,
@@ -396,8 +413,7 @@ impl Run {
         session: &mut Session,
         response: &mut ResponseHeader,
     ) -> Result<()> {
-        for (entry, state) in self.chain.iter().zip(&mut self.states) {
-            let Some(state) = state else { continue };
+        for (entry, state) in due(&self.chain, &mut self.states, |h| h.upstream_response) {
             let hook = entry.filter.upstream_response(
                 session,
                 response,
@@ -416,8 +432,7 @@ impl Run {
         body: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Result<()> {
-        for (entry, state) in self.chain.iter().zip(&mut self.states) {
-            let Some(state) = state else { continue };
+        for (entry, state) in due(&self.chain, &mut self.states, |h| h.response_body) {
             let facts = &mut self.facts;
             let hook = AssertUnwindSafe(|| {
                 entry.filter.response_body(
@@ -439,8 +454,7 @@ impl Run {
     }
 
     pub async fn logging(&mut self, session: &mut Session, status: u16) {
-        for (entry, state) in self.chain.iter().zip(&mut self.states) {
-            let Some(state) = state else { continue };
+        for (entry, state) in due(&self.chain, &mut self.states, |h| h.logging) {
             let hook = async {
                 entry
                     .filter
@@ -451,5 +465,119 @@ impl Run {
             // The failure is logged; the response is already gone.
             let _ = guarded(&entry.origin, hook).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// Counts the calls of every hook after `request`.
+    struct Counting<const ALL: bool> {
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl<const ALL: bool> Counting<ALL> {
+        fn count(&self) {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[async_trait]
+    impl<const ALL: bool> Filter for Counting<ALL> {
+        const TYPE: &'static str = "Counting";
+        const HOOKS: Hooks = if ALL { Hooks::ALL } else { Hooks::REQUEST_ONLY };
+        type Settings = ();
+        type Arguments = ();
+        type State = ();
+
+        fn build(_: ()) -> std::result::Result<Self, String> {
+            Err("built by the test".into())
+        }
+
+        async fn upstream_request(
+            &self,
+            _: &mut Session,
+            _: &mut RequestHeader,
+            _: &mut Cx<'_, Self>,
+        ) -> Result<()> {
+            self.count();
+            Ok(())
+        }
+
+        async fn upstream_response(
+            &self,
+            _: &mut Session,
+            _: &mut ResponseHeader,
+            _: &mut Cx<'_, Self>,
+        ) -> Result<()> {
+            self.count();
+            Ok(())
+        }
+
+        fn response_body(
+            &self,
+            _: &mut Session,
+            _: &mut Option<Bytes>,
+            _: bool,
+            _: &mut Cx<'_, Self>,
+        ) -> Result<()> {
+            self.count();
+            Ok(())
+        }
+
+        async fn logging(&self, _: &mut Session, _: u16, _: &mut Cx<'_, Self>) {
+            self.count();
+        }
+    }
+
+    /// Runs one request through a chain of `filter` and returns how many
+    /// later hooks it saw.
+    async fn later_calls<const ALL: bool>() -> usize {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            .await
+            .unwrap();
+        let mut session = Session::new_h1(Box::new(server));
+        assert!(session.read_request().await.unwrap());
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let filter = Counting::<ALL> {
+            calls: calls.clone(),
+        };
+        let chain: Arc<[Entry]> = Arc::from([Entry::builtin(filter, "test", Stage::Early)]);
+        let facts = RequestInfo {
+            route: None,
+            client_ip: None,
+            reroute: false,
+        };
+        let mut run = Run::new(chain, facts);
+        assert!(run
+            .request(&mut session, Stage::Early)
+            .await
+            .unwrap()
+            .is_none());
+        let mut upstream = session.req_header().clone();
+        run.upstream_request(&mut session, &mut upstream)
+            .await
+            .unwrap();
+        let mut response = ResponseHeader::build(200, None).unwrap();
+        run.upstream_response(&mut session, &mut response)
+            .await
+            .unwrap();
+        run.response_body(&mut session, &mut None, true).unwrap();
+        run.logging(&mut session, 200).await;
+        calls.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn only_the_hooks_a_filter_names_are_called() {
+        assert_eq!(later_calls::<true>().await, 4);
+        assert_eq!(later_calls::<false>().await, 0);
     }
 }

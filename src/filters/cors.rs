@@ -15,7 +15,7 @@ use pingora::http::ResponseHeader;
 use pingora::Result;
 use serde::Deserialize;
 
-use super::{Cx, Filter, Flow, Reply, Session};
+use super::{Cx, Filter, Flow, Hooks, Reply, Session};
 use crate::config::diagnostics::Reporter;
 use crate::config::resources::StringOrList;
 use crate::model::spec::parse_value;
@@ -132,6 +132,10 @@ impl CorsFilter {
 #[async_trait]
 impl Filter for CorsFilter {
     const TYPE: &'static str = "Cors";
+    const HOOKS: Hooks = Hooks {
+        upstream_response: true,
+        ..Hooks::REQUEST_ONLY
+    };
     type Settings = CorsSpec;
     type Arguments = ();
     /// The allowed origin of this request, to echo on the response.

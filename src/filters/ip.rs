@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use pingora::Result;
 use serde::Deserialize;
 
-use super::{Cx, Filter, Flow, Reply, Session};
+use super::{Cx, Filter, Flow, Hooks, Reply, Session};
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -106,6 +106,7 @@ pub(crate) fn remote_address(
 #[async_trait]
 impl Filter for IpFilter {
     const TYPE: &'static str = "IpAllowDeny";
+    const HOOKS: Hooks = Hooks::REQUEST_ONLY;
     type Settings = Settings;
     type Arguments = ();
     type State = ();

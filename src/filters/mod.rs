@@ -83,6 +83,39 @@ pub enum Flow {
     Respond(Reply),
 }
 
+/// The hooks after `request` that a filter implements; the chain calls
+/// only these. Every call costs a boxed future and a panic guard, so the
+/// gateway's own filters name theirs; [`Hooks::ALL`], the default, is
+/// always correct.
+///
+/// ```
+/// # use pingress::filters::Hooks;
+/// const HOOKS: Hooks = Hooks { logging: true, ..Hooks::REQUEST_ONLY };
+/// # assert!(HOOKS.logging && !HOOKS.response_body);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hooks {
+    pub upstream_request: bool,
+    pub upstream_response: bool,
+    pub response_body: bool,
+    pub logging: bool,
+}
+
+impl Hooks {
+    pub const ALL: Hooks = Hooks {
+        upstream_request: true,
+        upstream_response: true,
+        response_body: true,
+        logging: true,
+    };
+    pub const REQUEST_ONLY: Hooks = Hooks {
+        upstream_request: false,
+        upstream_response: false,
+        response_body: false,
+        logging: false,
+    };
+}
+
 /// A filter. Implement the hooks you need; the others do nothing.
 ///
 /// Hooks run in the order of the filter chain: request hooks front to
@@ -94,6 +127,9 @@ pub enum Flow {
 pub trait Filter: Send + Sync + Sized + 'static {
     /// The type name a `kind: Filter` resource uses: `spec: {<TYPE>: settings}`.
     const TYPE: &'static str;
+    /// The hooks after `request` this filter implements; a hook left out
+    /// is never called.
+    const HOOKS: Hooks = Hooks::ALL;
     /// The filter's settings, parsed from YAML once per snapshot.
     type Settings: DeserializeOwned;
     /// What each FilterPolicy reference passes in `arguments:`; a reference

@@ -6,7 +6,7 @@ use http::HeaderName;
 use pingora::Result;
 use serde::Deserialize;
 
-use super::{Cx, Filter, Flow, Session};
+use super::{Cx, Filter, Flow, Hooks, Session};
 
 /// A `static`, so lookups skip parsing the name and inserts can take
 /// its `&'static str`, which Pingora's API handles cheapest.
@@ -30,6 +30,7 @@ pub(crate) struct Settings {
 #[async_trait]
 impl Filter for RequestId {
     const TYPE: &'static str = "RequestId";
+    const HOOKS: Hooks = Hooks::REQUEST_ONLY;
     type Settings = Settings;
     type Arguments = ();
     type State = ();

@@ -21,7 +21,7 @@ use log::info;
 use pingora::http::ResponseHeader;
 use pingora::Result;
 
-use super::{Cx, Filter, Flow, Reply, Session};
+use super::{Cx, Filter, Flow, Hooks, Reply, Session};
 use labels::RequestLabels;
 use limits::Limit;
 pub use limits::RateLimits;
@@ -114,6 +114,10 @@ impl RateLimitFilter {
 #[async_trait]
 impl Filter for RateLimitFilter {
     const TYPE: &'static str = "RateLimit";
+    const HOOKS: Hooks = Hooks {
+        upstream_response: true,
+        ..Hooks::REQUEST_ONLY
+    };
     type Settings = ();
     type Arguments = ();
     /// The tightest limit applied, for the response's headers.

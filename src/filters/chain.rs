@@ -535,8 +535,8 @@ mod tests {
         }
     }
 
-    /// Runs one request through a chain of `filter` and returns how many
-    /// later hooks it saw.
+    /// Runs one request through a chain of one `Counting` filter and
+    /// returns how many of its later hooks were called.
     async fn later_calls<const ALL: bool>() -> usize {
         let (mut client, server) = tokio::io::duplex(4096);
         client

@@ -273,11 +273,11 @@ def main():
         irq = [r["core_irq"] for r in proxy_runs]
         # Softirq that runs in the proxy's context is charged to the proxy's
         # system time and to the core's softirq ticks alike, so the
-        # difference can dip below zero: there was no other work then.
+        # difference is a lower bound, and below zero means nothing.
         other = [max(0.0, r["core_busy"] - r["core_irq"] - r["proxy_share"]) for r in proxy_runs]
         out.append(
             f"- CPU {env('BENCH_PROXY_CPU')} during proxy runs, besides the proxy: interrupts and softirq "
-            f"(loopback networking) median {statistics.median(irq) * 100:.0f} %; other processes median "
+            f"(loopback networking) median {statistics.median(irq) * 100:.0f} %; other processes at least: median "
             f"{statistics.median(other) * 100:.0f} %, max {max(other) * 100:.0f} % of the core."
         )
     out += other_work()

@@ -237,80 +237,15 @@ pub fn validate(
             }
             continue;
         }
-        if let Some((_, version)) = kubernetes::API_VERSIONS.iter().find(|(k, _)| *k == kind) {
-            if raw.api_version != *version {
-                Reporter::new(raw.location(), &mut diags).error(
-                    "apiVersion",
-                    format!(
-                        "pingress reads {kind} in apiVersion {version}, not {:?}",
-                        raw.api_version
-                    ),
-                );
-                continue;
-            }
-            let identity = (kind, raw.id.namespace.as_str(), raw.id.name.as_str());
-            if let Some(&first) = seen.get(&identity) {
-                duplicate(raw, first, &mut diags);
-                continue;
-            }
-            seen.insert(identity, &raw.id.source);
-            by_kind.entry("kubernetes").or_default().push(raw);
+        let Some(group) = group(raw, ambassador_id, &mut diags) else {
             continue;
-        }
-        if !raw.api_version.starts_with("getambassador.io/") {
-            if !IGNORED_KUBERNETES_KINDS.contains(&kind) {
-                diags.push(Diagnostic::warning(
-                    raw.location(),
-                    format!("pingress does not use {} {kind}; ignored", raw.api_version),
-                ));
-            }
-            continue;
-        }
-        if !SUPPORTED_API_VERSIONS.contains(&raw.api_version.as_str()) {
-            Reporter::new(raw.location(), &mut diags)
-                .error(
-                    "apiVersion",
-                    format!("unsupported apiVersion {:?}", raw.api_version),
-                )
-                .with_hint("use getambassador.io/v3alpha1 (v2 is read too)");
-            continue;
-        }
-        if !spec::belongs_to(spec::ambassador_ids(raw).as_ref(), ambassador_id) {
-            continue;
-        }
-        if LATER_KINDS.contains(&kind) {
-            diags.push(Diagnostic::warning(
-                raw.location(),
-                format!("{kind} is not supported by pingress yet; ignored"),
-            ));
-            continue;
-        }
-        if !KINDS.contains(&kind) {
-            let mut known: Vec<&str> = KINDS.to_vec();
-            known.extend_from_slice(LATER_KINDS);
-            let hint = match closest(kind, &known) {
-                Some(kind) => format!("did you mean {kind}? "),
-                None => String::new(),
-            };
-            Reporter::new(raw.location(), &mut diags)
-                .error("kind", format!("unknown kind {kind:?}"))
-                .with_hint(format!(
-                    "{hint}pingress reads {}, Secret, Service, Endpoints and EndpointSlice",
-                    KINDS.join(", ")
-                ));
-            continue;
-        }
+        };
         let identity = (kind, raw.id.namespace.as_str(), raw.id.name.as_str());
         if let Some(&first) = seen.get(&identity) {
             duplicate(raw, first, &mut diags);
             continue;
         }
         seen.insert(identity, &raw.id.source);
-        let group = if RESOLVER_KINDS.contains(&kind) {
-            "resolver"
-        } else {
-            kind
-        };
         by_kind.entry(group).or_default().push(raw);
     }
 
@@ -411,6 +346,77 @@ fn referenced_files<'r>(raws: impl Iterator<Item = &'r &'r RawResource>) -> Vec<
         }
     }
     files
+}
+
+/// Which validator takes a resource other than a Secret; `None` when it is
+/// not this gateway's to read (reported in `diags` where that is a mistake).
+fn group<'a>(
+    raw: &'a RawResource,
+    ambassador_id: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<&'a str> {
+    let kind = raw.id.kind.as_str();
+    if let Some((_, version)) = kubernetes::API_VERSIONS.iter().find(|(k, _)| *k == kind) {
+        if raw.api_version != *version {
+            Reporter::new(raw.location(), diags).error(
+                "apiVersion",
+                format!(
+                    "pingress reads {kind} in apiVersion {version}, not {:?}",
+                    raw.api_version
+                ),
+            );
+            return None;
+        }
+        return Some("kubernetes");
+    }
+    if !raw.api_version.starts_with("getambassador.io/") {
+        if !IGNORED_KUBERNETES_KINDS.contains(&kind) {
+            diags.push(Diagnostic::warning(
+                raw.location(),
+                format!("pingress does not use {} {kind}; ignored", raw.api_version),
+            ));
+        }
+        return None;
+    }
+    if !SUPPORTED_API_VERSIONS.contains(&raw.api_version.as_str()) {
+        Reporter::new(raw.location(), diags)
+            .error(
+                "apiVersion",
+                format!("unsupported apiVersion {:?}", raw.api_version),
+            )
+            .with_hint("use getambassador.io/v3alpha1 (v2 is read too)");
+        return None;
+    }
+    if !spec::belongs_to(spec::ambassador_ids(raw).as_ref(), ambassador_id) {
+        return None;
+    }
+    if LATER_KINDS.contains(&kind) {
+        diags.push(Diagnostic::warning(
+            raw.location(),
+            format!("{kind} is not supported by pingress yet; ignored"),
+        ));
+        return None;
+    }
+    if !KINDS.contains(&kind) {
+        let mut known: Vec<&str> = KINDS.to_vec();
+        known.extend_from_slice(LATER_KINDS);
+        let hint = match closest(kind, &known) {
+            Some(kind) => format!("did you mean {kind}? "),
+            None => String::new(),
+        };
+        Reporter::new(raw.location(), diags)
+            .error("kind", format!("unknown kind {kind:?}"))
+            .with_hint(format!(
+                "{hint}pingress reads {}, Secret, Service, Endpoints and EndpointSlice",
+                KINDS.join(", ")
+            ));
+        return None;
+    }
+    Some(if RESOLVER_KINDS.contains(&kind) {
+        "resolver"
+    } else {
+        kind
+    })
 }
 
 fn duplicate(raw: &RawResource, first: &Source, diags: &mut Vec<Diagnostic>) {

@@ -167,17 +167,22 @@ macro_rules! editable_headers {
 }
 editable_headers!(RequestHeader, ResponseHeader);
 
-/// Removes, then adds, as Envoy evaluates a route's header edits.
-pub(super) fn apply_edits(
+/// Removes, then adds, as Envoy evaluates a route's header edits. The
+/// facts templates read are gathered only for a route that has edits.
+pub(super) fn apply_edits<'s>(
     edits: &HeaderEdits,
-    facts: &RequestFacts,
+    facts: impl FnOnce() -> RequestFacts<'s>,
     target: &mut impl EditableHeaders,
 ) -> Result<()> {
+    if edits.is_empty() {
+        return Ok(());
+    }
+    let facts = facts();
     for name in &edits.remove {
         while target.remove(name) {}
     }
     for header in &edits.add {
-        if let Some(value) = header.value.render(facts) {
+        if let Some(value) = header.value.render(&facts) {
             target.set(header.name.clone(), value, header.append)?;
         }
     }

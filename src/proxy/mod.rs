@@ -783,7 +783,7 @@ impl ProxyHttp for Gateway {
         if let Some(value) = &route.expected_timeout {
             upstream.insert_header("x-envoy-expected-rq-timeout-ms", value.clone())?;
         }
-        headers::apply_edits(&route.request_headers, &facts(session), upstream)?;
+        headers::apply_edits(&route.request_headers, || facts(session), upstream)?;
         if let Some(run) = ctx.filters.as_mut() {
             run.upstream_request(session, upstream).await?;
         }
@@ -913,10 +913,7 @@ impl ProxyHttp for Gateway {
         if let Some(server) = &snapshot.module.server_name {
             response.insert_header(http::header::SERVER, server.as_str())?;
         }
-        if route.response_headers.is_empty() {
-            return Ok(());
-        }
-        headers::apply_edits(&route.response_headers, &facts(session), response)
+        headers::apply_edits(&route.response_headers, || facts(session), response)
     }
 
     async fn fail_to_proxy(

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 
@@ -27,11 +27,14 @@ pub(super) struct Forwarding {
     /// A trusted proxy in front (l7Depth > 0) keeps its X-Forwarded-Proto.
     pub trusted_proxy: bool,
     pub wire_tls: bool,
+    /// The Host without its port, when `strip_matching_host_port` removed
+    /// it: Envoy rewrites the header itself, not only what it matches.
+    pub stripped_host: Option<HeaderValue>,
 }
 
 /// Rebuilds the client's request head as Envoy's connection manager
 /// leaves it before any filter runs (an authorizer sees the client in
-/// X-Forwarded-For), with room for what the gateway adds later and
+/// X-Forwarded-For, and the Host without a stripped port), with room for what the gateway adds later and
 /// without Pingora's record of how the client spelled each name.
 ///
 /// Pingora sizes an HTTP/1 request's header map to exactly the headers
@@ -59,6 +62,8 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
                 continue;
             }
             proto_kept = true;
+        } else if *name == HOST && from.stripped_host.is_some() {
+            continue;
         }
         headers.append(name.clone(), value.clone());
     }
@@ -71,6 +76,9 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
     if !proto_kept {
         let proto = if from.wire_tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
+    if let Some(host) = &from.stripped_host {
+        headers.insert(HOST, host.clone());
     }
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = header.method.clone();
@@ -223,6 +231,7 @@ mod tests {
             client: Some("10.0.0.9".parse().unwrap()),
             trusted_proxy,
             wire_tls,
+            stripped_host: None,
         }
     }
 
@@ -277,9 +286,22 @@ mod tests {
             client: None,
             trusted_proxy: false,
             wire_tls: false,
+            stripped_host: None,
         };
         forward_request(&mut request, &from).unwrap();
         assert_eq!(request.headers["x-forwarded-for"], "1.1.1.1");
+    }
+
+    #[test]
+    fn a_stripped_port_leaves_the_host_header() {
+        let mut request = http1_request(b"/", &[("Host", "example.com:8080")]);
+        let from = Forwarding {
+            stripped_host: Some(HeaderValue::from_static("example.com")),
+            ..from_client(false, false)
+        };
+        forward_request(&mut request, &from).unwrap();
+        let hosts: Vec<_> = request.headers.get_all(HOST).iter().collect();
+        assert_eq!(hosts, ["example.com"]);
     }
 
     #[test]

@@ -108,8 +108,6 @@ pub struct RequestCtx {
     route: Option<Arc<Route>>,
     /// The normalised path, when it differs from the request's.
     normalized_path: Option<String>,
-    /// The Host without its port, when `strip_matching_host_port` removed it.
-    stripped_host: Option<String>,
     started: Instant,
     /// When the route's `timeout_ms` runs out: the whole exchange, head and
     /// body, must complete before it, as Envoy's route timeout demands.
@@ -286,6 +284,7 @@ impl Gateway {
             mixed => Cow::Owned(mixed.to_ascii_lowercase()),
         };
         let (host_name, port) = split_port(&raw_authority);
+        let mut stripped_host = None;
         let authority = match port {
             Some(port)
                 if module.strip_matching_host_port
@@ -293,7 +292,7 @@ impl Gateway {
             {
                 // Envoy strips the port from the header itself, not only
                 // for matching.
-                ctx.stripped_host = Some(host_name.to_string());
+                stripped_host = HeaderValue::from_str(host_name).ok();
                 host_name
             }
             _ => raw_authority.as_ref(),
@@ -358,6 +357,7 @@ impl Gateway {
             client: peer,
             trusted_proxy: listener.listener.l7_depth > 0,
             wire_tls,
+            stripped_host,
         };
         let route = vhost.find(&view).map(|group| {
             let pick = if group.is_canary() {
@@ -452,7 +452,6 @@ impl ProxyHttp for Gateway {
             snapshot: None,
             route: None,
             normalized_path: None,
-            stripped_host: None,
             started: Instant::now(),
             deadline: None,
             upstream_started: None,
@@ -757,8 +756,6 @@ impl ProxyHttp for Gateway {
         }
         if let Some(host) = &route.host_rewrite {
             upstream.insert_header(http::header::HOST, host.clone())?;
-        } else if let Some(host) = &ctx.stripped_host {
-            upstream.insert_header(http::header::HOST, host.as_str())?;
         }
 
         let peer = edge_session(session).and_then(|e| e.client.as_ref());

@@ -495,6 +495,7 @@ pub struct ModuleConfig {
     pub use_remote_address: Option<bool>,
     pub merge_slashes: Option<bool>,
     pub reject_requests_with_escaped_slashes: Option<bool>,
+    pub headers_with_underscores_action: Option<String>,
     pub strip_matching_host_port: Option<bool>,
     pub suppress_envoy_headers: Option<bool>,
     pub regex_max_size: Option<u32>,

@@ -262,11 +262,13 @@ impl FilterChains {
         }
     }
 
-    /// The chain for a request; `None` when it is empty.
+    /// The chain for a request; `None` when it is empty. Paths compare
+    /// with the case rule of the Mapping that serves them.
     pub(crate) fn select(
         &self,
         host: &str,
         path: &str,
+        case_sensitive: bool,
         bypass_auth: bool,
     ) -> Option<&Arc<[Entry]>> {
         let chain = if bypass_auth {
@@ -274,7 +276,7 @@ impl FilterChains {
         } else {
             self.rules
                 .iter()
-                .find(|(h, p, _)| h.matches(host) && p.matches(path))
+                .find(|(h, p, _)| h.matches(host, true) && p.matches(path, case_sensitive))
                 .map_or(&self.unmatched, |(_, _, chain)| chain)
         };
         (!chain.is_empty()).then_some(chain)

@@ -80,9 +80,12 @@ fn ranges(key: &str, specs: &[RangeSpec]) -> std::result::Result<Vec<Range>, Str
 
 /// The client address behind `l7_depth` trusted proxies: the entry that
 /// many places from the right of `X-Forwarded-For` (Envoy's
-/// `xff_num_trusted_hops`), else the connection's peer. Several header
-/// lines are one list (RFC 9110 §5.3), so a client cannot push the trusted
-/// proxy's entry out of sight with a line of its own.
+/// `xff_num_trusted_hops`). Several header lines are one list (RFC 9110
+/// §5.3), so a client cannot push the trusted proxy's entry out of sight
+/// with a line of its own; entries are split as bytes, so a byte that is
+/// not text in one entry cannot hide the others. When that entry is
+/// missing or is not an address, the connection's peer is the client, as
+/// in Envoy: a request never goes without an address.
 pub(crate) fn remote_address(
     peer: Option<IpAddr>,
     headers: &HeaderMap,
@@ -95,12 +98,10 @@ pub(crate) fn remote_address(
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .rev()
-        // A line that is not text still counts as an entry, and no address.
-        .flat_map(|line| line.to_str().unwrap_or("").rsplit(','))
-        .nth(hops)?
-        .trim()
-        .parse()
-        .ok()
+        .flat_map(|line| line.as_bytes().rsplit(|b| *b == b','))
+        .nth(hops)
+        .and_then(|entry| std::str::from_utf8(entry).ok()?.trim().parse().ok())
+        .or(peer)
 }
 
 #[async_trait]
@@ -166,14 +167,21 @@ mod tests {
         assert_eq!(remote_address(peer, &xff, 0), peer);
         assert_eq!(remote_address(peer, &xff, 1), ip("3.3.3.3"));
         assert_eq!(remote_address(peer, &xff, 3), ip("1.1.1.1"));
-        assert_eq!(remote_address(peer, &xff, 4), None);
-        assert_eq!(remote_address(peer, &lines(&[]), 1), None);
-        assert_eq!(remote_address(peer, &lines(&["junk"]), 1), None);
+        // Too few entries, or one that is no address: the peer.
+        assert_eq!(remote_address(peer, &xff, 4), peer);
+        assert_eq!(remote_address(peer, &lines(&[]), 1), peer);
+        assert_eq!(remote_address(peer, &lines(&["junk"]), 1), peer);
         // The trusted proxy's entry is on the last line, whatever a client
         // sent on an earlier one.
         let split = lines(&["6.6.6.6", "1.1.1.1, 3.3.3.3"]);
         assert_eq!(remote_address(peer, &split, 1), ip("3.3.3.3"));
         assert_eq!(remote_address(peer, &split, 3), ip("6.6.6.6"));
+        // A byte that is not text spoils its own entry only.
+        let mut raw = HeaderMap::new();
+        let line = http::HeaderValue::from_bytes(b"\xff, 3.3.3.3").unwrap();
+        raw.append(X_FORWARDED_FOR.clone(), line);
+        assert_eq!(remote_address(peer, &raw, 1), ip("3.3.3.3"));
+        assert_eq!(remote_address(peer, &raw, 2), peer);
     }
 
     #[test]

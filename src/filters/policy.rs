@@ -21,7 +21,15 @@ use crate::routing::matchers::{full_match_regex, search_regex};
 /// A `*` glob over a host name or a path: `*` matches any run of
 /// characters, slashes and dots included, as in Edge Stack's FilterPolicy.
 #[derive(Debug, Clone)]
-pub(crate) struct Glob(Option<Regex>);
+pub(crate) struct Glob(Option<GlobRegexes>);
+
+/// The glob as written, and in any case: a path that a case-insensitive
+/// Mapping serves is guarded in any case.
+#[derive(Debug, Clone)]
+struct GlobRegexes {
+    exact: Regex,
+    any_case: Regex,
+}
 
 impl Glob {
     fn parse(glob: &str) -> Result<Glob, String> {
@@ -33,11 +41,21 @@ impl Glob {
             .map(regex::escape)
             .collect::<Vec<_>>()
             .join(".*");
-        full_match_regex(&pattern, false).map(|r| Glob(Some(r)))
+        Ok(Glob(Some(GlobRegexes {
+            exact: full_match_regex(&pattern, false)?,
+            any_case: full_match_regex(&pattern, true)?,
+        })))
     }
 
-    pub fn matches(&self, text: &str) -> bool {
-        self.0.as_ref().is_none_or(|r| r.is_match(text))
+    pub fn matches(&self, text: &str, case_sensitive: bool) -> bool {
+        self.0.as_ref().is_none_or(|regexes| {
+            let regex = if case_sensitive {
+                &regexes.exact
+            } else {
+                &regexes.any_case
+            };
+            regex.is_match(text)
+        })
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::resources::{
 };
 use crate::routing::headers::{AddHeader, HeaderEdits, HeaderTemplate};
 use crate::routing::matchers::HostGlob;
+use crate::routing::path::PathOptions;
 use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 
 use super::spec::{check_unknown_fields, parse_section, parse_value};
@@ -39,6 +40,7 @@ const MODULE_SUPPORTED: &[&str] = &[
     "use_remote_address",
     "merge_slashes",
     "reject_requests_with_escaped_slashes",
+    "headers_with_underscores_action",
     "strip_matching_host_port",
     "suppress_envoy_headers",
     "use_ambassador_namespace_for_service_resolution",
@@ -70,7 +72,6 @@ const MODULE_LATER: &[&str] = &[
     "enable_http10",
     "allow_chunked_length",
     "max_request_headers_kb",
-    "headers_with_underscores_action",
     "proper_case",
     "header_case_overrides",
     "buffer_limit_bytes",
@@ -271,6 +272,20 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         )?),
         None => None,
     };
+    let underscores = match config.headers_with_underscores_action.as_deref() {
+        None | Some("ALLOW") => UnderscoreAction::Allow,
+        Some("DROP_HEADER") => UnderscoreAction::DropHeader,
+        Some("REJECT_REQUEST") => UnderscoreAction::RejectRequest,
+        Some(other) => {
+            report
+                .error(
+                    "spec.config.headers_with_underscores_action",
+                    format!("unknown action {other:?}"),
+                )
+                .with_hint("ALLOW, DROP_HEADER or REJECT_REQUEST");
+            UnderscoreAction::Allow
+        }
+    };
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
@@ -284,8 +299,11 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         server_name: config.server_name.clone(),
         add_linkerd_headers: config.add_linkerd_headers.unwrap_or(false),
         xff_num_trusted_hops: config.xff_num_trusted_hops.unwrap_or(0),
-        merge_slashes: config.merge_slashes.unwrap_or(false),
-        reject_escaped_slashes: config.reject_requests_with_escaped_slashes.unwrap_or(false),
+        path: PathOptions {
+            merge_slashes: config.merge_slashes.unwrap_or(false),
+            reject_escaped_slashes: config.reject_requests_with_escaped_slashes.unwrap_or(false),
+        },
+        underscores,
         strip_matching_host_port: config.strip_matching_host_port.unwrap_or(false),
         suppress_envoy_headers: config.suppress_envoy_headers.unwrap_or(false),
         use_ambassador_namespace: config
@@ -397,6 +415,21 @@ pub fn header_names(list: &StringOrList, field: &str, report: &mut Reporter) -> 
                 .ok()
         })
         .collect()
+}
+
+/// The Module's `headers_with_underscores_action`, Envoy's
+/// `headers_with_underscores_action`: what becomes of a request header
+/// whose name holds `_`. CGI, PHP, WSGI and nginx read `X_User` and
+/// `X-User` as one variable, so an upstream may take either for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnderscoreAction {
+    /// Envoy's default: forwarded.
+    #[default]
+    Allow,
+    /// Removed before any filter sees the request.
+    DropHeader,
+    /// The request is answered 400.
+    RejectRequest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

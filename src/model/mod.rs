@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub(crate) use edge::header_names;
-pub use edge::{HostBinding, InsecureAction, Listener, SecurityModel, VirtualHost};
+pub use edge::{
+    HostBinding, InsecureAction, Listener, SecurityModel, UnderscoreAction, VirtualHost,
+};
 pub use kubernetes::{ResolverKind, Resolvers};
 pub use mapping::{Association, Mapping, Rewrite};
 pub use tcp_mapping::TcpMapping;
@@ -35,6 +37,7 @@ use crate::filters::rate_limit::labels::DefaultLabels;
 use crate::filters::rate_limit::{limits, RateLimits};
 use crate::filters::Registry;
 use crate::routing::headers::HeaderEdits;
+use crate::routing::path::PathOptions;
 use crate::routing::xfcc::XfccPolicy;
 use crate::upstream::balancer::Policy;
 use crate::upstream::breaker::Thresholds;
@@ -50,8 +53,10 @@ pub struct ModuleSettings {
     pub server_name: Option<String>,
     pub add_linkerd_headers: bool,
     pub xff_num_trusted_hops: u32,
-    pub merge_slashes: bool,
-    pub reject_escaped_slashes: bool,
+    /// `merge_slashes` and `reject_requests_with_escaped_slashes`.
+    pub path: PathOptions,
+    /// `headers_with_underscores_action`.
+    pub underscores: UnderscoreAction,
     pub strip_matching_host_port: bool,
     pub suppress_envoy_headers: bool,
     pub use_ambassador_namespace: bool,
@@ -91,8 +96,8 @@ impl Default for ModuleSettings {
             server_name: None,
             add_linkerd_headers: false,
             xff_num_trusted_hops: 0,
-            merge_slashes: false,
-            reject_escaped_slashes: false,
+            path: PathOptions::default(),
+            underscores: UnderscoreAction::default(),
             strip_matching_host_port: false,
             suppress_envoy_headers: false,
             use_ambassador_namespace: false,

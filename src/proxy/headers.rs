@@ -7,8 +7,14 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 
+use std::borrow::Cow;
+
 use crate::filters::ip::X_FORWARDED_FOR;
+use crate::model::UnderscoreAction;
 use crate::routing::headers::{HeaderEdits, RequestFacts};
+use crate::routing::path::{canonicalize, PathError, PathOptions};
+use crate::routing::xfcc::XfccPolicy;
+use crate::tls::edge::PeerCert;
 
 /// Room for what is added later without growing the map: x-request-id,
 /// x-envoy-expected-rq-timeout-ms, x-envoy-original-path, and a few of a
@@ -20,7 +26,9 @@ pub(super) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-for
 /// `forward_client_cert_details`).
 pub(super) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-/// Where a request came from, for X-Forwarded-For and -Proto.
+static L5D_DST_OVERRIDE: HeaderName = HeaderName::from_static("l5d-dst-override");
+
+/// Where a request came from and what the edge decided about its headers.
 pub(super) struct Forwarding {
     /// Appended to X-Forwarded-For (Envoy's use_remote_address).
     pub client: Option<IpAddr>,
@@ -30,12 +38,22 @@ pub(super) struct Forwarding {
     /// The Host without its port, when `strip_matching_host_port` removed
     /// it: Envoy rewrites the header itself, not only what it matches.
     pub stripped_host: Option<HeaderValue>,
+    /// The x-forwarded-client-cert the Module's mode leaves, in place of
+    /// every line the client sent.
+    pub client_cert: Option<HeaderValue>,
+    pub underscores: UnderscoreAction,
 }
 
 /// Rebuilds the client's request head as Envoy's connection manager
-/// leaves it before any filter runs (an authorizer sees the client in
-/// X-Forwarded-For, and the Host without a stripped port), with room for what the gateway adds later and
-/// without Pingora's record of how the client spelled each name.
+/// leaves it before any filter runs, so that every filter, the authorizer
+/// and the upstream see one request: the client appended to
+/// X-Forwarded-For, X-Forwarded-Proto set, the Host without a stripped
+/// port, x-forwarded-client-cert as the Module's mode has it, and none of
+/// the headers that only the gateway or a mesh sidecar may set when the
+/// client sent them (`x-envoy-*`, `l5d-dst-override`, and the spellings
+/// of the gateway's headers with `_`, which CGI-style servers read as the
+/// same name). With room for what the gateway adds later and without
+/// Pingora's record of how the client spelled each name.
 ///
 /// Pingora sizes an HTTP/1 request's header map to exactly the headers
 /// received and keeps a second map with each name's spelling. Every header
@@ -44,17 +62,16 @@ pub(super) struct Forwarding {
 /// Envoy sends header names in lower case, so the spelling map bought
 /// nothing an Emissary user relies on.
 pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> Result<()> {
-    let mut headers = HeaderMap::with_capacity(header.headers.len() + 2 + ADDED_HEADERS);
-    // Every line the client sent, as one list, then the client.
-    let mut forwarded_for = from.client.map(|_| String::with_capacity(64));
+    let mut headers = HeaderMap::with_capacity(header.headers.len() + 3 + ADDED_HEADERS);
+    // Every line the client sent, as one list, then the client; as bytes,
+    // so a line that is not text keeps its place in the list.
+    let mut forwarded_for = from.client.map(|_| Vec::with_capacity(64));
     let mut proto_kept = false;
     for (name, value) in &header.headers {
         if *name == X_FORWARDED_FOR {
             if let Some(list) = forwarded_for.as_mut() {
-                if let Ok(text) = value.to_str() {
-                    list.push_str(text);
-                    list.push_str(", ");
-                }
+                list.extend_from_slice(value.as_bytes());
+                list.extend_from_slice(b", ");
                 continue;
             }
         } else if *name == X_FORWARDED_PROTO {
@@ -62,15 +79,18 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
                 continue;
             }
             proto_kept = true;
-        } else if *name == HOST && from.stripped_host.is_some() {
+        } else if (*name == HOST && from.stripped_host.is_some())
+            || *name == XFCC
+            || edge_only(name.as_str(), from.underscores)
+        {
             continue;
         }
         headers.append(name.clone(), value.clone());
     }
     if let (Some(mut list), Some(ip)) = (forwarded_for, from.client) {
         push_ip(&mut list, ip);
-        let value =
-            HeaderValue::try_from(list).or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
+        let value = HeaderValue::from_bytes(&list)
+            .or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     if !proto_kept {
@@ -79,6 +99,9 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
     }
     if let Some(host) = &from.stripped_host {
         headers.insert(HOST, host.clone());
+    }
+    if let Some(client_cert) = &from.client_cert {
+        headers.insert(XFCC.clone(), client_cert.clone());
     }
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = header.method.clone();
@@ -96,6 +119,105 @@ pub(super) fn forward_request(header: &mut RequestHeader, from: &Forwarding) -> 
         rebuilt.set_send_end_stream(end_stream);
     }
     *header = rebuilt;
+    Ok(())
+}
+
+/// Whether a client's header is one that only the gateway or a mesh
+/// sidecar may set, or a name with `_` the Module drops. Names are lower
+/// case.
+fn edge_only(name: &str, underscores: UnderscoreAction) -> bool {
+    if name.starts_with("x-envoy-") || name == L5D_DST_OVERRIDE.as_str() {
+        return true;
+    }
+    if !name.contains('_') {
+        return false;
+    }
+    underscores == UnderscoreAction::DropHeader || is_owned_spelling(name)
+}
+
+/// The headers whose meaning the gateway decides, in the spelling an
+/// upstream may fold `_` into.
+const OWNED: [&str; 5] = [
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+    "l5d-dst-override",
+];
+
+/// Whether a name with `_` reads as one of the gateway's headers once
+/// `_` is read as `-`.
+fn is_owned_spelling(name: &str) -> bool {
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+    };
+    let name = name.as_bytes();
+    OWNED.iter().any(|owned| same(name, owned.as_bytes()))
+        || name.get(..8).is_some_and(|head| same(head, b"x-envoy-"))
+}
+
+/// What x-forwarded-client-cert the upstream gets for the Module's mode:
+/// the client's lines (as one list) only where the mode trusts them, the
+/// gateway's view of a verified client certificate where it adds one.
+/// Lines that are not text are never forwarded.
+pub(super) fn client_cert_header(
+    policy: &XfccPolicy,
+    headers: &HeaderMap,
+    peer: Option<&PeerCert>,
+) -> Option<HeaderValue> {
+    let mut lines = headers
+        .get_all(&XFCC)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    let from_client = lines
+        .peek()
+        .is_some()
+        .then(|| lines.collect::<Vec<_>>().join(","));
+    let value = policy.header(from_client.as_deref(), peer)?;
+    HeaderValue::try_from(value).ok()
+}
+
+/// Puts the canonical path (`routing::path`) into the request head, so
+/// that everything after it reads that one form. A target that is
+/// canonical already, and text, is left alone: the common case allocates
+/// nothing. Bytes outside ASCII in the query are escaped too, as the URI
+/// Pingora built for a target that was not UTF-8 is only a lossy reading.
+pub(super) fn canonicalize_target(
+    header: &mut RequestHeader,
+    options: PathOptions,
+) -> std::result::Result<(), PathError> {
+    let raw = header.raw_path();
+    let query_start = raw.iter().position(|b| *b == b'?');
+    let path = if raw.first() == Some(&b'/') {
+        &raw[..query_start.unwrap_or(raw.len())]
+    } else {
+        // Absolute-form: the URI holds its path alone.
+        header.uri.path().as_bytes()
+    };
+    let canonical = canonicalize(path, options)?;
+    if matches!(canonical, Cow::Borrowed(_)) && header.raw_path_is_utf8() {
+        return Ok(());
+    }
+    let mut target = canonical.into_owned();
+    if let Some(start) = query_start {
+        target.push('?');
+        for &byte in &raw[start + 1..] {
+            if byte.is_ascii() {
+                target.push(char::from(byte));
+            } else {
+                target.push_str(&format!("%{byte:02X}"));
+            }
+        }
+    }
+    let mut parts = header.uri.clone().into_parts();
+    parts.path_and_query =
+        Some(http::uri::PathAndQuery::try_from(target).map_err(|_| PathError::BadCharacter)?);
+    let uri = http::Uri::from_parts(parts).map_err(|_| PathError::BadCharacter)?;
+    header.set_uri(uri);
     Ok(())
 }
 
@@ -126,21 +248,21 @@ pub(super) fn forward_response(
 /// Appends an address; IPv4 by hand, because `Display` for `Ipv4Addr`
 /// formats into a padded buffer first and costs more than the rest of
 /// X-Forwarded-For (the profile in BENCHMARKS.md shows it).
-fn push_ip(out: &mut String, ip: IpAddr) {
-    use std::fmt::Write;
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    use std::io::Write;
     match ip {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
                 if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
+                    out.push(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
+                    out.push(b'0' + octet / 10 % 10);
                 }
-                out.push(char::from(b'0' + octet % 10));
+                out.push(b'0' + octet % 10);
             }
         }
         IpAddr::V6(v6) => {
@@ -212,9 +334,9 @@ mod tests {
             "2001:db8::7",
         ];
         for text in addresses {
-            let mut out = String::from("x, ");
+            let mut out = b"x, ".to_vec();
             push_ip(&mut out, text.parse().unwrap());
-            assert_eq!(out, format!("x, {text}"));
+            assert_eq!(out, format!("x, {text}").as_bytes());
         }
     }
 
@@ -232,6 +354,8 @@ mod tests {
             trusted_proxy,
             wire_tls,
             stripped_host: None,
+            client_cert: None,
+            underscores: UnderscoreAction::Allow,
         }
     }
 
@@ -269,6 +393,105 @@ mod tests {
     }
 
     #[test]
+    fn headers_only_the_gateway_sets_never_pass() {
+        let sent = [
+            ("X-Envoy-Original-Path", "/admin"),
+            ("x-envoy-retry-on", "5xx"),
+            ("l5d-dst-override", "evil:80"),
+            ("X_Forwarded_For", "6.6.6.6"),
+            ("X_Forwarded_Client_Cert", "Hash=evil"),
+            ("x_forwarded_proto", "https"),
+            ("X_Request_Id", "forged"),
+            ("L5d_Dst_Override", "evil:80"),
+            ("X_Envoy_Anything", "1"),
+            ("x-forwarded-client-cert", "Hash=evil"),
+            ("X_Custom", "1"),
+            ("x_forwarded_forx", "1"),
+        ];
+        let names = |underscores| {
+            let mut request = http1_request(b"/", &sent);
+            let from = Forwarding {
+                underscores,
+                ..from_client(false, false)
+            };
+            forward_request(&mut request, &from).unwrap();
+            let mut names: Vec<_> = request
+                .headers
+                .keys()
+                .map(|n| n.as_str().to_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names(UnderscoreAction::Allow),
+            [
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x_custom",
+                "x_forwarded_forx"
+            ]
+        );
+        assert_eq!(
+            names(UnderscoreAction::DropHeader),
+            ["x-forwarded-for", "x-forwarded-proto"]
+        );
+    }
+
+    #[test]
+    fn the_client_cert_header_replaces_every_line_the_client_sent() {
+        let mut request =
+            http1_request(b"/", &[("x-forwarded-client-cert", "By=a;URI=spiffe://ok")]);
+        let forged = HeaderValue::from_bytes(b"Hash=x;URI=spiffe://evil\xff").unwrap();
+        request
+            .append_header("x-forwarded-client-cert", forged)
+            .unwrap();
+        let sanitize = XfccPolicy::default();
+        let always = XfccPolicy {
+            mode: crate::routing::xfcc::XfccMode::AlwaysForwardOnly,
+            ..XfccPolicy::default()
+        };
+        assert_eq!(client_cert_header(&sanitize, &request.headers, None), None);
+        let forwarded = client_cert_header(&always, &request.headers, None);
+        assert_eq!(forwarded.as_ref().unwrap(), "By=a;URI=spiffe://ok");
+        for client_cert in [None, forwarded] {
+            let mut request = request.clone();
+            let from = Forwarding {
+                client_cert: client_cert.clone(),
+                ..from_client(false, false)
+            };
+            forward_request(&mut request, &from).unwrap();
+            let lines: Vec<_> = request.headers.get_all(&XFCC).iter().cloned().collect();
+            assert_eq!(lines, client_cert.into_iter().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_non_canonical_or_lossy_target_is_rewritten_in_place() {
+        let options = PathOptions::default();
+        let mut request = http1_request(b"/a/../b/%2e%2e/c?q=%2e\xff", &[]);
+        canonicalize_target(&mut request, options).unwrap();
+        assert_eq!(request.raw_path(), b"/c?q=%2e%FF");
+        assert_eq!(request.uri.path(), "/c");
+
+        let mut request = http1_request(b"http://example.com/x/../y?z", &[]);
+        canonicalize_target(&mut request, options).unwrap();
+        assert_eq!(request.raw_path(), b"/y?z");
+
+        // Canonical already: untouched, absolute-form included.
+        for target in [&b"/a/b?c=%2e"[..], b"http://example.com/y?z"] {
+            let mut request = http1_request(target, &[]);
+            canonicalize_target(&mut request, options).unwrap();
+            assert_eq!(request.raw_path(), target);
+        }
+        let mut request = http1_request(b"/a/..;/b", &[]);
+        assert_eq!(
+            canonicalize_target(&mut request, options),
+            Err(PathError::HiddenDotSegment)
+        );
+    }
+
+    #[test]
     fn a_trusted_proxy_keeps_its_proto_and_the_wire_fills_a_gap() {
         let mut request = http1_request(b"/", &[("X-Forwarded-Proto", "https")]);
         forward_request(&mut request, &from_client(true, false)).unwrap();
@@ -284,9 +507,7 @@ mod tests {
         let mut request = http1_request(b"/", &[("X-Forwarded-For", "1.1.1.1")]);
         let from = Forwarding {
             client: None,
-            trusted_proxy: false,
-            wire_tls: false,
-            stripped_host: None,
+            ..from_client(false, false)
         };
         forward_request(&mut request, &from).unwrap();
         assert_eq!(request.headers["x-forwarded-for"], "1.1.1.1");

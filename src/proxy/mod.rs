@@ -35,9 +35,8 @@ use crate::filters::chain::{Entry, Run, Stage};
 use crate::filters::ip::remote_address;
 use crate::filters::RequestInfo;
 use crate::metrics::metrics;
-use crate::model::{InsecureAction, Rewrite, SecurityModel};
+use crate::model::{InsecureAction, Rewrite, SecurityModel, UnderscoreAction};
 use crate::routing::headers::RequestFacts;
-use crate::routing::path::{normalize, PathError};
 use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
@@ -106,8 +105,6 @@ impl Gateway {
 pub struct RequestCtx {
     snapshot: Option<Arc<Snapshot>>,
     route: Option<Arc<Route>>,
-    /// The normalised path, when it differs from the request's.
-    normalized_path: Option<String>,
     started: Instant,
     /// When the route's `timeout_ms` runs out: the whole exchange, head and
     /// body, must complete before it, as Envoy's route timeout demands.
@@ -256,28 +253,21 @@ struct Routed {
 }
 
 impl Gateway {
-    /// Routing proper. `Err` is an answer given before any filter runs: the
-    /// request reached no Host, or the Host refuses insecure requests.
-    fn route(
-        &self,
-        session: &Session,
-        snapshot: &Snapshot,
-        ctx: &mut RequestCtx,
-    ) -> Result<Routed, Reply> {
+    /// Routing proper, on the canonical request head. `Err` is an answer
+    /// given before any filter runs: the request reached no Host, the Host
+    /// refuses insecure requests, or a header name the Module refuses.
+    fn route(&self, session: &Session, snapshot: &Snapshot) -> Result<Routed, Reply> {
         let req = session.req_header();
         let listener = local_port(session)
             .and_then(|port| snapshot.listener(port))
             .ok_or_else(Reply::no_listener)?;
         let module = &snapshot.module;
-        let path = match normalize(
-            req.uri.path(),
-            module.merge_slashes,
-            module.reject_escaped_slashes,
-        ) {
-            Ok(path) => path,
-            Err(PathError::EscapedSlash) => return Err(Reply::escaped_slash()),
-            Err(PathError::NotAbsolute) => return Err(Reply::bad_path()),
-        };
+        if module.underscores == UnderscoreAction::RejectRequest
+            && req.headers.keys().any(|name| name.as_str().contains('_'))
+        {
+            return Err(Reply::underscore_header());
+        }
+        let path = req.uri.path();
         // Clients almost always send lower-case names: copy only when not.
         let raw_authority = match authority(req) {
             lower if !lower.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(lower),
@@ -342,7 +332,7 @@ impl Gateway {
         }
 
         let view = RequestView {
-            path: &path,
+            path,
             query: req.uri.query().unwrap_or(""),
             authority,
             method: req.method.as_str(),
@@ -358,6 +348,12 @@ impl Gateway {
             trusted_proxy: listener.listener.l7_depth > 0,
             wire_tls,
             stripped_host,
+            client_cert: headers::client_cert_header(
+                &module.xfcc,
+                &req.headers,
+                edge_session(session).and_then(|e| e.client.as_ref()),
+            ),
+            underscores: module.underscores,
         };
         let route = vhost.find(&view).map(|group| {
             let pick = if group.is_canary() {
@@ -368,23 +364,23 @@ impl Gateway {
             group.pick(pick).clone()
         });
         let answer = match route.as_deref().map(|r| (r, &r.target)) {
-            None => Some(Reply::no_route(req.method.as_str(), host_name, &path)),
+            None => Some(Reply::no_route(req.method.as_str(), host_name, path)),
             Some((route, Target::Redirect(redirect))) => {
                 let scheme = if secure { "https" } else { "http" };
-                let matched = route.path.matched_len(&path);
-                let location = redirect.location(scheme, &path, matched, req.uri.query());
+                let matched = route.path.matched_len(path);
+                let location = redirect.location(scheme, path, matched, req.uri.query());
                 Some(Reply::redirect(redirect.status, location))
             }
             Some((_, Target::Upstream(_))) => None,
         };
         let bypass_auth = route.as_ref().is_some_and(|r| r.bypass_auth);
+        // A FilterPolicy guards the paths its Mapping serves: a Mapping
+        // that matches in any case is guarded in any case.
+        let case_sensitive = route.as_ref().is_none_or(|r| r.path.case_sensitive());
         let filters = snapshot
             .filters
-            .select(host_name, &path, bypass_auth)
+            .select(host_name, path, case_sensitive, bypass_auth)
             .cloned();
-        if let Cow::Owned(normalized) = path {
-            ctx.normalized_path = Some(normalized);
-        }
         Ok(Routed {
             route,
             answer,
@@ -430,7 +426,7 @@ impl Gateway {
             let snapshot = ctx.snapshot.clone().ok_or_else(|| {
                 Error::explain(ErrorType::InternalError, "no snapshot to route again")
             })?;
-            match self.route(session, &snapshot, ctx) {
+            match self.route(session, &snapshot) {
                 Ok(again) => {
                     routed.route = again.route;
                     routed.answer = again.answer;
@@ -451,7 +447,6 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             snapshot: None,
             route: None,
-            normalized_path: None,
             started: Instant::now(),
             deadline: None,
             upstream_started: None,
@@ -473,7 +468,12 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
-        let decision = self.route(session, &snapshot, ctx);
+        // The path is made canonical once, in the head itself: routing,
+        // the filters, the authorizer, the access log and the upstream all
+        // read this one form.
+        let decision = headers::canonicalize_target(session.req_header_mut(), snapshot.module.path)
+            .map_err(Reply::invalid_path)
+            .and_then(|()| self.route(session, &snapshot));
         ctx.snapshot = Some(snapshot);
         let mut routed = match decision {
             Ok(routed) => routed,
@@ -718,8 +718,7 @@ impl ProxyHttp for Gateway {
         };
         let module = &snapshot.module;
         let downstream = session.req_header();
-        let original_path = downstream.uri.path();
-        let path = ctx.normalized_path.as_deref().unwrap_or(original_path);
+        let path = downstream.uri.path();
         let new_path = match &route.rewrite {
             Rewrite::Keep => Cow::Borrowed(path),
             Rewrite::Prefix(replacement) => {
@@ -731,8 +730,7 @@ impl ProxyHttp for Gateway {
                 substitution,
             } => regex.replace_all(path, substitution.as_str()),
         };
-        let rewritten = new_path != path;
-        if new_path != original_path {
+        if new_path != path {
             let target = match downstream.uri.query() {
                 Some(query) => format!("{new_path}?{query}"),
                 None => new_path.into_owned(),
@@ -744,9 +742,9 @@ impl ProxyHttp for Gateway {
                 )
             })?;
             upstream.set_uri(uri);
-            if rewritten && !module.suppress_envoy_headers {
-                // Envoy normalises `:path` itself before routing, so the
-                // original it records is the normalised path, query included.
+            if !module.suppress_envoy_headers {
+                // As in Envoy, the original is the path before the rewrite:
+                // the canonical one, query included.
                 let original = match downstream.uri.query() {
                     Some(query) => format!("{path}?{query}"),
                     None => path.to_string(),
@@ -758,22 +756,6 @@ impl ProxyHttp for Gateway {
             upstream.insert_header(http::header::HOST, host.clone())?;
         }
 
-        let peer = edge_session(session).and_then(|e| e.client.as_ref());
-        // Several header lines are one comma-separated list (RFC 9110 §5.3).
-        let lines: Vec<&str> = upstream
-            .headers
-            .get_all(&headers::XFCC)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let from_client = (!lines.is_empty()).then(|| lines.join(","));
-        match module.xfcc.header(from_client.as_deref(), peer) {
-            Some(value) => upstream.insert_header(headers::XFCC.as_str(), value)?,
-            None if from_client.is_some() => {
-                upstream.remove_header(&headers::XFCC);
-            }
-            None => {}
-        }
         if let Some(value) = &route.linkerd_header {
             upstream.insert_header("l5d-dst-override", value.clone())?;
         }

@@ -11,6 +11,8 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::routing::path::PathError;
+
 /// The `ErrorType::Custom` tag of an upstream TLS policy violation.
 pub const TLS_POLICY: &str = "UpstreamTlsPolicy";
 
@@ -84,15 +86,17 @@ impl Reply {
         )
     }
 
-    pub fn bad_path() -> Self {
-        Self::gateway(400, "bad_path", "the request target is not a path")
+    /// A path that has no canonical form the gateway can vouch for.
+    pub fn invalid_path(error: PathError) -> Self {
+        Self::gateway(400, error.reason(), error)
     }
 
-    pub fn escaped_slash() -> Self {
+    /// The Module's `headers_with_underscores_action: REJECT_REQUEST`.
+    pub fn underscore_header() -> Self {
         Self::gateway(
             400,
-            "escaped_slash",
-            "escaped slashes are not allowed in the path",
+            "header_with_underscore",
+            "header names with underscores are not allowed",
         )
     }
 

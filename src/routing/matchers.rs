@@ -11,11 +11,18 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// Builds a regex that must match the whole input, as Envoy's safe_regex
 /// does. The error is a one-line message quoting the pattern as written.
+/// How a case-insensitive full-match pattern starts.
+const CASE_INSENSITIVE: &str = "^(?:(?i)";
+
 pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
     // The flag goes into the pattern, so the compiled regex says what it
     // matches (the route index relies on that).
-    let flags = if case_insensitive { "(?i)" } else { "" };
-    RegexBuilder::new(&format!("^(?:{flags}{pattern})$"))
+    let anchored = if case_insensitive {
+        format!("{CASE_INSENSITIVE}{pattern})$")
+    } else {
+        format!("^(?:{pattern})$")
+    };
+    RegexBuilder::new(&anchored)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
         .map_err(|e| describe_regex_error(pattern, &e))
@@ -82,6 +89,17 @@ impl PathMatch {
                 case_sensitive: false,
             } => path.eq_ignore_ascii_case(exact),
             PathMatch::Regex(regex) => regex.is_match(path),
+        }
+    }
+
+    /// Whether the match tells upper from lower case. A regex says so in
+    /// its pattern (`full_match_regex` puts the flag there).
+    pub fn case_sensitive(&self) -> bool {
+        match self {
+            PathMatch::Prefix { case_sensitive, .. } | PathMatch::Exact { case_sensitive, .. } => {
+                *case_sensitive
+            }
+            PathMatch::Regex(regex) => !regex.as_str().starts_with(CASE_INSENSITIVE),
         }
     }
 

@@ -11,6 +11,7 @@
 //! pingress-echo --listen 127.0.0.1:0 [--name NAME]
 //!               [--tls-cert chain.pem --tls-key key.pem]
 //!               [--client-ca ca.pem] [--require-client-cert]
+//!               [--allow-prefix /extauth/public/]
 //! ```
 //!
 //! The first line on stdout is `listening on <addr>` with the bound address,
@@ -25,6 +26,10 @@
 //! A WebSocket handshake (`Upgrade: websocket` with a `Sec-WebSocket-Key`)
 //! is accepted, and every data frame is then sent back as it came (pings
 //! get pongs, a close is answered with a close).
+//!
+//! With `--allow-prefix P` the echo acts as an authorizer that allows one
+//! subtree: a request whose target does not start with `P` gets 403
+//! (its body still describes the request), whatever it asked for.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -88,6 +93,10 @@ struct Args {
     /// Fail the handshake when the client presents no certificate.
     #[arg(long, requires = "client_ca")]
     require_client_cert: bool,
+    /// Answer 403 to every request whose target does not start with this
+    /// prefix, as an authorizer that allows only one subtree.
+    #[arg(long)]
+    allow_prefix: Option<String>,
 }
 
 /// What the TLS layer negotiated, captured once per connection.
@@ -99,6 +108,8 @@ struct Shared {
     connections: AtomicU64,
     /// Requests seen per `x-echo-key`.
     attempts: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// `--allow-prefix`: targets outside it are answered 403.
+    allow_prefix: Option<String>,
 }
 
 /// Keys kept before the counts start over: a test peer must not grow
@@ -161,6 +172,7 @@ async fn run(args: Args) -> Result<(), String> {
         name: args.name,
         connections: AtomicU64::new(0),
         attempts: Default::default(),
+        allow_prefix: args.allow_prefix,
     });
 
     loop {
@@ -495,6 +507,10 @@ async fn handle_one<S: AsyncRead + AsyncWrite + Unpin>(
         (Some(n), Some(attempt)) if attempt > n => 200,
         (Some(_), _) => status.unwrap_or(503),
         (None, _) => status.unwrap_or(200),
+    };
+    let status = match &shared.allow_prefix {
+        Some(prefix) if !head.target.starts_with(prefix.as_str()) => 403,
+        _ => status,
     };
     let delay = match head.value_str("x-echo-delay-ms") {
         None => None,

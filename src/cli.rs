@@ -9,7 +9,8 @@ use clap::Parser;
 use pingora::server::configuration::Opt;
 
 use crate::filters::{Filter, Registry};
-use crate::server::{check, load, serve, DEFAULT_GATEWAY_FILE};
+use crate::pipeline::{load, LastGood};
+use crate::server::{check, serve, DEFAULT_GATEWAY_FILE};
 use crate::snapshot::Resolution;
 
 #[derive(Parser, Debug)]
@@ -21,6 +22,11 @@ use crate::snapshot::Resolution;
 struct Cli {
     #[command(flatten)]
     pingora: Opt,
+    /// Refuse to start while any resource is invalid (an invalid Module
+    /// always stops the start). Rollouts use it, so a bad configuration
+    /// stalls the rollout while the old pods keep serving.
+    #[arg(long)]
+    strict: bool,
 }
 
 /// A pingress server with the filter types of its binary.
@@ -68,7 +74,12 @@ impl Pingress {
                 .unwrap_or_else(|| DEFAULT_GATEWAY_FILE.into()),
         );
         if cli.pingora.test {
-            return match load(&gateway_path, Resolution::Skip, &self.registry) {
+            return match load(
+                &gateway_path,
+                Resolution::Skip,
+                &self.registry,
+                &LastGood::default(),
+            ) {
                 Ok(loaded) => {
                     let code = check(&loaded, &mut std::io::stdout()).unwrap_or(2);
                     ExitCode::from(code as u8)
@@ -79,7 +90,7 @@ impl Pingress {
                 }
             };
         }
-        match serve(cli.pingora, gateway_path, self.registry) {
+        match serve(cli.pingora, gateway_path, self.registry, cli.strict) {
             Ok(()) => ExitCode::SUCCESS,
             Err(message) => {
                 eprintln!("pingress: {message}");

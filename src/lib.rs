@@ -1,7 +1,7 @@
 //! pingress: an API gateway on Cloudflare's Pingora that reads the
 //! Emissary-ingress resource model.
 //!
-//! Configuration flows through one pipeline:
+//! Configuration flows through one [`pipeline`]:
 //! [`config`] (read YAML) → [`model`] (validate) → [`snapshot`] (compile)
 //! → [`proxy`] (serve). See ARCHITECTURE.md for the map.
 //!
@@ -14,6 +14,7 @@ pub mod config;
 pub mod filters;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub generation: Gauge,
     certificate_expiry: GaugeVec,
+    resource_errors: IntGaugeVec,
     tcp_connections: IntCounterVec,
     tcp_active: IntGaugeVec,
     tcp_bytes: IntCounterVec,
@@ -87,6 +88,15 @@ impl Metrics {
             &["tcp_mapping"],
         )?;
         registry.register(Box::new(tcp_active.clone()))?;
+        let resource_errors = IntGaugeVec::new(
+            Opts::new(
+                "resource_errors",
+                "Resources of the serving configuration with errors, by kind (a resource an \
+                 edit broke keeps serving its last good version)",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(resource_errors.clone()))?;
         Ok(Metrics {
             tcp_connections: counter_vec(
                 "tcp_connections_total",
@@ -157,6 +167,7 @@ impl Metrics {
                 "Generation of the serving configuration",
             )?,
             certificate_expiry,
+            resource_errors,
             registry,
         })
     }
@@ -211,6 +222,16 @@ impl Metrics {
             self.certificate_expiry
                 .with_label_values(&[context.as_str(), role])
                 .set(*expiry as f64);
+        }
+    }
+
+    /// Replaces the per-kind resource error gauges.
+    pub fn set_resource_errors(&self, per_kind: &std::collections::BTreeMap<String, usize>) {
+        self.resource_errors.reset();
+        for (kind, count) in per_kind {
+            self.resource_errors
+                .with_label_values(&[kind.as_str()])
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
         }
     }
 

@@ -2,7 +2,7 @@
 //! and run the Pingora server; or, with `-t`, report and exit.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -21,12 +21,11 @@ use tokio::sync::broadcast;
 
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
-use crate::config::load::{load_gateway_file, load_resources, GatewayFile};
 use crate::filters::Registry;
-use crate::model::{validate, Model};
+use crate::pipeline::{load, LastGood, Loaded};
 use crate::proxy::Gateway;
 use crate::reload::{Live, Reloader};
-use crate::snapshot::{compile, Bound, Resolution, Snapshot};
+use crate::snapshot::{Bound, Resolution, Snapshot};
 use crate::tcp::tunnel::TcpProxy;
 use crate::tls::edge::EdgeAcceptor;
 use pingora::listeners::tls::TlsSettings;
@@ -39,44 +38,6 @@ pub const DEFAULT_GATEWAY_FILE: &str = "conf/pingress.yaml";
 /// gateway file does not say; Pingora's own default is 300.
 const DEFAULT_GRACE_PERIOD_SECONDS: u64 = 10;
 
-/// Everything the configuration produced, ready to serve or to report.
-pub struct Loaded {
-    pub gateway: GatewayFile,
-    pub model: Model,
-    pub snapshot: Snapshot,
-    pub diagnostics: Vec<Diagnostic>,
-}
-
-impl Loaded {
-    pub fn errors(&self) -> usize {
-        self.diagnostics.iter().filter(|d| d.is_error()).count()
-    }
-}
-
-/// Runs the whole pipeline once. `Err` only when the gateway file itself
-/// is unusable; resource problems are in `diagnostics`.
-pub fn load(
-    gateway_path: &Path,
-    resolution: Resolution,
-    registry: &Registry,
-) -> Result<Loaded, Box<Diagnostic>> {
-    let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
-    let (resources, load_diags) = load_resources(&gateway);
-    diagnostics.extend(load_diags);
-    let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
-    let (model, model_diags) = validate(resources, &ambassador_id, registry);
-    diagnostics.extend(model_diags);
-    let (mut snapshot, compile_diags) = compile(&model, resolution);
-    diagnostics.extend(compile_diags);
-    snapshot.sources.extend(gateway.resources.iter().cloned());
-    Ok(Loaded {
-        gateway,
-        model,
-        snapshot,
-        diagnostics,
-    })
-}
-
 /// `pingress -t`: every problem, then a count per kind. Exit 1 on errors.
 pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<i32> {
     for diagnostic in &loaded.diagnostics {
@@ -88,7 +49,21 @@ pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<
     let errors = loaded.errors();
     let warnings = loaded.diagnostics.len() - errors;
     if errors > 0 {
-        writeln!(out, "configuration has {errors} error(s) and {warnings} warning(s): invalid resources are dropped")?;
+        if loaded
+            .diagnostics
+            .iter()
+            .any(|d| d.is_error() && d.kind() == Some("Module"))
+        {
+            writeln!(
+                out,
+                "the Module is invalid: the gateway will not start with it"
+            )?;
+        }
+        writeln!(
+            out,
+            "configuration has {errors} error(s) and {warnings} warning(s): invalid resources \
+             are left out, or refuse where they guard something"
+        )?;
         Ok(1)
     } else {
         writeln!(out, "configuration OK ({warnings} warning(s))")?;
@@ -96,29 +71,59 @@ pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<
     }
 }
 
+/// Why a configuration may not start serving: an invalid Module (it
+/// holds ip_allow/ip_deny and every request-wide setting, and has no
+/// earlier version to fall back to at start), or, with `--strict`, any
+/// invalid resource.
+fn start_refusal(loaded: &Loaded, strict: bool) -> Option<String> {
+    let refusing: Vec<&Diagnostic> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error() && (strict || d.kind() == Some("Module")))
+        .collect();
+    let first = refusing.first()?;
+    let why = if strict {
+        "--strict refuses to start with invalid resources"
+    } else {
+        "an invalid Module would drop ip_allow, ip_deny and every other Module setting"
+    };
+    Some(format!(
+        "{why}; {} error(s), the first: {first}",
+        refusing.len()
+    ))
+}
+
 /// Runs the gateway until the process is told to stop.
-pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), String> {
+pub fn serve(
+    opt: Opt,
+    gateway_path: PathBuf,
+    registry: Registry,
+    strict: bool,
+) -> Result<(), String> {
     // Reloads must find the same files after a daemon changes directory.
     let gateway_path = std::fs::canonicalize(&gateway_path).unwrap_or(gateway_path);
-    let loaded = load(&gateway_path, Resolution::Resolve, &registry).map_err(|d| d.to_string())?;
+    let loaded = load(
+        &gateway_path,
+        Resolution::Resolve,
+        &registry,
+        &LastGood::default(),
+    )
+    .map_err(|d| d.to_string())?;
     for diagnostic in &loaded.diagnostics {
         match diagnostic.severity {
             Severity::Error => error!("{diagnostic}"),
             Severity::Warning => warn!("{diagnostic}"),
         }
     }
-    let Loaded {
-        gateway,
-        snapshot,
-        diagnostics,
-        ..
-    } = loaded;
-    let ports = snapshot.ports();
-    let bindings = snapshot.bindings();
-    let admin_addr: SocketAddr = gateway.admin.listen.parse().map_err(|e| {
+    if let Some(refusal) = start_refusal(&loaded, strict) {
+        return Err(refusal);
+    }
+    let ports = loaded.snapshot.ports();
+    let bindings = loaded.snapshot.bindings();
+    let admin_addr: SocketAddr = loaded.gateway.admin.listen.parse().map_err(|e| {
         format!(
             "admin.listen {:?}: {e} (expected ip:port)",
-            gateway.admin.listen
+            loaded.gateway.admin.listen
         )
     })?;
     if !opt.upgrade {
@@ -130,7 +135,8 @@ pub fn serve(opt: Opt, gateway_path: PathBuf, registry: Registry) -> Result<(), 
         ensure_free(admin_addr, "admin.listen")?;
     }
 
-    let live = Arc::new(Live::new(snapshot, diagnostics, &gateway, registry));
+    let (live, gateway) = Live::new(loaded, registry);
+    let live = Arc::new(live);
     let mut conf = gateway.pingora;
     conf.grace_period_seconds
         .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);

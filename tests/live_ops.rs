@@ -157,10 +157,12 @@ fn mapping_edit_goes_live_without_failing_a_request() {
     );
     assert_eq!(Request::get("/new/").send(port).status, 200);
 
-    // An invalid edit keeps the old routes serving and is reported.
+    // A broken edit keeps the old routes serving and is reported.
     replace(&routes, "kind: [unclosed\n");
-    wait_for("the refusal to be logged", Duration::from_secs(5), || {
-        gateway.log().contains("reload refused")
+    wait_for("the fallback to be logged", Duration::from_secs(5), || {
+        gateway
+            .log()
+            .contains("keep serving their last good version")
     });
     assert_eq!(Request::get("/new/").send(port).status, 200);
     let diag = gateway.admin_get("/ambassador/v0/diag/?json=true&filter=errors");

@@ -35,8 +35,9 @@ fn seconds(time: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Errors of the serving configuration, then those of a refused reload:
-/// both are the operator's to fix.
+/// Errors of the serving configuration (those of resources that keep
+/// their last good version included), then a reload that failed: all are
+/// the operator's to fix.
 fn errors(live: &Live) -> Vec<(String, String)> {
     let status = live.status.load();
     let mut out: Vec<(String, String)> = status
@@ -47,11 +48,6 @@ fn errors(live: &Live) -> Vec<(String, String)> {
         .collect();
     if let Some(reload) = &status.last_reload {
         match &reload.outcome {
-            Outcome::Refused(refused) => out.extend(
-                refused
-                    .iter()
-                    .map(|d| (key(d), format!("reload refused: {}", message(d)))),
-            ),
             Outcome::Failed(problem) => {
                 out.push(("gateway".into(), format!("reload failed: {problem}")))
             }
@@ -143,7 +139,6 @@ pub fn full_json(live: &Live) -> Value {
     let last_reload = status.last_reload.as_ref().map(|reload| {
         let outcome = match reload.outcome {
             Outcome::Applied => "applied",
-            Outcome::Refused(_) => "refused",
             Outcome::Failed(_) => "failed",
         };
         json!({"at": seconds(reload.at), "outcome": outcome})

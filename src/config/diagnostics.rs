@@ -135,6 +135,14 @@ impl Diagnostic {
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
+
+    /// The kind of the resource this is about, when it is about one.
+    pub fn kind(&self) -> Option<&str> {
+        match &self.location {
+            Location::Resource(resource) => Some(&resource.kind),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Diagnostic {

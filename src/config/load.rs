@@ -166,12 +166,43 @@ impl RawResource {
     }
 }
 
+/// One resource file as read.
+#[derive(Debug)]
+pub struct ResourceFile {
+    pub path: PathBuf,
+    pub resources: Vec<RawResource>,
+    pub state: FileState,
+}
+
+/// Whether a file's resources are all it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// Every document was read.
+    Whole,
+    /// No document at all: empty, only whitespace, comments or `---`.
+    /// A file being written looks like this, so it removes nothing.
+    Empty,
+    /// A document could not be read (a YAML error, a document without an
+    /// identity), the file changed while it was read, or it could not be
+    /// read: its resources are not known whole.
+    Incomplete,
+}
+
+/// How long a file must stay the same between two reads to be believed,
+/// and how often it is tried.
+const SAME_TWICE_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+const SAME_TWICE_TRIES: usize = 4;
+
 /// Reads every file under the given paths. Directories are walked in name
 /// order so that resource order (which decides canary and conflict order) is
 /// stable across machines.
 /// File names in diagnostics are shown relative to the gateway file's
 /// directory, as they are written under `resources:`.
-pub fn load_resources(gateway: &GatewayFile) -> (Vec<RawResource>, Vec<Diagnostic>) {
+///
+/// Each file is read twice, a moment apart, and only content that read the
+/// same both times is used: a writer caught in the middle of a file would
+/// otherwise remove the resources it had not written yet.
+pub fn load_resources(gateway: &GatewayFile) -> (Vec<ResourceFile>, Vec<Diagnostic>) {
     let root = gateway.path.parent().unwrap_or(Path::new("."));
     let mut files = Vec::new();
     let mut diagnostics = Vec::new();
@@ -191,20 +222,90 @@ pub fn load_resources(gateway: &GatewayFile) -> (Vec<RawResource>, Vec<Diagnosti
         }
         collect_files(path, true, &mut files, &mut diagnostics);
     }
-    let mut resources = Vec::new();
-    for file in files {
-        match fs::read_to_string(&file) {
-            Ok(text) => {
-                let shown = file.strip_prefix(root).unwrap_or(&file);
-                parse_documents(shown, &text, &mut resources, &mut diagnostics)
+    let texts = read_settled(&files);
+    let mut read = Vec::new();
+    for (file, text) in files.into_iter().zip(texts) {
+        let shown = file.strip_prefix(root).unwrap_or(&file).to_path_buf();
+        let (resources, state) = match text {
+            Ok(Some(text)) => {
+                let errors_before = diagnostics.len();
+                let mut resources = Vec::new();
+                let documents = parse_documents(&shown, &text, &mut resources, &mut diagnostics);
+                let state = if diagnostics.len() > errors_before {
+                    FileState::Incomplete
+                } else if documents == 0 {
+                    FileState::Empty
+                } else {
+                    FileState::Whole
+                };
+                (resources, state)
             }
-            Err(e) => diagnostics.push(Diagnostic::error(
-                Location::File(file.clone()),
-                format!("cannot read: {e}"),
-            )),
+            Ok(None) => {
+                diagnostics.push(
+                    Diagnostic::warning(
+                        Location::File(shown),
+                        "the file kept changing while it was read; its content is not used yet",
+                    )
+                    .hint(WRITE_BY_RENAME),
+                );
+                (Vec::new(), FileState::Incomplete)
+            }
+            Err(e) => {
+                diagnostics.push(Diagnostic::error(
+                    Location::File(shown),
+                    format!("cannot read: {e}"),
+                ));
+                (Vec::new(), FileState::Incomplete)
+            }
+        };
+        read.push(ResourceFile {
+            path: file,
+            resources,
+            state,
+        });
+    }
+    (read, diagnostics)
+}
+
+/// How resource files should be written.
+pub const WRITE_BY_RENAME: &str =
+    "write the new content to another file and rename it into place, as Kubernetes volumes do";
+
+/// Each file's text once two reads a moment apart agree; `None` for a file
+/// that never read the same twice. One pause covers all files.
+fn read_settled(files: &[PathBuf]) -> Vec<std::io::Result<Option<String>>> {
+    let mut texts: Vec<std::io::Result<Option<String>>> = files
+        .iter()
+        .map(|f| fs::read_to_string(f).map(Some))
+        .collect();
+    for _ in 0..SAME_TWICE_TRIES {
+        std::thread::sleep(SAME_TWICE_PAUSE);
+        let mut unsettled = false;
+        for (file, text) in files.iter().zip(texts.iter_mut()) {
+            let Ok(Some(first)) = text else { continue };
+            match fs::read_to_string(file) {
+                Ok(again) if again == *first => {}
+                Ok(again) => {
+                    *first = again;
+                    unsettled = true;
+                }
+                Err(e) => *text = Err(e),
+            }
+        }
+        if !unsettled {
+            return texts;
         }
     }
-    (resources, diagnostics)
+    // A file that changed on the last try is not believed.
+    let last: Vec<_> = files.iter().map(|f| fs::read_to_string(f).ok()).collect();
+    texts
+        .into_iter()
+        .zip(last)
+        .map(|(text, again)| match text {
+            Ok(Some(first)) if again.as_deref() != Some(first.as_str()) => Ok(None),
+            other => other,
+        })
+        .collect()
 }
 
 fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
@@ -252,20 +353,23 @@ fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut V
     }
 }
 
-fn is_yaml(path: &Path) -> bool {
+/// Whether a file in a resource directory is read as one.
+pub(crate) fn is_yaml(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml")
     )
 }
 
-/// Splits a file into YAML documents and `kind: List` items.
+/// Splits a file into YAML documents and `kind: List` items; returns how
+/// many documents held something (an empty document is not one).
 pub fn parse_documents(
     file: &Path,
     text: &str,
     out: &mut Vec<RawResource>,
     diags: &mut Vec<Diagnostic>,
-) {
+) -> usize {
+    let mut documents = 0;
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let source = Source::new(file, index + 1);
         let value = match Value::deserialize(document) {
@@ -276,9 +380,12 @@ pub fn parse_documents(
                         .hint("documents after this one in the same file were not read"),
                 );
                 // The YAML stream cannot resynchronise after a syntax error.
-                return;
+                return documents + 1;
             }
         };
+        if value != Value::Null {
+            documents += 1;
+        }
         match value {
             Value::Null => {}
             Value::Mapping(body) if is_list(&body) => {
@@ -302,6 +409,7 @@ pub fn parse_documents(
             other => identify(source, other, out, diags),
         }
     }
+    documents
 }
 
 fn is_list(body: &Mapping) -> bool {

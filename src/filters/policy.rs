@@ -12,6 +12,7 @@ use serde_yaml::Value;
 
 use super::chain::{DynFilter, Entry, Next, Stage};
 use super::registry::{FilterType, Registry, SettingsError};
+use super::{Cx, Filter, Flow, Hooks, Reply, Session};
 use crate::config::diagnostics::{closest, Diagnostic, Reporter};
 use crate::config::load::RawResource;
 use crate::model::count;
@@ -210,11 +211,23 @@ pub(crate) fn validate(
                         &format!("{field}.name"),
                         format!("Filter {}.{namespace} {why}", reference.name),
                     );
+                    entries.push(unavailable(&reference.name, namespace));
                     continue;
                 };
-                if let Some(entry) = reference_entry(raw, reference, filter, &field, &mut report) {
-                    entries.push(entry);
+                match reference_entry(raw, reference, filter, &field, &mut report) {
+                    Some(entry) => entries.push(entry),
+                    None => entries.push(unavailable(&reference.name, namespace)),
                 }
+            }
+            if entries
+                .iter()
+                .any(|e| e.filter.type_name() == Unavailable::TYPE)
+            {
+                report.warning(
+                    &field,
+                    "a filter of this rule cannot run: the rule's requests are refused (403) \
+                     until it is fixed",
+                );
             }
             if let (Some(host), Some(path)) = (host, path) {
                 rules.push(PolicyRule {
@@ -224,15 +237,51 @@ pub(crate) fn validate(
                 });
             }
         }
-        // A policy with a broken reference would run fewer filters than
-        // its author meant (an auth filter missing opens a door): it is
-        // left out as a whole.
+        // A rule with a broken reference would run fewer filters than its
+        // author meant (an auth filter missing opens a door): in its place
+        // stands a filter that refuses, so its paths fail closed while the
+        // policy's other rules keep guarding theirs.
         if !report.has_errors() {
             count(accepted, "FilterPolicy");
-            result.rules.extend(rules);
         }
+        result.rules.extend(rules);
     }
     result
+}
+
+/// Stands for a filter a rule names but cannot run: every request the
+/// rule selects is refused.
+struct Unavailable;
+
+#[async_trait::async_trait]
+impl Filter for Unavailable {
+    const TYPE: &'static str = "Unavailable";
+    const HOOKS: Hooks = Hooks::REQUEST_ONLY;
+    type Settings = ();
+    type Arguments = ();
+    type State = ();
+
+    fn build(_: ()) -> std::result::Result<Self, String> {
+        Ok(Unavailable)
+    }
+
+    async fn request(&self, _: &mut Session, _: &mut Cx<'_, Self>) -> pingora::Result<Flow> {
+        Ok(Flow::Respond(
+            Reply::text(
+                403,
+                "a filter guarding this path is not configured correctly",
+            )
+            .reason("filter_unavailable"),
+        ))
+    }
+}
+
+fn unavailable(name: &str, namespace: &str) -> Entry {
+    Entry::builtin(
+        Unavailable,
+        &format!("Filter/{name}.{namespace} (invalid)"),
+        Stage::Auth,
+    )
 }
 
 fn define(raw: &RawResource, registry: &Registry, diags: &mut Vec<Diagnostic>) -> Option<Defined> {

@@ -650,6 +650,17 @@ pub struct VirtualHost {
     pub insecure: InsecureAction,
     /// Set when the Host terminates TLS.
     pub tls: Option<Arc<TlsContext>>,
+    /// Set when the Host resource is invalid (its Secret not issued yet,
+    /// say). It keeps its hostname and refuses there, so that no other
+    /// Host's certificate or policy serves its names meanwhile.
+    pub invalid: Option<InvalidHost>,
+}
+
+/// What an invalid Host still claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidHost {
+    /// It names TLS settings: handshakes for its names fail.
+    pub meant_tls: bool,
 }
 
 impl VirtualHost {
@@ -664,6 +675,7 @@ impl VirtualHost {
             selector: None,
             insecure: InsecureAction::Route,
             tls: None,
+            invalid: None,
         }
     }
 }
@@ -722,14 +734,25 @@ pub fn validate_hosts(
                         format!("unknown action {other:?}"),
                     )
                     .with_hint("Redirect, Route or Reject (case-sensitive)");
-                continue;
+                InsecureAction::Reject
             }
         };
         let tls = super::host_tls::resolve(raw, &spec, contexts, secrets, &mut report);
-        if report.has_errors() {
-            continue;
+        let invalid = report.has_errors().then(|| {
+            report.warning(
+                "spec.hostname",
+                "the invalid Host keeps its hostname and refuses there (TLS handshakes fail, \
+                 cleartext requests get 503) until it is valid",
+            );
+            InvalidHost {
+                meant_tls: spec.tls_secret.is_some()
+                    || spec.tls_context.is_some()
+                    || spec.tls.is_some(),
+            }
+        });
+        if invalid.is_none() {
+            count(accepted, "Host");
         }
-        count(accepted, "Host");
         hosts.push(VirtualHost {
             id: Some(raw.id.clone()),
             name: raw.id.name.clone(),
@@ -738,7 +761,8 @@ pub fn validate_hosts(
             hostname,
             selector,
             insecure,
-            tls,
+            tls: tls.filter(|_| invalid.is_none()),
+            invalid,
         });
     }
     hosts

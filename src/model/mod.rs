@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 pub(crate) use edge::header_names;
 pub use edge::{
-    HostBinding, InsecureAction, Listener, SecurityModel, UnderscoreAction, VirtualHost,
+    HostBinding, InsecureAction, InvalidHost, Listener, SecurityModel, UnderscoreAction,
+    VirtualHost,
 };
 pub use kubernetes::{ResolverKind, Resolvers};
 pub use mapping::{Association, Mapping, Rewrite};
@@ -142,7 +143,11 @@ pub struct MappingDefaults {
 pub struct Model {
     pub module: ModuleSettings,
     pub listeners: Vec<Listener>,
+    /// Valid and invalid Hosts (see [`VirtualHost::invalid`]).
     pub hosts: Vec<VirtualHost>,
+    /// Whether any Host resource is this gateway's, valid or not: only
+    /// without one does the gateway synthesize its cleartext `*` Host.
+    pub host_resources: bool,
     pub mappings: Vec<Mapping>,
     pub tcp_mappings: Vec<TcpMapping>,
     pub tls_contexts: TlsContexts,
@@ -277,6 +282,7 @@ pub fn validate(
         &mut diags,
         &mut model.accepted,
     );
+    model.host_resources = !kinds("Host").is_empty();
     model.hosts = edge::validate_hosts(
         &kinds("Host"),
         &model.tls_contexts,

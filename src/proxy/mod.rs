@@ -308,6 +308,10 @@ impl Gateway {
             }
         };
 
+        if vhost.host.invalid.is_some() {
+            return Err(Reply::host_unavailable(host_name));
+        }
+
         let secure = match listener.listener.security {
             SecurityModel::Secure => true,
             SecurityModel::Insecure => false,

@@ -91,6 +91,16 @@ impl Reply {
         Self::gateway(400, error.reason(), error)
     }
 
+    /// The Host for this name is invalid: it refuses rather than let
+    /// another Host serve its name.
+    pub fn host_unavailable(host: &str) -> Self {
+        Self::gateway(
+            503,
+            "host_unavailable",
+            format_args!("the Host for {host} is not configured correctly"),
+        )
+    }
+
     /// The Module's `headers_with_underscores_action: REJECT_REQUEST`.
     pub fn underscore_header() -> Self {
         Self::gateway(

@@ -1,13 +1,13 @@
 //! Live reconfiguration: watch every file the configuration came from,
 //! rebuild the snapshot on the side, and swap it in one step.
 //!
-//! A rebuild that brings errors the serving configuration did not have is
-//! refused: the current snapshot keeps serving and the refusal is reported
-//! (log, admin diag). Pingora's pools are keyed by peer identity, which is
-//! derived from content, so unchanged upstreams keep their pooled
-//! connections across a swap; a rotated client certificate gets a new pool.
+//! Every rebuild applies, resource by resource: one that an edit broke
+//! keeps its last good version (the pipeline puts it back) and its error is
+//! reported (log, admin diag, `pingress_resource_errors`). Pingora's pools
+//! are keyed by peer identity, which is derived from content, so unchanged
+//! upstreams keep their pooled connections across a swap; a rotated client
+//! certificate gets a new pool.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,15 +21,19 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
 use crate::config::diagnostics::{Diagnostic, Severity};
-use crate::config::load::GatewayFile;
+use crate::config::load::{is_yaml, GatewayFile};
 use crate::filters::Registry;
 use crate::metrics::metrics;
-use crate::server::{load, Loaded};
+use crate::pipeline::{load, LastGood, Loaded};
 use crate::snapshot::{Resolution, Snapshot};
 
 /// Events closer together than this are one change: editors and Kubernetes
 /// volume updates write several files in a burst.
 const SETTLE: Duration = Duration::from_millis(150);
+
+/// The longest a burst may delay a reload: a writer that touches a file
+/// every 100 ms must not hold every other change back.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
 
 /// What the gateway serves now, and how it got there.
 pub struct Live {
@@ -40,6 +44,8 @@ pub struct Live {
     process_settings: String,
     /// The filter types a rebuild may use.
     registry: Registry,
+    /// What a rebuild falls back on for a resource an edit broke.
+    last_good: std::sync::Mutex<LastGood>,
 }
 
 /// The parts of the gateway file that only a new process applies.
@@ -70,36 +76,37 @@ pub struct Reload {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Applied,
-    /// The errors that made the rebuild unacceptable.
-    Refused(Vec<Diagnostic>),
     /// The gateway file itself could not be read.
     Failed(String),
 }
 
 impl Live {
-    pub fn new(
-        snapshot: Snapshot,
-        diagnostics: Vec<Diagnostic>,
-        gateway: &GatewayFile,
-        registry: Registry,
-    ) -> Live {
-        publish_metrics(&snapshot, 1);
-        Live {
+    /// Serves what the start loaded; gives back the gateway file.
+    pub fn new(loaded: Loaded, registry: Registry) -> (Live, GatewayFile) {
+        publish_metrics(&loaded, 1);
+        let live = Live {
             registry,
-            process_settings: process_settings(gateway),
-            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            process_settings: process_settings(&loaded.gateway),
+            snapshot: Arc::new(ArcSwap::from_pointee(loaded.snapshot)),
             status: ArcSwap::from_pointee(Status {
                 generation: 1,
                 applied_at: SystemTime::now(),
-                diagnostics,
+                diagnostics: loaded.diagnostics,
                 last_reload: None,
             }),
-        }
+            last_good: std::sync::Mutex::new(loaded.last_good),
+        };
+        (live, loaded.gateway)
     }
 
-    /// Rebuilds from the gateway file and swaps when acceptable.
+    /// Rebuilds from the gateway file and swaps.
     pub fn reload(&self, gateway_path: &Path) -> Outcome {
-        let outcome = match load(gateway_path, Resolution::Resolve, &self.registry) {
+        let previous = self
+            .last_good
+            .lock()
+            .map(|good| good.clone())
+            .unwrap_or_default();
+        let outcome = match load(gateway_path, Resolution::Resolve, &self.registry, &previous) {
             Err(problem) => Outcome::Failed(problem.to_string()),
             Ok(loaded) => self.apply(loaded),
         };
@@ -113,10 +120,8 @@ impl Live {
             Outcome::Applied => {
                 status.generation += 1;
                 status.applied_at = SystemTime::now();
-                publish_metrics(&self.snapshot.load(), status.generation);
                 counters.reload("applied");
             }
-            Outcome::Refused(_) => counters.reload("refused"),
             Outcome::Failed(_) => counters.reload("failed"),
         }
         self.status.store(Arc::new(status));
@@ -124,22 +129,6 @@ impl Live {
     }
 
     fn apply(&self, loaded: Loaded) -> Outcome {
-        let current = self.status.load();
-        let known: HashSet<String> = current
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error())
-            .map(ToString::to_string)
-            .collect();
-        let new_errors: Vec<Diagnostic> = loaded
-            .diagnostics
-            .iter()
-            .filter(|d| d.is_error() && !known.contains(&d.to_string()))
-            .cloned()
-            .collect();
-        if !new_errors.is_empty() {
-            return Outcome::Refused(new_errors);
-        }
         if process_settings(&loaded.gateway) != self.process_settings {
             warn!(
                 "reload: the gateway file's pingora: or admin: settings changed; they take effect \
@@ -155,18 +144,25 @@ impl Live {
                  this one"
             );
         }
+        let generation = self.status.load().generation + 1;
+        publish_metrics(&loaded, generation);
+        if let Ok(mut last_good) = self.last_good.lock() {
+            *last_good = loaded.last_good;
+        }
         self.snapshot.store(Arc::new(loaded.snapshot));
-        let mut status = (**current).clone();
+        let mut status = (**self.status.load()).clone();
         status.diagnostics = loaded.diagnostics;
         self.status.store(Arc::new(status));
         Outcome::Applied
     }
 }
 
-/// The serving configuration's gauges: generation, when, and when each
-/// certificate in use expires.
-fn publish_metrics(snapshot: &Snapshot, generation: u64) {
+/// The serving configuration's gauges: generation, when, resources with
+/// errors, and when each certificate in use expires.
+fn publish_metrics(loaded: &Loaded, generation: u64) {
+    let snapshot = &loaded.snapshot;
     let counters = metrics();
+    counters.set_resource_errors(&loaded.resource_errors());
     counters.generation.set(generation as f64);
     let now = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -229,7 +225,11 @@ impl Relevant {
             .is_some_and(|n| n.starts_with(".."));
         let watched_file = self.files.iter().any(|f| f == path)
             || (kubernetes_swap && self.files.iter().any(|f| f.parent() == path.parent()));
-        watched_file || self.trees.iter().any(|t| path.starts_with(t))
+        // In a resource directory only what the loader reads matters (and
+        // directories, which have no extension): a log file written there
+        // must not reload the gateway over and over.
+        let resource_like = is_yaml(path) || kubernetes_swap || path.extension().is_none();
+        watched_file || (resource_like && self.trees.iter().any(|t| path.starts_with(t)))
     }
 }
 
@@ -291,9 +291,19 @@ async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option
     }
 }
 
-/// Waits until no change has arrived for [`SETTLE`].
+/// Waits until no change has arrived for [`SETTLE`], or [`SETTLE_AT_MOST`]
+/// has passed.
 async fn settle(changes: &mut mpsc::UnboundedReceiver<()>) {
-    while let Ok(Some(())) = tokio::time::timeout(SETTLE, changes.recv()).await {}
+    let give_up = tokio::time::Instant::now() + SETTLE_AT_MOST;
+    while tokio::time::Instant::now() < give_up {
+        let wait = SETTLE.min(give_up - tokio::time::Instant::now());
+        if !matches!(
+            tokio::time::timeout(wait, changes.recv()).await,
+            Ok(Some(()))
+        ) {
+            return;
+        }
+    }
 }
 
 impl Reloader {
@@ -314,12 +324,6 @@ impl Reloader {
                         Severity::Error => error!("{diagnostic}"),
                         Severity::Warning => warn!("{diagnostic}"),
                     }
-                }
-            }
-            Ok(Outcome::Refused(errors)) => {
-                error!("reload refused, the previous configuration keeps serving:");
-                for diagnostic in errors {
-                    error!("{diagnostic}");
                 }
             }
             Ok(Outcome::Failed(problem)) => {

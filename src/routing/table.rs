@@ -271,7 +271,11 @@ impl<R> HostTable<R> {
             hosts
                 .iter()
                 .enumerate()
-                .filter(|(_, h)| h.host.tls.is_some())
+                // An invalid Host that meant TLS keeps its SNI place, with
+                // no certificate: its handshakes fail.
+                .filter(|(_, h)| {
+                    h.host.tls.is_some() || h.host.invalid.is_some_and(|i| i.meant_tls)
+                })
                 .map(|(i, h)| (i, &h.host.hostname)),
         );
         HostTable {

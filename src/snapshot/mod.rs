@@ -314,7 +314,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         ));
     }
 
-    let hosts: Vec<VirtualHost> = if model.hosts.is_empty() {
+    let hosts: Vec<VirtualHost> = if !model.host_resources {
         vec![VirtualHost::synthesized_default()]
     } else {
         model.hosts.clone()

@@ -1,0 +1,289 @@
+//! The configuration pipeline, run at start, by `-t` and on every reload:
+//! the gateway file and resource files → resources → model → snapshot.
+//!
+//! A mistake never lowers what is serving. When an edit makes a resource
+//! invalid, its last good version keeps serving and the error is reported;
+//! a file that is empty or half-written keeps its last good content; every
+//! other change in the same reload applies. Resources are removed by
+//! deleting their documents or their file. A resource that was never valid
+//! stays out, or fails closed where leaving it out would open a door (an
+//! invalid Host refuses its names, a FilterPolicy rule with an invalid
+//! filter refuses its paths, an invalid Module stops the start).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_yaml::Value;
+
+use crate::config::diagnostics::{Diagnostic, Location, ResourceRef};
+use crate::config::load::{
+    load_gateway_file, load_resources, FileState, GatewayFile, RawResource, WRITE_BY_RENAME,
+};
+use crate::filters::Registry;
+use crate::model::{validate, Model};
+use crate::snapshot::{compile, Resolution, Snapshot};
+
+/// Everything the configuration produced, ready to serve or to report.
+pub struct Loaded {
+    pub gateway: GatewayFile,
+    pub model: Model,
+    pub snapshot: Snapshot,
+    pub diagnostics: Vec<Diagnostic>,
+    /// What the next reload falls back on.
+    pub last_good: LastGood,
+}
+
+impl Loaded {
+    pub fn errors(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+
+    /// Resources with errors, per kind, for `pingress_resource_errors`.
+    pub fn resource_errors(&self) -> BTreeMap<String, usize> {
+        let mut resources: HashSet<Identity> = HashSet::new();
+        for diagnostic in self.diagnostics.iter().filter(|d| d.is_error()) {
+            if let Location::Resource(resource) = &diagnostic.location {
+                resources.insert(identity_of(resource));
+            }
+        }
+        let mut per_kind = BTreeMap::new();
+        for (kind, _, _) in resources {
+            *per_kind.entry(kind).or_insert(0) += 1;
+        }
+        per_kind
+    }
+}
+
+/// A resource across edits: which file or document holds it does not
+/// matter. Kind, namespace, name.
+type Identity = (String, String, String);
+
+fn identity_of(resource: &ResourceRef) -> Identity {
+    (
+        resource.kind.clone(),
+        resource.namespace.clone(),
+        resource.name.clone(),
+    )
+}
+
+/// The last good version of what the serving configuration was built from.
+#[derive(Debug, Default, Clone)]
+pub struct LastGood {
+    /// Each resource's last version that validated without error.
+    resources: HashMap<Identity, Arc<RawResource>>,
+    /// Each file's resources the last time its content was known whole.
+    files: HashMap<PathBuf, Vec<Arc<RawResource>>>,
+}
+
+/// Rounds of falling back: a resource's own last good version, then the
+/// Secrets it refers to, then what those brought back.
+const FALLBACK_ROUNDS: usize = 3;
+
+/// Runs the whole pipeline once. `Err` only when the gateway file itself
+/// is unusable; resource problems are in `diagnostics`.
+pub fn load(
+    gateway_path: &Path,
+    resolution: Resolution,
+    registry: &Registry,
+    previous: &LastGood,
+) -> Result<Loaded, Box<Diagnostic>> {
+    let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
+    let (files, load_diags) = load_resources(&gateway);
+    diagnostics.extend(load_diags);
+    let mut last_good = LastGood::default();
+    let mut resources = Vec::new();
+    for file in files {
+        let kept = previous.files.get(&file.path).filter(|old| !old.is_empty());
+        let serving: Vec<Arc<RawResource>> = match (file.state, kept) {
+            (FileState::Whole, _) | (_, None) => file.resources.into_iter().map(Arc::new).collect(),
+            (FileState::Empty, Some(old)) => {
+                diagnostics.push(
+                    Diagnostic::warning(
+                        Location::File(file.path.clone()),
+                        format!(
+                            "the file holds no document; its last good content ({} resources) \
+                             keeps serving until it holds documents again or is deleted",
+                            old.len()
+                        ),
+                    )
+                    .hint(WRITE_BY_RENAME),
+                );
+                old.clone()
+            }
+            (FileState::Incomplete, Some(old)) => {
+                // What was read applies; what could not be read is not
+                // taken as removed.
+                let read: HashSet<Identity> =
+                    file.resources.iter().map(|r| identity_of(&r.id)).collect();
+                let missing: Vec<Arc<RawResource>> = old
+                    .iter()
+                    .filter(|r| !read.contains(&identity_of(&r.id)))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    diagnostics.push(Diagnostic::warning(
+                        Location::File(file.path.clone()),
+                        format!(
+                            "part of the file could not be read; {} resources it held keep \
+                             serving their last good version",
+                            missing.len()
+                        ),
+                    ));
+                }
+                file.resources
+                    .into_iter()
+                    .map(Arc::new)
+                    .chain(missing)
+                    .collect()
+            }
+        };
+        resources.extend(serving.iter().cloned());
+        last_good.files.insert(file.path, serving);
+    }
+
+    let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
+    let run = |resources: &[Arc<RawResource>]| {
+        validate(
+            resources.iter().map(|r| (**r).clone()).collect(),
+            &ambassador_id,
+            registry,
+        )
+    };
+    let (mut model, mut model_diags) = run(&resources);
+    // Errors of versions that a last good one replaced: still reported.
+    let mut replaced_errors = Vec::new();
+    let mut restored: HashSet<Identity> = HashSet::new();
+    for _ in 0..FALLBACK_ROUNDS {
+        let restoring = fall_back(&mut resources, &model_diags, previous, &mut restored);
+        if restoring.is_empty() {
+            break;
+        }
+        for resource in &restoring {
+            replaced_errors.extend(
+                model_diags
+                    .iter()
+                    .filter(|d| d.is_error() && d.location == Location::Resource(resource.clone()))
+                    .cloned(),
+            );
+            replaced_errors.push(Diagnostic::warning(
+                Location::Resource(resource.clone()),
+                "invalid after an edit: its last good version keeps serving",
+            ));
+        }
+        (model, model_diags) = run(&resources);
+    }
+    diagnostics.extend(replaced_errors);
+    diagnostics.extend(model_diags);
+
+    let failed: HashSet<&ResourceRef> = diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .filter_map(|d| match &d.location {
+            Location::Resource(resource) => Some(resource),
+            _ => None,
+        })
+        .collect();
+    for resource in &resources {
+        let identity = identity_of(&resource.id);
+        let good = if restored.contains(&identity) || failed.contains(&resource.id) {
+            previous.resources.get(&identity)
+        } else {
+            Some(resource)
+        };
+        if let Some(good) = good {
+            last_good.resources.insert(identity, good.clone());
+        }
+    }
+
+    let (mut snapshot, compile_diags) = compile(&model, resolution);
+    diagnostics.extend(compile_diags);
+    snapshot.sources.extend(gateway.resources.iter().cloned());
+    Ok(Loaded {
+        gateway,
+        model,
+        snapshot,
+        diagnostics,
+        last_good,
+    })
+}
+
+/// Puts back the last good version of each resource that has an error now
+/// and had a different, valid version before, and of the Secrets that a
+/// resource still failing after that refers to. Returns the resources put
+/// back in this round.
+fn fall_back(
+    resources: &mut [Arc<RawResource>],
+    diagnostics: &[Diagnostic],
+    previous: &LastGood,
+    restored: &mut HashSet<Identity>,
+) -> Vec<ResourceRef> {
+    let failing: HashSet<&ResourceRef> = diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .filter_map(|d| match &d.location {
+            Location::Resource(resource) => Some(resource),
+            _ => None,
+        })
+        .collect();
+    if failing.is_empty() {
+        return Vec::new();
+    }
+    let mut copies: HashMap<Identity, usize> = HashMap::new();
+    for resource in resources.iter() {
+        *copies.entry(identity_of(&resource.id)).or_default() += 1;
+    }
+    // Names a failing resource that was restored already refers to: its
+    // Secrets may be what broke.
+    let mut referred: HashSet<String> = HashSet::new();
+    for resource in resources.iter() {
+        let identity = identity_of(&resource.id);
+        if failing.contains(&resource.id) && restored.contains(&identity) {
+            if let Some(spec) = resource.get("spec") {
+                strings_in(spec, &mut referred);
+            }
+        }
+    }
+    let mut restoring = Vec::new();
+    for resource in resources.iter_mut() {
+        let identity = identity_of(&resource.id);
+        // A duplicate's error is about the duplicate, not its content.
+        if restored.contains(&identity) || copies.get(&identity) != Some(&1) {
+            continue;
+        }
+        let wanted = if resource.id.kind == "Secret" {
+            let (namespace, name) = (&identity.1, &identity.2);
+            referred.contains(name) || referred.contains(&format!("{name}.{namespace}"))
+        } else {
+            failing.contains(&resource.id)
+        };
+        let Some(good) = previous.resources.get(&identity).filter(|_| wanted) else {
+            continue;
+        };
+        if same_content(good, resource) {
+            continue;
+        }
+        let mut back = (**good).clone();
+        back.id.source = resource.id.source.clone();
+        restoring.push(resource.id.clone());
+        *resource = Arc::new(back);
+        restored.insert(identity);
+    }
+    restoring
+}
+
+fn same_content(a: &RawResource, b: &RawResource) -> bool {
+    a.api_version == b.api_version && a.labels == b.labels && a.body == b.body
+}
+
+fn strings_in(value: &Value, out: &mut HashSet<String>) {
+    match value {
+        Value::String(text) => {
+            out.insert(text.clone());
+        }
+        Value::Sequence(items) => items.iter().for_each(|item| strings_in(item, out)),
+        Value::Mapping(map) => map.values().for_each(|item| strings_in(item, out)),
+        Value::Tagged(tagged) => strings_in(&tagged.value, out),
+        _ => {}
+    }
+}

@@ -168,7 +168,8 @@ pub fn load(
             );
             replaced_errors.push(Diagnostic::warning(
                 Location::Resource(resource.clone()),
-                "invalid after an edit: its last good version keeps serving",
+                "its last good version keeps serving: the current one is invalid, or missing \
+                 while in use",
             ));
         }
         (model, model_diags) = run(&resources);
@@ -213,7 +214,7 @@ pub fn load(
 /// resource still failing after that refers to. Returns the resources put
 /// back in this round.
 fn fall_back(
-    resources: &mut [Arc<RawResource>],
+    resources: &mut Vec<Arc<RawResource>>,
     diagnostics: &[Diagnostic],
     previous: &LastGood,
     restored: &mut HashSet<Identity>,
@@ -233,12 +234,17 @@ fn fall_back(
     for resource in resources.iter() {
         *copies.entry(identity_of(&resource.id)).or_default() += 1;
     }
-    // Names a failing resource that was restored already refers to: its
-    // Secrets may be what broke.
+    // Names that a failing resource refers to when its own content is its
+    // last good one (restored, or never edited): then a Secret it uses is
+    // what broke.
     let mut referred: HashSet<String> = HashSet::new();
     for resource in resources.iter() {
         let identity = identity_of(&resource.id);
-        if failing.contains(&resource.id) && restored.contains(&identity) {
+        let content_was_good = previous
+            .resources
+            .get(&identity)
+            .is_some_and(|good| restored.contains(&identity) || same_content(good, resource));
+        if failing.contains(&resource.id) && content_was_good {
             if let Some(spec) = resource.get("spec") {
                 strings_in(spec, &mut referred);
             }
@@ -268,6 +274,19 @@ fn fall_back(
         restoring.push(resource.id.clone());
         *resource = Arc::new(back);
         restored.insert(identity);
+    }
+    // A Secret deleted while a resource still uses it.
+    for (identity, good) in &previous.resources {
+        let (kind, namespace, name) = identity;
+        if kind == "Secret"
+            && !copies.contains_key(identity)
+            && !restored.contains(identity)
+            && (referred.contains(name) || referred.contains(&format!("{name}.{namespace}")))
+        {
+            restoring.push(good.id.clone());
+            resources.push(good.clone());
+            restored.insert(identity.clone());
+        }
     }
     restoring
 }

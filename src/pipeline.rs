@@ -155,25 +155,35 @@ pub fn load(
     let mut replaced_errors = Vec::new();
     let mut restored: HashSet<Identity> = HashSet::new();
     for _ in 0..FALLBACK_ROUNDS {
-        let restoring = fall_back(&mut resources, &model_diags, previous, &mut restored);
-        if restoring.is_empty() {
+        let fallback = fall_back(&mut resources, &model_diags, previous, &mut restored);
+        if fallback.restored.is_empty() {
             break;
         }
-        for resource in &restoring {
-            replaced_errors.extend(
-                model_diags
-                    .iter()
-                    .filter(|d| d.is_error() && d.location == Location::Resource(resource.clone()))
-                    .cloned(),
-            );
+        let errors_of = |resource: &ResourceRef| {
+            model_diags
+                .iter()
+                .filter(|d| d.is_error() && d.location == Location::Resource(resource.clone()))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        for resource in &fallback.restored {
+            replaced_errors.extend(errors_of(resource));
             replaced_errors.push(Diagnostic::warning(
                 Location::Resource(resource.clone()),
                 "its last good version keeps serving: the current one is invalid, or missing \
                  while in use",
             ));
         }
+        // A Secret's problem is reported where it shows: on what uses it.
+        for resource in &fallback.users {
+            replaced_errors.extend(errors_of(resource));
+        }
         (model, model_diags) = run(&resources);
     }
+    // A user still failing after its Secret was put back reports the
+    // same error twice: once is enough.
+    replaced_errors.retain(|d| !model_diags.contains(d));
+    replaced_errors.dedup();
     diagnostics.extend(replaced_errors);
     diagnostics.extend(model_diags);
 
@@ -209,16 +219,24 @@ pub fn load(
     })
 }
 
+/// What one round of falling back did.
+struct Fallback {
+    /// Resources put back at their last good version.
+    restored: Vec<ResourceRef>,
+    /// Failing resources whose Secrets were looked at: their errors are
+    /// what the put-back Secrets caused.
+    users: Vec<ResourceRef>,
+}
+
 /// Puts back the last good version of each resource that has an error now
 /// and had a different, valid version before, and of the Secrets that a
-/// resource still failing after that refers to. Returns the resources put
-/// back in this round.
+/// resource failing with its last good content refers to.
 fn fall_back(
     resources: &mut Vec<Arc<RawResource>>,
     diagnostics: &[Diagnostic],
     previous: &LastGood,
     restored: &mut HashSet<Identity>,
-) -> Vec<ResourceRef> {
+) -> Fallback {
     let failing: HashSet<&ResourceRef> = diagnostics
         .iter()
         .filter(|d| d.is_error())
@@ -228,7 +246,10 @@ fn fall_back(
         })
         .collect();
     if failing.is_empty() {
-        return Vec::new();
+        return Fallback {
+            restored: Vec::new(),
+            users: Vec::new(),
+        };
     }
     let mut copies: HashMap<Identity, usize> = HashMap::new();
     for resource in resources.iter() {
@@ -238,6 +259,7 @@ fn fall_back(
     // last good one (restored, or never edited): then a Secret it uses is
     // what broke.
     let mut referred: HashSet<String> = HashSet::new();
+    let mut users = Vec::new();
     for resource in resources.iter() {
         let identity = identity_of(&resource.id);
         let content_was_good = previous
@@ -248,6 +270,7 @@ fn fall_back(
             if let Some(spec) = resource.get("spec") {
                 strings_in(spec, &mut referred);
             }
+            users.push(resource.id.clone());
         }
     }
     let mut restoring = Vec::new();
@@ -288,7 +311,11 @@ fn fall_back(
             restored.insert(identity.clone());
         }
     }
-    restoring
+    let secrets_restored = restoring.iter().any(|r| r.kind == "Secret");
+    Fallback {
+        restored: restoring,
+        users: if secrets_restored { users } else { Vec::new() },
+    }
 }
 
 fn same_content(a: &RawResource, b: &RawResource) -> bool {

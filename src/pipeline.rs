@@ -144,11 +144,16 @@ pub fn load(
 
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
     let run = |resources: &[Arc<RawResource>]| {
-        validate(
+        let (mut model, mut diags) = validate(
             resources.iter().map(|r| (**r).clone()).collect(),
             &ambassador_id,
             registry,
-        )
+        );
+        diags.extend(crate::upstream::trust::apply(
+            &mut model,
+            gateway.upstream_tls,
+        ));
+        (model, diags)
     };
     let (mut model, mut model_diags) = run(&resources);
     // Errors of versions that a last good one replaced: still reported.

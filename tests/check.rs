@@ -313,6 +313,331 @@ fn gateway_file_problems() {
     golden("gateway_file_problems", 1, |_| {});
 }
 
+/// Every number that reaches std or tokio (durations, deadlines, breaker
+/// semaphores, rates) has an upper bound: far too large is an error naming
+/// its field, never a panic (exit 101) of `pingress -t`.
+#[test]
+fn huge_numbers() {
+    golden("huge_numbers", 1, |_| {});
+
+    // The same fixture, field by field, whatever the wording.
+    let dir = tempdir();
+    copy_tree(
+        &golden_root().join("huge_numbers").join("resources"),
+        &dir.path().join("resources"),
+    );
+    write_check_gateway(dir.path());
+    let out = check(dir.path());
+    assert_eq!(out.code, 1, "{}", out.combined());
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    let errors: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    for (resource, field) in [
+        (
+            "Module default/ambassador",
+            "spec.config.circuit_breakers[0].max_connections",
+        ),
+        (
+            "Mapping default/max-connections",
+            "spec.circuit_breakers[0].max_connections",
+        ),
+        (
+            "Mapping default/max-pending",
+            "spec.circuit_breakers[0].max_pending_requests",
+        ),
+        (
+            "Mapping default/max-requests",
+            "spec.circuit_breakers[0].max_requests",
+        ),
+        (
+            "Mapping default/max-retries",
+            "spec.circuit_breakers[0].max_retries",
+        ),
+        ("Mapping default/route-timeout", "spec.timeout_ms"),
+        ("Mapping default/connect-timeout", "spec.connect_timeout_ms"),
+        ("Mapping default/idle-timeout", "spec.idle_timeout_ms"),
+        ("Mapping default/pool-idle", "spec.cluster_idle_timeout_ms"),
+        (
+            "Mapping default/pool-lifetime",
+            "spec.cluster_max_connection_lifetime_ms",
+        ),
+        (
+            "Mapping default/per-try",
+            "spec.retry_policy.per_try_timeout",
+        ),
+        ("Mapping default/keepalive", "spec.keepalive.idle_time"),
+        ("Mapping default/weight", "spec.weight"),
+        (
+            "Mapping default/cookie-ttl",
+            "spec.load_balancer.cookie.ttl",
+        ),
+        (
+            "Mapping default/health-interval",
+            "spec.health_checks[0].interval",
+        ),
+        ("TCPMapping default/tunnel-idle", "spec.idle_timeout_ms"),
+        (
+            "TCPMapping default/tunnel-breaker",
+            "spec.circuit_breakers[0].max_connections",
+        ),
+        ("AuthService default/authz", "spec.timeout_ms"),
+        ("RateLimitService default/redis", "spec.timeout_ms"),
+        ("RateLimit default/limits", "spec.limits[0].rate"),
+    ] {
+        let named = format!("{resource}: {field}: ");
+        assert!(
+            errors.iter().any(|l| l.contains(&named)),
+            "no error names {resource} {field}:\n{}",
+            out.stdout
+        );
+    }
+    assert_eq!(errors.len(), 20, "{}", out.stdout);
+}
+
+/// Diagnostics never quote what may be a secret: the credentials of a
+/// service URL, a configured header value, a value pattern.
+#[test]
+fn secrets_are_never_quoted() {
+    let dir = tempdir();
+    fs::create_dir_all(dir.path().join("resources")).expect("create resources");
+    write_check_gateway(dir.path());
+    let mapping = |name: &str, body: &str| {
+        format!(
+            "---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: {name}\n  \
+             namespace: default\nspec:\n  hostname: \"*\"\n  prefix: /{name}/\n{body}"
+        )
+    };
+    let resources = [
+        mapping("userinfo", "  service: https://user:s3cret@example.com\n"),
+        mapping("userinfo-port", "  service: https://user:s3cret@example.com:8443\n"),
+        mapping("token-query", "  service: https://example.com/api?token=s3cret\n"),
+        mapping(
+            "redirect",
+            "  service: https://user:s3cret@example.com\n  host_redirect: true\n",
+        ),
+        mapping(
+            "header-value",
+            "  service: quote:8080\n  add_request_headers:\n    authorization: \"Bearer s3cret\\n\"\n",
+        ),
+        mapping(
+            "header-percent",
+            "  service: quote:8080\n  add_request_headers:\n    x-api-key: {value: \"s3cret%\"}\n",
+        ),
+        mapping(
+            "header-variable",
+            "  service: quote:8080\n  add_response_headers:\n    x-token: \"%s3cret%\"\n",
+        ),
+        mapping(
+            "header-regex",
+            "  service: quote:8080\n  regex_headers:\n    x-api-key: \"s3cret(\"\n",
+        ),
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: AuthService\nmetadata:\n  name: authz\n  \
+         namespace: default\nspec:\n  auth_service: https://user:s3cret@authz:3000\n  proto: http\n"
+            .to_string(),
+    ]
+    .concat();
+    fs::write(dir.path().join("resources").join("secrets.yaml"), resources)
+        .expect("write resources");
+
+    let out = check(dir.path());
+    assert_eq!(out.code, 1, "{}", out.combined());
+    assert!(
+        !out.combined().contains("s3cret"),
+        "a secret was quoted:\n{}",
+        out.combined()
+    );
+    // Each problem is still reported, at its field.
+    for (resource, field) in [
+        ("Mapping default/userinfo", "spec.service"),
+        ("Mapping default/userinfo-port", "spec.service"),
+        ("Mapping default/token-query", "spec.service"),
+        ("Mapping default/redirect", "spec.service"),
+        (
+            "Mapping default/header-value",
+            "spec.add_request_headers.authorization",
+        ),
+        (
+            "Mapping default/header-percent",
+            "spec.add_request_headers.x-api-key",
+        ),
+        (
+            "Mapping default/header-variable",
+            "spec.add_response_headers.x-token",
+        ),
+        (
+            "Mapping default/header-regex",
+            "spec.regex_headers.x-api-key",
+        ),
+        ("AuthService default/authz", "spec.auth_service"),
+    ] {
+        let named = format!("{resource}: {field}: ");
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with("error: ") && l.contains(&named)),
+            "no error names {resource} {field}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout.contains("https://***@example.com"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// `-t` warns for every upstream that originates TLS without verifying it
+/// (README: "Without a CA ... `-t` warns"); with `upstream_tls: {verify:
+/// system}` those warnings go, and what cannot be verified is an error.
+#[test]
+fn unverified_upstreams() {
+    let dir = tempdir();
+    fs::create_dir_all(dir.path().join("resources")).expect("create resources");
+    let resources = "\
+apiVersion: getambassador.io/v3alpha1
+kind: TLSContext
+metadata: {name: no-ca, namespace: default}
+spec: {sni: upstream.example}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: https-service, namespace: default}
+spec: {hostname: \"*\", prefix: /a/, service: \"https://upstream.example\"}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: tls-true, namespace: default}
+spec: {hostname: \"*\", prefix: /b/, service: \"upstream.example:8443\", tls: true}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: context-without-ca, namespace: default}
+spec: {hostname: \"*\", prefix: /c/, service: \"upstream.example:8443\", tls: no-ca}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: by-address, namespace: default}
+spec: {hostname: \"*\", prefix: /d/, service: \"https://10.1.2.3\"}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: Mapping
+metadata: {name: cleartext, namespace: default}
+spec: {hostname: \"*\", prefix: /e/, service: \"upstream.example\"}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: TCPMapping
+metadata: {name: tunnel, namespace: default}
+spec: {port: 6000, service: \"upstream.example:5432\", tls: no-ca}
+---
+apiVersion: getambassador.io/v3alpha1
+kind: AuthService
+metadata: {name: authz, namespace: default}
+spec: {auth_service: \"https://authz.example\", proto: http}
+";
+    fs::write(dir.path().join("resources").join("tls.yaml"), resources).expect("write");
+
+    write_check_gateway(dir.path());
+    let out = check(dir.path());
+    assert_eq!(out.code, 0, "{}", out.combined());
+    let warnings: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("warning: ") && l.contains("not verified"))
+        .collect();
+    for (resource, field) in [
+        ("Mapping default/https-service", "spec.service"),
+        ("Mapping default/tls-true", "spec.tls"),
+        ("Mapping default/context-without-ca", "spec.tls"),
+        ("Mapping default/by-address", "spec.service"),
+        ("TCPMapping default/tunnel", "spec.tls"),
+        ("AuthService default/authz", "spec.auth_service"),
+    ] {
+        let named = format!("{resource}: {field}: ");
+        assert!(
+            warnings.iter().any(|l| l.contains(&named)),
+            "no warning for {resource} {field}:\n{}",
+            out.stdout
+        );
+    }
+    assert_eq!(warnings.len(), 6, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("upstream_tls: {verify: system}"),
+        "{}",
+        out.stdout
+    );
+
+    // Verified against the system store: no warning, and the address that
+    // gives no name to verify is an error.
+    let gateway = fs::read_to_string(dir.path().join("gateway.yaml")).expect("read gateway");
+    fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("{gateway}upstream_tls:\n  verify: system\n"),
+    )
+    .expect("write gateway");
+    let out = check(dir.path());
+    assert_eq!(out.code, 1, "{}", out.combined());
+    assert!(!out.stdout.contains("not verified"), "{}", out.stdout);
+    let errors: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", out.stdout);
+    assert!(
+        errors[0].contains("Mapping default/by-address: spec.service: ")
+            && errors[0].contains("system trust store"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("Mapping: 4 accepted"), "{}", out.stdout);
+
+    // A misspelt setting is not silently Emissary's default.
+    fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("{gateway}upstream_tls:\n  verify: systen\n"),
+    )
+    .expect("write gateway");
+    let out = check(dir.path());
+    assert_ne!(out.code, 0, "{}", out.combined());
+    assert!(out.combined().contains("systen"), "{}", out.combined());
+}
+
+/// A CA promises verification, which Pingora cannot give an IP address
+/// without an SNI: an error for AuthServices as for Mappings.
+#[test]
+fn authorizer_on_an_address_with_a_ca_needs_sni() {
+    let dir = tempdir();
+    fs::create_dir_all(dir.path().join("resources")).expect("create resources");
+    write_check_gateway(dir.path());
+    let pki = Pki::new(&dir.path().join("pki"));
+    write_secret(
+        dir.path(),
+        "ca.yaml",
+        "authz-ca",
+        &[("ca.crt", pki.ca_pem())],
+    );
+    fs::write(
+        dir.path().join("resources").join("auth.yaml"),
+        "apiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata: {name: authz-tls, \
+         namespace: default}\nspec: {ca_secret: authz-ca}\n---\n\
+         apiVersion: getambassador.io/v3alpha1\nkind: AuthService\nmetadata: {name: authz, \
+         namespace: default}\nspec: {auth_service: \"10.0.0.7:8443\", proto: http, tls: authz-tls}\n",
+    )
+    .expect("write resources");
+    let out = check(dir.path());
+    assert_eq!(out.code, 1, "{}", out.combined());
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("error: ")
+            && l.contains("AuthService default/authz: spec.tls: ")
+            && l.contains("IP address")),
+        "{}",
+        out.stdout
+    );
+}
+
 #[test]
 fn diff_marks_changed_lines() {
     assert_eq!(diff("a\nb\nc\n", "a\nx\nc\n"), "  a\n- b\n+ x\n  c\n");

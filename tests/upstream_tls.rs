@@ -301,3 +301,137 @@ fn https_service_without_context_originates_tls_without_verification() {
     assert!(echo.tls().is_some(), "the upstream saw cleartext");
     assert_eq!(echo.client_cert_subject(), None);
 }
+
+/// `upstream_tls: {verify: system}` in the gateway file.
+fn verify_with_system_store(dir: &Path) {
+    let path = dir.join("gateway.yaml");
+    let gateway = std::fs::read_to_string(&path).expect("read gateway.yaml");
+    std::fs::write(&path, format!("{gateway}upstream_tls:\n  verify: system\n"))
+        .expect("write gateway.yaml");
+}
+
+/// A gateway started with extra environment variables (the system trust
+/// store is found through `SSL_CERT_FILE`), killed on drop.
+struct GatewayWithEnv {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl GatewayWithEnv {
+    fn start(dir: &Path, admin_port: u16, env: &[(&str, &Path)]) -> GatewayWithEnv {
+        let log = dir.join("gateway-env.log");
+        let out = std::fs::File::create(&log).expect("create the log");
+        let err = out.try_clone().expect("clone the log");
+        let mut command = std::process::Command::new(PINGRESS);
+        command
+            .arg("-c")
+            .arg(dir.join("gateway.yaml"))
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut gateway = GatewayWithEnv {
+            child: command.spawn().expect("spawn pingress"),
+            log,
+        };
+        let ready = poll_until(std::time::Duration::from_secs(20), || {
+            if let Ok(Some(status)) = gateway.child.try_wait() {
+                panic!("pingress exited ({status}):\n{}", gateway.log());
+            }
+            Request::get("/ambassador/v0/check_ready")
+                .timeout(std::time::Duration::from_secs(2))
+                .try_send(admin_port)
+                .is_ok_and(|r| r.status == 200)
+        });
+        assert!(ready, "pingress not ready:\n{}", gateway.log());
+        gateway
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for GatewayWithEnv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With `upstream_tls: {verify: system}`, TLS origination without a CA
+/// verifies the upstream's chain against the system trust store and its
+/// name against the SNI; without the setting (Emissary's default) the same
+/// upstream is used unverified.
+#[test]
+fn system_trust_verifies_upstreams_without_a_ca() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let upstream = Echo::tls("tls", &server);
+    let service = format!("https://localhost:{}", upstream.port());
+    let resources = [
+        tls_context("named-otherwise", "  sni: other.example\n"),
+        mapping("plain", "/plain/", &service, None),
+        mapping("tls-true", "/tls-true/", &service, Some("true")),
+        mapping("sni", "/sni/", &service, Some("named-otherwise")),
+    ]
+    .concat();
+
+    // The default: encrypted, not verified, and `-t` says so.
+    let unverified = tempdir();
+    let port = free_port();
+    write_gateway(unverified.path(), port, free_port(), &resources);
+    let out = check(unverified.path());
+    assert_eq!(out.code, 0, "{}", out.combined());
+    assert_eq!(
+        out.stdout.matches("not verified").count(),
+        3,
+        "{}",
+        out.stdout
+    );
+    let gateway = Gateway::start(unverified.path());
+    assert!(gateway.log().contains("not verified"), "{}", gateway.log());
+    assert_eq!(Request::get("/plain/").send(port).status, 200);
+    assert_eq!(Request::get("/tls-true/").send(port).status, 200);
+    assert_eq!(Request::get("/sni/").send(port).status, 200);
+    drop(gateway);
+
+    // Verified against the system store, which does not know the test CA:
+    // refused, as a TLS failure (502). `-t` has nothing left to warn about.
+    let system = tempdir();
+    let port = free_port();
+    write_gateway(system.path(), port, free_port(), &resources);
+    verify_with_system_store(system.path());
+    let out = check(system.path());
+    assert_eq!(out.code, 0, "{}", out.combined());
+    assert!(!out.stdout.contains("not verified"), "{}", out.stdout);
+    let gateway = Gateway::start(system.path());
+    for path in ["/plain/", "/tls-true/", "/sni/"] {
+        let reply = Request::get(path).send(port);
+        assert_eq!(reply.status, 502, "{path}: {}", reply.text());
+    }
+    assert!(!gateway.log().contains("not verified"), "{}", gateway.log());
+    drop(gateway);
+
+    // A system store that holds the test CA (OpenSSL reads SSL_CERT_FILE):
+    // the chain verifies, and the name is still checked against the SNI.
+    let trusting = tempdir();
+    let (port, admin) = (free_port(), free_port());
+    write_gateway(trusting.path(), port, admin, &resources);
+    verify_with_system_store(trusting.path());
+    let gateway = GatewayWithEnv::start(
+        trusting.path(),
+        admin,
+        &[("SSL_CERT_FILE", pki.ca_pem_path())],
+    );
+    let reply = Request::get("/plain/x").send(port);
+    assert_eq!(reply.status, 200, "{}\n{}", reply.text(), gateway.log());
+    assert_eq!(reply.echo().sni().as_deref(), Some("localhost"));
+    assert_eq!(Request::get("/tls-true/").send(port).status, 200);
+    let reply = Request::get("/sni/").send(port);
+    assert_eq!(reply.status, 502, "{}", reply.text());
+}

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use super::diagnostics::{closest, Diagnostic, Location, ResourceRef, Source};
+use super::upstream_tls::UpstreamTlsConf;
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8877";
 
@@ -25,6 +26,8 @@ pub struct GatewayFile {
     /// Resolved against the gateway file's directory.
     pub resources: Vec<PathBuf>,
     pub admin: AdminConf,
+    /// How upstreams without a CA are verified (`upstream_tls`).
+    pub upstream_tls: UpstreamTlsConf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +58,8 @@ struct GatewayFileYaml {
     resources: Vec<String>,
     #[serde(default)]
     admin: Option<AdminConf>,
+    #[serde(default)]
+    upstream_tls: UpstreamTlsConf,
 }
 
 /// Reads the gateway file. Only a file that cannot be used at all is an
@@ -120,6 +125,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             pingora,
             resources,
             admin: parsed.admin.unwrap_or_default(),
+            upstream_tls: parsed.upstream_tls,
         },
         warnings,
     ))

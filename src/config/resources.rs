@@ -114,9 +114,13 @@ pub struct RetryPolicySpec {
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakerSpec {
     pub priority: Option<String>,
+    #[serde(default, deserialize_with = "super::bounds::breaker_threshold")]
     pub max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "super::bounds::breaker_threshold")]
     pub max_pending_requests: Option<usize>,
+    #[serde(default, deserialize_with = "super::bounds::breaker_threshold")]
     pub max_requests: Option<usize>,
+    #[serde(default, deserialize_with = "super::bounds::breaker_threshold")]
     pub max_retries: Option<usize>,
 }
 
@@ -142,8 +146,11 @@ pub struct MappingSpec {
     pub auto_host_rewrite: Option<bool>,
     pub service: Option<String>,
     pub tls: Option<MappingTls>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub connect_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub idle_timeout_ms: Option<u64>,
     pub add_request_headers: Option<OrderedMap<AddHeaderValue>>,
     pub add_response_headers: Option<OrderedMap<AddHeaderValue>>,
@@ -167,7 +174,9 @@ pub struct MappingSpec {
     pub respect_dns_ttl: Option<bool>,
     pub enable_ipv4: Option<bool>,
     pub enable_ipv6: Option<bool>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub cluster_idle_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub cluster_max_connection_lifetime_ms: Option<u64>,
     pub keepalive: Option<KeepaliveSpec>,
     pub cors: Option<Value>,
@@ -483,8 +492,11 @@ pub struct ModuleDefaults {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ModuleConfig {
     pub defaults: Option<ModuleDefaults>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub cluster_request_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub cluster_idle_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub cluster_max_connection_lifetime_ms: Option<u64>,
     pub keepalive: Option<KeepaliveSpec>,
     pub resolver: Option<String>,

@@ -110,6 +110,7 @@ struct AuthServiceSpec {
     auth_service: Option<String>,
     proto: Option<String>,
     path_prefix: Option<String>,
+    #[serde(default, deserialize_with = "crate::config::bounds::milliseconds")]
     timeout_ms: Option<u64>,
     allowed_request_headers: Option<StringOrList>,
     allowed_authorization_headers: Option<StringOrList>,
@@ -254,6 +255,23 @@ fn validate(
                 .with_hint("the form is [scheme://]host[.namespace][:port]");
         })
         .ok()?;
+    // As for Mappings: Pingora sends no SNI to an IP address, and without
+    // one it verifies nothing, so a CA there would be a false promise.
+    if let Some(context) = tls.as_ref().filter(|t| t.ca.is_some() && t.sni.is_none()) {
+        if service.is_ip() {
+            report
+                .error(
+                    "spec.tls",
+                    format!(
+                        "TLSContext {} verifies upstreams, but {} is an IP address",
+                        context.name, service.host
+                    ),
+                )
+                .with_hint(
+                    "set `sni` on the TLSContext to the name in the authorizer's certificate",
+                );
+        }
+    }
     let include_body = match (&spec.include_body, spec.allow_request_body) {
         (Some(body), _) => Some(IncludeBody {
             max_bytes: body.max_bytes,

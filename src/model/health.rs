@@ -73,15 +73,13 @@ fn one(spec: &HealthCheckSpec, field: &str, report: &mut Reporter) -> Option<Opt
             .as_deref()
         {
             None => Some(default),
-            Some(text) => parse_duration(text).or_else(|| {
-                report
-                    .error(
-                        &format!("{field}.{key}"),
-                        format!("{text:?} is not a duration"),
-                    )
-                    .with_hint("e.g. 500ms, 5s or 1m");
-                None
-            }),
+            Some(text) => parse_duration(text)
+                .map_err(|e| {
+                    report
+                        .error(&format!("{field}.{key}"), e)
+                        .with_hint("e.g. 500ms, 5s or 1m");
+                })
+                .ok(),
         };
     let interval = duration(&spec.interval, "interval", INTERVAL, report)?;
     let timeout = duration(&spec.timeout, "timeout", TIMEOUT, report)?;
@@ -193,7 +191,7 @@ fn http_request(
             (_, Err(_)) => {
                 report.error(
                     &format!("{field}.add_request_headers.{name}"),
-                    format!("{text:?} is not a valid header value"),
+                    crate::routing::headers::invalid_value(text),
                 );
                 return None;
             }

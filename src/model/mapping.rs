@@ -17,7 +17,8 @@ use crate::filters::cors::CorsPolicy;
 use crate::filters::rate_limit::labels::{self, Labels};
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
-    full_match_regex, search_regex, AuthorityMatch, HostGlob, PathMatch, ValueMatch,
+    full_match_regex, full_match_value_regex, search_regex, AuthorityMatch, HostGlob, PathMatch,
+    ValueMatch,
 };
 use crate::routing::redirect::{Redirect, RedirectPath, REDIRECT_CODES};
 use crate::tls::TlsContext;
@@ -27,7 +28,7 @@ use crate::upstream::cluster::{ConnectionOptions, Keepalive};
 use crate::upstream::dns::DnsOptions;
 use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
-use crate::upstream::service::ServiceAddr;
+use crate::upstream::service::{redacted, ServiceAddr};
 
 use super::edge::{add_headers, header_names};
 use super::spec::{check_unknown_fields, parse_section};
@@ -813,13 +814,10 @@ pub(crate) fn load_balancer(
                 // Envoy: a zero ttl makes a session cookie.
                 Some("0" | "0s") => Some(std::time::Duration::ZERO),
                 Some(text) => match parse_duration(text) {
-                    Some(ttl) => Some(ttl),
-                    None => {
+                    Ok(ttl) => Some(ttl),
+                    Err(e) => {
                         report
-                            .error(
-                                &format!("{field}.cookie.ttl"),
-                                format!("{text:?} is not a duration"),
-                            )
+                            .error(&format!("{field}.cookie.ttl"), e)
                             .with_hint("e.g. 60s, 10m or 1h");
                         return None;
                     }
@@ -908,13 +906,10 @@ pub(crate) fn retry_policy(
     let per_try_timeout = match &spec.per_try_timeout {
         None => None,
         Some(text) => match parse_duration(text) {
-            Some(duration) => Some(duration),
-            None => {
+            Ok(duration) => Some(duration),
+            Err(e) => {
                 report
-                    .error(
-                        &format!("{field}.per_try_timeout"),
-                        format!("{text:?} is not a duration"),
-                    )
+                    .error(&format!("{field}.per_try_timeout"), e)
                     .with_hint("e.g. 250ms, 1s or 1.5s");
                 return None;
             }
@@ -1048,11 +1043,24 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
         Some((scheme @ ("http" | "https"), rest)) => (Some(scheme.to_string()), rest),
         _ => (None, target),
     };
+    if authority.contains('@') {
+        // Every client redirected would be shown the credentials.
+        report
+            .error(
+                "spec.service",
+                format!(
+                    "{:?} carries credentials: a redirect target must not",
+                    redacted(target)
+                ),
+            )
+            .with_hint("with host_redirect, service is the host[:port] to redirect to");
+        return None;
+    }
     if authority.is_empty() || authority.contains(['/', '?', '#', ' ']) {
         report
             .error(
                 "spec.service",
-                format!("{target:?} is not a redirect target"),
+                format!("{:?} is not a redirect target", redacted(target)),
             )
             .with_hint("with host_redirect, service is the host[:port] to redirect to");
         return None;
@@ -1147,7 +1155,8 @@ fn value_matchers(
         }
     }
     for (name, pattern) in regex.iter().flat_map(|m| m.0.iter()) {
-        match full_match_regex(pattern, false) {
+        // Not quoted back: a value pattern may spell out a credential.
+        match full_match_value_regex(pattern) {
             Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
             Err(e) => {
                 report.error(&format!("spec.regex_{field}.{name}"), e);

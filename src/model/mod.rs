@@ -163,6 +163,9 @@ pub struct Model {
     /// Certificate files the resources name, valid or not: a reload must
     /// notice when one appears or changes.
     pub referenced_files: Vec<PathBuf>,
+    /// How upstreams without a CA are verified: the gateway file's
+    /// `upstream_tls`, set by `upstream::trust::apply`.
+    pub upstream_trust: crate::upstream::trust::Trust,
 }
 
 /// Secrets by `(namespace, name)`.

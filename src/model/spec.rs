@@ -73,6 +73,12 @@ pub(crate) fn plain_words(message: &str) -> String {
         other if other.starts_with("struct ") || other == "a map" => "a map",
         other => other,
     };
+    // A string field may hold a secret (a header value, a password, a
+    // key): what was found there is named by its type only.
+    let found = match expected {
+        "a string" => found.split(" `").next().unwrap_or(found),
+        _ => found,
+    };
     format!("expected {expected}, found {}", found.replace('`', ""))
 }
 
@@ -137,6 +143,10 @@ mod tests {
             "expected a whole number (0 or more), found integer -1"
         );
         assert_eq!(plain_words("missing field `x`"), "missing field `x`");
+        assert_eq!(
+            plain_words("invalid type: integer `12345678`, expected a string"),
+            "expected a string, found integer"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::bounds;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{Milliseconds, TcpMappingSpec};
@@ -154,7 +155,11 @@ fn validate(
                 Milliseconds::Number(ms) => Some(*ms),
                 Milliseconds::Text(text) => text.trim().parse::<u64>().ok(),
             };
-            if ms.is_none() {
+            if let Some(ms) = ms.filter(|ms| *ms > bounds::MAX_MILLISECONDS) {
+                report
+                    .error("spec.idle_timeout_ms", bounds::too_many_milliseconds(ms))
+                    .with_hint("e.g. 30000 or \"30000\"; 0 never closes an idle tunnel");
+            } else if ms.is_none() {
                 let shown = match value {
                     Milliseconds::Number(ms) => ms.to_string(),
                     Milliseconds::Text(text) => format!("{text:?}"),

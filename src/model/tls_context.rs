@@ -372,16 +372,9 @@ pub(crate) fn build(
                 "HTTPS termination comes from a Host: tlsSecret, and tlsContext for settings",
             );
     }
-    if ca.is_none() && (cert_key.is_some() || sni.is_some()) {
-        report
-            .warning(
-                "spec",
-                "upstream certificates are not verified: this context has no CA",
-            )
-            .with_hint(
-                "set ca_secret or cacert_chain_file to verify upstreams (Emissary never does)",
-            );
-    }
+    // A context without a CA leaves its upstreams unverified unless the
+    // gateway file trusts the system store: `upstream::trust` warns at each
+    // Mapping, TCPMapping or AuthService that originates TLS with it.
 
     let pem = |v: &Option<Vec<u8>>| v.clone().unwrap_or_default();
     let alpn_text = spec.alpn_protocols.clone().unwrap_or_default();

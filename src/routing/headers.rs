@@ -59,12 +59,21 @@ pub enum HeaderTemplate {
 }
 
 impl HeaderTemplate {
+    /// Parses a configured value. Errors never quote the value, which may
+    /// hold a credential; they say where the problem is.
     pub fn parse(text: &str) -> Result<HeaderTemplate, String> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut rest = text;
         while let Some(start) = rest.find('%') {
             literal.push_str(&rest[..start]);
+            let at = text.len() - rest.len() + start;
+            let unterminated = || {
+                format!(
+                    "unterminated variable: the % at byte {at} of the value has no closing %; \
+                     write %% for a literal percent sign"
+                )
+            };
             let after = &rest[start + 1..];
             if let Some(stripped) = after.strip_prefix('%') {
                 literal.push('%');
@@ -73,18 +82,17 @@ impl HeaderTemplate {
             }
             // A variable may take an argument in parentheses, which may
             // itself hold `%` (a time format): the name ends at `(` or `%`.
-            let name_end = after
-                .find(['(', '%'])
-                .ok_or_else(|| format!("unterminated variable in {text:?}"))?;
+            let name_end = after.find(['(', '%']).ok_or_else(unterminated)?;
             let end = if after[name_end..].starts_with('(') {
                 after[name_end..]
                     .find(")%")
                     .map(|close| name_end + close + 1)
-                    .ok_or_else(|| format!("unterminated variable in {text:?}"))?
+                    .ok_or_else(unterminated)?
             } else {
                 name_end
             };
-            let part = parse_variable(&after[..end])?;
+            let part = parse_variable(&after[..end])
+                .map_err(|e| format!("{e} (the variable at byte {at} of the value)"))?;
             if !literal.is_empty() {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
             }
@@ -95,7 +103,7 @@ impl HeaderTemplate {
         if parts.is_empty() {
             return HeaderValue::from_str(&literal)
                 .map(HeaderTemplate::Fixed)
-                .map_err(|_| format!("{literal:?} is not a valid header value"));
+                .map_err(|_| invalid_value(text));
         }
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
@@ -162,6 +170,48 @@ fn write_opt<T: std::fmt::Display>(out: &mut String, value: Option<T>) -> std::f
     }
 }
 
+/// Why `text` is not a header value, without quoting it: configured
+/// header values often hold credentials.
+pub fn invalid_value(text: &str) -> String {
+    match text
+        .bytes()
+        .position(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+    {
+        Some(at) => {
+            format!("not a valid header value: byte {at} is a control character (a line break?)")
+        }
+        None => "not a valid header value".into(),
+    }
+}
+
+/// The variable names of [`SUPPORTED_VARIABLES`], for suggestions.
+const VARIABLE_NAMES: &[&str] = &[
+    "DOWNSTREAM_REMOTE_ADDRESS",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_LOCAL_ADDRESS",
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_LOCAL_PORT",
+    "PROTOCOL",
+    "HOSTNAME",
+    "REQUESTED_SERVER_NAME",
+    "DOWNSTREAM_PEER_SUBJECT",
+    "DOWNSTREAM_PEER_FINGERPRINT_256",
+    "DOWNSTREAM_PEER_URI_SAN",
+    "DOWNSTREAM_PEER_DNS_SAN",
+    "DOWNSTREAM_PEER_CERT_V_START",
+    "DOWNSTREAM_PEER_CERT_V_END",
+];
+
+/// "unknown variable", with a known name it resembles; the text between
+/// the `%`s is not quoted (it may be part of a password, not a variable).
+fn unknown_variable(name: &str) -> String {
+    let name = name.split('(').next().unwrap_or(name);
+    match crate::config::diagnostics::closest(name, VARIABLE_NAMES) {
+        Some(known) => format!("unknown variable; did you mean %{known}%?"),
+        None => "unknown variable".into(),
+    }
+}
+
 fn parse_variable(name: &str) -> Result<Part, String> {
     Ok(match name {
         "DOWNSTREAM_REMOTE_ADDRESS" => Part::DownstreamRemoteAddress,
@@ -182,21 +232,25 @@ fn parse_variable(name: &str) -> Result<Part, String> {
             let (which, format) = name
                 .strip_suffix(')')
                 .and_then(|n| n.split_once('('))
-                .ok_or_else(|| format!("%{name}% is not a valid variable"))?;
-            timefmt::check(format)?;
+                .ok_or_else(|| unknown_variable(name))?;
+            match which {
+                "DOWNSTREAM_PEER_CERT_V_START" | "DOWNSTREAM_PEER_CERT_V_END" => {
+                    timefmt::check(format)?
+                }
+                _ => return Err(unknown_variable(which)),
+            }
             match which {
                 "DOWNSTREAM_PEER_CERT_V_START" => Part::PeerValidFrom(format.into()),
-                "DOWNSTREAM_PEER_CERT_V_END" => Part::PeerValidUntil(format.into()),
-                _ => return Err(format!("unknown variable %{which}%")),
+                _ => Part::PeerValidUntil(format.into()),
             }
         }
         _ => {
             let header = name
                 .strip_prefix("REQ(")
                 .and_then(|n| n.strip_suffix(')'))
-                .ok_or_else(|| format!("unknown variable %{name}%"))?;
+                .ok_or_else(|| unknown_variable(name))?;
             let header = HeaderName::from_bytes(header.trim().as_bytes())
-                .map_err(|_| format!("%{name}% does not name a valid header"))?;
+                .map_err(|_| "%REQ(...)% does not name a valid header".to_string())?;
             Part::RequestHeader(header)
         }
     })
@@ -312,5 +366,32 @@ mod tests {
             .contains("unknown variable"));
         assert!(HeaderTemplate::parse("%PROTOCOL").is_err());
         assert!(HeaderTemplate::parse("bad\nvalue").is_err());
+        assert_eq!(
+            HeaderTemplate::parse("%PROTOCL%").unwrap_err(),
+            "unknown variable; did you mean %PROTOCOL%? (the variable at byte 0 of the value)"
+        );
+    }
+
+    #[test]
+    fn errors_never_quote_the_value() {
+        for value in [
+            "Bearer s3cret\n",
+            "Bearer s3cret%",
+            "Bearer %s3cret%",
+            "Bearer %s3cret(x)%",
+            "Bearer %REQ(s3 cret)%",
+            "Bearer %DOWNSTREAM_PEER_CERT_V_START(s3cret",
+            "s3cret\r\nx-injected: 1",
+        ] {
+            let error = HeaderTemplate::parse(value).unwrap_err();
+            assert!(
+                !error.contains("s3cret") && !error.contains("s3 cret"),
+                "{value:?}: {error}"
+            );
+        }
+        assert_eq!(
+            HeaderTemplate::parse("Bearer s3cret\n").unwrap_err(),
+            "not a valid header value: byte 13 is a control character (a line break?)"
+        );
     }
 }

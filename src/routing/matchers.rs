@@ -15,6 +15,17 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 const CASE_INSENSITIVE: &str = "^(?:(?i)";
 
 pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
+    build_full_match(pattern, case_insensitive)
+        .map_err(|e| format!("invalid regex {pattern:?}: {}", regex_reason(&e)))
+}
+
+/// [`full_match_regex`] for a pattern that matches header or query values,
+/// which may spell out a credential: the error does not quote it.
+pub fn full_match_value_regex(pattern: &str) -> Result<Regex, String> {
+    build_full_match(pattern, false).map_err(|e| format!("invalid regex: {}", regex_reason(&e)))
+}
+
+fn build_full_match(pattern: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
     // The flag goes into the pattern, so the compiled regex says what it
     // matches (the route index relies on that).
     let anchored = if case_insensitive {
@@ -25,7 +36,6 @@ pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, 
     RegexBuilder::new(&anchored)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| describe_regex_error(pattern, &e))
 }
 
 /// Builds a regex used for substitution (unanchored, all matches).
@@ -37,21 +47,25 @@ pub fn search_regex(pattern: &str) -> Result<Regex, String> {
 }
 
 fn describe_regex_error(pattern: &str, error: &regex::Error) -> String {
-    let reason = match error {
+    format!("invalid regex {pattern:?}: {}", regex_reason(error))
+}
+
+/// Why a pattern did not compile, without the pattern.
+fn regex_reason(error: &regex::Error) -> String {
+    match error {
         // The syntax error text draws the pattern with a caret over several
         // lines; its last `error:` line is the reason.
         regex::Error::Syntax(text) => text
             .lines()
             .rev()
             .find_map(|line| line.strip_prefix("error: "))
-            .unwrap_or(text)
+            .unwrap_or("not a regular expression")
             .to_string(),
         regex::Error::CompiledTooBig(limit) => {
             format!("it compiles to more than {limit} bytes")
         }
         other => other.to_string(),
-    };
-    format!("invalid regex {pattern:?}: {reason}")
+    }
 }
 
 #[derive(Debug, Clone)]

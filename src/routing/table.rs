@@ -635,7 +635,9 @@ pub fn weighted_first<T: Copy>(members: &[T], weight: impl Fn(&T) -> Option<u32>
     ordered
 }
 
-/// A one-line description of what a Mapping matches.
+/// A one-line description of what a Mapping matches, for the admin diag.
+/// Header and query values are not shown: they may be credentials (an API
+/// key that routes); the host and method are.
 pub fn describe(m: &Mapping) -> String {
     let path = match &m.path {
         PathMatch::Prefix {
@@ -648,13 +650,13 @@ pub fn describe(m: &Mapping) -> String {
     };
     let mut parts = vec![path];
     for (name, value, regex) in envoy_headers(m) {
+        let value = if name.starts_with(':') { &value } else { "***" };
         parts.push(format!("{name}{}{value}", if regex { " ~ " } else { ": " }));
     }
     for (name, value) in &m.query {
         parts.push(format!(
-            "?{name}{}{}",
-            if value.is_regex() { " ~ " } else { "=" },
-            value.text()
+            "?{name}{}***",
+            if value.is_regex() { " ~ " } else { "=" }
         ));
     }
     if m.precedence != 0 {
@@ -715,5 +717,32 @@ mod tests {
         assert_eq!(*pick(&members, 25), "large");
         assert_eq!(*pick(&members, 99), "large");
         assert_eq!(*pick(&[(0, "never"), (100, "always")], 0), "always");
+    }
+
+    #[test]
+    fn descriptions_leave_header_and_query_values_out() {
+        let text = "apiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata: {name: m}\n\
+                    spec:\n  hostname: \"*\"\n  prefix: /api/\n  service: s\n  method: POST\n  \
+                    headers: {x-api-key: s3cret}\n  regex_headers: {authorization: \"Bearer s3cret.*\"}\n  \
+                    query_parameters: {token: s3cret}\n";
+        let (mut raw, mut diags) = (Vec::new(), Vec::new());
+        crate::config::load::parse_documents(
+            std::path::Path::new("t.yaml"),
+            text,
+            &mut raw,
+            &mut diags,
+        );
+        let (model, problems) =
+            crate::model::validate(raw, "default", &crate::filters::Registry::default());
+        assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
+        let shown = describe(&model.mappings[0]);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("x-api-key: ***")
+                && shown.contains("authorization ~ ***")
+                && shown.contains("?token=***")
+                && shown.contains(":method: POST"),
+            "{shown}"
+        );
     }
 }

@@ -266,7 +266,8 @@ pub enum Resolution {
 /// services, unreachable Mappings) are returned beside the snapshot.
 pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut clusters = ClusterBuilder::new(resolution == Resolution::Resolve, &model.endpoints);
+    let mut clusters = ClusterBuilder::new(resolution == Resolution::Resolve, &model.endpoints)
+        .trusting(model.upstream_trust);
     clusters.prefetch(
         model
             .mappings
@@ -577,6 +578,7 @@ fn cluster_key(mapping: &crate::model::Mapping) -> ClusterKey {
         },
         originate_tls: mapping.originate_tls,
         tls_identity: mapping.tls.as_ref().map(|t| t.identity),
+        system_trust: false,
         connect_timeout_ms: mapping.connect_timeout_ms,
         h2_only: mapping.grpc,
         breaker: mapping.breaker,

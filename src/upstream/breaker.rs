@@ -42,11 +42,15 @@ pub type Admission = OwnedSemaphorePermit;
 
 impl Breaker {
     pub fn new(thresholds: Thresholds) -> Breaker {
+        // Validation bounds thresholds (`config::bounds`); tokio panics
+        // above MAX_PERMITS, which is smaller than those bounds on 32-bit
+        // targets, so the semaphores are clamped too.
+        let permits = |n: usize| n.min(Semaphore::MAX_PERMITS);
         Breaker {
             thresholds,
-            active: Arc::new(Semaphore::new(thresholds.max_connections)),
+            active: Arc::new(Semaphore::new(permits(thresholds.max_connections))),
             pending: AtomicUsize::new(0),
-            retrying: Arc::new(Semaphore::new(thresholds.max_retries)),
+            retrying: Arc::new(Semaphore::new(permits(thresholds.max_retries))),
         }
     }
 
@@ -102,5 +106,15 @@ mod tests {
         assert!(breaker.try_retry().is_none());
         drop(retrying);
         assert!(breaker.try_retry().is_some());
+    }
+
+    #[test]
+    fn thresholds_beyond_tokio_are_clamped() {
+        let breaker = Breaker::new(Thresholds {
+            max_connections: usize::MAX,
+            max_pending_requests: usize::MAX,
+            max_retries: usize::MAX,
+        });
+        assert!(breaker.try_admit().is_some());
     }
 }

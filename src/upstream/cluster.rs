@@ -28,6 +28,7 @@ use super::breaker::{Breaker, Thresholds};
 use super::dns::{self, DnsOptions, DnsTarget, Lookup};
 use super::health::{self, HealthCheck};
 use super::service::ServiceAddr;
+use super::trust::{self, Trust};
 
 #[derive(Debug)]
 pub struct Cluster {
@@ -136,6 +137,10 @@ pub struct ClusterKey {
     pub namespace: String,
     pub originate_tls: bool,
     pub tls_identity: Option<u64>,
+    /// The upstream is verified against the system trust store (TLS, no
+    /// context CA, `upstream_tls: {verify: system}`). Set by
+    /// [`ClusterBuilder::cluster`], whatever the caller wrote.
+    pub system_trust: bool,
     pub connect_timeout_ms: u64,
     /// Speak HTTP/2 only (gRPC).
     pub h2_only: bool,
@@ -162,6 +167,7 @@ impl ClusterKey {
             namespace: String::new(),
             originate_tls: false,
             tls_identity: None,
+            system_trust: false,
             connect_timeout_ms: 3000,
             h2_only: false,
             breaker: Thresholds::default(),
@@ -218,6 +224,8 @@ static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Vec<Weak<Cluster>>>>> =
 pub struct ClusterBuilder<'m> {
     resolve: bool,
     index: &'m EndpointIndex,
+    /// How upstreams without a CA of their own are verified.
+    trust: Trust,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
     resolved: HashMap<DnsTarget, Lookup>,
 }
@@ -229,9 +237,17 @@ impl<'m> ClusterBuilder<'m> {
         ClusterBuilder {
             resolve,
             index,
+            trust: Trust::default(),
             clusters: HashMap::new(),
             resolved: HashMap::new(),
         }
+    }
+
+    /// Verifies upstreams without a CA of their own as `trust` says (the
+    /// gateway file's `upstream_tls`).
+    pub fn trusting(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// Resolves the names of the clusters to come, all at once and within
@@ -249,9 +265,13 @@ impl<'m> ClusterBuilder<'m> {
     /// Returns the cluster and, the first time it finds no endpoints, why.
     pub fn cluster(
         &mut self,
-        key: ClusterKey,
+        mut key: ClusterKey,
         tls: Option<Arc<TlsContext>>,
     ) -> (Arc<Cluster>, Option<String>) {
+        // Part of the identity: a cluster verified differently never
+        // inherits its predecessor's prepared peers.
+        key.system_trust =
+            trust::verifies_with_system(self.trust, key.originate_tls, tls.as_deref());
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
         }
@@ -384,7 +404,9 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
         #[cfg(target_os = "linux")]
         user_timeout: Duration::ZERO,
     });
-    let verify = tls.is_some_and(|t| t.ca.is_some());
+    // Without a CA of the context's, Pingora's connectors verify against
+    // the system trust store (OpenSSL's default verify paths).
+    let verify = tls.is_some_and(|t| t.ca.is_some()) || key.system_trust;
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
     if key.h2_only {

@@ -13,3 +13,4 @@ pub mod service;
 pub mod shadow;
 pub mod side;
 pub mod tasks;
+pub mod trust;

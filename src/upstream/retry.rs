@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::config::bounds;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub on: RetryOn,
@@ -79,23 +81,42 @@ pub fn conditions(retry_on: &str) -> Result<(Option<RetryOn>, Vec<&str>), String
     Ok((on.any().then_some(on), unsupported))
 }
 
-/// Envoy durations as Emissary writes them: `250ms`, `1s`, `1.5s`, `2m`.
-pub fn parse_duration(text: &str) -> Option<Duration> {
+/// Envoy durations as Emissary writes them: `250ms`, `1s`, `1.5s`, `2m`,
+/// at most a year ([`bounds::MAX_DURATION`]): they become timers and
+/// deadlines (`Instant + d` panics on overflow). The error is a message
+/// for the field's diagnostic.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let shown = text;
     let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic())?);
-    let value: f64 = number.parse().ok()?;
+    let not_a_duration = || format!("{shown:?} is not a duration");
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(not_a_duration)?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| not_a_duration())?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return None,
+        _ => return Err(not_a_duration()),
     };
-    // `try_`: a huge value would panic `from_secs_f64`; one that rounds to
-    // zero would make a health check loop without pause.
-    Duration::try_from_secs_f64(seconds)
-        .ok()
-        .filter(|d| !d.is_zero())
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Err(format!("{shown:?} is not a duration above zero"));
+    }
+    // Compared as seconds first: `from_secs_f64` panics on huge values.
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(d) if d > bounds::MAX_DURATION => Err(too_long(shown)),
+        // One that rounds to zero would make a health check loop without
+        // pause.
+        Ok(d) if d.is_zero() => Err(format!("{shown:?} is not a duration above zero")),
+        Ok(d) => Ok(d),
+        Err(_) => Err(too_long(shown)),
+    }
+}
+
+fn too_long(shown: &str) -> String {
+    format!("{shown:?} is longer than a year, the longest pingress accepts")
 }
 
 #[cfg(test)]
@@ -104,15 +125,17 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("99999999999999999999h"), None);
-        assert_eq!(parse_duration("0.0000000001s"), None);
-        assert_eq!(parse_duration("-1s"), None);
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration("-1s"), None);
-        assert_eq!(parse_duration("1d"), None);
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("8760h"), Ok(bounds::MAX_DURATION));
+        for text in ["8761h", "525601m", "99999999999999999999h"] {
+            let e = parse_duration(text).unwrap_err();
+            assert!(e.contains("longer than a year"), "{text}: {e}");
+        }
+        for text in ["0.0000000001s", "-1s", "0s", "NaNs", "5", "1d", ""] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -30,9 +30,11 @@ pub enum ServiceError {
     Empty,
     Scheme(String),
     Port(String),
-    /// A path or query after the authority.
+    /// A path or query after the authority, its query redacted.
     Trailing(String),
     Host(String),
+    /// `user:password@` before the host; the service, redacted.
+    Credentials(String),
 }
 
 impl fmt::Display for ServiceError {
@@ -45,6 +47,10 @@ impl fmt::Display for ServiceError {
                 write!(f, "service must not carry a path or query ({t:?})")
             }
             ServiceError::Host(h) => write!(f, "invalid host {h:?} in service"),
+            ServiceError::Credentials(shown) => write!(
+                f,
+                "service must not carry credentials ({shown:?}): the gateway never sends them"
+            ),
         }
     }
 }
@@ -68,8 +74,13 @@ impl ServiceAddr {
             Some((scheme, _)) => return Err(ServiceError::Scheme(scheme.to_string())),
             None => (false, text),
         };
+        // Before anything is quoted back: `user:password@` must never
+        // reach a diagnostic, a log or the admin diag.
+        if rest.contains('@') {
+            return Err(ServiceError::Credentials(redacted(text)));
+        }
         if let Some(index) = rest.find(['/', '?', '#']) {
-            return Err(ServiceError::Trailing(rest[index..].to_string()));
+            return Err(ServiceError::Trailing(redacted(&rest[index..])));
         }
         let (host, port) = split_host_port(rest)?;
         if host.is_empty() || host.contains(['@', ' ', '{', '}']) {
@@ -100,6 +111,24 @@ impl ServiceAddr {
     /// The host is a literal IP address (it cannot serve as an SNI name).
     pub fn is_ip(&self) -> bool {
         self.host.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+/// `text` (a service, a URL) fit to quote in a diagnostic: what precedes
+/// the last `@` (a user and password, which may hold any character) and
+/// any query or fragment (tokens travel there) become `***`.
+pub fn redacted(text: &str) -> String {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), text),
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => rest.to_string(),
+    };
+    match rest.find(['?', '#']) {
+        Some(at) => format!("{scheme}{}{}***", &rest[..at], &rest[at..at + 1]),
+        None => format!("{scheme}{rest}"),
     }
 }
 
@@ -163,5 +192,44 @@ mod tests {
             Err(ServiceError::Host(_))
         ));
         assert_eq!(parse(" "), Err(ServiceError::Empty));
+    }
+
+    #[test]
+    fn credentials_are_never_quoted() {
+        for text in [
+            "https://user:s3cret@example.com",
+            "https://user:s3cret@example.com:8443",
+            "user:s3cret@example.com",
+            "https://u:s3c/ret@example.com/path",
+            "https://u:s3c?ret@example.com",
+            "https://example.com/path?token=s3cret",
+            "https://example.com#s3cret",
+        ] {
+            let error = parse(text).unwrap_err();
+            let shown = error.to_string();
+            assert!(!shown.contains("s3cret"), "{text}: {shown}");
+        }
+        assert_eq!(
+            parse("https://user:s3cret@example.com"),
+            Err(ServiceError::Credentials("https://***@example.com".into()))
+        );
+        assert_eq!(
+            parse("example.com/path?token=s3cret"),
+            Err(ServiceError::Trailing("/path?***".into()))
+        );
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redacted("redis://:pw@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redacted("rediss://user:pw@host"), "rediss://***@host");
+        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redacted("u:p@host"), "***@host");
+        assert_eq!(redacted("redis://:a/b@host:6379"), "redis://***@host:6379");
+        assert_eq!(redacted("https://h/p?q=1#f"), "https://h/p?***");
+        assert_eq!(redacted("https://h#frag"), "https://h#***");
     }
 }

@@ -11,11 +11,13 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::labels::Entry;
+use crate::config::bounds;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
 use crate::model::spec::{check_unknown_fields, parse_section};
 use crate::model::{count, ModuleSettings};
+use crate::upstream::service::redacted;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unit {
@@ -118,18 +120,6 @@ impl std::fmt::Debug for RedisSettings {
     }
 }
 
-/// A service URL fit for diagnostics and logs: user and password become
-/// `***`.
-fn redacted(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    // The last `@`, not the path's start: a password may hold a raw `/`.
-    match rest.rfind('@') {
-        Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
-        Some(at) => format!("{scheme}://***{}", &rest[at..]),
-        None => url.to_string(),
-    }
-}
-
 /// Every limit of the label domain pingress evaluates.
 #[derive(Debug, Default)]
 pub struct RateLimits {
@@ -188,6 +178,7 @@ struct RateLimitServiceSpec {
     service: Option<String>,
     protocol_version: Option<String>,
     domain: Option<String>,
+    #[serde(default, deserialize_with = "crate::config::bounds::milliseconds")]
     timeout_ms: Option<u64>,
     failure_mode_deny: Option<bool>,
     tls: Option<Value>,
@@ -451,6 +442,18 @@ fn limit(
         }
     };
     let rate = match spec.rate {
+        Some(rate) if rate > bounds::MAX_RATE => {
+            report
+                .error(
+                    &format!("{field}.rate"),
+                    format!(
+                        "{rate} is above {}, the largest rate pingress counts",
+                        bounds::MAX_RATE
+                    ),
+                )
+                .with_hint("a limit that high limits nothing: remove it instead");
+            None
+        }
         Some(rate) if rate > 0 => Some(rate),
         Some(_) => {
             report

@@ -76,8 +76,9 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
     let parsed: GatewayFileYaml = serde_yaml::from_str(&text).map_err(|e| {
         Box::new(
             Diagnostic::error(location.clone(), format!("invalid gateway file: {e}")).hint(
-                "the gateway file has three keys: `pingora:` (Pingora server settings), \
-             `resources:` (files or directories) and `admin:` (`listen`)",
+                "the gateway file has four keys: `pingora:` (Pingora server settings), \
+             `resources:` (files or directories), `admin:` (`listen`) and `upstream_tls:` \
+             (`verify`)",
             ),
         )
     })?;

@@ -392,3 +392,65 @@ impl Reloader {
         wanted
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_resource_files_in_a_resource_directory_matter() {
+        let relevant = Relevant {
+            files: vec![PathBuf::from("/etc/pingress/certs/tls.crt")],
+            trees: vec![PathBuf::from("/etc/pingress/resources")],
+        };
+        for path in [
+            "/etc/pingress/resources/routes.yaml",
+            "/etc/pingress/resources/team/routes.yml",
+            "/etc/pingress/resources/..data",
+            "/etc/pingress/resources/team",
+            "/etc/pingress/certs/tls.crt",
+            "/etc/pingress/certs/..2026_12_07_00_00_00.123",
+        ] {
+            assert!(relevant.matches(Path::new(path)), "{path}");
+        }
+        for path in [
+            "/etc/pingress/resources/gateway.log",
+            "/etc/pingress/resources/routes.yaml.swp",
+            "/etc/pingress/certs/other.pem",
+            "/var/log/pingress.log",
+        ] {
+            assert!(!relevant.matches(Path::new(path)), "{path}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_moment_ends_the_settling() {
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        tx.send(()).unwrap();
+        let started = tokio::time::Instant::now();
+        settle(&mut changes).await;
+        assert_eq!(started.elapsed(), SETTLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_never_stops_cannot_hold_a_reload_back() {
+        let (tx, mut changes) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(async move {
+            loop {
+                if tx.send(()).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        settle(&mut changes).await;
+        assert!(
+            started.elapsed() <= SETTLE_AT_MOST,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() >= SETTLE_AT_MOST - SETTLE);
+        writer.abort();
+    }
+}

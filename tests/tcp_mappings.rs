@@ -326,6 +326,59 @@ fn host_routes_by_sni_and_refuses_unknown_names() {
     drop(s);
 }
 
+/// A TCPMapping whose Host is invalid (its Secret not issued yet) waits
+/// for it: no TLSContext that lists the name terminates in its place, so
+/// no certificate but the Host's own is ever offered for that name.
+#[test]
+fn a_tcp_mapping_waits_for_its_invalid_host() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let (a, db) = (ByteEcho::start("a"), ByteEcho::start("db"));
+    let port = free_port();
+    let resources = [
+        server_secret(&pki, "a-cert", &["a.example.com"]),
+        host("a", "a.example.com", &tls_spec("a-cert", None)),
+        host("db", "db.example.com", &tls_spec("not-issued-yet", None)),
+        server_secret(&pki, "fallback-cert", &["db.example.com"]),
+        tls_context("fallback", "hosts: [db.example.com]\nsecret: fallback-cert"),
+        tcp_mapping(
+            "to-a",
+            port,
+            &format!("127.0.0.1:{}", a.port()),
+            "host: a.example.com",
+        ),
+        tcp_mapping(
+            "to-db",
+            port,
+            &format!("127.0.0.1:{}", db.port()),
+            "host: db.example.com",
+        ),
+    ]
+    .concat();
+    let s = start_in(dir, &resources);
+    let ca = pki.ca_pem_path().to_path_buf();
+
+    let mut tls = tls_connect(port, &TlsOpts::new(&ca, "a.example.com").alpn(&[]))
+        .unwrap_or_else(|e| panic!("a.example.com: {e}"));
+    tls.write_all(b"ping").expect("write");
+    tls.shutdown().expect("close_notify");
+    let mut reply = String::new();
+    let _ = tls.read_to_string(&mut reply);
+    assert_eq!(reply, "a:ping");
+
+    let db_tls = tls_connect(port, &TlsOpts::new(&ca, "db.example.com").alpn(&[]));
+    assert!(
+        db_tls.is_err(),
+        "the invalid Host's name got a handshake from another certificate"
+    );
+    let report = check(s.dir.path());
+    assert!(
+        report.stdout.contains("the TCPMapping waits for it"),
+        "{}",
+        report.stdout
+    );
+}
+
 #[test]
 fn tcp_mappings_share_an_https_port_with_hosts_by_sni() {
     let dir = tempdir();

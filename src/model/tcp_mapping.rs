@@ -12,6 +12,7 @@ use crate::config::bounds;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{Milliseconds, TcpMappingSpec};
+use crate::routing::table::HostIndex;
 use crate::tls::TlsContext;
 use crate::upstream::breaker::Thresholds;
 use crate::upstream::service::ServiceAddr;
@@ -219,10 +220,26 @@ fn terminating(
             .with_hint("host is the exact SNI a client sends, e.g. db.example.com");
         return None;
     }
-    let from_host = hosts
+    // The TLS Host that SNI would choose, as the handshake chooses it. An
+    // invalid one keeps its names: no TLSContext serves them in its place.
+    let tls_hosts: Vec<&VirtualHost> = hosts
         .iter()
-        .filter(|h| h.hostname.matches(&sni))
-        .find_map(|h| h.tls.clone());
+        .filter(|h| h.tls.is_some() || h.invalid.is_some_and(|i| i.meant_tls))
+        .collect();
+    let chosen = HostIndex::new(tls_hosts.iter().map(|h| &h.hostname).enumerate())
+        .select(Some(&sni))
+        .and_then(|index| tls_hosts.get(index));
+    if let Some(invalid) = chosen.filter(|h| h.invalid.is_some()) {
+        report.error(
+            "spec.host",
+            format!(
+                "Host {}/{} for {host:?} is invalid: the TCPMapping waits for it",
+                invalid.namespace, invalid.name
+            ),
+        );
+        return None;
+    }
+    let from_host = chosen.and_then(|h| h.tls.clone());
     let mut named: Vec<(&String, &Arc<TlsContext>)> = contexts
         .valid
         .iter()

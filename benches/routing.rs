@@ -53,7 +53,7 @@ fn snapshot(n: usize) -> Snapshot {
     let mut diags = Vec::new();
     parse_documents(Path::new("bench.yaml"), &resources(n), &mut raw, &mut diags);
     assert!(diags.is_empty(), "{diags:?}");
-    let (model, problems) = validate(raw, "default", &pingress::filters::Registry::default());
+    let (model, problems) = validate(&raw, "default", &pingress::filters::Registry::default());
     assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
     compile(&model, Resolution::Skip).0
 }
@@ -112,7 +112,7 @@ fn compile_10k(c: &mut Criterion) {
             let mut raw = Vec::new();
             let mut diags = Vec::new();
             parse_documents(Path::new("bench.yaml"), &text, &mut raw, &mut diags);
-            let (model, _) = validate(raw, "default", &pingress::filters::Registry::default());
+            let (model, _) = validate(&raw, "default", &pingress::filters::Registry::default());
             compile(&model, Resolution::Skip).0.listeners.len()
         })
     });

@@ -76,6 +76,17 @@ pub struct LastGood {
     files: HashMap<PathBuf, Vec<Arc<RawResource>>>,
 }
 
+impl LastGood {
+    /// `raw` itself, or the last good copy of it when nothing about it
+    /// changed, where it sits included.
+    fn share(&self, raw: RawResource) -> Arc<RawResource> {
+        match self.resources.get(&identity_of(&raw.id)) {
+            Some(good) if good.id == raw.id && same_content(good, &raw) => good.clone(),
+            _ => Arc::new(raw),
+        }
+    }
+}
+
 /// Rounds of falling back: a resource's own last good version, then the
 /// Secrets it refers to, then what those brought back.
 const FALLBACK_ROUNDS: usize = 3;
@@ -95,8 +106,11 @@ pub fn load(
     let mut resources = Vec::new();
     for file in files {
         let kept = previous.files.get(&file.path).filter(|old| !old.is_empty());
+        // What did not change is shared with the last good configuration
+        // rather than held twice.
+        let read = file.resources.into_iter().map(|raw| previous.share(raw));
         let serving: Vec<Arc<RawResource>> = match (file.state, kept) {
-            (FileState::Whole, _) | (_, None) => file.resources.into_iter().map(Arc::new).collect(),
+            (FileState::Whole, _) | (_, None) => read.collect(),
             (FileState::Empty, Some(old)) => {
                 diagnostics.push(
                     Diagnostic::warning(
@@ -114,11 +128,12 @@ pub fn load(
             (FileState::Incomplete, Some(old)) => {
                 // What was read applies; what could not be read is not
                 // taken as removed.
-                let read: HashSet<Identity> =
-                    file.resources.iter().map(|r| identity_of(&r.id)).collect();
+                let read: Vec<Arc<RawResource>> = read.collect();
+                let identities: HashSet<Identity> =
+                    read.iter().map(|r| identity_of(&r.id)).collect();
                 let missing: Vec<Arc<RawResource>> = old
                     .iter()
-                    .filter(|r| !read.contains(&identity_of(&r.id)))
+                    .filter(|r| !identities.contains(&identity_of(&r.id)))
                     .cloned()
                     .collect();
                 if !missing.is_empty() {
@@ -131,11 +146,7 @@ pub fn load(
                         ),
                     ));
                 }
-                file.resources
-                    .into_iter()
-                    .map(Arc::new)
-                    .chain(missing)
-                    .collect()
+                read.into_iter().chain(missing).collect()
             }
         };
         resources.extend(serving.iter().cloned());
@@ -144,11 +155,7 @@ pub fn load(
 
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
     let run = |resources: &[Arc<RawResource>]| {
-        let (mut model, mut diags) = validate(
-            resources.iter().map(|r| (**r).clone()).collect(),
-            &ambassador_id,
-            registry,
-        );
+        let (mut model, mut diags) = validate(resources, &ambassador_id, registry);
         diags.extend(crate::upstream::trust::apply(
             &mut model,
             gateway.upstream_tls,

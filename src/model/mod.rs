@@ -221,8 +221,8 @@ const IGNORED_KUBERNETES_KINDS: &[&str] = &[
 ];
 
 /// Validates every resource; `ambassador_id` selects this instance's share.
-pub fn validate(
-    resources: Vec<RawResource>,
+pub fn validate<R: std::borrow::Borrow<RawResource>>(
+    resources: &[R],
     ambassador_id: &str,
     registry: &Registry,
 ) -> (Model, Vec<Diagnostic>) {
@@ -231,7 +231,8 @@ pub fn validate(
     let mut seen = HashMap::new();
     let mut secrets = SecretStore::new();
 
-    for raw in &resources {
+    for raw in resources {
+        let raw: &RawResource = raw.borrow();
         let kind = raw.id.kind.as_str();
         if kind == "Secret" {
             if raw.api_version != "v1" {

@@ -168,6 +168,9 @@ pub(super) fn client_cert_header(
     headers: &HeaderMap,
     peer: Option<&PeerCert>,
 ) -> Option<HeaderValue> {
+    if !policy.sends_any(peer.is_some()) {
+        return None;
+    }
     let mut lines = headers
         .get_all(&XFCC)
         .iter()

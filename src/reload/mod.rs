@@ -101,15 +101,22 @@ impl Live {
 
     /// Rebuilds from the gateway file and swaps.
     pub fn reload(&self, gateway_path: &Path) -> Outcome {
-        let previous = self
+        // Reloads run one at a time; the lock is held across the load so
+        // that the last good versions are read in place, not copied.
+        let mut last_good = self
             .last_good
             .lock()
-            .map(|good| good.clone())
-            .unwrap_or_default();
-        let outcome = match load(gateway_path, Resolution::Resolve, &self.registry, &previous) {
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let outcome = match load(
+            gateway_path,
+            Resolution::Resolve,
+            &self.registry,
+            &last_good,
+        ) {
             Err(problem) => Outcome::Failed(problem.to_string()),
-            Ok(loaded) => self.apply(loaded),
+            Ok(loaded) => self.apply(loaded, &mut last_good),
         };
+        drop(last_good);
         let mut status = (**self.status.load()).clone();
         status.last_reload = Some(Reload {
             at: SystemTime::now(),
@@ -128,7 +135,7 @@ impl Live {
         outcome
     }
 
-    fn apply(&self, loaded: Loaded) -> Outcome {
+    fn apply(&self, loaded: Loaded, last_good: &mut LastGood) -> Outcome {
         if process_settings(&loaded.gateway) != self.process_settings {
             warn!(
                 "reload: the gateway file's pingora: or admin: settings changed; they take effect \
@@ -146,9 +153,7 @@ impl Live {
         }
         let generation = self.status.load().generation + 1;
         publish_metrics(&loaded, generation);
-        if let Ok(mut last_good) = self.last_good.lock() {
-            *last_good = loaded.last_good;
-        }
+        *last_good = loaded.last_good;
         self.snapshot.store(Arc::new(loaded.snapshot));
         let mut status = (**self.status.load()).clone();
         status.diagnostics = loaded.diagnostics;

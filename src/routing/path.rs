@@ -91,29 +91,35 @@ pub fn canonicalize(path: &[u8], options: PathOptions) -> Result<Cow<'_, str>, P
     })
 }
 
-/// The quick test: printable ASCII without escapes or backslashes, no
-/// segment that is or hides a dot segment, no `//` to merge.
+/// The quick test, one pass: printable ASCII without escapes or
+/// backslashes, no segment that is or hides a dot segment, no `//` to
+/// merge.
 fn is_canonical(path: &[u8], merge_slashes: bool) -> bool {
-    let mut segments = path[1..].split(|b| *b == b'/').peekable();
-    while let Some(segment) = segments.next() {
-        let last = segments.peek().is_none();
-        if segment.is_empty() && merge_slashes && !last {
-            return false;
-        }
-        if segment.first() == Some(&b'.') {
-            let name = segment.split(|b| *b == b';').next().unwrap_or_default();
-            if name == b"." || name == b".." {
-                return false;
+    let mut segment_start = 1;
+    for (i, &byte) in path.iter().enumerate().skip(1) {
+        match byte {
+            b'/' => {
+                let segment = &path[segment_start..i];
+                if (merge_slashes && segment.is_empty()) || names_a_dot_segment(segment) {
+                    return false;
+                }
+                segment_start = i + 1;
             }
-        }
-        if segment
-            .iter()
-            .any(|&b| b == b'%' || b == b'\\' || !(0x21..0x7f).contains(&b))
-        {
-            return false;
+            b'%' | b'\\' => return false,
+            0x21..=0x7e => {}
+            _ => return false,
         }
     }
-    true
+    !names_a_dot_segment(&path[segment_start..])
+}
+
+/// `.` or `..`, with `;` parameters or without.
+fn names_a_dot_segment(segment: &[u8]) -> bool {
+    if segment.first() != Some(&b'.') {
+        return false;
+    }
+    let name = segment.split(|b| *b == b';').next().unwrap_or_default();
+    name == b"." || name == b".."
 }
 
 fn rebuild(path: &[u8], options: PathOptions) -> Result<String, PathError> {

@@ -733,7 +733,7 @@ mod tests {
             &mut diags,
         );
         let (model, problems) =
-            crate::model::validate(raw, "default", &crate::filters::Registry::default());
+            crate::model::validate(&raw, "default", &crate::filters::Registry::default());
         assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
         let shown = describe(&model.mappings[0]);
         assert!(!shown.contains("s3cret"), "{shown}");

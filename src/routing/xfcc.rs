@@ -51,6 +51,19 @@ pub struct XfccPolicy {
 }
 
 impl XfccPolicy {
+    /// Whether [`XfccPolicy::header`] can give a value at all, on a
+    /// connection with or without a verified client certificate: in the
+    /// default mode, never, and the client's lines need not be read.
+    pub fn sends_any(&self, verified_peer: bool) -> bool {
+        match self.mode {
+            XfccMode::Sanitize => false,
+            XfccMode::AlwaysForwardOnly => true,
+            XfccMode::ForwardOnly | XfccMode::AppendForward | XfccMode::SanitizeSet => {
+                verified_peer
+            }
+        }
+    }
+
     /// The header value to send upstream, or `None` to send none.
     pub fn header(&self, from_client: Option<&str>, peer: Option<&PeerCert>) -> Option<String> {
         match (self.mode, peer) {
@@ -165,6 +178,19 @@ mod tests {
             policy(XfccMode::AppendForward).header(spoofed, Some(&p)),
             Some(format!("Hash=evil,{own}"))
         );
+        // `sends_any` is false exactly where `header` is None for any input.
+        for mode in [
+            XfccMode::Sanitize,
+            XfccMode::ForwardOnly,
+            XfccMode::AppendForward,
+            XfccMode::SanitizeSet,
+            XfccMode::AlwaysForwardOnly,
+        ] {
+            for peer in [None, Some(&p)] {
+                let sends = policy(mode).header(spoofed, peer).is_some();
+                assert_eq!(policy(mode).sends_any(peer.is_some()), sends, "{mode:?}");
+            }
+        }
     }
 
     #[test]

@@ -723,7 +723,7 @@ mod tests {
         let (mut raw, mut diags) = (Vec::new(), Vec::new());
         parse_documents(std::path::Path::new("t.yaml"), &text, &mut raw, &mut diags);
         let (model, problems) =
-            crate::model::validate(raw, "default", &crate::filters::Registry::default());
+            crate::model::validate(&raw, "default", &crate::filters::Registry::default());
         assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
         let (snapshot, _) = compile(&model, Resolution::Skip);
         let (_, host) = snapshot.listeners[0].hosts.select("h").unwrap();

@@ -214,7 +214,7 @@ mod tests {
         let (mut raws, mut diags) = (Vec::new(), Vec::new());
         parse_documents(std::path::Path::new("t.yaml"), yaml, &mut raws, &mut diags);
         let (model, diags) =
-            crate::model::validate(raws, "default", &crate::filters::Registry::default());
+            crate::model::validate(&raws, "default", &crate::filters::Registry::default());
         assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
         model
     }

@@ -332,6 +332,99 @@ fn absolute_form_targets_are_canonical_too() {
     );
     let refused = raw_get(port, b"http://127.0.0.1/svc/..%2fx", &[]);
     assert_eq!(refused.status, 400, "{}", refused.text());
+    // An absolute-form target that is canonical already still reaches
+    // the upstream in origin-form: no upstream reads another path out of it.
+    let plain = raw_get(port, b"http://127.0.0.1/svc/b?q=1", &[]).echo_ok();
+    assert_eq!(plain.uri(), "/svc/b?q=1");
+}
+
+/// Targets that are neither a path nor an `http(s)://` URL: Pingora would
+/// route them as `/` and send them upstream as they came, where Go's and
+/// Node's servers read `/admin/users` out of `foo:/admin/users`. Refused,
+/// as Envoy refuses them.
+#[test]
+fn targets_that_are_no_path_are_refused() {
+    let admin = Echo::plain("admin");
+    let root = Echo::plain("root");
+    let resources = [
+        route("admin", "/admin/", &admin, "rewrite: /admin/"),
+        route("root", "/", &root, ""),
+    ]
+    .concat();
+    let (_dir, _gateway, port) = start_gateway("", &resources);
+    for target in [
+        &b"foo:/admin/users"[..],
+        b"admin/users",
+        b"ht_tp:/admin/users",
+        b"?x=/admin/users",
+    ] {
+        let response = raw_get(port, target, &[]);
+        assert_eq!(
+            response.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(target),
+            response.text()
+        );
+        assert!(!is_echo(&response));
+    }
+}
+
+/// A Mapping's header match reads the request as the edge leaves it: a
+/// client cannot pick a Mapping with a header the gateway drops before
+/// the upstream sees it (a forged x-forwarded-client-cert, x-envoy-*,
+/// l5d-dst-override), as Envoy sanitises them before routing.
+#[test]
+fn headers_the_edge_drops_do_not_choose_a_mapping() {
+    let privileged = Echo::plain("privileged");
+    let public = Echo::plain("public");
+    let resources = [
+        route(
+            "by-cert",
+            "/api/",
+            &privileged,
+            "regex_headers:\n  x-forwarded-client-cert: \".*spiffe://admin.*\"",
+        ),
+        route(
+            "by-envoy",
+            "/api/",
+            &privileged,
+            "headers:\n  x-envoy-internal: \"true\"",
+        ),
+        route(
+            "by-l5d",
+            "/api/",
+            &privileged,
+            "headers:\n  l5d-dst-override: admin",
+        ),
+        route("by-role", "/api/", &privileged, "headers:\n  x-role: admin"),
+        route("public", "/api/", &public, ""),
+    ]
+    .concat();
+    let (dir, _gateway, port) = start_gateway("", &resources);
+    let report = check(dir.path());
+    assert!(
+        report.stdout.contains("Mapping: 5 accepted"),
+        "{}",
+        report.stdout
+    );
+    // Header matching itself works: a header the edge keeps chooses.
+    let chosen = raw_get(port, b"/api/x", &[b"x-role: admin"]).echo_ok();
+    assert_eq!(chosen.server(), "privileged");
+    for forged in [
+        &b"X-Forwarded-Client-Cert: By=spiffe://admin;URI=spiffe://admin"[..],
+        b"X_Forwarded_Client_Cert: By=spiffe://admin",
+        b"x-envoy-internal: true",
+        b"l5d-dst-override: admin",
+    ] {
+        let reply = raw_get(port, b"/api/x", &[forged]).echo_ok();
+        assert_eq!(
+            reply.server(),
+            "public",
+            "{}",
+            String::from_utf8_lossy(forged)
+        );
+    }
 }
 
 /// `x-envoy-original-path` is the gateway's word on the path before a

@@ -276,7 +276,7 @@ impl FilterChains {
         } else {
             self.rules
                 .iter()
-                .find(|(h, p, _)| h.matches(host, true) && p.matches(path, case_sensitive))
+                .find(|(h, p, _)| h.matches(host, false) && p.matches(path, case_sensitive))
                 .map_or(&self.unmatched, |(_, _, chain)| chain)
         };
         (!chain.is_empty()).then_some(chain)

@@ -100,8 +100,16 @@ pub(crate) fn remote_address(
         .rev()
         .flat_map(|line| line.as_bytes().rsplit(|b| *b == b','))
         .nth(hops)
-        .and_then(|entry| std::str::from_utf8(entry).ok()?.trim().parse().ok())
+        .and_then(|entry| parse_address(std::str::from_utf8(entry).ok()?.trim()))
         .or(peer)
+}
+
+/// An address as proxies write it in X-Forwarded-For: alone, or with its
+/// port (`10.0.0.1:5000`, `[2001:db8::1]:5000`).
+fn parse_address(text: &str) -> Option<IpAddr> {
+    text.parse()
+        .ok()
+        .or_else(|| text.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 #[async_trait]
@@ -176,6 +184,10 @@ mod tests {
         let split = lines(&["6.6.6.6", "1.1.1.1, 3.3.3.3"]);
         assert_eq!(remote_address(peer, &split, 1), ip("3.3.3.3"));
         assert_eq!(remote_address(peer, &split, 3), ip("6.6.6.6"));
+        // Proxies that write the port.
+        let ported = lines(&["1.1.1.1, 3.3.3.3:5000", "[2001:db8::1]:443"]);
+        assert_eq!(remote_address(peer, &ported, 1), ip("2001:db8::1"));
+        assert_eq!(remote_address(peer, &ported, 2), ip("3.3.3.3"));
         // A byte that is not text spoils its own entry only.
         let mut raw = HeaderMap::new();
         let line = http::HeaderValue::from_bytes(b"\xff, 3.3.3.3").unwrap();

@@ -159,6 +159,17 @@ fn is_owned_spelling(name: &str) -> bool {
         || name.get(..8).is_some_and(|head| same(head, b"x-envoy-"))
 }
 
+/// `http://` or `https://` (in any case) and an authority: the
+/// absolute-form a proxy receives (RFC 9112 §3.2.2).
+fn is_http_absolute_form(target: &[u8]) -> bool {
+    let rest = match target.iter().position(|b| *b == b':') {
+        Some(colon) if target[..colon].eq_ignore_ascii_case(b"http") => &target[colon..],
+        Some(colon) if target[..colon].eq_ignore_ascii_case(b"https") => &target[colon..],
+        _ => return false,
+    };
+    rest.starts_with(b"://") && rest.len() > 3
+}
+
 /// What x-forwarded-client-cert the upstream gets for the Module's mode:
 /// the client's lines (as one list) only where the mode trusts them, the
 /// gateway's view of a verified client certificate where it adds one.
@@ -185,24 +196,32 @@ pub(super) fn client_cert_header(
 }
 
 /// Puts the canonical path (`routing::path`) into the request head, so
-/// that everything after it reads that one form. A target that is
-/// canonical already, and text, is left alone: the common case allocates
-/// nothing. Bytes outside ASCII in the query are escaped too, as the URI
-/// Pingora built for a target that was not UTF-8 is only a lossy reading.
+/// that everything after it reads that one form. An origin-form target
+/// that is canonical already, and text, is left alone: the common case
+/// allocates nothing. An absolute-form target (`http://host/path`) always
+/// becomes origin-form, so no upstream reads a path out of it that the
+/// gateway did not route; any other form is refused, as Envoy refuses it
+/// (Pingora routes `foo:/admin` or `admin` as `/` but would send them as
+/// they came). Bytes outside ASCII in the query are escaped too, as the
+/// URI Pingora built for a target that was not UTF-8 is only a lossy
+/// reading.
 pub(super) fn canonicalize_target(
     header: &mut RequestHeader,
     options: PathOptions,
 ) -> std::result::Result<(), PathError> {
     let raw = header.raw_path();
     let query_start = raw.iter().position(|b| *b == b'?');
-    let path = if raw.first() == Some(&b'/') {
+    let origin_form = raw.first() == Some(&b'/');
+    let path = if origin_form {
         &raw[..query_start.unwrap_or(raw.len())]
-    } else {
-        // Absolute-form: the URI holds its path alone.
+    } else if is_http_absolute_form(raw) {
+        // The URI holds its path alone.
         header.uri.path().as_bytes()
+    } else {
+        return Err(PathError::NotAbsolute);
     };
     let canonical = canonicalize(path, options)?;
-    if matches!(canonical, Cow::Borrowed(_)) && header.raw_path_is_utf8() {
+    if origin_form && matches!(canonical, Cow::Borrowed(_)) && header.raw_path_is_utf8() {
         return Ok(());
     }
     let mut target = canonical.into_owned();
@@ -477,15 +496,36 @@ mod tests {
         assert_eq!(request.raw_path(), b"/c?q=%2e%FF");
         assert_eq!(request.uri.path(), "/c");
 
-        let mut request = http1_request(b"http://example.com/x/../y?z", &[]);
-        canonicalize_target(&mut request, options).unwrap();
-        assert_eq!(request.raw_path(), b"/y?z");
-
-        // Canonical already: untouched, absolute-form included.
-        for target in [&b"/a/b?c=%2e"[..], b"http://example.com/y?z"] {
+        // Absolute-form always becomes origin-form.
+        for target in [
+            &b"http://example.com/x/../y?z"[..],
+            b"HTTPS://example.com/y?z",
+        ] {
             let mut request = http1_request(target, &[]);
             canonicalize_target(&mut request, options).unwrap();
-            assert_eq!(request.raw_path(), target);
+            assert_eq!(request.raw_path(), b"/y?z");
+        }
+
+        // Canonical already: untouched.
+        let mut request = http1_request(b"/a/b?c=%2e", &[]);
+        canonicalize_target(&mut request, options).unwrap();
+        assert_eq!(request.raw_path(), b"/a/b?c=%2e");
+
+        // Targets Pingora keeps as they came but routes as `/`.
+        for target in [
+            &b"foo:/admin/users"[..],
+            b"admin/users",
+            b"ht_tp:/admin",
+            b"?x",
+            b"*",
+        ] {
+            let mut request = http1_request(target, &[]);
+            assert_eq!(
+                canonicalize_target(&mut request, options),
+                Err(PathError::NotAbsolute),
+                "{}",
+                String::from_utf8_lossy(target)
+            );
         }
         let mut request = http1_request(b"/a/..;/b", &[]);
         assert_eq!(

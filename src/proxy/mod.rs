@@ -35,7 +35,7 @@ use crate::filters::chain::{Entry, Run, Stage};
 use crate::filters::ip::remote_address;
 use crate::filters::RequestInfo;
 use crate::metrics::metrics;
-use crate::model::{InsecureAction, Rewrite, SecurityModel, UnderscoreAction};
+use crate::model::{InsecureAction, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction};
 use crate::routing::headers::RequestFacts;
 use crate::routing::table::RequestView;
 use crate::snapshot::{Route, Snapshot, Target};
@@ -249,14 +249,55 @@ struct Routed {
     /// The filters this request runs; `None` when there are none.
     filters: Option<Arc<[Entry]>>,
     client_ip: Option<IpAddr>,
+}
+
+/// What the edge decided, before routing.
+struct Edge {
     forwarding: headers::Forwarding,
+    client_ip: Option<IpAddr>,
+}
+
+/// The names a request gives for itself.
+struct RequestNames<'a> {
+    /// Without port or trailing dot: what Hosts and FilterPolicies match.
+    host: &'a str,
+    /// What Mappings' `hostname` match: without its port when
+    /// `strip_matching_host_port` removed it.
+    authority: &'a str,
+    port_stripped: bool,
+}
+
+impl<'a> RequestNames<'a> {
+    fn new(lowered: &'a str, module: &ModuleSettings, listener_port: u16) -> Self {
+        let (host, port) = split_port(lowered);
+        let port_stripped = port.is_some_and(|port| {
+            module.strip_matching_host_port && port.parse() == Ok(listener_port)
+        });
+        let authority = if port_stripped { host } else { lowered };
+        // `example.com.` names `example.com` (an absolute DNS name).
+        let host = host.strip_suffix('.').unwrap_or(host);
+        RequestNames {
+            host,
+            authority,
+            port_stripped,
+        }
+    }
+}
+
+/// The request's authority in lower case; clients almost always send
+/// lower-case names, so it is copied only when not.
+fn lowered_authority(req: &RequestHeader) -> Cow<'_, str> {
+    match authority(req) {
+        lower if !lower.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(lower),
+        mixed => Cow::Owned(mixed.to_ascii_lowercase()),
+    }
 }
 
 impl Gateway {
-    /// Routing proper, on the canonical request head. `Err` is an answer
-    /// given before any filter runs: the request reached no Host, the Host
-    /// refuses insecure requests, or a header name the Module refuses.
-    fn route(&self, session: &Session, snapshot: &Snapshot) -> Result<Routed, Reply> {
+    /// What the edge decides before anything reads the request: how the
+    /// head is rebuilt (`forward_request`) and who the client is. `Err`:
+    /// no listener, or a header name the Module refuses.
+    fn edge(&self, session: &Session, snapshot: &Snapshot) -> Result<Edge, Reply> {
         let req = session.req_header();
         let listener = local_port(session)
             .and_then(|port| snapshot.listener(port))
@@ -267,33 +308,65 @@ impl Gateway {
         {
             return Err(Reply::underscore_header());
         }
-        let path = req.uri.path();
-        // Clients almost always send lower-case names: copy only when not.
-        let raw_authority = match authority(req) {
-            lower if !lower.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(lower),
-            mixed => Cow::Owned(mixed.to_ascii_lowercase()),
-        };
-        let (host_name, port) = split_port(&raw_authority);
-        let mut stripped_host = None;
-        let authority = match port {
-            Some(port)
-                if module.strip_matching_host_port
-                    && port.parse() == Ok(listener.listener.port) =>
-            {
+        let lowered = lowered_authority(req);
+        let names = RequestNames::new(&lowered, module, listener.listener.port);
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let l7_depth = listener.listener.l7_depth;
+        Ok(Edge {
+            // Read before the client is appended to X-Forwarded-For.
+            client_ip: remote_address(peer, &req.headers, l7_depth),
+            forwarding: headers::Forwarding {
+                client: peer,
+                trusted_proxy: l7_depth > 0,
+                wire_tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
                 // Envoy strips the port from the header itself, not only
                 // for matching.
-                stripped_host = HeaderValue::from_str(host_name).ok();
-                host_name
-            }
-            _ => raw_authority.as_ref(),
-        };
+                stripped_host: names
+                    .port_stripped
+                    .then(|| HeaderValue::from_str(names.host).ok())
+                    .flatten(),
+                client_cert: headers::client_cert_header(
+                    &module.xfcc,
+                    &req.headers,
+                    edge_session(session).and_then(|e| e.client.as_ref()),
+                ),
+                underscores: module.underscores,
+            },
+        })
+    }
+
+    /// Routing proper, on the head as the edge left it: canonical path,
+    /// headers only the gateway sets removed, so that what a Mapping's
+    /// header match reads is what the filters and the upstream read. `Err`
+    /// is an answer given before any filter runs: the request reached no
+    /// Host, or the Host refuses it.
+    fn route(
+        &self,
+        session: &Session,
+        snapshot: &Snapshot,
+        client_ip: Option<IpAddr>,
+    ) -> Result<Routed, Reply> {
+        let req = session.req_header();
+        let listener = local_port(session)
+            .and_then(|port| snapshot.listener(port))
+            .ok_or_else(Reply::no_listener)?;
+        let path = req.uri.path();
+        let lowered = lowered_authority(req);
+        let RequestNames {
+            host: host_name,
+            authority,
+            ..
+        } = RequestNames::new(&lowered, &snapshot.module, listener.listener.port);
+        let sni = edge_session(session).and_then(|e| e.sni.as_deref());
         let by_name = listener.hosts.select(host_name);
         let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let vhost = if listener.listener.tls {
             // On TLS, the Host that SNI chose owns the request: a Host
             // header naming another Host must not borrow its routes (the
             // mTLS bypass of Emissary #3340).
-            let sni = edge_session(session).and_then(|e| e.sni.as_deref());
             let Some((chosen, vhost)) = listener.hosts.select_tls(sni) else {
                 return Err(Reply::no_host(host_name));
             };
@@ -342,23 +415,6 @@ impl Gateway {
             method: req.method.as_str(),
             headers: &req.headers,
         };
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let client_ip = remote_address(peer, &req.headers, listener.listener.l7_depth);
-        let forwarding = headers::Forwarding {
-            client: peer,
-            trusted_proxy: listener.listener.l7_depth > 0,
-            wire_tls,
-            stripped_host,
-            client_cert: headers::client_cert_header(
-                &module.xfcc,
-                &req.headers,
-                edge_session(session).and_then(|e| e.client.as_ref()),
-            ),
-            underscores: module.underscores,
-        };
         let route = vhost.find(&view).map(|group| {
             let pick = if group.is_canary() {
                 rand::thread_rng().gen_range(0..100)
@@ -381,16 +437,20 @@ impl Gateway {
         // A FilterPolicy guards the paths its Mapping serves: a Mapping
         // that matches in any case is guarded in any case.
         let case_sensitive = route.as_ref().is_none_or(|r| r.path.case_sensitive());
+        // Without a Host header (HTTP/1.0), a TLS request is the SNI's.
+        let policy_host = match (host_name, sni) {
+            ("", Some(sni)) => sni,
+            _ => host_name,
+        };
         let filters = snapshot
             .filters
-            .select(host_name, path, case_sensitive, bypass_auth)
+            .select(policy_host, path, case_sensitive, bypass_auth)
             .cloned();
         Ok(Routed {
             route,
             answer,
             filters,
             client_ip,
-            forwarding,
         })
     }
 
@@ -430,7 +490,7 @@ impl Gateway {
             let snapshot = ctx.snapshot.clone().ok_or_else(|| {
                 Error::explain(ErrorType::InternalError, "no snapshot to route again")
             })?;
-            match self.route(session, &snapshot) {
+            match self.route(session, &snapshot, routed.client_ip) {
                 Ok(again) => {
                     routed.route = again.route;
                     routed.answer = again.answer;
@@ -472,18 +532,25 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
-        // The path is made canonical once, in the head itself: routing,
-        // the filters, the authorizer, the access log and the upstream all
-        // read this one form.
-        let decision = headers::canonicalize_target(session.req_header_mut(), snapshot.module.path)
+        // The request is made canonical once, in the head itself, before
+        // anything reads it: the path, and the headers only the gateway
+        // sets. Routing, the filters, the authorizer, the access log and
+        // the upstream all read this one request.
+        let edge = headers::canonicalize_target(session.req_header_mut(), snapshot.module.path)
             .map_err(Reply::invalid_path)
-            .and_then(|()| self.route(session, &snapshot));
+            .and_then(|()| self.edge(session, &snapshot));
+        let decision = match edge {
+            Ok(edge) => {
+                headers::forward_request(session.req_header_mut(), &edge.forwarding)?;
+                self.route(session, &snapshot, edge.client_ip)
+            }
+            Err(reply) => Err(reply),
+        };
         ctx.snapshot = Some(snapshot);
         let mut routed = match decision {
             Ok(routed) => routed,
             Err(reply) => return self.answer(session, ctx, reply).await,
         };
-        headers::forward_request(session.req_header_mut(), &routed.forwarding)?;
         if let Some(chain) = routed.filters.take() {
             let facts = RequestInfo {
                 route: routed.route.clone(),

@@ -14,9 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_yaml::Value;
-
-use crate::config::diagnostics::{Diagnostic, Location, ResourceRef};
+use crate::config::diagnostics::{Diagnostic, Location, ResourceRef, Source};
 use crate::config::load::{
     load_gateway_file, load_resources, FileState, GatewayFile, RawResource, WRITE_BY_RENAME,
 };
@@ -100,11 +98,28 @@ pub fn load(
     previous: &LastGood,
 ) -> Result<Loaded, Box<Diagnostic>> {
     let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
-    let (files, load_diags) = load_resources(&gateway);
+    let (read, load_diags) = load_resources(&gateway);
     diagnostics.extend(load_diags);
     let mut last_good = LastGood::default();
     let mut resources = Vec::new();
-    for file in files {
+    // A directory that cannot be listed, or a listed path that is missing
+    // (renamed, a mount not there yet), removes nothing it held.
+    let listed: HashSet<&Path> = read.files.iter().map(|f| f.path.as_path()).collect();
+    for (path, old) in &previous.files {
+        let hidden = read.unreadable.iter().any(|root| path.starts_with(root));
+        if hidden && !listed.contains(path.as_path()) && !old.is_empty() {
+            diagnostics.push(Diagnostic::warning(
+                Location::File(path.clone()),
+                format!(
+                    "cannot be read now; its last good content ({} resources) keeps serving",
+                    old.len()
+                ),
+            ));
+            resources.extend(old.iter().cloned());
+            last_good.files.insert(path.clone(), old.clone());
+        }
+    }
+    for file in read.files {
         let kept = previous.files.get(&file.path).filter(|old| !old.is_empty());
         // What did not change is shared with the last good configuration
         // rather than held twice.
@@ -171,12 +186,17 @@ pub fn load(
         if fallback.restored.is_empty() {
             break;
         }
-        let errors_of = |resource: &ResourceRef| {
-            model_diags
-                .iter()
-                .filter(|d| d.is_error() && d.location == Location::Resource(resource.clone()))
-                .cloned()
-                .collect::<Vec<_>>()
+        let mut by_resource: HashMap<&ResourceRef, Vec<&Diagnostic>> = HashMap::new();
+        for diagnostic in model_diags.iter().filter(|d| d.is_error()) {
+            if let Location::Resource(resource) = &diagnostic.location {
+                by_resource.entry(resource).or_default().push(diagnostic);
+            }
+        }
+        let errors_of = |resource: &ResourceRef| -> Vec<Diagnostic> {
+            by_resource
+                .get(resource)
+                .map(|found| found.iter().map(|d| (*d).clone()).collect())
+                .unwrap_or_default()
         };
         for resource in &fallback.restored {
             replaced_errors.extend(errors_of(resource));
@@ -194,7 +214,19 @@ pub fn load(
     }
     // A user still failing after its Secret was put back reports the
     // same error twice: once is enough.
-    replaced_errors.retain(|d| !model_diags.contains(d));
+    let mut final_errors: HashMap<&ResourceRef, Vec<&Diagnostic>> = HashMap::new();
+    for diagnostic in model_diags.iter().filter(|d| d.is_error()) {
+        if let Location::Resource(resource) = &diagnostic.location {
+            final_errors.entry(resource).or_default().push(diagnostic);
+        }
+    }
+    replaced_errors.retain(|d| match &d.location {
+        Location::Resource(resource) => final_errors
+            .get(resource)
+            .is_none_or(|found| !found.contains(&d)),
+        _ => true,
+    });
+    drop(final_errors);
     replaced_errors.dedup();
     diagnostics.extend(replaced_errors);
     diagnostics.extend(model_diags);
@@ -240,52 +272,67 @@ struct Fallback {
     users: Vec<ResourceRef>,
 }
 
-/// Puts back the last good version of each resource that has an error now
-/// and had a different, valid version before, and of the Secrets that a
-/// resource failing with its last good content refers to.
+/// Puts back the last good version of:
+/// - each resource that has an error now and had a different, valid
+///   version before;
+/// - each Secret, changed or deleted, that the error of a resource whose
+///   own content is its last good one names (that Secret is what broke);
+/// - each resource whose place (file and document) now holds one with an
+///   error or one that is ignored: a misspelt kind, apiVersion or name is
+///   a mistake, not a deletion.
 fn fall_back(
     resources: &mut Vec<Arc<RawResource>>,
     diagnostics: &[Diagnostic],
     previous: &LastGood,
     restored: &mut HashSet<Identity>,
 ) -> Fallback {
-    let failing: HashSet<&ResourceRef> = diagnostics
-        .iter()
-        .filter(|d| d.is_error())
-        .filter_map(|d| match &d.location {
-            Location::Resource(resource) => Some(resource),
-            _ => None,
-        })
-        .collect();
-    if failing.is_empty() {
-        return Fallback {
-            restored: Vec::new(),
-            users: Vec::new(),
+    let mut errors: HashMap<&ResourceRef, Vec<&str>> = HashMap::new();
+    let mut troubled: HashSet<&Source> = HashSet::new();
+    for diagnostic in diagnostics {
+        let Location::Resource(resource) = &diagnostic.location else {
+            continue;
         };
+        if diagnostic.is_error() {
+            errors
+                .entry(resource)
+                .or_default()
+                .push(diagnostic.message.as_str());
+            troubled.insert(&resource.source);
+        } else if diagnostic.message.ends_with("ignored") {
+            troubled.insert(&resource.source);
+        }
+    }
+    let mut fallback = Fallback {
+        restored: Vec::new(),
+        users: Vec::new(),
+    };
+    if troubled.is_empty() {
+        return fallback;
     }
     let mut copies: HashMap<Identity, usize> = HashMap::new();
     for resource in resources.iter() {
         *copies.entry(identity_of(&resource.id)).or_default() += 1;
     }
-    // Names that a failing resource refers to when its own content is its
-    // last good one (restored, or never edited): then a Secret it uses is
-    // what broke.
-    let mut referred: HashSet<String> = HashSet::new();
-    let mut users = Vec::new();
+    // What failing resources with good content of their own say is wrong.
+    let mut complaints: Vec<&str> = Vec::new();
     for resource in resources.iter() {
         let identity = identity_of(&resource.id);
+        let Some(said) = errors.get(&resource.id) else {
+            continue;
+        };
         let content_was_good = previous
             .resources
             .get(&identity)
             .is_some_and(|good| restored.contains(&identity) || same_content(good, resource));
-        if failing.contains(&resource.id) && content_was_good {
-            if let Some(spec) = resource.get("spec") {
-                strings_in(spec, &mut referred);
-            }
-            users.push(resource.id.clone());
+        if content_was_good {
+            complaints.extend(said.iter().copied());
+            fallback.users.push(resource.id.clone());
         }
     }
-    let mut restoring = Vec::new();
+    let named = |namespace: &str, name: &str| {
+        let secret = format!("{namespace}/{name}");
+        complaints.iter().any(|said| said.contains(&secret))
+    };
     for resource in resources.iter_mut() {
         let identity = identity_of(&resource.id);
         // A duplicate's error is about the duplicate, not its content.
@@ -293,10 +340,9 @@ fn fall_back(
             continue;
         }
         let wanted = if resource.id.kind == "Secret" {
-            let (namespace, name) = (&identity.1, &identity.2);
-            referred.contains(name) || referred.contains(&format!("{name}.{namespace}"))
+            named(&identity.1, &identity.2)
         } else {
-            failing.contains(&resource.id)
+            errors.contains_key(&resource.id)
         };
         let Some(good) = previous.resources.get(&identity).filter(|_| wanted) else {
             continue;
@@ -306,42 +352,28 @@ fn fall_back(
         }
         let mut back = (**good).clone();
         back.id.source = resource.id.source.clone();
-        restoring.push(resource.id.clone());
+        fallback.restored.push(resource.id.clone());
         *resource = Arc::new(back);
         restored.insert(identity);
     }
-    // A Secret deleted while a resource still uses it.
     for (identity, good) in &previous.resources {
+        if copies.contains_key(identity) || restored.contains(identity) {
+            continue;
+        }
         let (kind, namespace, name) = identity;
-        if kind == "Secret"
-            && !copies.contains_key(identity)
-            && !restored.contains(identity)
-            && (referred.contains(name) || referred.contains(&format!("{name}.{namespace}")))
-        {
-            restoring.push(good.id.clone());
+        let deleted_in_use = kind == "Secret" && named(namespace, name);
+        if deleted_in_use || troubled.contains(&good.id.source) {
+            fallback.restored.push(good.id.clone());
             resources.push(good.clone());
             restored.insert(identity.clone());
         }
     }
-    let secrets_restored = restoring.iter().any(|r| r.kind == "Secret");
-    Fallback {
-        restored: restoring,
-        users: if secrets_restored { users } else { Vec::new() },
+    if !fallback.restored.iter().any(|r| r.kind == "Secret") {
+        fallback.users.clear();
     }
+    fallback
 }
 
 fn same_content(a: &RawResource, b: &RawResource) -> bool {
     a.api_version == b.api_version && a.labels == b.labels && a.body == b.body
-}
-
-fn strings_in(value: &Value, out: &mut HashSet<String>) {
-    match value {
-        Value::String(text) => {
-            out.insert(text.clone());
-        }
-        Value::Sequence(items) => items.iter().for_each(|item| strings_in(item, out)),
-        Value::Mapping(map) => map.values().for_each(|item| strings_in(item, out)),
-        Value::Tagged(tagged) => strings_in(&tagged.value, out),
-        _ => {}
-    }
 }

@@ -727,6 +727,85 @@ fn an_invalid_module_on_reload_keeps_its_last_good_version() {
     );
 }
 
+/// A misspelt kind or name is a mistake, not a deletion: the Module's
+/// ip_deny keeps holding while its document says `ambasador` or
+/// `kind: Modul`, and the rest of the edit applies. Deleting the document
+/// removes it. Before the fix, the misspelt Module was ignored (a warning)
+/// or an unknown kind, the old identity was gone, and ip_deny with it.
+#[test]
+fn a_misspelt_kind_or_name_keeps_the_last_good_resource() {
+    let dir = tempdir();
+    let echo = Echo::plain("app");
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), "");
+    let routes = resource_file(dir.path(), "routes.yaml");
+    let deny = "config:\n  ip_deny:\n  - peer: 127.0.0.1";
+    fs::write(
+        &routes,
+        [
+            doc("Module", "name: ambassador", deny),
+            route("a", "/a/", &echo, ""),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let gateway = Gateway::start(dir.path());
+    let from = |ip: &str, path: &str| Request::get(path).source_ip(ip).send(port);
+    assert_eq!(from("127.0.0.1", "/a/").status, 403);
+
+    for (step, module) in [
+        ("b", doc("Module", "name: ambasador", deny)),
+        ("c", doc("Modul", "name: ambassador", deny)),
+    ] {
+        replace(
+            &routes,
+            &[
+                module,
+                route("a", "/a/", &echo, ""),
+                route(step, &format!("/{step}/"), &echo, ""),
+            ]
+            .concat(),
+        );
+        let added = format!("/{step}/");
+        wait_for(&gateway, &format!("{added} to serve 127.0.0.2"), || {
+            echo_server(&from("127.0.0.2", &added)).as_deref() == Some("app")
+        });
+        for path in ["/a/", added.as_str()] {
+            let denied = from("127.0.0.1", path);
+            assert_eq!(denied.status, 403, "{step} {path}: {}", denied.text());
+        }
+    }
+
+    replace(&routes, &route("a", "/a/", &echo, ""));
+    wait_for(&gateway, "the deleted Module to stop denying", || {
+        echo_server(&from("127.0.0.1", "/a/")).as_deref() == Some("app")
+    });
+}
+
+/// A resource directory that disappears (renamed, a mount not there yet)
+/// removes nothing: what it held keeps serving, with a warning, until it
+/// is back. Before the fix every resource under it was dropped at once.
+#[test]
+fn a_resource_directory_that_disappears_removes_nothing() {
+    let dir = tempdir();
+    let echo = Echo::plain("app");
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), &route("a", "/a/", &echo, ""));
+    let gateway = Gateway::start(dir.path());
+    assert_eq!(served_by(port, "/a/").as_deref(), Some("app"));
+
+    let before = generation(&gateway);
+    let resources = dir.path().join("resources");
+    let moved = dir.path().join("moved");
+    fs::rename(&resources, &moved).unwrap();
+    wait_for(&gateway, "a reload", || generation(&gateway) > before);
+    assert_eq!(served_by(port, "/a/").as_deref(), Some("app"));
+    wait_for(&gateway, "the warning", || {
+        gateway.log().contains("cannot be read now")
+    });
+    fs::rename(&moved, &resources).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // 7. An empty file keeps its last good content; a deleted one does not
 // ---------------------------------------------------------------------------

@@ -173,6 +173,15 @@ impl RawResource {
     }
 }
 
+/// The resource files as read.
+#[derive(Debug)]
+pub struct ResourceFiles {
+    pub files: Vec<ResourceFile>,
+    /// Paths that could not be read or listed (missing, a dangling link, a
+    /// directory without permission): what they held is not known.
+    pub unreadable: Vec<PathBuf>,
+}
+
 /// One resource file as read.
 #[derive(Debug)]
 pub struct ResourceFile {
@@ -209,12 +218,14 @@ const SAME_TWICE_TRIES: usize = 4;
 /// Each file is read twice, a moment apart, and only content that read the
 /// same both times is used: a writer caught in the middle of a file would
 /// otherwise remove the resources it had not written yet.
-pub fn load_resources(gateway: &GatewayFile) -> (Vec<ResourceFile>, Vec<Diagnostic>) {
+pub fn load_resources(gateway: &GatewayFile) -> (ResourceFiles, Vec<Diagnostic>) {
     let root = gateway.path.parent().unwrap_or(Path::new("."));
     let mut files = Vec::new();
+    let mut unreadable = Vec::new();
     let mut diagnostics = Vec::new();
     for (index, path) in gateway.resources.iter().enumerate() {
         if let Err(e) = fs::metadata(path) {
+            unreadable.push(path.clone());
             let shown = path.strip_prefix(root).unwrap_or(path).display();
             let message = match e.kind() {
                 std::io::ErrorKind::NotFound => format!("{shown} does not exist"),
@@ -227,7 +238,7 @@ pub fn load_resources(gateway: &GatewayFile) -> (Vec<ResourceFile>, Vec<Diagnost
             );
             continue;
         }
-        collect_files(path, true, &mut files, &mut diagnostics);
+        collect_files(path, true, &mut files, &mut unreadable, &mut diagnostics);
     }
     let texts = read_settled(&files);
     let mut read = Vec::new();
@@ -271,7 +282,11 @@ pub fn load_resources(gateway: &GatewayFile) -> (Vec<ResourceFile>, Vec<Diagnost
             state,
         });
     }
-    (read, diagnostics)
+    let files = ResourceFiles {
+        files: read,
+        unreadable,
+    };
+    (files, diagnostics)
 }
 
 /// How resource files should be written.
@@ -315,10 +330,17 @@ fn read_settled(files: &[PathBuf]) -> Vec<std::io::Result<Option<String>>> {
         .collect()
 }
 
-fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
+fn collect_files(
+    path: &Path,
+    named: bool,
+    out: &mut Vec<PathBuf>,
+    unreadable: &mut Vec<PathBuf>,
+    diags: &mut Vec<Diagnostic>,
+) {
     let metadata = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
+            unreadable.push(path.to_path_buf());
             // A dangling link inside a resource directory.
             diags.push(Diagnostic::error(
                 Location::File(path.to_path_buf()),
@@ -336,6 +358,7 @@ fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut V
     let entries = match fs::read_dir(path) {
         Ok(entries) => entries,
         Err(e) => {
+            unreadable.push(path.to_path_buf());
             diags.push(Diagnostic::error(
                 Location::File(path.to_path_buf()),
                 format!("cannot list directory: {e}"),
@@ -355,7 +378,7 @@ fn collect_files(path: &Path, named: bool, out: &mut Vec<PathBuf>, diags: &mut V
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
         if !hidden {
-            collect_files(&child, false, out, diags);
+            collect_files(&child, false, out, unreadable, diags);
         }
     }
 }

@@ -806,6 +806,45 @@ fn a_resource_directory_that_disappears_removes_nothing() {
     fs::rename(&moved, &resources).unwrap();
 }
 
+/// A Host or FilterPolicy whose spec cannot be read at all still fails
+/// closed at start: the Host claims the hostname it names (503), and the
+/// policy's rules refuse their paths (403). Before, both were dropped:
+/// the wildcard Host served the name, and the paths ran no filter.
+#[test]
+fn unreadable_hosts_and_policies_fail_closed_at_start() {
+    let echo = Echo::plain("app");
+    let resources = [
+        host(
+            "wild",
+            "*",
+            "requestPolicy:\n  insecure:\n    action: Route\n",
+        ),
+        // tlsSecret is a map; a string cannot be read.
+        host("broken", "broken.example", "tlsSecret: not-a-map\n"),
+        doc(
+            "FilterPolicy",
+            "name: unreadable",
+            "rules:\n- path: /guarded/*\n  filters:\n  - name: whatever\n    onDenny: break",
+        ),
+        route("app", "/", &echo, ""),
+    ]
+    .concat();
+    let (_dir, gateway, port) = start_gateway("", &resources);
+    let broken = Request::get("/x")
+        .header("Host", "broken.example")
+        .send(port);
+    assert_eq!(
+        broken.status,
+        503,
+        "{}\nlog:\n{}",
+        broken.text(),
+        gateway.log()
+    );
+    assert_eq!(served_by(port, "/free/x").as_deref(), Some("app"));
+    let guarded = get(port, "/guarded/x");
+    assert_eq!(guarded.0, 403, "{}", guarded.1);
+}
+
 // ---------------------------------------------------------------------------
 // 7. An empty file keeps its last good content; a deleted one does not
 // ---------------------------------------------------------------------------

@@ -185,6 +185,7 @@ pub(crate) fn validate(
     for raw in policies {
         let mut report = Reporter::new(raw.location(), diags);
         let Some(spec) = parse_section::<PolicySpec>(raw, "spec", &mut report) else {
+            result.rules.extend(unreadable_policy(raw, &mut report));
             continue;
         };
         let mut rules = Vec::new();
@@ -211,12 +212,18 @@ pub(crate) fn validate(
                         &format!("{field}.name"),
                         format!("Filter {}.{namespace} {why}", reference.name),
                     );
-                    entries.push(unavailable(&reference.name, namespace));
+                    entries.push(unavailable(&format!(
+                        "Filter/{}.{namespace}",
+                        reference.name
+                    )));
                     continue;
                 };
                 match reference_entry(raw, reference, filter, &field, &mut report) {
                     Some(entry) => entries.push(entry),
-                    None => entries.push(unavailable(&reference.name, namespace)),
+                    None => entries.push(unavailable(&format!(
+                        "Filter/{}.{namespace}",
+                        reference.name
+                    ))),
                 }
             }
             if entries
@@ -249,6 +256,41 @@ pub(crate) fn validate(
     result
 }
 
+/// The rules of a FilterPolicy whose spec cannot be read, as far as their
+/// host and path can: each refuses its requests, since which filters
+/// should guard them is not known.
+fn unreadable_policy(raw: &RawResource, report: &mut Reporter) -> Vec<PolicyRule> {
+    let rules = raw
+        .get("spec")
+        .and_then(|spec| spec.get("rules"))
+        .and_then(Value::as_sequence);
+    let glob = |rule: &Value, key: &str| match rule.get(key) {
+        None => Glob::parse("*").ok(),
+        Some(value) => value.as_str().and_then(|text| Glob::parse(text).ok()),
+    };
+    let refused: Vec<PolicyRule> = rules
+        .into_iter()
+        .flatten()
+        .filter_map(|rule| {
+            Some(PolicyRule {
+                host: glob(rule, "host")?,
+                path: glob(rule, "path")?,
+                entries: vec![unavailable(&format!(
+                    "FilterPolicy/{}.{}",
+                    raw.id.name, raw.id.namespace
+                ))],
+            })
+        })
+        .collect();
+    if !refused.is_empty() {
+        report.warning(
+            "spec.rules",
+            "the invalid FilterPolicy's rules refuse their requests (403) until it is fixed",
+        );
+    }
+    refused
+}
+
 /// Stands for a filter a rule names but cannot run: every request the
 /// rule selects is refused.
 struct Unavailable;
@@ -276,12 +318,9 @@ impl Filter for Unavailable {
     }
 }
 
-fn unavailable(name: &str, namespace: &str) -> Entry {
-    Entry::builtin(
-        Unavailable,
-        &format!("Filter/{name}.{namespace} (invalid)"),
-        Stage::Auth,
-    )
+/// `origin` names what is invalid, for logs.
+fn unavailable(origin: &str) -> Entry {
+    Entry::builtin(Unavailable, &format!("{origin} (invalid)"), Stage::Auth)
 }
 
 fn define(raw: &RawResource, registry: &Registry, diags: &mut Vec<Diagnostic>) -> Option<Defined> {

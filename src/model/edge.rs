@@ -692,6 +692,36 @@ const HOST_SUPPORTED: &[&str] = &[
 ];
 const HOST_LATER: &[&str] = &["acmeProvider", "previewUrl"];
 
+/// A Host whose spec cannot be read still claims the hostname it names,
+/// invalid, so that no other Host serves that name meanwhile.
+fn unreadable_host(raw: &RawResource, report: &mut Reporter) -> Option<VirtualHost> {
+    let spec = raw.get("spec")?;
+    let hostname = match spec.get("hostname") {
+        None => "*",
+        Some(value) => value.as_str()?,
+    };
+    let hostname = HostGlob::parse(hostname).ok()?;
+    report.warning(
+        "spec.hostname",
+        "the invalid Host keeps its hostname and refuses there (TLS handshakes fail, cleartext \
+         requests get 503) until it is valid",
+    );
+    let meant_tls = ["tlsSecret", "tlsContext", "tls"]
+        .iter()
+        .any(|key| spec.get(*key).is_some());
+    Some(VirtualHost {
+        id: Some(raw.id.clone()),
+        name: raw.id.name.clone(),
+        namespace: raw.id.namespace.clone(),
+        labels: raw.labels.clone(),
+        hostname,
+        selector: None,
+        insecure: InsecureAction::Reject,
+        tls: None,
+        invalid: Some(InvalidHost { meant_tls }),
+    })
+}
+
 pub fn validate_hosts(
     raws: &[&RawResource],
     contexts: &TlsContexts,
@@ -703,6 +733,7 @@ pub fn validate_hosts(
     for raw in raws {
         let mut report = Reporter::new(raw.location(), diags);
         let Some(spec) = parse_section::<HostSpec>(raw, "spec", &mut report) else {
+            hosts.extend(unreadable_host(raw, &mut report));
             continue;
         };
         check_unknown_fields(&spec.other, "spec", HOST_SUPPORTED, HOST_LATER, &mut report);

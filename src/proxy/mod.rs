@@ -38,7 +38,7 @@ use crate::metrics::metrics;
 use crate::model::{InsecureAction, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction};
 use crate::routing::headers::RequestFacts;
 use crate::routing::table::RequestView;
-use crate::snapshot::{Route, Snapshot, Target};
+use crate::snapshot::{ListenerRoutes, Route, Snapshot, Target};
 use crate::tls::edge::EdgeSession;
 use crate::upstream::balancer::{InFlight, RequestKey};
 use crate::upstream::breaker::Admission;
@@ -252,7 +252,8 @@ struct Routed {
 }
 
 /// What the edge decided, before routing.
-struct Edge {
+struct Edge<'s> {
+    listener: &'s ListenerRoutes,
     forwarding: headers::Forwarding,
     client_ip: Option<IpAddr>,
 }
@@ -297,7 +298,7 @@ impl Gateway {
     /// What the edge decides before anything reads the request: how the
     /// head is rebuilt (`forward_request`) and who the client is. `Err`:
     /// no listener, or a header name the Module refuses.
-    fn edge(&self, session: &Session, snapshot: &Snapshot) -> Result<Edge, Reply> {
+    fn edge<'s>(&self, session: &Session, snapshot: &'s Snapshot) -> Result<Edge<'s>, Reply> {
         let req = session.req_header();
         let listener = local_port(session)
             .and_then(|port| snapshot.listener(port))
@@ -316,6 +317,7 @@ impl Gateway {
             .map(|a| a.ip());
         let l7_depth = listener.listener.l7_depth;
         Ok(Edge {
+            listener,
             // Read before the client is appended to X-Forwarded-For.
             client_ip: remote_address(peer, &req.headers, l7_depth),
             forwarding: headers::Forwarding {
@@ -347,12 +349,10 @@ impl Gateway {
         &self,
         session: &Session,
         snapshot: &Snapshot,
+        listener: &ListenerRoutes,
         client_ip: Option<IpAddr>,
     ) -> Result<Routed, Reply> {
         let req = session.req_header();
-        let listener = local_port(session)
-            .and_then(|port| snapshot.listener(port))
-            .ok_or_else(Reply::no_listener)?;
         let path = req.uri.path();
         let lowered = lowered_authority(req);
         let RequestNames {
@@ -360,7 +360,11 @@ impl Gateway {
             authority,
             ..
         } = RequestNames::new(&lowered, &snapshot.module, listener.listener.port);
-        let sni = edge_session(session).and_then(|e| e.sni.as_deref());
+        let sni = listener
+            .listener
+            .tls
+            .then(|| edge_session(session).and_then(|e| e.sni.as_deref()))
+            .flatten();
         let by_name = listener.hosts.select(host_name);
         let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let vhost = if listener.listener.tls {
@@ -490,7 +494,10 @@ impl Gateway {
             let snapshot = ctx.snapshot.clone().ok_or_else(|| {
                 Error::explain(ErrorType::InternalError, "no snapshot to route again")
             })?;
-            match self.route(session, &snapshot, routed.client_ip) {
+            let listener = local_port(session)
+                .and_then(|port| snapshot.listener(port))
+                .ok_or_else(|| Error::explain(ErrorType::InternalError, "no listener"))?;
+            match self.route(session, &snapshot, listener, routed.client_ip) {
                 Ok(again) => {
                     routed.route = again.route;
                     routed.answer = again.answer;
@@ -542,7 +549,7 @@ impl ProxyHttp for Gateway {
         let decision = match edge {
             Ok(edge) => {
                 headers::forward_request(session.req_header_mut(), &edge.forwarding)?;
-                self.route(session, &snapshot, edge.client_ip)
+                self.route(session, &snapshot, edge.listener, edge.client_ip)
             }
             Err(reply) => Err(reply),
         };

@@ -15,14 +15,10 @@
 
 mod support;
 
-use std::fs;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
-use tempfile::TempDir;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -78,92 +74,6 @@ fn module(config: &str) -> String {
         "name: ambassador",
         &format!("config:\n{}", indent(config, 2)),
     )
-}
-
-/// The system nginx serving `files` (path under the root, content) as
-/// static files, with its own path handling: it resolves `..`, `%2e%2e`
-/// and `..%2f` before looking for the file, as real upstreams do.
-struct StaticNginx {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl StaticNginx {
-    fn start(files: &[(&str, &str)]) -> StaticNginx {
-        assert!(
-            Path::new(NGINX).exists(),
-            "{NGINX} not found: apt-get install nginx-light or nginx"
-        );
-        let dir = tempdir();
-        let d = dir.path();
-        let root = d.join("root");
-        for (path, content) in files {
-            let file = root.join(path);
-            fs::create_dir_all(file.parent().expect("a file has a directory"))
-                .expect("create the static directory");
-            fs::write(&file, content).expect("write a static file");
-        }
-        let mut last_error = String::new();
-        // free_port() is racy: try again when someone took the port.
-        for _ in 0..5 {
-            let port = free_port();
-            let conf = format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\n\
-                 pid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
-                 events {{ worker_connections 64; }}\n\
-                 http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/client_body;\n  \
-                 proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
-                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
-                 default_type text/plain;\n  \
-                 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-                d = d.display(),
-                root = root.display(),
-            );
-            let conf_path = d.join("nginx.conf");
-            fs::write(&conf_path, conf).expect("write nginx.conf");
-            let mut child = Command::new(NGINX)
-                .arg("-p")
-                .arg(d)
-                .arg("-c")
-                .arg(&conf_path)
-                .arg("-e")
-                .arg(d.join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {NGINX}: {e}"));
-            let up = poll_until(Duration::from_secs(10), || {
-                port_open(port) || matches!(child.try_wait(), Ok(Some(_)))
-            });
-            if up && matches!(child.try_wait(), Ok(None)) {
-                return StaticNginx {
-                    child,
-                    port,
-                    _dir: dir,
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            last_error = fs::read_to_string(d.join("error.log")).unwrap_or_default();
-            if !last_error.contains("Address already in use") {
-                break;
-            }
-        }
-        panic!("nginx did not start:\n{last_error}");
-    }
-
-    fn service(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for StaticNginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -512,7 +422,7 @@ fn assert_no_secret(response: &Response, target: &str) {
 /// Mapping for `/static/public/` must not be a way out of its prefix.
 #[test]
 fn an_authorizer_judges_the_path_the_upstream_serves() {
-    let nginx = StaticNginx::start(&[
+    let nginx = Nginx::static_files(&[
         ("public/index.html", "public"),
         ("admin/secret.html", "secret"),
     ]);
@@ -520,7 +430,7 @@ fn an_authorizer_judges_the_path_the_upstream_serves() {
         "authz",
         vec!["--allow-prefix".into(), "/extauth/public/".into()],
     );
-    let service = nginx.service();
+    let service = format!("127.0.0.1:{}", nginx.port());
     let resources = [
         doc(
             "AuthService",

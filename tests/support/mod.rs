@@ -594,9 +594,28 @@ impl Nginx {
         )
     }
 
+    /// nginx serving `files` (path under its root, content) as static
+    /// files, with its own path handling: it resolves `..`, `%2e%2e` and
+    /// `..%2f` before it looks for a file, as real upstreams do.
+    pub fn static_files(files: &[(&str, &str)]) -> Nginx {
+        let nginx = Nginx::start_serving("", None, Serve::Root);
+        let root = nginx.dir.path().join("root");
+        for (path, content) in files {
+            let file = root.join(path);
+            fs::create_dir_all(file.parent().expect("a file has a directory"))
+                .expect("create the static directory");
+            fs::write(&file, content).expect("write a static file");
+        }
+        nginx
+    }
+
     /// `listen` is appended to the listen directive (` http2`); `tls` holds
     /// the ssl directives.
     fn start(listen: &str, tls: Option<String>) -> Nginx {
+        Nginx::start_serving(listen, tls, Serve::Hello)
+    }
+
+    fn start_serving(listen: &str, tls: Option<String>, serve: Serve) -> Nginx {
         if !Path::new(NGINX).exists() {
             panic!(
                 "{NGINX} not found: these tests use the system nginx as an upstream; \
@@ -611,7 +630,7 @@ impl Nginx {
         // free_port() is racy; retry a few times if someone grabbed the port.
         for _ in 0..5 {
             let port = free_port();
-            match Nginx::try_start(&dir, port, listen, tls.as_deref()) {
+            match Nginx::try_start(&dir, port, listen, tls.as_deref(), serve) {
                 Ok(child) => return Nginx { child, port, dir },
                 Err((retry, err)) => {
                     last_err = err;
@@ -629,8 +648,16 @@ impl Nginx {
         port: u16,
         listen_extra: &str,
         tls: Option<&str>,
+        serve: Serve,
     ) -> Result<Child, (bool, String)> {
         let d = dir.path();
+        let location = match serve {
+            Serve::Hello => "add_header x-client-dn $ssl_client_s_dn always;\n            \
+                             add_header x-client-verify $ssl_client_verify always;\n            \
+                             return 200 \"hello from nginx\";"
+                .to_string(),
+            Serve::Root => format!("root {}/root;", d.display()),
+        };
         let (listen, ssl) = match tls {
             Some(cfg) => (
                 format!("127.0.0.1:{port} ssl{listen_extra}"),
@@ -659,9 +686,7 @@ http {{
         listen {listen};
         {ssl}
         location / {{
-            add_header x-client-dn $ssl_client_s_dn always;
-            add_header x-client-verify $ssl_client_verify always;
-            return 200 "hello from nginx";
+            {location}
         }}
     }}
 }}
@@ -731,6 +756,15 @@ http {{
     pub fn access_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
+}
+
+/// What the harness's nginx answers.
+#[derive(Clone, Copy)]
+enum Serve {
+    /// `hello from nginx`, with the client certificate it saw in headers.
+    Hello,
+    /// The files under its `root` directory.
+    Root,
 }
 
 impl Drop for Nginx {

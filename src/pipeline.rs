@@ -66,7 +66,7 @@ fn identity_of(resource: &ResourceRef) -> Identity {
 }
 
 /// The last good version of what the serving configuration was built from.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct LastGood {
     /// Each resource's last version that validated without error.
     resources: HashMap<Identity, Arc<RawResource>>,
@@ -186,12 +186,7 @@ pub fn load(
         if fallback.restored.is_empty() {
             break;
         }
-        let mut by_resource: HashMap<&ResourceRef, Vec<&Diagnostic>> = HashMap::new();
-        for diagnostic in model_diags.iter().filter(|d| d.is_error()) {
-            if let Location::Resource(resource) = &diagnostic.location {
-                by_resource.entry(resource).or_default().push(diagnostic);
-            }
-        }
+        let by_resource = errors_by_resource(&model_diags);
         let errors_of = |resource: &ResourceRef| -> Vec<Diagnostic> {
             by_resource
                 .get(resource)
@@ -214,34 +209,21 @@ pub fn load(
     }
     // A user still failing after its Secret was put back reports the
     // same error twice: once is enough.
-    let mut final_errors: HashMap<&ResourceRef, Vec<&Diagnostic>> = HashMap::new();
-    for diagnostic in model_diags.iter().filter(|d| d.is_error()) {
-        if let Location::Resource(resource) = &diagnostic.location {
-            final_errors.entry(resource).or_default().push(diagnostic);
-        }
-    }
+    let final_errors = errors_by_resource(&model_diags);
     replaced_errors.retain(|d| match &d.location {
         Location::Resource(resource) => final_errors
             .get(resource)
             .is_none_or(|found| !found.contains(&d)),
         _ => true,
     });
-    drop(final_errors);
     replaced_errors.dedup();
     diagnostics.extend(replaced_errors);
     diagnostics.extend(model_diags);
 
-    let failed: HashSet<&ResourceRef> = diagnostics
-        .iter()
-        .filter(|d| d.is_error())
-        .filter_map(|d| match &d.location {
-            Location::Resource(resource) => Some(resource),
-            _ => None,
-        })
-        .collect();
+    let failed = errors_by_resource(&diagnostics);
     for resource in &resources {
         let identity = identity_of(&resource.id);
-        let good = if restored.contains(&identity) || failed.contains(&resource.id) {
+        let good = if restored.contains(&identity) || failed.contains_key(&resource.id) {
             previous.resources.get(&identity)
         } else {
             Some(resource)
@@ -261,6 +243,17 @@ pub fn load(
         diagnostics,
         last_good,
     })
+}
+
+/// The errors of each resource that has some.
+fn errors_by_resource(diagnostics: &[Diagnostic]) -> HashMap<&ResourceRef, Vec<&Diagnostic>> {
+    let mut errors: HashMap<&ResourceRef, Vec<&Diagnostic>> = HashMap::new();
+    for diagnostic in diagnostics.iter().filter(|d| d.is_error()) {
+        if let Location::Resource(resource) = &diagnostic.location {
+            errors.entry(resource).or_default().push(diagnostic);
+        }
+    }
+    errors
 }
 
 /// What one round of falling back did.
@@ -286,22 +279,16 @@ fn fall_back(
     previous: &LastGood,
     restored: &mut HashSet<Identity>,
 ) -> Fallback {
-    let mut errors: HashMap<&ResourceRef, Vec<&str>> = HashMap::new();
-    let mut troubled: HashSet<&Source> = HashSet::new();
-    for diagnostic in diagnostics {
-        let Location::Resource(resource) = &diagnostic.location else {
-            continue;
-        };
-        if diagnostic.is_error() {
-            errors
-                .entry(resource)
-                .or_default()
-                .push(diagnostic.message.as_str());
-            troubled.insert(&resource.source);
-        } else if diagnostic.message.ends_with("ignored") {
-            troubled.insert(&resource.source);
-        }
-    }
+    let errors = errors_by_resource(diagnostics);
+    // Places whose resource has an error or is ignored.
+    let troubled: HashSet<&Source> = diagnostics
+        .iter()
+        .filter(|d| d.is_error() || d.message.ends_with("ignored"))
+        .filter_map(|d| match &d.location {
+            Location::Resource(resource) => Some(&resource.source),
+            _ => None,
+        })
+        .collect();
     let mut fallback = Fallback {
         restored: Vec::new(),
         users: Vec::new(),
@@ -325,7 +312,7 @@ fn fall_back(
             .get(&identity)
             .is_some_and(|good| restored.contains(&identity) || same_content(good, resource));
         if content_was_good {
-            complaints.extend(said.iter().copied());
+            complaints.extend(said.iter().map(|d| d.message.as_str()));
             fallback.users.push(resource.id.clone());
         }
     }

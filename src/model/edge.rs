@@ -692,6 +692,10 @@ const HOST_SUPPORTED: &[&str] = &[
 ];
 const HOST_LATER: &[&str] = &["acmeProvider", "previewUrl"];
 
+/// What an invalid Host does, said where it is reported.
+const HOST_REFUSES: &str = "the invalid Host keeps its hostname and refuses there (TLS \
+                            handshakes fail, cleartext requests get 503) until it is valid";
+
 /// A Host whose spec cannot be read still claims the hostname it names,
 /// invalid, so that no other Host serves that name meanwhile.
 fn unreadable_host(raw: &RawResource, report: &mut Reporter) -> Option<VirtualHost> {
@@ -701,11 +705,7 @@ fn unreadable_host(raw: &RawResource, report: &mut Reporter) -> Option<VirtualHo
         Some(value) => value.as_str()?,
     };
     let hostname = HostGlob::parse(hostname).ok()?;
-    report.warning(
-        "spec.hostname",
-        "the invalid Host keeps its hostname and refuses there (TLS handshakes fail, cleartext \
-         requests get 503) until it is valid",
-    );
+    report.warning("spec.hostname", HOST_REFUSES);
     let meant_tls = ["tlsSecret", "tlsContext", "tls"]
         .iter()
         .any(|key| spec.get(*key).is_some());
@@ -770,11 +770,7 @@ pub fn validate_hosts(
         };
         let tls = super::host_tls::resolve(raw, &spec, contexts, secrets, &mut report);
         let invalid = report.has_errors().then(|| {
-            report.warning(
-                "spec.hostname",
-                "the invalid Host keeps its hostname and refuses there (TLS handshakes fail, \
-                 cleartext requests get 503) until it is valid",
-            );
+            report.warning("spec.hostname", HOST_REFUSES);
             InvalidHost {
                 meant_tls: spec.tls_secret.is_some()
                     || spec.tls_context.is_some()

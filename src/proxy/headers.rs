@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use crate::filters::ip::X_FORWARDED_FOR;
 use crate::model::UnderscoreAction;
 use crate::routing::headers::{HeaderEdits, RequestFacts};
-use crate::routing::path::{canonicalize, PathError, PathOptions};
+use crate::routing::path::{canonicalize, push_escaped, PathError, PathOptions};
 use crate::routing::xfcc::XfccPolicy;
 use crate::tls::edge::PeerCert;
 
@@ -137,12 +137,12 @@ fn edge_only(name: &str, underscores: UnderscoreAction) -> bool {
 
 /// The headers whose meaning the gateway decides, in the spelling an
 /// upstream may fold `_` into.
-const OWNED: [&str; 5] = [
-    "x-forwarded-client-cert",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-request-id",
-    "l5d-dst-override",
+static OWNED: [&HeaderName; 5] = [
+    &XFCC,
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &crate::filters::request_id::HEADER,
+    &L5D_DST_OVERRIDE,
 ];
 
 /// Whether a name with `_` reads as one of the gateway's headers once
@@ -155,7 +155,9 @@ fn is_owned_spelling(name: &str) -> bool {
                 .all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
     };
     let name = name.as_bytes();
-    OWNED.iter().any(|owned| same(name, owned.as_bytes()))
+    OWNED
+        .iter()
+        .any(|owned| same(name, owned.as_str().as_bytes()))
         || name.get(..8).is_some_and(|head| same(head, b"x-envoy-"))
 }
 
@@ -231,7 +233,7 @@ pub(super) fn canonicalize_target(
             if byte.is_ascii() {
                 target.push(char::from(byte));
             } else {
-                target.push_str(&format!("%{byte:02X}"));
+                push_escaped(&mut target, byte);
             }
         }
     }

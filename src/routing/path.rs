@@ -196,7 +196,8 @@ fn hex_value(byte: u8) -> Option<u8> {
     char::from(byte).to_digit(16).map(|digit| digit as u8)
 }
 
-fn push_escaped(out: &mut String, byte: u8) {
+/// Appends `%XX`, hex digits in upper case (RFC 3986 §6.2.2.1).
+pub(crate) fn push_escaped(out: &mut String, byte: u8) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     out.push('%');
     out.push(char::from(HEX[usize::from(byte >> 4)]));
@@ -204,7 +205,7 @@ fn push_escaped(out: &mut String, byte: u8) {
 }
 
 /// RFC 3986 §2.3.
-fn is_unreserved(byte: u8) -> bool {
+pub(crate) fn is_unreserved(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
 }
 

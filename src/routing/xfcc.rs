@@ -4,6 +4,7 @@
 //! the mode says, and the gateway's own view of the client is appended or
 //! set only on connections with a verified client certificate.
 
+use crate::routing::path::{is_unreserved, push_escaped};
 use crate::tls::edge::PeerCert;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,10 +110,10 @@ impl XfccPolicy {
 fn url_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len() * 3 / 2);
     for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
+        if is_unreserved(byte) {
+            out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            push_escaped(&mut out, byte);
         }
     }
     out

@@ -136,6 +136,15 @@ fn names(key: &str, name: &str) -> bool {
     key.starts_with(&format!("{name}.default."))
 }
 
+/// Asserts the diag lists an error of the resource called `name`.
+fn assert_diag_names(gateway: &Gateway, name: &str) {
+    let errors = diag_errors(gateway);
+    assert!(
+        errors.iter().any(|(key, _)| names(key, name)),
+        "no error of {name}: {errors:?}"
+    );
+}
+
 /// Waits until the diag errors satisfy `wanted` (the status is published
 /// a moment after the snapshot); returns them, or fails showing them, the
 /// whole diag and the log.
@@ -379,11 +388,7 @@ fn a_policy_rule_with_an_invalid_filter_refuses_its_paths() {
     assert_eq!(outsider.status, 403, "{}", outsider.text());
     assert!(outsider.text().contains("IP rules"), "{}", outsider.text());
     // The broken Filter is reported.
-    let errors = diag_errors(&gateway);
-    assert!(
-        errors.iter().any(|(key, _)| names(key, "broken")),
-        "{errors:?}"
-    );
+    assert_diag_names(&gateway, "broken");
 }
 
 // ---------------------------------------------------------------------------
@@ -431,11 +436,7 @@ fn an_invalid_host_refuses_its_names_in_cleartext() {
     );
     let other = Request::get("/x").header("Host", "other.example");
     assert_eq!(served_by_request(other, port).as_deref(), Some("app"));
-    let errors = diag_errors(&gateway);
-    assert!(
-        errors.iter().any(|(key, _)| names(key, "broken")),
-        "{errors:?}"
-    );
+    assert_diag_names(&gateway, "broken");
 }
 
 /// With only an invalid Host, no `*` Host is synthesized: other names get

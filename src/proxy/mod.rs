@@ -274,9 +274,14 @@ impl<'a> RequestNames<'a> {
         let port_stripped = port.is_some_and(|port| {
             module.strip_matching_host_port && port.parse() == Ok(listener_port)
         });
-        let authority = if port_stripped { host } else { lowered };
-        // `example.com.` names `example.com` (an absolute DNS name).
+        // `example.com.` names `example.com` (an absolute DNS name), for
+        // Hosts, FilterPolicies and Mappings alike.
         let host = host.strip_suffix('.').unwrap_or(host);
+        let authority = if port.is_none() || port_stripped {
+            host
+        } else {
+            lowered
+        };
         RequestNames {
             host,
             authority,
@@ -1163,5 +1168,44 @@ fn facts(session: &Session) -> RequestFacts<'_> {
         request_headers: &session.req_header().headers,
         peer: edge_session(session).and_then(|e| e.client.as_ref()),
         sni: edge_session(session).and_then(|e| e.sni.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_names_one_host_for_every_decision() {
+        let stripping = ModuleSettings {
+            strip_matching_host_port: true,
+            ..ModuleSettings::default()
+        };
+        let names = |authority, module: &ModuleSettings| {
+            let n = RequestNames::new(authority, module, 8080);
+            (n.host, n.authority, n.port_stripped)
+        };
+        let plain = ModuleSettings::default();
+        assert_eq!(
+            names("a.example", &plain),
+            ("a.example", "a.example", false)
+        );
+        assert_eq!(
+            names("a.example.", &plain),
+            ("a.example", "a.example", false)
+        );
+        assert_eq!(
+            names("a.example:8080", &plain),
+            ("a.example", "a.example:8080", false)
+        );
+        assert_eq!(
+            names("a.example.:8080", &stripping),
+            ("a.example", "a.example", true)
+        );
+        assert_eq!(
+            names("a.example:9090", &stripping),
+            ("a.example", "a.example:9090", false)
+        );
+        assert_eq!(names("[::1]:8080", &stripping), ("[::1]", "[::1]", true));
     }
 }

@@ -314,8 +314,18 @@ impl Gateway {
         {
             return Err(Reply::underscore_header());
         }
-        let lowered = lowered_authority(req);
-        let names = RequestNames::new(&lowered, module, listener.listener.port);
+        // Envoy strips the port from the header itself, not only for
+        // matching; routing reads the names again from the rebuilt head.
+        let stripped_host = if module.strip_matching_host_port {
+            let lowered = lowered_authority(req);
+            let names = RequestNames::new(&lowered, module, listener.listener.port);
+            names
+                .port_stripped
+                .then(|| HeaderValue::from_str(names.host).ok())
+                .flatten()
+        } else {
+            None
+        };
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -329,12 +339,7 @@ impl Gateway {
                 client: peer,
                 trusted_proxy: l7_depth > 0,
                 wire_tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
-                // Envoy strips the port from the header itself, not only
-                // for matching.
-                stripped_host: names
-                    .port_stripped
-                    .then(|| HeaderValue::from_str(names.host).ok())
-                    .flatten(),
+                stripped_host,
                 client_cert: headers::client_cert_header(
                     &module.xfcc,
                     &req.headers,

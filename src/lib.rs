@@ -11,6 +11,7 @@
 pub mod admin;
 mod cli;
 pub mod config;
+pub mod downstream;
 pub mod filters;
 pub mod metrics;
 pub mod model;

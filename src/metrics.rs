@@ -38,6 +38,9 @@ pub struct Metrics {
     tcp_active: IntGaugeVec,
     tcp_bytes: IntCounterVec,
     tcp_refused: IntCounterVec,
+    pub downstream_connections: IntGauge,
+    downstream_refused: IntCounterVec,
+    downstream_closed: IntCounterVec,
 }
 
 /// The process's metrics. Registration of fixed names cannot fail; should
@@ -58,6 +61,11 @@ impl Metrics {
             };
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let metric = IntCounter::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let int_gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let metric = IntGauge::new(name, help)?;
             registry.register(Box::new(metric.clone()))?;
             Ok(metric)
         };
@@ -166,6 +174,22 @@ impl Metrics {
                 "config_generation",
                 "Generation of the serving configuration",
             )?,
+            downstream_connections: int_gauge(
+                "downstream_connections",
+                "Open client connections, HTTP and TCP, counted from the end of the TLS handshake",
+            )?,
+            downstream_refused: counter_vec(
+                "downstream_connections_refused_total",
+                "Client connections closed at once, by the cap they met: max_connections or \
+                 max_connections_per_client",
+                &["cap"],
+            )?,
+            downstream_closed: counter_vec(
+                "downstream_connections_closed_total",
+                "Client connections the gateway closed while it waited for a request head: \
+                 idle_timeout, head_timeout (408) or head_too_large (431)",
+                &["reason"],
+            )?,
             certificate_expiry,
             resource_errors,
             registry,
@@ -205,6 +229,14 @@ impl Metrics {
             received: OnceLock::new(),
             sent: OnceLock::new(),
         }
+    }
+
+    pub fn downstream_refused(&self, cap: &str) {
+        self.downstream_refused.with_label_values(&[cap]).inc();
+    }
+
+    pub fn downstream_closed(&self, reason: &str) {
+        self.downstream_closed.with_label_values(&[reason]).inc();
     }
 
     pub fn tcp_refused(&self, reason: &str) {

@@ -5,11 +5,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use log::{error, info, warn};
-use pingora::proxy::{http_proxy_service, HttpProxy};
+use pingora::apps::HttpServerOptions;
+use pingora::protocols::http::v2::server::default_h2_options;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
@@ -21,6 +24,8 @@ use tokio::sync::broadcast;
 
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
+use crate::downstream::head::{HeadLimits, LimitSource};
+use crate::downstream::{Admitted, BoundedHttp, Gate};
 use crate::filters::Registry;
 use crate::pipeline::{load, LastGood, Loaded};
 use crate::proxy::Gateway;
@@ -157,28 +162,47 @@ pub fn serve(
             draining: draining.clone(),
         },
     );
-    let mut proxy = http_proxy_service(
-        &server.configuration,
-        Gateway::new(snapshot.clone(), draining.clone()),
-    );
-    // Cleartext listeners also take HTTP/2 with prior knowledge (h2c), as
-    // Envoy's automatic codec does: gRPC clients use it.
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut options = app.server_options.take().unwrap_or_default();
+    // Every HTTP connection, on an HTTP port or an HTTPS Host's SNI of a
+    // TCPMapping port, bounds its request heads under the limits of the
+    // current snapshot; every client connection counts against the caps.
+    let limits = head_limits(&snapshot, gateway.downstream.head_timeout);
+    let gate = Arc::new(Gate::new(&gateway.downstream));
+    let (idle, max_head) = {
+        let module = &snapshot.load().module;
+        (module.listener_idle_timeout, module.max_request_headers)
+    };
+    let gateway_proxy = || {
+        let mut http = HttpProxy::new(
+            Gateway::new(snapshot.clone(), draining.clone()),
+            server.configuration.clone(),
+        );
+        http.handle_init_modules();
+        // Cleartext listeners also take HTTP/2 with prior knowledge (h2c),
+        // as Envoy's automatic codec does: gRPC clients use it.
+        let mut options = HttpServerOptions::default();
         options.h2c = true;
-        app.server_options = Some(options);
-    }
+        // HTTP/2 bounds its own frames; these two follow the Module at
+        // start (HTTP/1 reads them for every request).
+        options.h2_idle_timeout = idle;
+        http.server_options = Some(options);
+        let mut h2 = default_h2_options();
+        h2.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
+        http.h2_options = Some(h2);
+        BoundedHttp::new(http, limits.clone())
+    };
+    let mut proxy = Service::new(
+        "proxy".to_string(),
+        Admitted::new(gateway_proxy(), gate.clone()),
+    );
     // Ports with TCPMappings have their own app; on a port it shares with
     // an HTTPS Listener it hands the HTTP connections to an HTTP proxy of
     // its own.
-    let mut shared_http = HttpProxy::new(
-        Gateway::new(snapshot.clone(), draining.clone()),
-        server.configuration.clone(),
-    );
-    shared_http.handle_init_modules();
     let mut tcp = Service::new(
         "tcp".to_string(),
-        TcpProxy::new(snapshot.clone(), shared_http, &server.configuration),
+        Admitted::new(
+            TcpProxy::new(snapshot.clone(), gateway_proxy(), &server.configuration),
+            gate,
+        ),
     );
     for bound in &bindings {
         if bound.binding.tcp() {
@@ -249,6 +273,20 @@ impl BackgroundService for DrainWatch {
             }
         }
     }
+}
+
+/// The request head limits of the serving configuration: the Module's,
+/// read as each request begins, and the gateway file's head deadline.
+fn head_limits(snapshot: &Arc<ArcSwap<Snapshot>>, deadline: Duration) -> LimitSource {
+    let snapshot = snapshot.clone();
+    Arc::new(move || {
+        let module = &snapshot.load().module;
+        HeadLimits {
+            deadline,
+            idle: module.listener_idle_timeout,
+            max_bytes: module.max_request_headers,
+        }
+    })
 }
 
 /// TLS for one HTTPS listener: certificates and client-certificate policy

@@ -77,15 +77,6 @@ fn route_to(name: &str, prefix: &str, service: &str, extra: &str) -> String {
     )
 }
 
-/// The `ambassador` Module with `config` (block YAML under `spec.config`).
-fn module(config: &str) -> String {
-    doc(
-        "Module",
-        "name: ambassador",
-        &format!("config:\n{}", indent(config, 2)),
-    )
-}
-
 // ---------------------------------------------------------------------------
 // 1. One canonical path
 // ---------------------------------------------------------------------------

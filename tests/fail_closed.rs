@@ -53,15 +53,6 @@ fn route_without_service(name: &str, prefix: &str) -> String {
     )
 }
 
-/// The `ambassador` Module with this `config` (block YAML).
-fn module(config: &str) -> String {
-    doc(
-        "Module",
-        "name: ambassador",
-        &format!("config:\n{}", indent(config, 2)),
-    )
-}
-
 /// Replaces a file the way editors and Kubernetes volumes do: write a new
 /// file, then rename it over the old one.
 fn replace(path: &Path, content: &str) {
@@ -178,21 +169,9 @@ fn resource_errors(gateway: &Gateway) -> f64 {
         .sum()
 }
 
-/// The value of one series of the admin's `/metrics`, e.g.
-/// `pingress_resource_errors{kind="Mapping"}`; `None` when absent.
-fn metric(gateway: &Gateway, series: &str) -> Option<f64> {
-    let response = gateway.admin_get("/metrics");
-    assert_eq!(response.status, 200, "{}", response.text());
-    response.text().lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-    })
-}
-
 /// `pingress_config_generation`: +1 per applied reload.
 fn generation(gateway: &Gateway) -> f64 {
-    metric(gateway, "pingress_config_generation").unwrap_or(0.0)
+    gateway.metric("pingress_config_generation").unwrap_or(0.0)
 }
 
 /// Starts `pingress -c <dir>/gateway.yaml <extra>` and waits for it to
@@ -572,7 +551,7 @@ fn a_broken_edit_keeps_the_last_good_version_and_applies_the_rest() {
             .any(|(key, message)| names(key, "a") && message.contains("service is required"))
     });
     assert_eq!(
-        metric(&gateway, "pingress_resource_errors{kind=\"Mapping\"}"),
+        gateway.metric("pingress_resource_errors{kind=\"Mapping\"}"),
         Some(1.0)
     );
     wait_for(&gateway, "the log to report the fallback", || {
@@ -592,7 +571,7 @@ fn a_broken_edit_keeps_the_last_good_version_and_applies_the_rest() {
     wait_for(&gateway, "the fixed /a/ to serve", || {
         served_by(port, "/a/").as_deref() == Some("two")
     });
-    let mapping_errors = metric(&gateway, "pingress_resource_errors{kind=\"Mapping\"}");
+    let mapping_errors = gateway.metric("pingress_resource_errors{kind=\"Mapping\"}");
     assert!(
         mapping_errors.unwrap_or(0.0) == 0.0,
         "pingress_resource_errors{{kind=\"Mapping\"}} {mapping_errors:?}"
@@ -723,7 +702,7 @@ fn an_invalid_module_on_reload_keeps_its_last_good_version() {
             .any(|(key, message)| names(key, "ambassador") && message.contains("ip_deny"))
     });
     assert_eq!(
-        metric(&gateway, "pingress_resource_errors{kind=\"Module\"}"),
+        gateway.metric("pingress_resource_errors{kind=\"Module\"}"),
         Some(1.0)
     );
 }

@@ -14,14 +14,6 @@ fn route(name: &str, prefix: &str, echo: &Echo, extra: &str) -> String {
     mapping(name, "", prefix, echo, &format!("hostname: \"*\"\n{extra}"))
 }
 
-fn module(config: &str) -> String {
-    doc(
-        "Module",
-        "name: ambassador",
-        &format!("config:\n{}", indent(config, 2)),
-    )
-}
-
 fn is_uuid(text: &str) -> bool {
     let groups: Vec<&str> = text.split('-').collect();
     groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])

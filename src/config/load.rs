@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use super::diagnostics::{closest, Diagnostic, Location, ResourceRef, Source};
+use super::downstream::DownstreamConf;
 use super::upstream_tls::UpstreamTlsConf;
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8877";
@@ -28,6 +29,8 @@ pub struct GatewayFile {
     pub admin: AdminConf,
     /// How upstreams without a CA are verified (`upstream_tls`).
     pub upstream_tls: UpstreamTlsConf,
+    /// The client connections the gateway holds (`downstream`).
+    pub downstream: DownstreamConf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +63,8 @@ struct GatewayFileYaml {
     admin: Option<AdminConf>,
     #[serde(default)]
     upstream_tls: UpstreamTlsConf,
+    #[serde(default)]
+    downstream: DownstreamConf,
 }
 
 /// Reads the gateway file. Only a file that cannot be used at all is an
@@ -76,9 +81,10 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
     let parsed: GatewayFileYaml = serde_yaml::from_str(&text).map_err(|e| {
         Box::new(
             Diagnostic::error(location.clone(), format!("invalid gateway file: {e}")).hint(
-                "the gateway file has four keys: `pingora:` (Pingora server settings), \
-             `resources:` (files or directories), `admin:` (`listen`) and `upstream_tls:` \
-             (`verify`)",
+                "the gateway file has five keys: `pingora:` (Pingora server settings), \
+             `resources:` (files or directories), `admin:` (`listen`), `upstream_tls:` \
+             (`verify`) and `downstream:` (`request_head_timeout_ms`, `max_connections`, \
+             `max_connections_per_client`)",
             ),
         )
     })?;
@@ -127,6 +133,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             resources,
             admin: parsed.admin.unwrap_or_default(),
             upstream_tls: parsed.upstream_tls,
+            downstream: parsed.downstream,
         },
         warnings,
     ))

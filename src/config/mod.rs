@@ -3,6 +3,7 @@
 
 pub mod bounds;
 pub mod diagnostics;
+pub mod downstream;
 pub mod load;
 pub mod resources;
 pub mod upstream_tls;

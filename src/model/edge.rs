@@ -16,7 +16,10 @@ use crate::routing::path::PathOptions;
 use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 
 use super::spec::{check_unknown_fields, parse_section, parse_value};
-use super::{count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts};
+use super::{
+    count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts,
+    MAX_REQUEST_HEADERS_KB,
+};
 use crate::filters::ip::{self, IpFilter};
 use crate::filters::rate_limit::labels;
 use crate::filters::Filter;
@@ -63,15 +66,15 @@ const MODULE_SUPPORTED: &[&str] = &[
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
     "keepalive",
+    "listener_idle_timeout_ms",
+    "max_request_headers_kb",
 ];
 const MODULE_LATER: &[&str] = &[
-    "listener_idle_timeout_ms",
     "diagnostics",
     "readiness_probe",
     "liveness_probe",
     "enable_http10",
     "allow_chunked_length",
-    "max_request_headers_kb",
     "proper_case",
     "header_case_overrides",
     "buffer_limit_bytes",
@@ -345,6 +348,21 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
             .as_ref()
             .map(|value| labels::parse_default_labels(value, "spec.config.default_labels", report))
             .unwrap_or_default(),
+        listener_idle_timeout: match config.listener_idle_timeout_ms {
+            None => base.listener_idle_timeout,
+            Some(ms) => unlimited_if_zero(Some(ms)),
+        },
+        max_request_headers: match config.max_request_headers_kb {
+            None => base.max_request_headers,
+            Some(kb @ 1..=MAX_REQUEST_HEADERS_KB) => kb as usize * 1024,
+            Some(kb) => {
+                report.error(
+                    "spec.config.max_request_headers_kb",
+                    format!("{kb} is not between 1 and {MAX_REQUEST_HEADERS_KB}: Pingora reads a request head of at most 1 MiB"),
+                );
+                base.max_request_headers
+            }
+        },
     })
 }
 

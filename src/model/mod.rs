@@ -17,6 +17,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub(crate) use edge::header_names;
 pub use edge::{
@@ -88,7 +89,24 @@ pub struct ModuleSettings {
     pub default_label_domain: String,
     /// Label specifiers put in front of every Mapping's groups.
     pub(crate) default_labels: DefaultLabels,
+    /// `listener_idle_timeout_ms`: how long a client connection may wait
+    /// between requests; `None` (0) waits as long as the client does.
+    pub listener_idle_timeout: Option<Duration>,
+    /// `max_request_headers_kb`, in bytes: the largest request head.
+    pub max_request_headers: usize,
 }
+
+/// Envoy's `idle_timeout` of a connection manager, which an Emissary user
+/// without `listener_idle_timeout_ms` gets: longer than the idle timeouts
+/// of the cloud load balancers in front (60 s to 350 s), which must close
+/// first or race a closing gateway into 502s.
+pub const DEFAULT_LISTENER_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
+
+/// Pingora reads a head of at most 1 MiB.
+pub const MAX_REQUEST_HEADERS_KB: u32 = 1023;
 
 impl Default for ModuleSettings {
     fn default() -> Self {
@@ -117,6 +135,8 @@ impl Default for ModuleSettings {
             ip_filter: None,
             default_label_domain: "ambassador".into(),
             default_labels: DefaultLabels::new(),
+            listener_idle_timeout: Some(DEFAULT_LISTENER_IDLE_TIMEOUT),
+            max_request_headers: DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
         }
     }
 }

@@ -31,6 +31,7 @@ use pingora::upstreams::peer::{H1UpgradePolicy, HttpUpstreamRequestPolicy};
 use pingora::ErrorType;
 use rand::Rng;
 
+use crate::downstream::head::BoundedStream;
 use crate::filters::chain::{Entry, Run, Stage};
 use crate::filters::ip::remote_address;
 use crate::filters::RequestInfo;
@@ -547,6 +548,17 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(connection) = bounded_connection(session) {
+            connection.head_read();
+        }
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
         // The request is made canonical once, in the head itself, before
@@ -1043,6 +1055,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(connection) = bounded_connection(session) {
+            connection.request_done();
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
@@ -1088,6 +1103,12 @@ impl ProxyHttp for Gateway {
         };
         info!(target: "access", "{}", entry.render(format));
     }
+}
+
+/// The HTTP/1 connection under a session, which bounds its request heads
+/// and must be told where one ends and when the exchange is over.
+fn bounded_connection(session: &Session) -> Option<&BoundedStream> {
+    session.as_downstream().stream().and_then(BoundedStream::of)
 }
 
 /// Decides, on the first try, whether the route's shadow gets a copy: the

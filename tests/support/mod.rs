@@ -1120,6 +1120,18 @@ impl Gateway {
         Request::get(path).send(self.admin.port())
     }
 
+    /// The value of one series of `/metrics`, e.g.
+    /// `pingress_config_generation` or `name{label="value"}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let response = self.admin_get("/metrics");
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.text().lines().find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -2042,6 +2054,15 @@ pub fn q(text: &str) -> String {
 
 /// One v3 resource; `metadata` is the inside of a flow map, `spec` block
 /// YAML at the level of the spec's keys.
+/// The `ambassador` Module with `config` (block YAML under `spec.config`).
+pub fn module(config: &str) -> String {
+    doc(
+        "Module",
+        "name: ambassador",
+        &format!("config:\n{}", indent(config, 2)),
+    )
+}
+
 pub fn doc(kind: &str, metadata: &str, spec: &str) -> String {
     format!(
         "---\napiVersion: {V3}\nkind: {kind}\nmetadata: {{{metadata}}}\nspec:\n{}",

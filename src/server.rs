@@ -188,7 +188,7 @@ pub fn serve(
         let mut h2 = default_h2_options();
         h2.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
         http.h2_options = Some(h2);
-        BoundedHttp::new(http, limits.clone())
+        BoundedHttp::new(http, limits.clone(), gate.clone())
     };
     let mut proxy = Service::new(
         "proxy".to_string(),

@@ -178,9 +178,6 @@ pub struct MappingSpec {
     pub cluster_idle_timeout_ms: Option<u64>,
     #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     pub cluster_max_connection_lifetime_ms: Option<u64>,
-    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
-    pub listener_idle_timeout_ms: Option<u64>,
-    pub max_request_headers_kb: Option<u32>,
     pub keepalive: Option<KeepaliveSpec>,
     pub cors: Option<Value>,
     pub bypass_auth: Option<bool>,

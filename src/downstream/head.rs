@@ -40,9 +40,10 @@ use pingora::protocols::{
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::SslDigest;
 use pingora::tls::ssl::SslRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::Gate;
 use crate::metrics::metrics;
 
 /// The limits one request head is read under.
@@ -77,6 +78,16 @@ const MARK_NONE: u8 = 0;
 const MARK_HEAD_READ: u8 = 1;
 const MARK_REQUEST_DONE: u8 = 2;
 
+/// How long a refusal may take to write, and how long the client's
+/// remaining bytes are then read and dropped (nginx's lingering close), so
+/// that closing with unread input does not reset the connection before
+/// the client has read the refusal.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+
+/// How often an idle connection asks whether the gateway is at its
+/// connection cap, and closes itself if so.
+const PRESSURE_CHECK: Duration = Duration::from_secs(1);
+
 enum Phase {
     /// Between requests of a kept-alive connection.
     Idle,
@@ -92,6 +103,9 @@ enum Phase {
         reply: &'static [u8],
         written: usize,
     },
+    /// The refusal is out; the client's bytes are read and dropped until
+    /// it closes or the grace ends.
+    Lingering,
     Closed,
 }
 
@@ -99,6 +113,7 @@ enum Phase {
 pub struct BoundedStream {
     inner: Stream,
     limits: LimitSource,
+    gate: Arc<Gate>,
     current: HeadLimits,
     phase: Phase,
     /// Set by the proxy through a shared reference; read by the next read.
@@ -106,30 +121,29 @@ pub struct BoundedStream {
     /// How many bytes of the HTTP/2 preface the connection has matched,
     /// while it still might be one.
     preface: Option<usize>,
+    /// Bytes read to answer Pingora's peek, given to its next read.
+    peeked: Vec<u8>,
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl BoundedStream {
-    /// Starts bounding a new connection: its first head is due within the
-    /// deadline from now.
-    pub fn new(inner: Stream, limits: LimitSource) -> BoundedStream {
+    /// Starts bounding a new connection: its first head (or, with ALPN h2,
+    /// the HTTP/2 preface) is due within the deadline from now.
+    pub fn new(inner: Stream, limits: LimitSource, gate: Arc<Gate>) -> BoundedStream {
         let current = limits();
-        let h2 = matches!(inner.selected_alpn_proto(), Some(ALPN::H2));
         BoundedStream {
             inner,
             limits,
+            gate,
             current,
-            phase: if h2 {
-                Phase::Open
-            } else {
-                Phase::Head {
-                    left: current.max_bytes,
-                    received: 0,
-                }
+            phase: Phase::Head {
+                left: current.max_bytes,
+                received: 0,
             },
             mark: AtomicU8::new(MARK_NONE),
             preface: Some(0),
+            peeked: Vec::new(),
             deadline: Instant::now() + current.deadline,
             timer: None,
         }
@@ -153,7 +167,7 @@ impl BoundedStream {
     fn take_mark(&mut self) {
         match self.mark.swap(MARK_NONE, Ordering::Relaxed) {
             MARK_HEAD_READ => {
-                if matches!(self.phase, Phase::Head { .. }) {
+                if matches!(self.phase, Phase::Head { .. } | Phase::Idle) {
                     self.phase = Phase::Open;
                 }
             }
@@ -172,9 +186,8 @@ impl BoundedStream {
         }
     }
 
-    /// Polls the deadline; `Ready` once it has passed.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.deadline;
+    /// Polls the timer for `deadline`; `Ready` once it has passed.
+    fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -182,6 +195,31 @@ impl BoundedStream {
             timer.as_mut().reset(deadline);
         }
         timer.as_mut().poll(cx)
+    }
+
+    /// Polls the phase's deadline. An idle connection wakes every
+    /// [`PRESSURE_CHECK`] on the way, to give its place up when the gateway
+    /// is refusing connections (as nginx reuses idle keep-alive connections
+    /// when it runs out).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !matches!(self.phase, Phase::Idle) {
+            return self.poll_until(self.deadline, cx);
+        }
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                return Poll::Ready(());
+            }
+            let due = self.timer.as_ref().map(|t| t.deadline());
+            if due.is_some_and(|due| due <= now) && self.gate.is_refusing() {
+                return Poll::Ready(());
+            }
+            let next = match due {
+                Some(due) if due > now && due <= self.deadline => due,
+                _ => (now + PRESSURE_CHECK).min(self.deadline),
+            };
+            futures::ready!(self.poll_until(next, cx));
+        }
     }
 
     /// The deadline passed: an idle connection, or one that never sent a
@@ -202,6 +240,7 @@ impl BoundedStream {
 
     fn refuse(&mut self, reply: &'static [u8]) {
         self.phase = Phase::Refusing { reply, written: 0 };
+        self.deadline = Instant::now() + REFUSAL_GRACE;
     }
 
     /// Counts bytes a head read received, and spots the HTTP/2 preface.
@@ -223,6 +262,7 @@ impl BoundedStream {
             if bytes[..n] != want[..n] {
                 self.preface = None;
             } else if matched + n == H2_PREFACE.len() {
+                // HTTP/2 bounds its own frames from here.
                 self.preface = None;
                 self.phase = Phase::Open;
             } else {
@@ -231,21 +271,61 @@ impl BoundedStream {
         }
     }
 
-    /// Writes the refusal; `Ready(Ok)` when it is out.
-    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let Phase::Refusing { reply, written } = &mut self.phase {
-            if *written == reply.len() {
-                futures::ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
-                self.phase = Phase::Closed;
-                break;
+    /// Writes the refusal, then half-closes and lingers. `Pending` while
+    /// it is under way; `Ready` once the connection is closed.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let step = match &mut self.phase {
+                Phase::Refusing { reply, written } if *written < reply.len() => {
+                    match Pin::new(&mut self.inner).poll_write(cx, &reply[*written..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            *written += n;
+                            continue;
+                        }
+                        Poll::Ready(_) => Poll::Ready(false),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                Phase::Refusing { .. } => {
+                    match Pin::new(&mut self.inner).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => {
+                            // A FIN (or TLS close_notify) after the reply.
+                            let _ = Pin::new(&mut self.inner).poll_shutdown(cx);
+                            self.phase = Phase::Lingering;
+                            continue;
+                        }
+                        Poll::Ready(Err(_)) => Poll::Ready(false),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                Phase::Lingering => {
+                    let mut scratch = [0u8; 4096];
+                    let mut sink = ReadBuf::new(&mut scratch);
+                    match Pin::new(&mut self.inner).poll_read(cx, &mut sink) {
+                        Poll::Ready(Ok(())) if !sink.filled().is_empty() => {
+                            if Instant::now() < self.deadline {
+                                continue;
+                            }
+                            Poll::Ready(false)
+                        }
+                        Poll::Ready(_) => Poll::Ready(false),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                _ => Poll::Ready(false),
+            };
+            match step {
+                Poll::Ready(_) => {
+                    self.phase = Phase::Closed;
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {
+                    futures::ready!(self.poll_deadline(cx));
+                    self.phase = Phase::Closed;
+                    return Poll::Ready(());
+                }
             }
-            let n = futures::ready!(Pin::new(&mut self.inner).poll_write(cx, &reply[*written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            *written += n;
         }
-        Poll::Ready(Ok(()))
     }
 
     fn poll_head_read(
@@ -265,6 +345,13 @@ impl BoundedStream {
         // Read into at most `left` bytes of the caller's buffer, so no more
         // than the budget ever reaches Pingora's.
         let room = buf.remaining().min(left);
+        if !self.peeked.is_empty() {
+            let n = room.min(self.peeked.len());
+            let bytes: Vec<u8> = self.peeked.drain(..n).collect();
+            buf.put_slice(&bytes);
+            self.received(&bytes);
+            return Poll::Ready(Ok(()));
+        }
         let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
         let read = match Pin::new(&mut self.inner).poll_read(cx, &mut limited) {
             Poll::Ready(Ok(())) => limited.filled().len(),
@@ -280,6 +367,15 @@ impl BoundedStream {
         }
         buf.advance(read);
         Poll::Ready(Ok(()))
+    }
+}
+
+impl BoundedStream {
+    fn is_refused(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Refusing { .. } | Phase::Lingering | Phase::Closed
+        )
     }
 }
 
@@ -301,8 +397,8 @@ impl AsyncRead for BoundedStream {
                 Phase::Open => return Pin::new(&mut this.inner).poll_read(cx, buf),
                 // The end of the stream, as Pingora sees it.
                 Phase::Closed => return Poll::Ready(Ok(())),
-                Phase::Refusing { .. } => {
-                    futures::ready!(this.poll_refusal(cx))?;
+                Phase::Refusing { .. } | Phase::Lingering => {
+                    futures::ready!(this.poll_refusal(cx));
                 }
                 Phase::Idle | Phase::Head { .. } => {
                     futures::ready!(this.poll_head_read(cx, buf))?;
@@ -323,7 +419,7 @@ impl AsyncWrite for BoundedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if matches!(this.phase, Phase::Refusing { .. } | Phase::Closed) {
+        if this.is_refused() {
             // The refusal was the connection's last word.
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -336,7 +432,7 @@ impl AsyncWrite for BoundedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if matches!(this.phase, Phase::Refusing { .. } | Phase::Closed) {
+        if this.is_refused() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
@@ -364,15 +460,48 @@ impl Shutdown for BoundedStream {
 
 #[async_trait]
 impl Peek for BoundedStream {
-    /// Pingora peeks for the HTTP/2 preface before the first read; the
-    /// wait is bounded by the first head's deadline.
+    /// Pingora peeks at a cleartext connection's first 24 bytes for the
+    /// HTTP/2 preface, and its own peek waits until all 24 have come: a
+    /// shorter request (`GET / HTTP/1.0` and a blank line) would wait for
+    /// ever. Here the wait ends at the first byte that is not the
+    /// preface's, or at the head's deadline; the bytes read go to the
+    /// next read.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        match tokio::time::timeout_at(self.deadline, self.inner.try_peek(buf)).await {
-            Ok(peeked) => peeked,
+        let wanted = buf.len().min(H2_PREFACE.len());
+        let read_more = async {
+            while self.peeked.len() < wanted && H2_PREFACE.starts_with(&self.peeked) {
+                let mut chunk = [0u8; 24];
+                let n = self
+                    .inner
+                    .read(&mut chunk[..wanted - self.peeked.len()])
+                    .await?;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
+                self.peeked.extend_from_slice(&chunk[..n]);
+            }
+            Ok(())
+        };
+        match tokio::time::timeout_at(self.deadline, read_more).await {
+            Ok(Ok(())) => {
+                let n = self.peeked.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.peeked[..n]);
+                buf[n..].fill(0);
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => {
-                metrics().downstream_closed("idle_timeout");
-                self.phase = Phase::Closed;
-                Err(io::ErrorKind::TimedOut.into())
+                if self.peeked.is_empty() {
+                    metrics().downstream_closed("idle_timeout");
+                    self.phase = Phase::Closed;
+                    Err(io::ErrorKind::TimedOut.into())
+                } else {
+                    // Let the head read answer 408 for what did come.
+                    let n = self.peeked.len().min(buf.len());
+                    buf[..n].copy_from_slice(&self.peeked[..n]);
+                    buf[n..].fill(0);
+                    Ok(true)
+                }
             }
         }
     }

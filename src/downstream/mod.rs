@@ -12,8 +12,9 @@ pub mod head;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -31,6 +32,10 @@ pub struct Gate {
     max: usize,
     per_client_max: Option<usize>,
     open: AtomicUsize,
+    /// When a connection was last refused at `max`, in milliseconds since
+    /// `origin`: idle connections give their places up while it is recent.
+    last_refusal: AtomicU64,
+    origin: Instant,
     /// Open connections per client, present only while it has some: at
     /// most `max` entries.
     per_client: Mutex<HashMap<ClientKey, usize>>,
@@ -62,14 +67,21 @@ impl Gate {
             max: conf.max_connections,
             per_client_max: conf.max_connections_per_client,
             open: AtomicUsize::new(0),
+            last_refusal: AtomicU64::new(u64::MAX),
+            origin: Instant::now(),
             per_client: Mutex::new(HashMap::new()),
         }
     }
 
     /// A place for a new connection from `client`, or why there is none.
     fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Result<Ticket, &'static str> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            });
+        if taken.is_err() {
+            self.last_refusal.store(self.now_ms(), Ordering::Relaxed);
             return Err("max_connections");
         }
         metrics().downstream_connections.inc();
@@ -92,6 +104,21 @@ impl Gate {
         Ok(ticket)
     }
 }
+
+impl Gate {
+    /// Whether connections were refused at `max` in the last two seconds.
+    pub(crate) fn is_refusing(&self) -> bool {
+        let last = self.last_refusal.load(Ordering::Relaxed);
+        last != u64::MAX && self.now_ms().saturating_sub(last) < REFUSING_FOR_MS
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+}
+
+/// How long after a refusal idle connections give their places up.
+const REFUSING_FOR_MS: u64 = 2000;
 
 /// One admitted connection; its place is given back when it drops.
 struct Ticket {
@@ -169,13 +196,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitted<A> {
 pub struct BoundedHttp<A> {
     app: Arc<A>,
     limits: LimitSource,
+    gate: Arc<Gate>,
 }
 
 impl<A> BoundedHttp<A> {
-    pub fn new(app: A, limits: LimitSource) -> BoundedHttp<A> {
+    pub fn new(app: A, limits: LimitSource, gate: Arc<Gate>) -> BoundedHttp<A> {
         BoundedHttp {
             app: Arc::new(app),
             limits,
+            gate,
         }
     }
 }
@@ -187,8 +216,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for BoundedHttp<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut next: Option<Stream> =
-            Some(Box::new(BoundedStream::new(stream, self.limits.clone())));
+        let mut next: Option<Stream> = Some(Box::new(BoundedStream::new(
+            stream,
+            self.limits.clone(),
+            self.gate.clone(),
+        )));
         while let Some(stream) = next {
             next = self.app.process_new(stream, shutdown).await;
         }

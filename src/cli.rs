@@ -12,6 +12,7 @@ use crate::filters::{Filter, Registry};
 use crate::pipeline::{load, LastGood};
 use crate::server::{check, serve, DEFAULT_GATEWAY_FILE};
 use crate::snapshot::Resolution;
+use crate::throttle::ThrottledLog;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,7 +66,13 @@ impl Pingress {
     /// Reads the command line and runs the gateway (or, with `-t`, checks
     /// the configuration) until told to stop.
     pub fn main(self) -> ExitCode {
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+        let logger =
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+                .build();
+        let max_level = logger.filter();
+        if log::set_boxed_logger(Box::new(ThrottledLog::new(logger))).is_ok() {
+            log::set_max_level(max_level);
+        }
         let cli = Cli::parse();
         let gateway_path = PathBuf::from(
             cli.pingora

@@ -22,6 +22,7 @@ pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod tcp;
+pub mod throttle;
 pub mod tls;
 pub mod upstream;
 

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openssl::sha::Sha256;
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -87,13 +88,41 @@ impl Limit {
     /// set of values of the labels the pattern covers (so a `remote_address:
     /// "*"` item gives each client its own). Lengths prefix every part, so
     /// no two label sets share a key.
-    pub fn bucket_key(&self, entries: &[Entry<'_>]) -> String {
-        let mut key = self.key_prefix.clone();
+    pub fn bucket_key(&self, entries: &[Entry<'_>]) -> BucketKey {
+        let mut digest = Sha256::new();
+        digest.update(self.key_prefix.as_bytes());
         for (k, v) in entries.iter().take(self.pattern.len()) {
-            // Writing to a String cannot fail.
-            let _ = write!(key, "{}:{k}{}:{v}", k.len(), v.len());
+            for part in [k.as_bytes(), v.as_bytes()] {
+                digest.update(&(part.len() as u64).to_le_bytes());
+                digest.update(part);
+            }
         }
-        key
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest.finish()[..16]);
+        BucketKey(key)
+    }
+
+    /// What a limit's buckets are kept by across reloads: the domain, the
+    /// name and the rate.
+    pub(crate) fn identity(&self) -> &str {
+        &self.key_prefix
+    }
+}
+
+/// A bucket's name: 128 bits of a SHA-256 of the limit and the label
+/// values, so a bucket costs the same however long the values a client
+/// sends, and no client can choose values that share another's bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct BucketKey(pub [u8; 16]);
+
+impl BucketKey {
+    /// The key's hex form, 32 characters.
+    pub fn hex(&self) -> String {
+        let mut out = String::with_capacity(32);
+        for byte in self.0 {
+            let _ = write!(out, "{byte:02x}");
+        }
+        out
     }
 }
 
@@ -133,12 +162,14 @@ pub struct RateLimits {
 impl RateLimits {
     /// The limit for a label group: of those whose pattern matches, the one
     /// with the longest pattern; the first defined among equals.
-    pub(crate) fn find(&self, entries: &[Entry<'_>]) -> Option<&Arc<Limit>> {
-        let mut best: Option<&Arc<Limit>> = None;
-        for limit in &self.limits {
-            if limit.matches(entries) && best.is_none_or(|b| limit.pattern.len() > b.pattern.len())
+    /// The most specific limit of the group, and its place in `limits`.
+    pub(crate) fn find(&self, entries: &[Entry<'_>]) -> Option<(usize, &Arc<Limit>)> {
+        let mut best: Option<(usize, &Arc<Limit>)> = None;
+        for (index, limit) in self.limits.iter().enumerate() {
+            if limit.matches(entries)
+                && best.is_none_or(|(_, b)| limit.pattern.len() > b.pattern.len())
             {
-                best = Some(limit);
+                best = Some((index, limit));
             }
         }
         best
@@ -622,9 +653,9 @@ mod tests {
             redis: None,
         };
         let group = entries(&[("generic_key", "api"), ("remote_address", "1.1.1.1")]);
-        assert_eq!(limits.find(&group).unwrap().pattern.len(), 2);
+        assert_eq!(limits.find(&group).unwrap().1.pattern.len(), 2);
         let short = entries(&[("generic_key", "api")]);
-        assert_eq!(limits.find(&short).unwrap().pattern.len(), 1);
+        assert_eq!(limits.find(&short).unwrap().1.pattern.len(), 1);
         assert!(limits.find(&entries(&[("generic_key", "none")])).is_none());
     }
 }

@@ -22,9 +22,10 @@ use pingora::http::ResponseHeader;
 use pingora::Result;
 
 use super::{Cx, Filter, Flow, Hooks, Reply, Session};
+use crate::throttle::Throttle;
 use labels::RequestLabels;
-use limits::Limit;
 pub use limits::RateLimits;
+use limits::{BucketKey, Limit};
 
 const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
@@ -54,7 +55,8 @@ impl Decision {
 
 /// Where a snapshot's counters live.
 enum Counters {
-    Local,
+    /// The buckets of each limit, in the order of `RateLimits::limits`.
+    Local(Vec<Arc<local::LimitBuckets>>),
     Redis {
         counters: Arc<redis_store::RedisCounters>,
         failure_mode_deny: bool,
@@ -65,40 +67,53 @@ enum Counters {
 pub(crate) struct RateLimitFilter {
     limits: Arc<RateLimits>,
     counters: Counters,
+    /// The LogOnly lines of each limit, in the order of `limits`.
+    log_only: Vec<Throttle>,
 }
+
+/// LogOnly lines a second per limit: any client can exceed such a limit
+/// with every request.
+const LOG_ONLY_LINES_PER_SECOND: u32 = 1;
 
 impl RateLimitFilter {
     /// `Err` when the Redis address cannot be used.
     pub fn new(limits: Arc<RateLimits>) -> std::result::Result<RateLimitFilter, String> {
         let counters = match &limits.redis {
-            None => Counters::Local,
+            None => Counters::Local(limits.limits.iter().map(|l| local::for_limit(l)).collect()),
             Some(settings) => Counters::Redis {
                 counters: redis_store::shared(settings)?,
                 failure_mode_deny: settings.failure_mode_deny,
             },
         };
-        Ok(RateLimitFilter { limits, counters })
+        let log_only = limits
+            .limits
+            .iter()
+            .map(|_| Throttle::new(LOG_ONLY_LINES_PER_SECOND))
+            .collect();
+        Ok(RateLimitFilter {
+            limits,
+            counters,
+            log_only,
+        })
     }
 
     /// The bucket's answer; `Err` is the reply when Redis failed and
     /// `failure_mode_deny` is set, `Ok(None)` when it failed open.
     async fn take(
         &self,
+        index: usize,
         limit: &Limit,
-        key: String,
+        key: BucketKey,
     ) -> std::result::Result<Option<Decision>, Reply> {
         let period = Duration::from_secs(limit.unit.seconds());
         match &self.counters {
-            Counters::Local => Ok(Some(local::buckets().take(
-                key,
-                limit.rate,
-                period,
-                Instant::now(),
-            ))),
+            Counters::Local(buckets) => Ok(buckets
+                .get(index)
+                .map(|buckets| buckets.take(key, Instant::now()))),
             Counters::Redis {
                 counters,
                 failure_mode_deny,
-            } => match counters.take(&key, limit.rate, period).await {
+            } => match counters.take(key, limit.rate, period).await {
                 Some(decision) => Ok(Some(decision)),
                 None if *failure_mode_deny => Err(Reply::text(
                     500,
@@ -144,19 +159,22 @@ impl Filter for RateLimitFilter {
             let Some(entries) = group.entries(&request) else {
                 continue;
             };
-            let Some(limit) = self.limits.find(&entries) else {
+            let Some((index, limit)) = self.limits.find(&entries) else {
                 continue;
             };
-            let decision = match self.take(limit, limit.bucket_key(&entries)).await {
+            let decision = match self.take(index, limit, limit.bucket_key(&entries)).await {
                 Ok(Some(decision)) => decision,
                 Ok(None) => continue,
                 Err(reply) => return Ok(Flow::Respond(reply)),
             };
             if !decision.allowed && !limit.enforce {
-                info!(
-                    "rate limit {} (LogOnly) exceeded by a request for Mapping {}",
-                    limit.name, route.mapping
-                );
+                if let Some(held_back) = self.log_only.get(index).and_then(Throttle::admit) {
+                    info!(
+                        "rate limit {} (LogOnly) exceeded by a request for Mapping {} \
+                         ({held_back} more since the last line)",
+                        limit.name, route.mapping
+                    );
+                }
                 continue;
             }
             if !decision.allowed && refused.is_none_or(|r| decision.retry_after > r.retry_after) {

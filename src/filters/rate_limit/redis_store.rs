@@ -7,17 +7,17 @@
 //! crate's `ConnectionManager` reconnects in the background after Redis
 //! restarts. Every call is bounded by the RateLimitService's `timeout_ms`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use log::warn;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::sync::OnceCell;
 
-use super::limits::RedisSettings;
+use super::limits::{BucketKey, RedisSettings};
 use super::Decision;
+use crate::throttle::Throttle;
 
 /// KEYS[1] the bucket, ARGV[1] the window in ms. Returns the count in this
 /// window and the milliseconds left of it.
@@ -41,9 +41,8 @@ pub(crate) struct RedisCounters {
     /// that serves requests.
     connection: OnceCell<ConnectionManager>,
     script: Script,
-    /// Unix seconds of the last failure logged, so an outage logs a line
-    /// a second, not one per request.
-    last_logged: AtomicU64,
+    /// An outage logs a line a second, not one per request.
+    failures: Throttle,
 }
 
 /// The counters for `settings`: the same instance across snapshots while
@@ -68,7 +67,7 @@ pub(crate) fn shared(settings: &RedisSettings) -> Result<Arc<RedisCounters>, Str
         client,
         connection: OnceCell::new(),
         script: Script::new(COUNT),
-        last_logged: AtomicU64::new(0),
+        failures: Throttle::new(1),
     });
     live.push(Arc::downgrade(&counters));
     Ok(counters)
@@ -77,7 +76,7 @@ pub(crate) fn shared(settings: &RedisSettings) -> Result<Arc<RedisCounters>, Str
 impl RedisCounters {
     /// Counts a request in bucket `key` of a limit of `rate` per `period`;
     /// `None` when Redis did not answer in time (the failure is logged).
-    pub async fn take(&self, key: &str, rate: u64, period: Duration) -> Option<Decision> {
+    pub async fn take(&self, key: BucketKey, rate: u64, period: Duration) -> Option<Decision> {
         let call = async {
             let manager = self
                 .connection
@@ -94,7 +93,7 @@ impl RedisCounters {
                 .await?;
             let mut connection = manager.clone();
             self.script
-                .key(format!("{KEY_PREFIX}{key}"))
+                .key(format!("{KEY_PREFIX}{}", key.hex()))
                 .arg(period.as_millis() as u64)
                 .invoke_async::<(u64, i64)>(&mut connection)
                 .await
@@ -118,12 +117,10 @@ impl RedisCounters {
     }
 
     fn log_failure(&self, failure: &str) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if self.last_logged.swap(now, Ordering::Relaxed) != now {
+        if let Some(held_back) = self.failures.admit() {
             warn!(
-                "rate limits: Redis {} failed: {failure}",
+                "rate limits: Redis {} failed: {failure} ({held_back} more failures since the \
+                 last line)",
                 self.settings.address
             );
         }

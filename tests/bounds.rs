@@ -500,3 +500,59 @@ fn idle_connections_give_their_places_up_at_the_cap() {
         .metric("pingress_downstream_connections_refused_total{cap=\"max_connections\"}")
         .is_some_and(|n| n >= 1.0));
 }
+
+// ---------------------------------------------------------------------------
+// Client values the gateway keeps or logs
+// ---------------------------------------------------------------------------
+
+/// The access line of the request whose path holds `marker`.
+fn access_line(gateway: &Gateway, marker: &str) -> String {
+    let mut line = None;
+    let _ = poll_until(Duration::from_secs(5), || {
+        line = gateway
+            .log()
+            .lines()
+            .find(|l| l.contains(marker))
+            .map(str::to_string);
+        line.is_some()
+    });
+    line.unwrap_or_else(|| panic!("no access line with {marker}:\n{}", gateway.log()))
+}
+
+/// A client cannot forge fields of the text access log with quotes and
+/// backslashes, nor make a line as long as its request.
+#[test]
+fn the_access_log_escapes_and_bounds_what_clients_send() {
+    let (_dir, gateway, port, _echo) = start("", "preserve_external_request_id: true");
+    // Pingora refuses a quote in the target, and the edge a backslash; a
+    // header value may hold both.
+    let response = Request::get("/forge")
+        .header("x-request-id", "id\" 200 1 0.1ms upstream=evil \\")
+        .send(port);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let line = access_line(&gateway, "/forge");
+    assert!(
+        line.contains(r#"request_id="id\" 200 1 0.1ms upstream=evil \\""#),
+        "{line}"
+    );
+    assert_eq!(line.matches("upstream=").count(), 2, "{line}");
+
+    let long = format!("/long-{}", "p".repeat(16 * 1024));
+    let response = Request::get(&long).send(port);
+    assert_eq!(response.status, 200);
+    let line = access_line(&gateway, "/long-");
+    assert!(line.len() < 4096, "a {}-byte access line", line.len());
+}
+
+/// An external request ID is kept only if it looks like one: bounded and
+/// printable. Anything else is replaced, as if none had come.
+#[test]
+fn a_preserved_request_id_is_bounded() {
+    let (_dir, _gateway, port, _echo) = start("", "preserve_external_request_id: true");
+    let kept = request(port, "GET", "/", &[("x-request-id", "abc-123")]).echo_ok();
+    assert_eq!(kept.header("x-request-id").as_deref(), Some("abc-123"));
+    let huge = "i".repeat(8 * 1024);
+    let replaced = request(port, "GET", "/", &[("x-request-id", &huge)]).echo_ok();
+    let id = replaced.header("x-request-id").unwrap_or_default();
+    assert_eq!(id.len(), 36, "an ID of {} bytes", id.len());
+}

@@ -90,3 +90,58 @@ fn breaker_settings_are_checked() {
         out.stdout
     );
 }
+
+/// A long request keeps its snapshot alive across a reload; the breaker of
+/// its cluster must be the new snapshot's too, or every reload would add
+/// `max_connections` more places.
+#[test]
+fn a_reload_does_not_multiply_a_breaker() {
+    let dir = tempdir();
+    let echo = Echo::plain("slow");
+    let port = free_port();
+    let guarded = format!(
+        "---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: guarded\n\
+         spec:\n  hostname: \"*\"\n  prefix: /guarded/\n  service: 127.0.0.1:{}\n  \
+         timeout_ms: 10000\n  circuit_breakers:\n  - max_connections: 1\n    \
+         max_pending_requests: 0\n",
+        echo.port()
+    );
+    write_gateway(dir.path(), port, free_port(), &guarded);
+    let gateway = Gateway::start(dir.path());
+    let generation = || gateway.metric("pingress_config_generation").unwrap_or(0.0);
+
+    let long = thread::spawn(move || {
+        Request::get("/guarded/long")
+            .header("x-echo-delay-ms", "4000")
+            .timeout(Duration::from_secs(10))
+            .send(port)
+            .status
+    });
+    thread::sleep(Duration::from_millis(500));
+    for reload in 1..=3 {
+        let before = generation();
+        let other = format!(
+            "---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  \
+             name: other{reload}\nspec:\n  hostname: \"*\"\n  prefix: /other{reload}/\n  \
+             service: 127.0.0.1:{}\n",
+            echo.port()
+        );
+        std::fs::write(
+            dir.path().join("resources").join("test.yaml"),
+            std::fs::read_to_string(dir.path().join("resources").join("test.yaml")).unwrap()
+                + &other,
+        )
+        .unwrap();
+        assert!(
+            poll_until(Duration::from_secs(10), || generation() > before),
+            "reload {reload} was not applied:\n{}",
+            gateway.log()
+        );
+    }
+    // The long request still holds the one place.
+    let second = Request::get("/guarded/second").send(port);
+    assert_eq!(second.status, 503, "{}", second.text());
+    assert_eq!(second.header("x-envoy-overloaded"), Some("true"));
+    assert_eq!(long.join().unwrap(), 200);
+    assert_eq!(Request::get("/guarded/after").send(port).status, 200);
+}

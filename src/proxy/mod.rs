@@ -36,7 +36,9 @@ use crate::filters::chain::{Entry, Run, Stage};
 use crate::filters::ip::remote_address;
 use crate::filters::RequestInfo;
 use crate::metrics::metrics;
-use crate::model::{InsecureAction, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction};
+use crate::model::{
+    AccessLog, InsecureAction, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction,
+};
 use crate::routing::headers::RequestFacts;
 use crate::routing::table::RequestView;
 use crate::snapshot::{ListenerRoutes, Route, Snapshot, Target};
@@ -80,7 +82,7 @@ impl Gateway {
             return false;
         }
         if ctx.retrying.is_none() {
-            ctx.retrying = route.cluster().and_then(|c| c.breaker.try_retry());
+            ctx.retrying = route.cluster().and_then(|c| c.breaker().try_retry());
             if ctx.retrying.is_none() {
                 return false;
             }
@@ -104,7 +106,11 @@ impl Gateway {
 
 /// Per-request state.
 pub struct RequestCtx {
+    /// Until the response head; an upgraded stream (a WebSocket may last
+    /// for days) keeps its route, not the whole configuration.
     snapshot: Option<Arc<Snapshot>>,
+    /// The access-log format of the snapshot.
+    access_log: Option<AccessLog>,
     route: Option<Arc<Route>>,
     started: Instant,
     /// When the route's `timeout_ms` runs out: the whole exchange, head and
@@ -528,6 +534,7 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             snapshot: None,
+            access_log: None,
             route: None,
             started: Instant::now(),
             deadline: None,
@@ -575,6 +582,7 @@ impl ProxyHttp for Gateway {
             }
             Err(reply) => Err(reply),
         };
+        ctx.access_log = Some(snapshot.module.access_log);
         ctx.snapshot = Some(snapshot);
         let mut routed = match decision {
             Ok(routed) => routed,
@@ -634,7 +642,7 @@ impl ProxyHttp for Gateway {
         })?;
         // Retries come back here; the exchange keeps its place.
         if ctx.admission.is_none() {
-            match cluster.breaker.admit().await {
+            match cluster.breaker().admit().await {
                 Some(admission) => ctx.admission = Some(admission),
                 None => {
                     ctx.overloaded = true;
@@ -992,7 +1000,11 @@ impl ProxyHttp for Gateway {
         if let Some(server) = &snapshot.module.server_name {
             response.insert_header(http::header::SERVER, server.as_str())?;
         }
-        headers::apply_edits(&route.response_headers, || facts(session), response)
+        headers::apply_edits(&route.response_headers, || facts(session), response)?;
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            ctx.snapshot = None;
+        }
+        Ok(())
     }
 
     async fn fail_to_proxy(
@@ -1073,7 +1085,7 @@ impl ProxyHttp for Gateway {
             (_, Some(reason)) => metrics().local_reply(reason),
             (None, None) => {}
         }
-        let Some(format) = ctx.snapshot.as_ref().map(|s| s.module.access_log) else {
+        let Some(format) = ctx.access_log else {
             return;
         };
         if !log::log_enabled!(target: "access", log::Level::Info) {

@@ -27,6 +27,7 @@ use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::metrics;
+use crate::model::AccessLog;
 use crate::snapshot::Snapshot;
 use crate::upstream::policy::check_negotiated;
 
@@ -102,13 +103,17 @@ impl<H: ServerApp + Send + Sync + 'static> ServerApp for TcpProxy<H> {
             }
             metrics().tcp_refused("no_route");
             entry.note = "no TCPMapping for this port and SNI";
-            log(&mut entry, &snapshot, started);
+            log(&mut entry, snapshot.module.access_log, started);
             return None;
         };
+        // A tunnel may last for days: it holds its route, not the whole
+        // configuration it was routed by.
+        let format = snapshot.module.access_log;
+        drop(snapshot);
         entry.mapping = Some(&route.mapping);
         let outcome = self.serve(stream, &route, &mut entry).await;
         entry.note = outcome;
-        log(&mut entry, &snapshot, started);
+        log(&mut entry, format, started);
         None
     }
 
@@ -126,7 +131,7 @@ impl<H> TcpProxy<H> {
         entry: &mut TunnelEntry<'_>,
     ) -> &'static str {
         let cluster = &route.cluster;
-        let Some(_admission) = cluster.breaker.try_admit() else {
+        let Some(_admission) = cluster.breaker().try_admit() else {
             metrics().tcp_refused("overloaded");
             metrics().upstream_error(&route.mapping, "overloaded");
             return "circuit breaker open: max_connections reached";
@@ -167,10 +172,10 @@ impl<H> TcpProxy<H> {
     }
 }
 
-fn log(entry: &mut TunnelEntry, snapshot: &Snapshot, started: Instant) {
+fn log(entry: &mut TunnelEntry, format: AccessLog, started: Instant) {
     if log::log_enabled!(target: "access", log::Level::Info) {
         entry.duration = started.elapsed();
-        info!(target: "access", "{}", entry.render(snapshot.module.access_log));
+        info!(target: "access", "{}", entry.render(format));
     }
 }
 

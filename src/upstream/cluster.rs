@@ -30,17 +30,31 @@ use super::health::{self, HealthCheck};
 use super::service::ServiceAddr;
 use super::trust::{self, Trust};
 
+/// A snapshot's cluster: its name, and the state it shares with the
+/// clusters of every other live snapshot that have the same identity.
 #[derive(Debug)]
 pub struct Cluster {
     /// e.g. `https://quote.default:443 tls=quote-context.default`.
     pub name: String,
     pub tls: Option<Arc<TlsContext>>,
-    pub breaker: Breaker,
     pub key: ClusterKey,
+    state: Arc<ClusterState>,
+}
+
+/// What belongs to a cluster's identity, not to a snapshot: its endpoints
+/// (with their health and load), the round-robin position, the circuit
+/// breaker and the background tasks. While an old snapshot lives on (a
+/// tunnel, a WebSocket, a long request), it shares these with the new one,
+/// so reloads never multiply `max_connections` or probe an upstream twice.
+#[derive(Debug)]
+pub struct ClusterState {
+    /// The name of the cluster that created it, for the tasks' log lines.
+    name: String,
+    tls: Option<Arc<TlsContext>>,
+    key: ClusterKey,
     selection: ArcSwap<Selection>,
-    /// The round-robin position, shared with the clusters of later
-    /// snapshots that have the same identity.
-    next: Arc<AtomicUsize>,
+    next: AtomicUsize,
+    breaker: Breaker,
     tasks_started: AtomicBool,
 }
 
@@ -48,9 +62,7 @@ impl Cluster {
     /// The endpoint for this request. `None` when the service has no
     /// endpoints (the request gets a 503).
     pub fn choose(&self, request: &RequestKey) -> Option<Choice> {
-        self.selection
-            .load()
-            .choose(&self.key.policy, &self.next, request)
+        self.state.choose(request)
     }
 
     /// An endpoint for a connection with no request to hash on (a TCP
@@ -64,18 +76,70 @@ impl Cluster {
         self.choose(&request).map(|choice| choice.peer)
     }
 
+    /// The circuit breaker of the cluster's identity.
+    pub fn breaker(&self) -> &Breaker {
+        &self.state.breaker
+    }
+
     pub fn endpoint_count(&self) -> usize {
-        self.selection.load().endpoints.len()
+        self.state.selection.load().endpoints.len()
     }
 
     /// Endpoints that pass their health checks (all, without checks).
     pub fn healthy_count(&self) -> usize {
-        self.selection
+        self.state
+            .selection
             .load()
             .endpoints
             .iter()
             .filter(|e| e.state.healthy.load(Ordering::Relaxed))
             .count()
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.state.endpoints()
+    }
+
+    /// Starts the background work of the cluster's identity (DNS refresh,
+    /// health checks) on the current runtime, unless it runs already. The
+    /// tasks end when no snapshot holds the identity any more.
+    pub fn start_tasks(&self) {
+        if self.state.tasks_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(target) = self.key.dns_target() {
+            tokio::spawn(dns::run(Arc::downgrade(&self.state), target));
+        }
+        if let Some(check) = &self.key.health_check {
+            tokio::spawn(health::run(Arc::downgrade(&self.state), check.clone()));
+        }
+    }
+
+    /// Whether two clusters share their identity's state.
+    pub fn shares_state_with(&self, other: &Cluster) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+}
+
+impl ClusterState {
+    fn choose(&self, request: &RequestKey) -> Option<Choice> {
+        self.selection
+            .load()
+            .choose(&self.key.policy, &self.next, request)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.selection.load().endpoints.clone()
     }
 
     /// Publishes a new set of addresses. Addresses the cluster already had
@@ -95,11 +159,6 @@ impl Cluster {
             .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
     }
 
-    /// The current endpoints.
-    pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.selection.load().endpoints.clone()
-    }
-
     /// Rebuilds the selection when the health of an endpoint changed.
     pub fn refresh_health(&self) {
         let current = self.selection.load();
@@ -107,21 +166,6 @@ impl Cluster {
             let endpoints = current.endpoints.clone();
             self.selection
                 .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
-        }
-    }
-
-    /// Starts the cluster's background work (DNS refresh, health checks)
-    /// on the current runtime, once. The tasks end when the cluster is
-    /// dropped.
-    pub fn start_tasks(self: &Arc<Self>) {
-        if self.tasks_started.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        if let Some(target) = self.key.dns_target() {
-            tokio::spawn(dns::run(Arc::downgrade(self), target));
-        }
-        if let Some(check) = &self.key.health_check {
-            tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
         }
     }
 }
@@ -212,12 +256,11 @@ impl ClusterKey {
     }
 }
 
-/// Clusters alive in the serving (or a previous, still draining) snapshot,
-/// by identity, newest last: a rebuilt snapshot's cluster takes over the
-/// round-robin position and each endpoint's health and load from its
-/// predecessor. A refused reload's clusters die young; the serving ones
-/// stay findable behind them.
-static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Vec<Weak<Cluster>>>>> =
+/// The state of every cluster identity a live snapshot holds (the serving
+/// one, or an earlier one still draining): a rebuilt snapshot's cluster
+/// with the same identity takes it over. Entries whose last holder has
+/// gone are dropped as snapshots are built.
+static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Weak<ClusterState>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Builds clusters for one snapshot.
@@ -276,10 +319,10 @@ impl<'m> ClusterBuilder<'m> {
             return (existing.clone(), None);
         }
         let previous = match self.resolve {
-            true => LIVE.lock().ok().and_then(|live| {
-                live.get(&key)
-                    .and_then(|found| found.iter().rev().find_map(Weak::upgrade))
-            }),
+            true => LIVE
+                .lock()
+                .ok()
+                .and_then(|live| live.get(&key).and_then(Weak::upgrade)),
             false => None,
         };
         let inherited = previous.as_ref().map(|p| p.endpoints()).unwrap_or_default();
@@ -291,7 +334,6 @@ impl<'m> ClusterBuilder<'m> {
             }
             Err(e) => (Vec::new(), Some(e)),
         };
-        let endpoints = endpoints_for(&addresses, &inherited, &key, tls.as_deref());
         let mut name = key.service.to_string();
         if key.originate_tls && !key.service.https {
             name = name.replacen("http://", "https://", 1);
@@ -299,14 +341,29 @@ impl<'m> ClusterBuilder<'m> {
         if let Some(tls) = &tls {
             name.push_str(&format!(" tls={}", tls.name));
         }
+        let state = match previous {
+            Some(state) => {
+                state.set_addresses(&addresses);
+                state
+            }
+            None => {
+                let endpoints = endpoints_for(&addresses, &[], &key, tls.as_deref());
+                Arc::new(ClusterState {
+                    name: name.clone(),
+                    tls: tls.clone(),
+                    key: key.clone(),
+                    selection: ArcSwap::from_pointee(Selection::new(endpoints, &key.policy)),
+                    next: AtomicUsize::new(0),
+                    breaker: Breaker::new(key.breaker),
+                    tasks_started: AtomicBool::new(false),
+                })
+            }
+        };
         let cluster = Arc::new(Cluster {
             name,
             tls,
-            breaker: Breaker::new(key.breaker),
-            selection: ArcSwap::from_pointee(Selection::new(endpoints, &key.policy)),
-            next: previous.map(|p| p.next.clone()).unwrap_or_default(),
-            tasks_started: AtomicBool::new(false),
             key: key.clone(),
+            state,
         });
         self.clusters.insert(key, cluster.clone());
         (cluster, problem)
@@ -317,14 +374,9 @@ impl<'m> ClusterBuilder<'m> {
         if self.resolve {
             if let Ok(mut live) = LIVE.lock() {
                 for (key, cluster) in &self.clusters {
-                    live.entry(key.clone())
-                        .or_default()
-                        .push(Arc::downgrade(cluster));
+                    live.insert(key.clone(), Arc::downgrade(&cluster.state));
                 }
-                live.retain(|_, found| {
-                    found.retain(|cluster| cluster.strong_count() > 0);
-                    !found.is_empty()
-                });
+                live.retain(|_, state| state.strong_count() > 0);
             }
         }
         self.clusters.into_values().collect()
@@ -432,4 +484,65 @@ fn prepare_peer(address: SocketAddr, key: &ClusterKey, tls: Option<&TlsContext>)
         peer.group_key = hasher.finish();
     }
     peer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16, max_connections: usize) -> ClusterKey {
+        let service = ServiceAddr::parse(&format!("127.0.0.1:{port}"), false, None)
+            .expect("an address is a service");
+        ClusterKey {
+            breaker: Thresholds {
+                max_connections,
+                ..Thresholds::default()
+            },
+            ..ClusterKey::of_service(service)
+        }
+    }
+
+    /// Two snapshots built one after the other, the first still alive.
+    fn two_snapshots(first: ClusterKey, second: ClusterKey) -> (Arc<Cluster>, Arc<Cluster>) {
+        let index = EndpointIndex::default();
+        let mut builder = ClusterBuilder::new(true, &index);
+        let (old, _) = builder.cluster(first, None);
+        builder.finish();
+        let mut builder = ClusterBuilder::new(true, &index);
+        let (new, _) = builder.cluster(second, None);
+        builder.finish();
+        (old, new)
+    }
+
+    #[test]
+    fn live_snapshots_share_an_identity_s_breaker_and_endpoints() {
+        let (old, new) = two_snapshots(key(40001, 1), key(40001, 1));
+        assert!(old.shares_state_with(&new));
+        let held = old.breaker().try_admit();
+        assert!(held.is_some());
+        assert!(new.breaker().try_admit().is_none(), "a second place");
+        drop(held);
+        assert!(new.breaker().try_admit().is_some());
+    }
+
+    #[test]
+    fn another_identity_has_its_own_state() {
+        let (old, new) = two_snapshots(key(40002, 1), key(40002, 2));
+        assert!(!old.shares_state_with(&new));
+    }
+
+    #[test]
+    fn an_identity_no_snapshot_holds_starts_afresh() {
+        let index = EndpointIndex::default();
+        let mut builder = ClusterBuilder::new(true, &index);
+        let (gone, _) = builder.cluster(key(40003, 1), None);
+        builder.finish();
+        let _held = gone.breaker().try_admit();
+        let gone_state = Arc::downgrade(&gone.state);
+        drop(gone);
+        assert!(gone_state.upgrade().is_none());
+        let mut builder = ClusterBuilder::new(true, &index);
+        let (fresh, _) = builder.cluster(key(40003, 1), None);
+        assert!(fresh.breaker().try_admit().is_some());
+    }
 }

@@ -16,7 +16,7 @@ use hickory_resolver::config::{LookupIpStrategy, ResolverOpts};
 use hickory_resolver::TokioResolver;
 use log::{info, warn};
 
-use super::cluster::Cluster;
+use super::cluster::ClusterState;
 
 /// How often addresses are refreshed without `respect_dns_ttl`.
 pub const REFRESH: Duration = Duration::from_secs(5);
@@ -156,7 +156,7 @@ pub fn resolve_all(targets: Vec<DnsTarget>, deadline: Duration) -> HashMap<DnsTa
 }
 
 /// Refreshes `cluster`'s addresses until the cluster is gone.
-pub async fn run(cluster: Weak<Cluster>, target: DnsTarget) {
+pub async fn run(cluster: Weak<ClusterState>, target: DnsTarget) {
     let resolver = match resolver(target.options) {
         Ok(resolver) => resolver,
         Err(e) => {
@@ -173,7 +173,7 @@ pub async fn run(cluster: Weak<Cluster>, target: DnsTarget) {
         let next = match outcome {
             Ok((addresses, ttl)) => {
                 if failing {
-                    info!("cluster {}: {} resolves again", strong.name, target.host);
+                    info!("cluster {}: {} resolves again", strong.name(), target.host);
                     failing = false;
                 }
                 strong.set_addresses(&addresses);
@@ -185,7 +185,10 @@ pub async fn run(cluster: Weak<Cluster>, target: DnsTarget) {
             }
             Err(why) => {
                 if !failing {
-                    warn!("cluster {}: {why}; keeping the last addresses", strong.name);
+                    warn!(
+                        "cluster {}: {why}; keeping the last addresses",
+                        strong.name()
+                    );
                     failing = true;
                 }
                 REFRESH

@@ -18,7 +18,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 
 use super::balancer::{Endpoint, EndpointState};
-use super::cluster::Cluster;
+use super::cluster::ClusterState;
 
 /// A validated health check.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -66,7 +66,7 @@ impl HealthCheck {
 }
 
 /// Probes `cluster`'s endpoints until the cluster is gone.
-pub async fn run(cluster: Weak<Cluster>, check: HealthCheck) {
+pub async fn run(cluster: Weak<ClusterState>, check: HealthCheck) {
     let connector = Arc::new(Connector::new(None));
     loop {
         let Some(strong) = cluster.upgrade() else {
@@ -75,7 +75,7 @@ pub async fn run(cluster: Weak<Cluster>, check: HealthCheck) {
         let host = check
             .hostname
             .clone()
-            .unwrap_or_else(|| strong.key.service.host.clone());
+            .unwrap_or_else(|| strong.key().service.host.clone());
         let mut probes = tokio::task::JoinSet::new();
         for endpoint in strong.endpoints() {
             let (connector, check, host) = (connector.clone(), check.clone(), host.clone());
@@ -86,7 +86,7 @@ pub async fn run(cluster: Weak<Cluster>, check: HealthCheck) {
         }
         while let Some(done) = probes.join_next().await {
             if let Ok((endpoint, passed)) = done {
-                record(&strong.name, &endpoint, passed, &check);
+                record(strong.name(), &endpoint, passed, &check);
             }
         }
         strong.refresh_health();

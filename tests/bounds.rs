@@ -556,3 +556,91 @@ fn a_preserved_request_id_is_bounded() {
     let id = replaced.header("x-request-id").unwrap_or_default();
     assert_eq!(id.len(), 36, "an ID of {} bytes", id.len());
 }
+
+// ---------------------------------------------------------------------------
+// Route deadlines
+// ---------------------------------------------------------------------------
+
+/// A request that waits for a circuit-breaker place waits no longer than
+/// its route timeout, then gets 503, as Envoy answers an overflow.
+#[test]
+fn a_wait_for_a_breaker_place_ends_at_the_route_timeout() {
+    let echo = Echo::plain("up");
+    let dir = tempdir();
+    let port = free_port();
+    // Two Mappings of one cluster (and breaker), with different timeouts.
+    let breaker = "circuit_breakers:\n- max_connections: 1\n  max_pending_requests: 5";
+    let resources = [
+        mapping(
+            "slow",
+            "",
+            "/slow/",
+            &echo,
+            &format!("hostname: \"*\"\ntimeout_ms: 10000\n{breaker}"),
+        ),
+        mapping(
+            "quick",
+            "",
+            "/quick/",
+            &echo,
+            &format!("hostname: \"*\"\ntimeout_ms: 1000\n{breaker}"),
+        ),
+    ]
+    .concat();
+    write_gateway_with_listener(dir.path(), port, free_port(), "", &resources);
+    let _gateway = Gateway::start(dir.path());
+
+    let holder = thread::spawn(move || {
+        Request::get("/slow/")
+            .header("x-echo-delay-ms", "4000")
+            .timeout(Duration::from_secs(10))
+            .send(port)
+            .status
+    });
+    thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let waiting = Request::get("/quick/")
+        .timeout(Duration::from_secs(10))
+        .send(port);
+    let waited = started.elapsed();
+    assert_eq!(waiting.status, 503, "{}", waiting.text());
+    assert_eq!(waiting.header("x-envoy-overloaded"), Some("true"));
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_millis(2500),
+        "answered after {waited:?}"
+    );
+    assert_eq!(holder.join().unwrap(), 200);
+}
+
+/// The route timeout starts when the request body is complete, as Envoy's
+/// does: a slow upload is not cut by a deadline that began before it.
+#[test]
+fn the_route_timeout_starts_when_the_body_is_complete() {
+    let echo = Echo::plain("up");
+    let dir = tempdir();
+    let port = free_port();
+    let resources = mapping("up", "", "/", &echo, "hostname: \"*\"\ntimeout_ms: 1000");
+    write_gateway_with_listener(dir.path(), port, free_port(), "", &resources);
+    let _gateway = Gateway::start(dir.path());
+
+    // Two seconds of upload, a chunk every quarter second.
+    let mut connection = open(port);
+    connection
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\n\r\n")
+        .unwrap();
+    for _ in 0..8 {
+        thread::sleep(Duration::from_millis(250));
+        connection.write_all(b"u").unwrap();
+    }
+    let response = read_response(&mut connection);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // Once the body is in, the upstream still has the route timeout.
+    let started = Instant::now();
+    let late = Request::post("/late", "body")
+        .header("x-echo-delay-ms", "3000")
+        .timeout(Duration::from_secs(10))
+        .send(port);
+    assert_eq!(late.status, 504, "{}", late.text());
+    assert!(started.elapsed() < Duration::from_millis(2500));
+}

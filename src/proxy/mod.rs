@@ -113,8 +113,11 @@ pub struct RequestCtx {
     access_log: Option<AccessLog>,
     route: Option<Arc<Route>>,
     started: Instant,
-    /// When the route's `timeout_ms` runs out: the whole exchange, head and
-    /// body, must complete before it, as Envoy's route timeout demands.
+    /// The route's `timeout_ms`. It runs from the end of the request body,
+    /// as Envoy's route timeout does: a slow upload is the client's time.
+    timeout: Option<std::time::Duration>,
+    /// When the route timeout runs out, once the request body is complete:
+    /// the upstream's whole response must come before it.
     deadline: Option<Instant>,
     upstream_started: Option<Instant>,
     /// The upstream endpoint chosen, for the access log.
@@ -537,6 +540,7 @@ impl ProxyHttp for Gateway {
             access_log: None,
             route: None,
             started: Instant::now(),
+            timeout: None,
             deadline: None,
             upstream_started: None,
             upstream_addr: None,
@@ -623,7 +627,10 @@ impl ProxyHttp for Gateway {
                 // A body kept in memory can be sent again on a retry.
                 session.enable_retry_buffering();
             }
-            ctx.deadline = route.timeout.map(|t| ctx.started + t);
+            ctx.timeout = route.timeout;
+            if session.is_body_empty() {
+                ctx.deadline = route.timeout.map(|t| ctx.started + t);
+            }
         }
         Ok(false)
     }
@@ -640,9 +647,13 @@ impl ProxyHttp for Gateway {
         let cluster = route.cluster().ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "a redirect route has no upstream")
         })?;
-        // Retries come back here; the exchange keeps its place.
+        // Retries come back here; the exchange keeps its place. A request
+        // whose body is still coming waits at most its timeout.
+        let wait_until = ctx
+            .deadline
+            .or_else(|| ctx.timeout.map(|t| Instant::now() + t));
         if ctx.admission.is_none() {
-            match cluster.breaker().admit().await {
+            match cluster.breaker().admit(wait_until).await {
                 Some(admission) => ctx.admission = Some(admission),
                 None => {
                     ctx.overloaded = true;
@@ -671,7 +682,13 @@ impl ProxyHttp for Gateway {
         // Each read may wait at most what is left of the route timeout (or
         // the idle timeout, if shorter); `check_deadline` catches a
         // response that trickles in under that.
-        let left = ctx.deadline.map(|d| d.saturating_duration_since(now));
+        // While the body still comes, each read may wait the whole timeout:
+        // Pingora restarts its upstream read with every body chunk, so an
+        // upload that flows is never cut, one that stalls that long is.
+        let left = match ctx.deadline {
+            Some(deadline) => Some(deadline.saturating_duration_since(now)),
+            None => ctx.timeout,
+        };
         let per_try = route.retry.and_then(|r| r.per_try_timeout);
         let wait = match ctx.upgrade {
             // Pingora keeps these timeouts for the upgraded stream's life,
@@ -888,6 +905,11 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // An upgraded stream's bytes are no request body: its route timeout
+        // ended with the handshake.
+        if end_of_stream && ctx.deadline.is_none() && ctx.upgrade.is_none() {
+            ctx.deadline = ctx.timeout.map(|t| Instant::now() + t);
+        }
         let Mirror::Collecting(copy) = &mut ctx.mirror else {
             return Ok(());
         };

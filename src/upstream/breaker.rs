@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -65,8 +66,9 @@ impl Breaker {
         self.retrying.clone().try_acquire_owned().ok()
     }
 
-    /// Waits for a place, or refuses at once when too many already wait.
-    pub async fn admit(&self) -> Option<Admission> {
+    /// Waits for a place until `deadline` (the request's route timeout),
+    /// or refuses at once when too many already wait.
+    pub async fn admit(&self, deadline: Option<Instant>) -> Option<Admission> {
         if let Ok(permit) = self.active.clone().try_acquire_owned() {
             return Some(permit);
         }
@@ -74,7 +76,14 @@ impl Breaker {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        let permit = self.active.clone().acquire_owned().await.ok();
+        let wait = self.active.clone().acquire_owned();
+        let permit = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), wait)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            None => wait.await.ok(),
+        };
         self.pending.fetch_sub(1, Ordering::AcqRel);
         permit
     }
@@ -91,14 +100,14 @@ mod tests {
             max_pending_requests: 1,
             max_retries: 1,
         }));
-        let first = breaker.admit().await.expect("a free place");
+        let first = breaker.admit(None).await.expect("a free place");
         let waiting = tokio::spawn({
             let breaker = breaker.clone();
-            async move { breaker.admit().await.is_some() }
+            async move { breaker.admit(None).await.is_some() }
         });
         tokio::task::yield_now().await;
         // One active, one pending: the third is refused.
-        assert!(breaker.admit().await.is_none());
+        assert!(breaker.admit(None).await.is_none());
         drop(first);
         assert!(waiting.await.unwrap());
 
@@ -106,6 +115,22 @@ mod tests {
         assert!(breaker.try_retry().is_none());
         drop(retrying);
         assert!(breaker.try_retry().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_at_the_deadline() {
+        let breaker = Breaker::new(Thresholds {
+            max_connections: 1,
+            max_pending_requests: 1,
+            max_retries: 1,
+        });
+        let _held = breaker.admit(None).await.expect("a free place");
+        let two = std::time::Duration::from_secs(2);
+        let started = tokio::time::Instant::now();
+        assert!(breaker.admit(Some(Instant::now() + two)).await.is_none());
+        assert!(started.elapsed() >= two);
+        // The waiter gave its pending place back.
+        assert_eq!(breaker.pending.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub fn serve(
 
     let (live, gateway) = Live::new(loaded, registry);
     let live = Arc::new(live);
+    if let Some(dir) = &gateway.runtime_dir {
+        crate::config::runtime_dir::ensure_private(dir)?;
+    }
     let mut conf = gateway.pingora;
     conf.grace_period_seconds
         .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);

@@ -176,3 +176,122 @@ fn diag_shows_routes_in_order_and_errors_by_resource() {
     let text = gateway.admin_get("/ambassador/v0/diag/").text();
     assert!(text.contains("routes, in evaluation order"), "{text}");
 }
+
+/// A local address other than loopback, to reach the admin listener as a
+/// client from elsewhere would.
+fn non_loopback_ip() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    // Connecting a UDP socket sends nothing; it only picks the source.
+    probe
+        .connect("192.0.2.1:9")
+        .expect("this test needs a network interface besides loopback");
+    let ip = probe.local_addr().expect("a local address").ip();
+    assert!(!ip.is_loopback(), "{ip}");
+    ip
+}
+
+/// GET `path` on `ip:port` with `Connection: close`: the status.
+fn get_from(ip: std::net::IpAddr, port: u16, path: &str) -> u16 {
+    let mut stream = std::net::TcpStream::connect((ip, port)).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("write");
+    let mut bytes = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+/// Writes a gateway whose admin listener takes every address, with
+/// `resources`.
+fn admin_on_all_addresses(resources: &str) -> (tempfile::TempDir, u16, u16) {
+    let dir = tempdir();
+    let (port, admin) = (free_port(), free_port());
+    write_gateway(dir.path(), port, admin, resources);
+    let path = dir.path().join("gateway.yaml");
+    let text = std::fs::read_to_string(&path).expect("gateway.yaml");
+    std::fs::write(
+        &path,
+        text.replace(&format!("127.0.0.1:{admin}"), &format!("0.0.0.0:{admin}")),
+    )
+    .expect("gateway.yaml");
+    (dir, port, admin)
+}
+
+/// Emissary's rule: the diag shows every route and error, so it answers
+/// loopback clients only unless the Module's diagnostics.allow_non_local
+/// says otherwise. Probes and metrics answer everyone.
+#[test]
+fn the_diag_answers_loopback_clients_only_unless_allowed() {
+    let (dir, _port, admin) = admin_on_all_addresses("");
+    let gateway = Gateway::start(dir.path());
+    let remote = non_loopback_ip();
+    let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+
+    for path in ["/ambassador/v0/diag/", "/ambassador/v0/diag/?json=true"] {
+        assert_eq!(get_from(remote, admin, path), 403, "{path}");
+        assert_eq!(get_from(loopback, admin, path), 200, "{path}");
+    }
+    assert_eq!(get_from(remote, admin, "/ambassador/v0/check_alive"), 200);
+    assert_eq!(get_from(remote, admin, "/metrics"), 200);
+
+    let before = gateway.metric("pingress_config_generation").unwrap_or(0.0);
+    let module = module("diagnostics:\n  allow_non_local: true");
+    let file = dir.path().join("resources").join("test.yaml");
+    let text = std::fs::read_to_string(&file).expect("resources");
+    std::fs::write(&file, text + &module).expect("resources");
+    assert!(poll_until(std::time::Duration::from_secs(10), || {
+        gateway.metric("pingress_config_generation").unwrap_or(0.0) > before
+    }));
+    assert_eq!(get_from(remote, admin, "/ambassador/v0/diag/"), 200);
+}
+
+/// The admin listener has one thread: the liveness probe must answer while
+/// clients loop on the diag of a large configuration.
+#[test]
+fn probes_answer_while_the_diag_is_flooded() {
+    let resources: String = (0..3000)
+        .map(|i| mapping(&format!("m{i}"), &format!("/m{i}/"), "127.0.0.1:9", ""))
+        .collect();
+    let dir = tempdir();
+    let admin = free_port();
+    write_gateway(dir.path(), free_port(), admin, &resources);
+    let gateway = Gateway::start(dir.path());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = get_from([127, 0, 0, 1].into(), admin, "/ambassador/v0/diag/");
+                }
+            })
+        })
+        .collect();
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let alive = get_from([127, 0, 0, 1].into(), admin, "/ambassador/v0/check_alive");
+        assert_eq!(alive, 200);
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.join().expect("flooder");
+    }
+    // Kubernetes' default probe timeout is 1 s.
+    assert!(
+        slowest < std::time::Duration::from_millis(500),
+        "a probe took {slowest:?}\n{}",
+        gateway.log().lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+}

@@ -643,3 +643,88 @@ fn diff_marks_changed_lines() {
     assert_eq!(diff("a\nb\nc\n", "a\nx\nc\n"), "  a\n- b\n+ x\n  c\n");
     assert_eq!(diff("a\n", "a"), "  a\n(the final newline differs)\n");
 }
+
+/// Pingora's upgrade socket in a directory anyone may write to can be
+/// created first by another user, who then receives the listeners at the
+/// next upgrade: `-t` warns. Left out, the paths are pingress's private
+/// directory's, and nothing is said.
+#[test]
+fn process_files_in_a_world_writable_directory_are_warned() {
+    let dir = tempdir();
+    fs::create_dir_all(dir.path().join("resources")).expect("resources");
+    fs::write(
+        dir.path().join("gateway.yaml"),
+        "pingora:\n  upgrade_sock: /tmp/pingress-check.sock\n  pid_file: /tmp/pingress-check.pid\n\
+         resources:\n  - resources\n",
+    )
+    .expect("gateway.yaml");
+    let out = check(dir.path());
+    assert!(out.success(), "{}", out.combined());
+    let text = out.combined();
+    for field in ["pingora.upgrade_sock", "pingora.pid_file"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(field) && l.contains("every user may write to")),
+            "{field}: {text}"
+        );
+    }
+
+    write_check_gateway(dir.path());
+    let out = check(dir.path());
+    assert!(
+        out.combined().contains("configuration OK (0 warning(s))"),
+        "{}",
+        out.combined()
+    );
+}
+
+/// Without the two keys, the gateway keeps its process files in a private
+/// directory, and refuses to start when that path is not one it can trust.
+#[test]
+fn the_runtime_directory_is_private_or_the_gateway_does_not_start() {
+    // Runs the gateway until `done` says so (or it exits), then stops it.
+    let run = |runtime: &Path, done: &dyn Fn() -> bool| {
+        let dir = tempdir();
+        write_gateway(dir.path(), free_port(), free_port(), "");
+        let gateway = dir.path().join("gateway.yaml");
+        let text = fs::read_to_string(&gateway).expect("gateway.yaml");
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains("upgrade_sock") && !l.contains("pid_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(&gateway, text).expect("gateway.yaml");
+        let mut child = std::process::Command::new(PINGRESS)
+            .arg("-c")
+            .arg(&gateway)
+            .env("XDG_RUNTIME_DIR", runtime)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("pingress");
+        let made = poll_until(std::time::Duration::from_secs(10), || {
+            done() || child.try_wait().ok().flatten().is_some()
+        });
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("pingress output");
+        (made, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let fresh = tempdir();
+    let private = fresh.path().join("pingress");
+    let (made, log) = run(fresh.path(), &|| private.is_dir());
+    assert!(made, "{log}");
+    let mode = fs::metadata(fresh.path().join("pingress"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .expect("the runtime directory");
+    assert_eq!(mode, 0o700, "{log}");
+
+    let planted = tempdir();
+    let elsewhere = tempdir();
+    std::os::unix::fs::symlink(elsewhere.path(), planted.path().join("pingress")).expect("link");
+    let (_, log) = run(planted.path(), &|| false);
+    assert!(
+        log.contains("runtime directory") && log.contains("symbolic link"),
+        "{log}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `/ambassador/v0/diag/`: what the gateway serves and what is wrong with
 //! it, keyed as Emissary keys diagnostics (`name.namespace.N`).
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
@@ -58,7 +59,7 @@ fn errors(live: &Live) -> Vec<(String, String)> {
 }
 
 /// `?json=true&filter=errors`: Emissary's list of `[key, message]` pairs.
-pub fn errors_json(live: &Live) -> Value {
+fn errors_json(live: &Live) -> Value {
     Value::Array(
         errors(live)
             .into_iter()
@@ -67,7 +68,7 @@ pub fn errors_json(live: &Live) -> Value {
     )
 }
 
-pub fn full_json(live: &Live) -> Value {
+fn full_json(live: &Live) -> Value {
     let status = live.status.load();
     let snapshot = live.snapshot.load();
     let mut by_key: Map<String, Value> = Map::new();
@@ -155,7 +156,7 @@ pub fn full_json(live: &Live) -> Value {
 }
 
 /// The human form: one line per problem, then the route table.
-pub fn text(live: &Live) -> String {
+fn text(live: &Live) -> String {
     let status = live.status.load();
     let mut out = format!("pingress configuration generation {}\n", status.generation);
     for diagnostic in &status.diagnostics {
@@ -167,8 +168,9 @@ pub fn text(live: &Live) -> String {
     {
         out.push_str(&format!("{key}: {message}\n"));
     }
+    let full = full_json(live);
     out.push_str("\nroutes, in evaluation order:\n");
-    if let Value::Array(routes) = &full_json(live)["routes"] {
+    if let Value::Array(routes) = &full["routes"] {
         for route in routes {
             out.push_str(&format!(
                 "  :{} {} [{}] -> {}\n",
@@ -179,7 +181,7 @@ pub fn text(live: &Live) -> String {
             ));
         }
     }
-    if let Value::Array(ports) = &full_json(live)["tcp"] {
+    if let Value::Array(ports) = &full["tcp"] {
         if !ports.is_empty() {
             out.push_str("\nTCPMappings:\n");
         }
@@ -193,4 +195,47 @@ pub fn text(live: &Live) -> String {
         }
     }
     out
+}
+
+/// The three forms of the diag, each rendered at most once per
+/// configuration generation and second: a client looping on the diag costs
+/// a copy, not a walk of the whole route table (the endpoint counts in it
+/// are at most a second old).
+#[derive(Default)]
+pub struct DiagCache {
+    at: Option<(u64, Option<SystemTime>, u64)>,
+    rendered: [Option<Arc<String>>; 3],
+}
+
+/// Which form of the diag.
+#[derive(Debug, Clone, Copy)]
+pub enum Form {
+    Text = 0,
+    Json = 1,
+    ErrorsJson = 2,
+}
+
+impl DiagCache {
+    pub fn get(&mut self, live: &Live, form: Form) -> Arc<String> {
+        let status = live.status.load();
+        let at = (
+            status.generation,
+            status.last_reload.as_ref().map(|r| r.at),
+            seconds(SystemTime::now()),
+        );
+        drop(status);
+        if self.at != Some(at) {
+            self.at = Some(at);
+            self.rendered = Default::default();
+        }
+        self.rendered[form as usize]
+            .get_or_insert_with(|| {
+                Arc::new(match form {
+                    Form::Text => text(live),
+                    Form::Json => format!("{:#}\n", full_json(live)),
+                    Form::ErrorsJson => format!("{:#}\n", errors_json(live)),
+                })
+            })
+            .clone()
+    }
 }

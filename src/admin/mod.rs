@@ -1,8 +1,9 @@
 //! The admin listener (`admin.listen`, loopback by default): Emissary's
 //! liveness and readiness probes.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,8 @@ use crate::reload::Live;
 
 mod diag;
 
+use diag::{DiagCache, Form};
+
 pub const ALIVE_PATH: &str = "/ambassador/v0/check_alive";
 pub const READY_PATH: &str = "/ambassador/v0/check_ready";
 pub const DIAG_PATH: &str = "/ambassador/v0/diag/";
@@ -25,11 +28,47 @@ pub const METRICS_PATH: &str = "/metrics";
 pub struct AdminApp {
     ready: Arc<AtomicBool>,
     live: Arc<Live>,
+    diag: Mutex<DiagCache>,
 }
 
 impl AdminApp {
     pub fn new(ready: Arc<AtomicBool>, live: Arc<Live>) -> Self {
-        AdminApp { ready, live }
+        AdminApp {
+            ready,
+            live,
+            diag: Mutex::default(),
+        }
+    }
+
+    fn diag(&self, session: &ServerSession, form: Form, content_type: &str) -> Response<Vec<u8>> {
+        // Emissary's rule: the diag shows every route and error of the
+        // configuration, so only a client on this host sees it unless the
+        // Module's diagnostics.allow_non_local says otherwise.
+        let local = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| is_loopback(a.ip()));
+        if !local && !self.live.snapshot.load().module.diagnostics_allow_non_local {
+            return text(
+                403,
+                "the diag answers loopback clients only (Module diagnostics.allow_non_local)",
+            );
+        }
+        let body = self
+            .diag
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&self.live, form);
+        reply(200, content_type, body.as_str().to_owned())
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -61,15 +100,15 @@ impl ServeHttp for AdminApp {
         match uri.path() {
             ALIVE_PATH => text(200, "pingress is alive and well"),
             DIAG_PATH | "/ambassador/v0/diag" if query_flag(query, "json", "true") => {
-                let body = if query_flag(query, "filter", "errors") {
-                    diag::errors_json(&self.live)
+                let form = if query_flag(query, "filter", "errors") {
+                    Form::ErrorsJson
                 } else {
-                    diag::full_json(&self.live)
+                    Form::Json
                 };
-                reply(200, "application/json", format!("{body:#}\n"))
+                self.diag(session, form, "application/json")
             }
             DIAG_PATH | "/ambassador/v0/diag" => {
-                reply(200, "text/plain; charset=utf-8", diag::text(&self.live))
+                self.diag(session, Form::Text, "text/plain; charset=utf-8")
             }
             METRICS_PATH => reply(200, "text/plain; version=0.0.4", metrics().render()),
             READY_PATH if self.ready.load(Ordering::Acquire) => {

@@ -14,6 +14,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::diagnostics::{closest, Diagnostic, Location, ResourceRef, Source};
 use super::downstream::DownstreamConf;
+use super::runtime_dir;
 use super::upstream_tls::UpstreamTlsConf;
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8877";
@@ -31,6 +32,9 @@ pub struct GatewayFile {
     pub upstream_tls: UpstreamTlsConf,
     /// The client connections the gateway holds (`downstream`).
     pub downstream: DownstreamConf,
+    /// The private directory of `upgrade_sock` and `pid_file`, when the
+    /// gateway file leaves them to pingress.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +94,13 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
     })?;
 
     let mut warnings = Vec::new();
+    let given = |key: &str| {
+        parsed
+            .pingora
+            .as_ref()
+            .is_some_and(|pingora| pingora.get(key).is_some())
+    };
+    let process_files_given = [given("upgrade_sock"), given("pid_file")];
     let pingora = match parsed.pingora {
         None | Some(Value::Null) => ServerConf::default(),
         Some(value) => {
@@ -103,7 +114,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
         }
     };
 
-    let pingora = pingora.validate().map_err(|e| {
+    let mut pingora = pingora.validate().map_err(|e| {
         Box::new(Diagnostic::error(location.clone(), e.to_string()).field("pingora"))
     })?;
     if pingora.threads == 0 {
@@ -111,15 +122,38 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             Diagnostic::error(location, "threads must be at least 1").field("pingora.threads"),
         ));
     }
-    for (field, value) in [
-        ("pingora.upgrade_sock", &pingora.upgrade_sock),
-        ("pingora.pid_file", &pingora.pid_file),
-    ] {
-        if !Path::new(value).is_absolute() {
+    let mut runtime = None;
+    let (socket_name, pid_name) = runtime_dir::file_names(path);
+    for ((field, value, default_name), given) in [
+        (
+            "pingora.upgrade_sock",
+            &mut pingora.upgrade_sock,
+            socket_name,
+        ),
+        ("pingora.pid_file", &mut pingora.pid_file, pid_name),
+    ]
+    .into_iter()
+    .zip(process_files_given)
+    {
+        if !given {
+            let dir = runtime.get_or_insert_with(runtime_dir::default_dir);
+            *value = dir.join(default_name).to_string_lossy().into_owned();
+            continue;
+        }
+        if !Path::new(value.as_str()).is_absolute() {
             warnings.push(
                 Diagnostic::warning(location.clone(), format!("{value:?} is a relative path"))
                     .field(field)
                     .hint("use an absolute path: a daemon changes its directory, and the old and new process of an upgrade must agree"),
+            );
+        } else if runtime_dir::in_world_writable_dir(Path::new(value.as_str())) {
+            warnings.push(
+                Diagnostic::warning(
+                    location.clone(),
+                    format!("{value:?} is in a directory every user may write to"),
+                )
+                .field(field)
+                .hint("another user could create it first (and take the listeners at an upgrade); leave the key out for a private directory of pingress's own"),
             );
         }
     }
@@ -134,6 +168,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             admin: parsed.admin.unwrap_or_default(),
             upstream_tls: parsed.upstream_tls,
             downstream: parsed.downstream,
+            runtime_dir: runtime,
         },
         warnings,
     ))

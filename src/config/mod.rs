@@ -6,4 +6,5 @@ pub mod diagnostics;
 pub mod downstream;
 pub mod load;
 pub mod resources;
+pub mod runtime_dir;
 pub mod upstream_tls;

@@ -68,9 +68,9 @@ const MODULE_SUPPORTED: &[&str] = &[
     "keepalive",
     "listener_idle_timeout_ms",
     "max_request_headers_kb",
+    "diagnostics",
 ];
 const MODULE_LATER: &[&str] = &[
-    "diagnostics",
     "readiness_probe",
     "liveness_probe",
     "enable_http10",
@@ -100,6 +100,34 @@ const MODULE_LATER: &[&str] = &[
     "prune_unreachable_routes",
     "regex_type",
 ];
+
+/// The Module's `diagnostics`: whether the diag answers clients beyond
+/// this host (`allow_non_local`). Emissary's `enabled` also exposes the
+/// diag on the proxy listeners; pingress never does, so it is read and
+/// warned about when true.
+fn diagnostics(value: &serde_yaml::Value, report: &mut Reporter) -> bool {
+    #[derive(Default, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Diagnostics {
+        enabled: Option<bool>,
+        allow_non_local: Option<bool>,
+    }
+    let field = "spec.config.diagnostics";
+    let Some(spec) = parse_value::<Diagnostics>(Some(value), field, report) else {
+        return false;
+    };
+    if spec.enabled == Some(true) {
+        report
+            .warning(
+                &format!("{field}.enabled"),
+                "pingress serves the diag only on the admin listener, never on the proxy listeners",
+            )
+            .with_hint(
+                "admin.listen in the gateway file; allow_non_local opens it beyond loopback",
+            );
+    }
+    spec.allow_non_local.unwrap_or(false)
+}
 
 pub fn validate_modules(
     raws: &[&RawResource],
@@ -352,6 +380,11 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
             None => base.listener_idle_timeout,
             Some(ms) => unlimited_if_zero(Some(ms)),
         },
+        diagnostics_allow_non_local: config
+            .diagnostics
+            .as_ref()
+            .map(|value| diagnostics(value, report))
+            .unwrap_or(base.diagnostics_allow_non_local),
         max_request_headers: match config.max_request_headers_kb {
             None => base.max_request_headers,
             Some(kb @ 1..=MAX_REQUEST_HEADERS_KB) => kb as usize * 1024,

@@ -94,6 +94,9 @@ pub struct ModuleSettings {
     pub listener_idle_timeout: Option<Duration>,
     /// `max_request_headers_kb`, in bytes: the largest request head.
     pub max_request_headers: usize,
+    /// `diagnostics.allow_non_local`: the admin's diag answers clients
+    /// beyond this host too.
+    pub diagnostics_allow_non_local: bool,
 }
 
 /// Envoy's `idle_timeout` of a connection manager, which an Emissary user
@@ -137,6 +140,7 @@ impl Default for ModuleSettings {
             default_labels: DefaultLabels::new(),
             listener_idle_timeout: Some(DEFAULT_LISTENER_IDLE_TIMEOUT),
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
+            diagnostics_allow_non_local: false,
         }
     }
 }

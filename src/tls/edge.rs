@@ -112,26 +112,28 @@ impl EdgeTls {
     }
 }
 
-/// OpenSSL's store reads CRLs only from files; the PEM was validated when the
-/// configuration was, so this writes it out briefly and loads it.
+/// OpenSSL's store reads CRLs only from files (rust-openssl has no
+/// `X509_STORE_add_crl`). The PEM, validated with the configuration, goes
+/// into an anonymous in-memory file that OpenSSL opens by its
+/// `/proc/self/fd` path: no file in a shared directory that another user
+/// could create first, swap or read.
 fn add_crl(builder: &mut X509StoreBuilder, pem: &[u8]) -> Result<(), String> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "pingress-crl-{}-{}.pem",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&path, pem).map_err(|e| format!("CRL: {e}"))?;
-    let loaded = builder
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let problem = |e: &dyn std::fmt::Display| format!("CRL: {e}");
+    let fd = nix::sys::memfd::memfd_create(c"pingress-crl", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| problem(&e))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(pem).map_err(|e| problem(&e))?;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    builder
         .add_lookup(X509Lookup::file())
-        .and_then(|lookup| lookup.load_crl_file(&path, SslFiletype::PEM));
-    let _ = std::fs::remove_file(&path);
-    loaded.map_err(|e| format!("CRL: {e}"))?;
+        .and_then(|lookup| lookup.load_crl_file(&path, SslFiletype::PEM))
+        .map_err(|e| problem(&e))?;
     // Emissary's CRL must cover every CA in the chain.
     builder
         .set_flags(X509VerifyFlags::CRL_CHECK | X509VerifyFlags::CRL_CHECK_ALL)
-        .map_err(|e| format!("CRL: {e}"))
+        .map_err(|e| problem(&e))
 }
 
 /// A verified client certificate, as requests and upstream headers see it.

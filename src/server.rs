@@ -5,7 +5,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -24,6 +23,7 @@ use tokio::sync::broadcast;
 
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
+use crate::config::downstream::DownstreamConf;
 use crate::downstream::head::{HeadLimits, LimitSource};
 use crate::downstream::{Admitted, BoundedHttp, Gate};
 use crate::filters::Registry;
@@ -168,7 +168,7 @@ pub fn serve(
     // Every HTTP connection, on an HTTP port or an HTTPS Host's SNI of a
     // TCPMapping port, bounds its request heads under the limits of the
     // current snapshot; every client connection counts against the caps.
-    let limits = head_limits(&snapshot, gateway.downstream.head_timeout);
+    let limits = head_limits(&snapshot, gateway.downstream);
     let gate = Arc::new(Gate::new(&gateway.downstream));
     let (idle, max_head) = {
         let module = &snapshot.load().module;
@@ -279,15 +279,17 @@ impl BackgroundService for DrainWatch {
 }
 
 /// The request head limits of the serving configuration: the Module's,
-/// read as each request begins, and the gateway file's head deadline.
-fn head_limits(snapshot: &Arc<ArcSwap<Snapshot>>, deadline: Duration) -> LimitSource {
+/// read as each request begins, and the gateway file's head deadline and
+/// connection age.
+fn head_limits(snapshot: &Arc<ArcSwap<Snapshot>>, conf: DownstreamConf) -> LimitSource {
     let snapshot = snapshot.clone();
     Arc::new(move || {
         let module = &snapshot.load().module;
         HeadLimits {
-            deadline,
+            deadline: conf.head_timeout,
             idle: module.listener_idle_timeout,
             max_bytes: module.max_request_headers,
+            max_age: conf.max_connection_age,
         }
     })
 }

@@ -644,3 +644,168 @@ fn the_route_timeout_starts_when_the_body_is_complete() {
     assert_eq!(late.status, 504, "{}", late.text());
     assert!(started.elapsed() < Duration::from_millis(2500));
 }
+
+// ---------------------------------------------------------------------------
+// Established connections follow policy changes
+// ---------------------------------------------------------------------------
+
+/// A gateway with an HTTPS Host for `tls.example` whose linked TLSContext
+/// has `context_extra`; returns what a reload needs to change it.
+struct TlsGateway {
+    dir: TempDir,
+    pki: Pki,
+    server: CertFiles,
+    echo: Echo,
+    port: u16,
+    gateway: Gateway,
+}
+
+impl TlsGateway {
+    fn start(downstream: &str, context_extra: &str, extra_docs: &[String]) -> TlsGateway {
+        let dir = tempdir();
+        let pki = Pki::new(&dir.path().join("pki"));
+        let server = pki.issue_server("tls.example", &[]);
+        let echo = Echo::plain("up");
+        let port = free_port();
+        let docs = Self::docs(port, &pki, &server, &echo, context_extra, extra_docs);
+        write_gateway_without_listener(dir.path(), free_port(), &docs);
+        add_downstream(dir.path(), downstream);
+        let gateway = Gateway::start(dir.path());
+        TlsGateway {
+            dir,
+            pki,
+            server,
+            echo,
+            port,
+            gateway,
+        }
+    }
+
+    fn docs(
+        port: u16,
+        pki: &Pki,
+        server: &CertFiles,
+        echo: &Echo,
+        context_extra: &str,
+        extra_docs: &[String],
+    ) -> String {
+        let mut docs = vec![
+            listener("https", port, "HTTPS"),
+            tls_secret("server", "default", server),
+            ca_secret("client-ca", "default", pki.ca_pem()),
+            doc(
+                "TLSContext",
+                "name: ctx",
+                &format!("hosts: [tls.example]\n{context_extra}"),
+            ),
+            host(
+                "tls",
+                "tls.example",
+                &format!("{}tlsContext:\n  name: ctx", tls_spec("server", None)),
+            ),
+            mapping("up", "", "/", echo, "hostname: \"*\""),
+        ];
+        docs.extend(extra_docs.iter().cloned());
+        docs.concat()
+    }
+
+    /// Rewrites the resources with another TLSContext and waits for the
+    /// reload.
+    fn reload(&self, context_extra: &str, extra_docs: &[String]) {
+        let before = self
+            .gateway
+            .metric("pingress_config_generation")
+            .unwrap_or(0.0);
+        let docs = Self::docs(
+            self.port,
+            &self.pki,
+            &self.server,
+            &self.echo,
+            context_extra,
+            extra_docs,
+        );
+        let path = self.dir.path().join("resources").join("test.yaml");
+        let next = path.with_extension("next");
+        fs::write(&next, docs).unwrap();
+        fs::rename(&next, &path).unwrap();
+        assert!(
+            poll_until(Duration::from_secs(10), || {
+                self.gateway
+                    .metric("pingress_config_generation")
+                    .unwrap_or(0.0)
+                    > before
+            }),
+            "no reload:\n{}",
+            self.gateway.log()
+        );
+    }
+
+    fn opts(&self) -> TlsOpts {
+        TlsOpts::new(self.pki.ca_pem_path(), "tls.example")
+    }
+}
+
+/// Requiring client certificates on a Host reaches connections that are
+/// already open: their next request gets 421 and the connection closes; a
+/// new connection presents the certificate.
+#[test]
+fn a_host_that_starts_requiring_client_certificates_reaches_open_connections() {
+    let tls = TlsGateway::start("", "", &[]);
+    let alice = tls.pki.issue_client("alice");
+    let mut open_before = Client::connect_tls(tls.port, &tls.opts().client(&alice));
+    assert_eq!(open_before.get("/").status, 200);
+
+    tls.reload("ca_secret: client-ca\ncert_required: true", &[]);
+    let refused = open_before.get("/again");
+    assert_eq!(refused.status, 421, "{}", refused.text());
+    assert!(open_before.is_closed());
+
+    let mut again = Client::connect_tls(tls.port, &tls.opts().client(&alice));
+    assert_eq!(again.get("/").status, 200);
+    assert!(Request::get("/")
+        .try_send_tls(tls.port, &tls.opts())
+        .is_err());
+}
+
+/// Revoking a certificate reaches the connection that presented it: 403,
+/// then closed. Another client's connection is served, and closes after
+/// its response, to handshake again under the new policy.
+#[test]
+fn a_revoked_certificate_reaches_its_open_connection() {
+    let required = "ca_secret: client-ca\ncert_required: true";
+    let tls = TlsGateway::start("", required, &[]);
+    let alice = tls.pki.issue_client("alice");
+    let bob = tls.pki.issue_client("bob");
+    let mut alices = Client::connect_tls(tls.port, &tls.opts().client(&alice));
+    let mut bobs = Client::connect_tls(tls.port, &tls.opts().client(&bob));
+    assert_eq!(alices.get("/").status, 200);
+    assert_eq!(bobs.get("/").status, 200);
+
+    let crl = tls.pki.crl_pem(&[&bob]);
+    tls.reload(
+        &format!("{required}\ncrl_secret: client-crl"),
+        &[opaque_secret("client-crl", "default", &[("crl.pem", &crl)])],
+    );
+    let refused = bobs.get("/again");
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert!(bobs.is_closed());
+    let served = alices.get("/again");
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(served.header("connection"), Some("close"));
+}
+
+/// With downstream.max_connection_age_ms, an old connection closes after
+/// its current response.
+#[test]
+fn connections_older_than_max_connection_age_close_after_a_response() {
+    let (_dir, _gateway, port, _echo) = start("max_connection_age_ms: 1000", "");
+    let mut client = Client::connect(port);
+    let young = client.get("/");
+    assert_eq!(young.status, 200);
+    assert_ne!(young.header("connection"), Some("close"));
+    thread::sleep(Duration::from_millis(1200));
+    let old = client.get("/");
+    assert_eq!(old.status, 200);
+    assert_eq!(old.header("connection"), Some("close"));
+    assert!(client.is_closed());
+}

@@ -8,6 +8,7 @@
 //!   request_head_timeout_ms: 10000   # a whole request head, 408 after
 //!   max_connections: 4096            # open client connections, in all
 //!   max_connections_per_client: 64   # per IPv4 address or IPv6 /64
+//!   max_connection_age_ms: 3600000   # then closed after a response
 //! ```
 
 use std::time::Duration;
@@ -31,6 +32,10 @@ pub struct DownstreamConf {
     /// `None`: no cap per client. Behind a load balancer every connection
     /// comes from a few addresses, so there is none by default.
     pub max_connections_per_client: Option<usize>,
+    /// HTTP/1 connections older than this close after their current
+    /// response, so clients move to new ones (after a scale-out, or to
+    /// follow a configuration); `None`: no limit.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Default for DownstreamConf {
@@ -39,6 +44,7 @@ impl Default for DownstreamConf {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: None,
+            max_connection_age: None,
         }
     }
 }
@@ -52,6 +58,8 @@ struct DownstreamYaml {
     max_connections: Option<usize>,
     #[serde(default, deserialize_with = "at_least_one")]
     max_connections_per_client: Option<usize>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
+    max_connection_age_ms: Option<u64>,
 }
 
 impl<'de> Deserialize<'de> for DownstreamConf {
@@ -72,6 +80,10 @@ impl<'de> Deserialize<'de> for DownstreamConf {
             head_timeout,
             max_connections: yaml.max_connections.unwrap_or(base.max_connections),
             max_connections_per_client: yaml.max_connections_per_client,
+            max_connection_age: yaml
+                .max_connection_age_ms
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
         })
     }
 }

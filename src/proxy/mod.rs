@@ -207,6 +207,56 @@ fn protocol(session: &Session) -> &'static str {
     }
 }
 
+/// How the handshake of a request's TLS connection stands with the Host's
+/// TLS of the configuration that serves now.
+#[derive(Debug, PartialEq, Eq)]
+enum Handshake {
+    /// Cleartext, or the handshake the Host would make now.
+    Current,
+    /// A reload changed the Host's TLS; the request may go on, and the
+    /// connection closes after it.
+    Outdated,
+}
+
+/// A TLS connection outlives the configuration its handshake followed: a
+/// reload may have made the Host require client certificates, changed its
+/// CA or revoked a certificate. Each request is held to the Host's current
+/// client-certificate policy: without a certificate the Host now requires,
+/// 421 (a new connection will be asked for one); with one the current CA
+/// and CRL refuse, 403.
+fn handshake_holds(session: &Session, listener: &ListenerRoutes) -> Result<Handshake, Reply> {
+    if !listener.listener.tls {
+        return Ok(Handshake::Current);
+    }
+    let Some(edge) = edge_session(session) else {
+        return Ok(Handshake::Current);
+    };
+    let Some(seen) = edge.identity else {
+        return Ok(Handshake::Current);
+    };
+    let Some((_, now)) = listener.tls_host(edge.sni.as_deref()) else {
+        // Routing answers for a Host that is gone.
+        return Ok(Handshake::Outdated);
+    };
+    if now.identity == seen {
+        return Ok(Handshake::Current);
+    }
+    if now.identity.client_policy != seen.client_policy && now.verifies_clients() {
+        match &edge.client {
+            None if now.context.cert_required => return Err(Reply::certificate_now_required()),
+            Some(peer) if !now.accepts(peer) => return Err(Reply::certificate_refused()),
+            _ => {}
+        }
+    }
+    Ok(Handshake::Outdated)
+}
+
+/// Whether the connection has lived longer than the gateway file's
+/// `downstream.max_connection_age_ms`.
+fn past_max_age(session: &Session) -> bool {
+    bounded_connection(session).is_some_and(BoundedStream::past_max_age)
+}
+
 /// What the TLS handshake of this request's connection decided.
 fn edge_session(session: &Session) -> Option<&EdgeSession> {
     session
@@ -582,7 +632,14 @@ impl ProxyHttp for Gateway {
         let decision = match edge {
             Ok(edge) => {
                 headers::forward_request(session.req_header_mut(), &edge.forwarding)?;
-                self.route(session, &snapshot, edge.listener, edge.client_ip)
+                let handshake = handshake_holds(session, edge.listener);
+                if !matches!(handshake, Ok(Handshake::Current)) || past_max_age(session) {
+                    // The next request comes on a new connection, under
+                    // the configuration that serves now.
+                    session.set_keepalive(None);
+                }
+                handshake
+                    .and_then(|_| self.route(session, &snapshot, edge.listener, edge.client_ip))
             }
             Err(reply) => Err(reply),
         };

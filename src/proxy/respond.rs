@@ -131,6 +131,27 @@ impl Reply {
         )
     }
 
+    /// A TLS connection from before a reload that made its Host require a
+    /// client certificate, which this connection's handshake never asked
+    /// for: a new connection will be.
+    pub fn certificate_now_required() -> Self {
+        Self::gateway(
+            421,
+            "client_certificate_required",
+            "the Host now requires a client certificate: connect again to present one",
+        )
+    }
+
+    /// A client certificate an earlier handshake verified, which the
+    /// Host's current CA or CRL refuses.
+    pub fn certificate_refused() -> Self {
+        Self::gateway(
+            403,
+            "client_certificate_refused",
+            "this connection's client certificate is not accepted by the Host any more",
+        )
+    }
+
     /// An `Upgrade` the route does not allow: Envoy's 403 (`upgrade_failed`).
     pub fn upgrade_refused(protocol: &str) -> Self {
         Self::gateway(

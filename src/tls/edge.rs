@@ -4,11 +4,12 @@
 //! the handshake tells requests (the Host it chose, the client's identity).
 
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use log::{debug, warn};
+use openssl::ex_data::Index;
 use openssl::stack::Stack;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
@@ -16,9 +17,10 @@ use pingora::tls::ext::{
     ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
 };
 use pingora::tls::ssl::SslFiletype;
-use pingora::tls::ssl::{NameType, SslRef, SslVerifyMode};
+use pingora::tls::ssl::{NameType, Ssl, SslRef, SslVerifyMode};
 use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
 use pingora::tls::x509::verify::X509VerifyFlags;
+use pingora::tls::x509::X509StoreContext;
 use pingora::tls::x509::{X509Name, X509NameRef, X509};
 
 use crate::snapshot::Snapshot;
@@ -33,6 +35,17 @@ pub struct EdgeTls {
     /// CA names sent in the CertificateRequest.
     client_ca_names: Vec<X509Name>,
     cipher_list: Option<String>,
+    /// What a handshake with this Host establishes, for the requests that
+    /// come on its connection after a reload.
+    pub identity: HandshakeIdentity,
+}
+
+/// Digests of what a handshake established: everything it used, and the
+/// part that decided which clients it let in (CA, CRL, `cert_required`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeIdentity {
+    pub whole: u64,
+    pub client_policy: u64,
 }
 
 impl std::fmt::Debug for EdgeTls {
@@ -64,12 +77,51 @@ impl EdgeTls {
         };
         let cipher_list =
             (!context.cipher_suites.is_empty()).then(|| context.cipher_suites.join(":"));
+        let mut ca_der = Vec::new();
+        for ca in context.ca.iter().flat_map(|cas| cas.iter()) {
+            ca_der.extend(ca.to_der().map_err(|e| format!("CA certificate: {e}"))?);
+        }
+        let crl = context.crl.as_deref().map_or(&[][..], Vec::as_slice);
+        let client_policy =
+            super::identity_digest(&[&ca_der, crl, &[u8::from(context.cert_required)]]);
+        let identity = HandshakeIdentity {
+            whole: super::identity_digest(&[
+                &context.identity.to_be_bytes(),
+                &client_policy.to_be_bytes(),
+                cipher_list.as_deref().unwrap_or_default().as_bytes(),
+            ]),
+            client_policy,
+        };
         Ok(EdgeTls {
             context,
             verify_store,
             client_ca_names,
             cipher_list,
+            identity,
         })
+    }
+
+    /// Whether the Host asks clients for certificates now.
+    pub fn verifies_clients(&self) -> bool {
+        self.verify_store.is_some()
+    }
+
+    /// Whether a client certificate that an earlier handshake verified
+    /// passes this Host's CA and CRL now.
+    pub fn accepts(&self, peer: &PeerCert) -> bool {
+        let Some(store) = &self.verify_store else {
+            return true;
+        };
+        let verified = || -> Result<bool, openssl::error::ErrorStack> {
+            let cert = X509::from_pem(peer.pem.as_bytes())?;
+            let mut chain = Stack::new()?;
+            for link in X509::stack_from_pem(peer.chain_pem.as_bytes())? {
+                chain.push(link)?;
+            }
+            let mut context = X509StoreContext::new()?;
+            context.init(store, &cert, &chain, |c| c.verify_cert())
+        };
+        verified().unwrap_or(false)
     }
 
     /// Puts this Host's certificate and client-certificate policy on a
@@ -194,6 +246,15 @@ impl PeerCert {
 pub struct EdgeSession {
     pub sni: Option<String>,
     pub client: Option<PeerCert>,
+    /// What the handshake established with the Host it chose.
+    pub identity: Option<HandshakeIdentity>,
+}
+
+/// Where the certificate callback leaves the identity of the Host it
+/// installed, for the end of the same handshake.
+fn identity_index() -> Option<Index<Ssl, HandshakeIdentity>> {
+    static INDEX: OnceLock<Option<Index<Ssl, HandshakeIdentity>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
 }
 
 /// The handshake side of one TLS listener: HTTPS Hosts and TCPMappings'
@@ -237,6 +298,9 @@ impl TlsAccept for EdgeAcceptor {
                 self.port, edge.context.name
             );
         }
+        if let Some(index) = identity_index() {
+            ssl.set_ex_data(index, edge.identity);
+        }
     }
 
     async fn handshake_complete_callback(
@@ -253,6 +317,11 @@ impl TlsAccept for EdgeAcceptor {
                 .unwrap_or_default();
             PeerCert::from_x509(&cert, &chain)
         });
-        Some(Arc::new(EdgeSession { sni: name, client }))
+        let identity = identity_index().and_then(|index| ssl.ex_data(index).copied());
+        Some(Arc::new(EdgeSession {
+            sni: name,
+            client,
+            identity,
+        }))
     }
 }

@@ -161,6 +161,9 @@ fn cors_policies_of_module_and_mapping() {
         allowed.header("access-control-expose-headers"),
         Some("x-trace")
     );
+    // An answer that echoes the Origin differs by Origin: a cache must
+    // not give it to another site.
+    assert_eq!(allowed.header("vary"), Some("Origin"));
 
     let wrong = request(
         port,
@@ -225,6 +228,7 @@ fn cors_policies_of_module_and_mapping() {
         Some("x-custom")
     );
     assert_eq!(preflight.header("access-control-max-age"), Some("600"));
+    assert_eq!(preflight.header("vary"), Some("Origin"));
     // From an origin outside the policy, the OPTIONS goes to the upstream.
     request(
         port,
@@ -491,4 +495,32 @@ fn example_fault_injection_failures_stay_in_their_request() {
         "{log}"
     );
     assert!(log.contains("filter Filter/faults.default failed"), "{log}");
+}
+
+/// `origins: "*"` with `credentials: true` lets any site make requests
+/// with the user's cookies: `-t` warns.
+#[test]
+fn cors_any_origin_with_credentials_is_warned() {
+    let dir = tempdir();
+    let echo = Echo::plain("any");
+    write_gateway(
+        dir.path(),
+        free_port(),
+        free_port(),
+        &route(
+            "any",
+            "/any/",
+            &echo,
+            "cors:\n  origins: [\"*\"]\n  credentials: true",
+        ),
+    );
+    let out = check(dir.path());
+    assert!(out.success(), "{}", out.combined());
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains("spec.cors") && l.contains("any site")),
+        "{}",
+        out.stdout
+    );
 }

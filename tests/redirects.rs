@@ -130,3 +130,47 @@ fn invalid_redirect_settings_are_reported() {
         "{text}"
     );
 }
+
+/// A redirect's new path is written right after the service's host name in
+/// the Location: a path that does not start with `/` would continue the
+/// host name (`foobar.com` + `.evil.example/x`) and send clients to
+/// another host. `path_redirect` and `prefix_redirect` must start with
+/// `/`, and a `regex_redirect` result that does not is given one.
+#[test]
+fn a_redirect_path_cannot_change_the_host() {
+    let dir = tempdir();
+    let resources = [
+        redirect_mapping("empty-prefix", "/p", "  prefix_redirect: \"\"\n"),
+        redirect_mapping("bare-path", "/q/", "  path_redirect: \"@evil.example/\"\n"),
+    ]
+    .concat();
+    write_gateway(dir.path(), free_port(), free_port(), &resources);
+    let out = check(dir.path());
+    assert_eq!(out.code, 1, "{}", out.combined());
+    for (name, field) in [
+        ("empty-prefix", "spec.prefix_redirect"),
+        ("bare-path", "spec.path_redirect"),
+    ] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.contains(&format!("Mapping default/{name}: {field}"))
+                    && l.contains("must start with /")),
+            "{name}: {}",
+            out.stdout
+        );
+    }
+
+    let resources = redirect_mapping(
+        "regex",
+        "/r/",
+        "  regex_redirect:\n    pattern: ^/r/(.*)$\n    substitution: \\1\n",
+    );
+    let (_dir, _gateway, port) = start_gateway("", &resources);
+    let response = request(port, "GET", "/r/.evil.example/x", &[]);
+    assert_eq!(response.status, 301);
+    assert_eq!(
+        response.header("location"),
+        Some("http://foobar.com/.evil.example/x")
+    );
+}

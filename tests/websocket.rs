@@ -174,6 +174,35 @@ fn upgrades_the_mapping_does_not_name_are_refused() {
         .send(port)
         .echo_ok();
     assert_eq!(reply.header("upgrade").as_deref(), Some("spdy/3.1"));
+    // The other hop-by-hop headers stay on the client's hop, and so do the
+    // ones its Connection names.
+    let reply = Request::get("/spdy/")
+        .headers(&[
+            ("upgrade", "spdy/3.1"),
+            ("connection", "Upgrade, x-hop, keep-alive"),
+            ("x-hop", "mine"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+        ])
+        .send(port)
+        .echo_ok();
+    assert_eq!(reply.header("upgrade").as_deref(), Some("spdy/3.1"));
+    assert_eq!(reply.header("connection").as_deref(), Some("upgrade"));
+    for hop in [
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "proxy-authorization",
+    ] {
+        assert!(
+            !reply.has_header(hop),
+            "{hop} was forwarded: {:?}",
+            reply.headers()
+        );
+    }
 
     // HTTP/1.0 cannot upgrade (RFC 9110 §7.8): proxied as a plain request,
     // without the hop-by-hop Upgrade header.

@@ -459,8 +459,6 @@ pub struct ListenerSpec {
     pub l7_depth: Option<u32>,
     #[serde(rename = "hostBinding")]
     pub host_binding: Option<HostBinding>,
-    #[serde(rename = "statsPrefix")]
-    pub stats_prefix: Option<String>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -513,7 +511,6 @@ pub struct ModuleConfig {
     pub headers_with_underscores_action: Option<String>,
     pub strip_matching_host_port: Option<bool>,
     pub suppress_envoy_headers: Option<bool>,
-    pub regex_max_size: Option<u32>,
     pub use_ambassador_namespace_for_service_resolution: Option<bool>,
     pub enable_ipv4: Option<bool>,
     pub enable_ipv6: Option<bool>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use http::header::{
     ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
-    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, VARY,
 };
 use http::{HeaderValue, Method};
 use pingora::http::ResponseHeader;
@@ -80,6 +80,15 @@ fn joined(
 /// Parses a `cors` block at `field`; problems are reported there.
 pub(crate) fn parse(value: &Value, field: &str, report: &mut Reporter) -> Option<Arc<CorsPolicy>> {
     let spec = parse_value::<CorsSpec>(Some(value), field, report)?;
+    if spec.credentials && items(&spec.origins).iter().any(|o| o == "*") {
+        report
+            .warning(
+                field,
+                "origins \"*\" with credentials: true lets any site send requests with the \
+                 user's cookies and read the answers",
+            )
+            .with_hint("list the origins that may");
+    }
     CorsPolicy::from_spec(&spec)
         .map_err(|e| report.error(field, e))
         .ok()
@@ -171,7 +180,9 @@ impl Filter for CorsFilter {
             return Ok(Flow::Continue);
         }
         let mut reply = Reply::new(200).reason("cors_preflight");
-        reply = reply.header(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        reply = reply
+            .header(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone())
+            .header(VARY, HeaderValue::from_static("Origin"));
         let optional = [
             (ACCESS_CONTROL_ALLOW_METHODS, &policy.methods),
             (ACCESS_CONTROL_ALLOW_HEADERS, &policy.headers),
@@ -201,6 +212,19 @@ impl Filter for CorsFilter {
             return Ok(());
         };
         response.insert_header(ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+        // The answer now differs by Origin; a cache must know.
+        let varies = response
+            .headers
+            .get_all(VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| {
+                matches!(token.trim(), "*") || token.trim().eq_ignore_ascii_case("origin")
+            });
+        if !varies {
+            response.append_header(VARY, "Origin")?;
+        }
         if policy.credentials {
             response.insert_header(ACCESS_CONTROL_ALLOW_CREDENTIALS, "true")?;
         }

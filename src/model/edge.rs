@@ -65,7 +65,6 @@ const MODULE_SUPPORTED: &[&str] = &[
     "load_balancer",
     "cluster_idle_timeout_ms",
     "cluster_max_connection_lifetime_ms",
-    "keepalive",
     "listener_idle_timeout_ms",
     "max_request_headers_kb",
     "diagnostics",
@@ -520,10 +519,9 @@ const LISTENER_SUPPORTED: &[&str] = &[
     "securityModel",
     "l7Depth",
     "hostBinding",
-    "statsPrefix",
     "ambassador_id",
 ];
-const LISTENER_LATER: &[&str] = &["http2MaxConcurrentStreams"];
+const LISTENER_LATER: &[&str] = &["http2MaxConcurrentStreams", "statsPrefix"];
 
 pub fn validate_listeners(
     raws: &[&RawResource],
@@ -844,4 +842,179 @@ pub fn validate_hosts(
         });
     }
     hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_documents;
+    use std::path::Path;
+
+    /// The diagnostics and result of validating `kind` with `spec` (block
+    /// YAML), with `validate` over the parsed resources.
+    fn validated<T>(
+        kind: &str,
+        name: &str,
+        spec: &str,
+        validate: impl FnOnce(&[&RawResource], &mut Vec<Diagnostic>) -> T,
+    ) -> (T, Vec<Diagnostic>) {
+        let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        let yaml = format!(
+            "apiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata:\n  name: {name}\n\
+             spec:\n{spec}"
+        );
+        let (mut raws, mut diags) = (Vec::new(), Vec::new());
+        parse_documents(Path::new("keys.yaml"), &yaml, &mut raws, &mut diags);
+        let refs: Vec<&RawResource> = raws.iter().collect();
+        let out = validate(&refs, &mut diags);
+        (out, diags)
+    }
+
+    /// A value for every Module key pingress reads; LATER keys take `1`.
+    const MODULE_SAMPLES: &[(&str, &str)] = &[
+        ("defaults", "defaults:\n  add_request_headers:\n    x-a: b"),
+        (
+            "cluster_request_timeout_ms",
+            "cluster_request_timeout_ms: 5000",
+        ),
+        ("server_name", "server_name: edge"),
+        ("add_linkerd_headers", "add_linkerd_headers: true"),
+        ("xff_num_trusted_hops", "xff_num_trusted_hops: 1"),
+        ("use_remote_address", "use_remote_address: false"),
+        ("merge_slashes", "merge_slashes: true"),
+        (
+            "reject_requests_with_escaped_slashes",
+            "reject_requests_with_escaped_slashes: true",
+        ),
+        (
+            "headers_with_underscores_action",
+            "headers_with_underscores_action: DROP_HEADER",
+        ),
+        ("strip_matching_host_port", "strip_matching_host_port: true"),
+        ("suppress_envoy_headers", "suppress_envoy_headers: true"),
+        (
+            "use_ambassador_namespace_for_service_resolution",
+            "use_ambassador_namespace_for_service_resolution: true",
+        ),
+        ("enable_ipv4", "enable_ipv4: false"),
+        ("enable_ipv6", "enable_ipv6: true"),
+        (
+            "forward_client_cert_details",
+            "forward_client_cert_details: SANITIZE_SET",
+        ),
+        (
+            "set_current_client_cert_details",
+            "set_current_client_cert_details:\n  subject: true",
+        ),
+        ("envoy_log_type", "envoy_log_type: json"),
+        (
+            "circuit_breakers",
+            "circuit_breakers:\n- max_connections: 5",
+        ),
+        ("retry_policy", "retry_policy:\n  retry_on: 5xx"),
+        (
+            "keepalive",
+            "keepalive:\n  idle_time: 100\n  interval: 10\n  probes: 3",
+        ),
+        (
+            "preserve_external_request_id",
+            "preserve_external_request_id: true",
+        ),
+        ("cors", "cors:\n  origins: [http://a.example]"),
+        ("ip_allow", "ip_allow:\n- remote: 10.0.0.0/8"),
+        ("ip_deny", "ip_deny:\n- remote: 10.0.0.0/8"),
+        ("default_label_domain", "default_label_domain: other"),
+        (
+            "default_labels",
+            "default_labels:\n  ambassador:\n    defaults:\n    - generic_key: {value: g}",
+        ),
+        ("resolver", "resolver: endpoint"),
+        ("load_balancer", "load_balancer:\n  policy: least_request"),
+        ("cluster_idle_timeout_ms", "cluster_idle_timeout_ms: 1000"),
+        (
+            "cluster_max_connection_lifetime_ms",
+            "cluster_max_connection_lifetime_ms: 1000",
+        ),
+        ("listener_idle_timeout_ms", "listener_idle_timeout_ms: 1000"),
+        ("max_request_headers_kb", "max_request_headers_kb: 8"),
+        ("diagnostics", "diagnostics:\n  allow_non_local: true"),
+    ];
+
+    /// A key that is read and then does nothing is a silent defect: each
+    /// key the Module accepts changes the settings or draws a warning that
+    /// names it.
+    #[test]
+    fn every_module_key_is_used_or_warned() {
+        let default = format!("{:?}", ModuleSettings::default());
+        for key in MODULE_SUPPORTED.iter().chain(MODULE_LATER) {
+            let later = format!("{key}: 1");
+            let sample = match MODULE_SAMPLES.iter().find(|(k, _)| k == key) {
+                Some((_, sample)) => *sample,
+                None if MODULE_LATER.contains(key) => &later,
+                None => panic!("MODULE_SAMPLES has no value for `{key}`"),
+            };
+            let config: String = sample.lines().map(|l| format!("  {l}\n")).collect();
+            let (settings, diags) = validated(
+                "Module",
+                "ambassador",
+                &format!("config:\n{config}"),
+                |raws, diags| validate_modules(raws, diags, &mut BTreeMap::new()),
+            );
+            assert!(!diags.iter().any(Diagnostic::is_error), "{key}: {diags:?}");
+            let warned = diags
+                .iter()
+                .any(|d| d.field.as_deref().is_some_and(|f| f.contains(key)));
+            let used = format!("{settings:?}") != default;
+            assert!(warned || used, "`{key}` is neither used nor warned about");
+        }
+    }
+
+    /// The same for a Listener's keys.
+    #[test]
+    fn every_listener_key_is_used_or_warned() {
+        let base = "port: 8080\nprotocol: HTTP\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL";
+        let listeners = |spec: &str| {
+            validated("Listener", "l", spec, |raws, diags| {
+                let listeners = validate_listeners(
+                    raws,
+                    &ModuleSettings::default(),
+                    diags,
+                    &mut BTreeMap::new(),
+                );
+                format!("{listeners:?}")
+            })
+        };
+        let (plain, diags) = listeners(base);
+        assert!(diags.is_empty(), "{diags:?}");
+        let samples: &[(&str, &str)] = &[
+            ("port", "port: 8081\nprotocol: HTTP\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL"),
+            ("protocol", "port: 8080\nprotocol: HTTPS\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL"),
+            ("protocolStack", "port: 8080\nprotocolStack: [TLS, HTTP, TCP]\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL"),
+            ("securityModel", "port: 8080\nprotocol: HTTP\nsecurityModel: SECURE\nhostBinding:\n  namespace:\n    from: ALL"),
+            ("l7Depth", &format!("{base}\nl7Depth: 1")),
+            ("hostBinding", "port: 8080\nprotocol: HTTP\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: SELF"),
+        ];
+        // ambassador_id is read where resources are sorted by kind: a
+        // Listener of another instance never reaches this function.
+        for key in LISTENER_SUPPORTED
+            .iter()
+            .chain(LISTENER_LATER)
+            .filter(|k| **k != "ambassador_id")
+        {
+            let later = format!("{base}\n{key}: 1");
+            let spec = match samples.iter().find(|(k, _)| k == key) {
+                Some((_, sample)) => sample.to_string(),
+                None if LISTENER_LATER.contains(key) => later,
+                None => panic!("no sample for the Listener's `{key}`"),
+            };
+            let (result, diags) = listeners(&spec);
+            let warned = diags
+                .iter()
+                .any(|d| !d.is_error() && d.field.as_deref().is_some_and(|f| f.contains(key)));
+            assert!(
+                warned || result != plain,
+                "`{key}` is neither used nor warned about"
+            );
+        }
+    }
 }

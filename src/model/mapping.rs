@@ -1007,6 +1007,19 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
             .warning(set[1], format!("{} is also set and wins", set[0]))
             .with_hint("path_redirect wins over prefix_redirect, which wins over regex_redirect");
     }
+    // The new path follows the host name in the Location: without a
+    // leading `/` it would continue the host name.
+    for (field, value) in [
+        ("spec.path_redirect", &spec.path_redirect),
+        ("spec.prefix_redirect", &spec.prefix_redirect),
+    ] {
+        if value.as_deref().is_some_and(|v| !v.starts_with('/')) {
+            report.error(field, "must start with /").with_hint(
+                "a path that does not would be read as part of the redirect's host name",
+            );
+            return None;
+        }
+    }
     let path = if let Some(path) = &spec.path_redirect {
         RedirectPath::Replace(path.clone())
     } else if let Some(prefix) = &spec.prefix_redirect {

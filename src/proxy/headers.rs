@@ -343,6 +343,38 @@ pub(super) fn apply_edits<'s>(
     Ok(())
 }
 
+/// The hop-by-hop headers of RFC 9110 §7.6.1 and their widespread kin,
+/// besides `Connection` and `Upgrade`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+];
+
+/// The head of an upgrade other than WebSocket, as Envoy forwards one:
+/// `Upgrade` and `Connection: upgrade` cross the hop; the other hop-by-hop
+/// headers, and those the client's `Connection` names, do not.
+pub(super) fn keep_only_the_upgrade(head: &mut RequestHeader) -> pingora::Result<()> {
+    let nominated: Vec<HeaderName> = head
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| *name != http::header::UPGRADE)
+        .collect();
+    for name in nominated.iter().chain(&HOP_BY_HOP) {
+        head.remove_header(name);
+    }
+    head.insert_header(http::header::CONNECTION, "upgrade")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,3 +628,4 @@ mod tests {
         assert_eq!(response.headers["x-envoy-upstream-service-time"], "7");
     }
 }
+

@@ -895,6 +895,11 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.upgrade == Some(Upgrade::Other) {
+            // Pingora forwards such a handshake untouched (H1UpgradePolicy::
+            // Preserve); only the upgrade itself crosses this hop.
+            headers::keep_only_the_upgrade(upstream)?;
+        }
         let (Some(route), Some(snapshot)) = (ctx.route.as_ref(), ctx.snapshot.as_ref()) else {
             return Ok(());
         };

@@ -40,7 +40,7 @@ impl Redirect {
         query: Option<&str>,
     ) -> String {
         let scheme = self.scheme.as_deref().unwrap_or(request_scheme);
-        let new_path = match &self.path {
+        let mut new_path = match &self.path {
             RedirectPath::Keep => path.to_string(),
             RedirectPath::Replace(replacement) => replacement.clone(),
             RedirectPath::Prefix(replacement) => {
@@ -51,6 +51,11 @@ impl Redirect {
                 substitution,
             } => regex.replace_all(path, substitution.as_str()).into_owned(),
         };
+        // A substitution may drop the leading `/`; what follows the host
+        // name must be a path, or it would change the host.
+        if !new_path.starts_with('/') {
+            new_path.insert(0, '/');
+        }
         match query {
             Some(query) => format!("{scheme}://{}{new_path}?{query}", self.authority),
             None => format!("{scheme}://{}{new_path}", self.authority),

@@ -93,16 +93,39 @@ impl XfccPolicy {
             ));
         }
         if self.fields.subject {
-            parts.push(format!("Subject=\"{}\"", peer.subject.replace('"', "\\\"")));
+            // RFC 2253 has escaped `"` and `\\` in the subject already, as
+            // Envoy's subject is; escaping again would end the quoted value
+            // early at an escaped quote.
+            parts.push(format!("Subject=\"{}\"", peer.subject));
         }
         if self.fields.uri {
-            parts.extend(peer.uris.iter().map(|u| format!("URI={u}")));
+            parts.extend(peer.uris.iter().map(|u| format!("URI={}", value(u))));
         }
         if self.fields.dns {
-            parts.extend(peer.dns.iter().map(|d| format!("DNS={d}")));
+            parts.extend(peer.dns.iter().map(|d| format!("DNS={}", value(d))));
         }
         parts.join(";")
     }
+}
+
+/// A SAN as an XFCC value: quoted, with `"` and `\\` escaped, when it holds
+/// a character that delimits XFCC (`,` between elements, `;` between
+/// pairs, `=` within one), so a certificate's name cannot add pairs or
+/// elements of its own. Envoy writes them bare.
+fn value(san: &str) -> std::borrow::Cow<'_, str> {
+    if !san.contains([',', ';', '=', '"', '\\']) {
+        return san.into();
+    }
+    let mut quoted = String::with_capacity(san.len() + 4);
+    quoted.push('"');
+    for c in san.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted.into()
 }
 
 /// Percent-encodes all but RFC 3986 unreserved characters, as Envoy encodes
@@ -192,6 +215,21 @@ mod tests {
                 assert_eq!(policy(mode).sends_any(peer.is_some()), sends, "{mode:?}");
             }
         }
+    }
+
+    #[test]
+    fn names_cannot_add_pairs_or_elements() {
+        let mut p = peer();
+        // What tls::rfc2253 makes of CN `a"b,c`.
+        p.subject = r#"CN=a\"b\,c"#.into();
+        p.uris = vec!["spiffe://x,Hash=evil;By=me".into()];
+        p.dns = vec!["a.example".into(), "b\"c".into()];
+        assert_eq!(
+            policy(XfccMode::SanitizeSet)
+                .header(None, Some(&p))
+                .unwrap(),
+            r#"Hash=ab12;Subject="CN=a\"b\,c";URI="spiffe://x,Hash=evil;By=me";DNS=a.example;DNS="b\"c""#
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub struct Metrics {
     pub downstream_connections: IntGauge,
     downstream_refused: IntCounterVec,
     downstream_closed: IntCounterVec,
-    rate_limit_evictions: IntCounterVec,
+    rate_limit_overflow: IntCounterVec,
 }
 
 /// The process's metrics. Registration of fixed names cannot fail; should
@@ -191,10 +191,10 @@ impl Metrics {
                  idle_timeout, head_timeout (408) or head_too_large (431)",
                 &["reason"],
             )?,
-            rate_limit_evictions: counter_vec(
-                "rate_limit_buckets_evicted_total",
-                "In-memory rate-limit buckets dropped at the cap per limit while not yet full \
-                 (their clients start again with a full bucket), by limit name",
+            rate_limit_overflow: counter_vec(
+                "rate_limit_overflow_total",
+                "Requests counted against a limit's shared overflow bucket because all its \
+                 in-memory buckets were in use, by limit name",
                 &["limit"],
             )?,
             certificate_expiry,
@@ -246,9 +246,9 @@ impl Metrics {
         self.downstream_closed.with_label_values(&[reason]).inc();
     }
 
-    /// The eviction counter of one rate limit's buckets.
-    pub fn rate_limit_evictions(&self, limit: &str) -> IntCounter {
-        self.rate_limit_evictions.with_label_values(&[limit])
+    /// The overflow counter of one rate limit's buckets.
+    pub fn rate_limit_overflow(&self, limit: &str) -> IntCounter {
+        self.rate_limit_overflow.with_label_values(&[limit])
     }
 
     pub fn tcp_refused(&self, reason: &str) {

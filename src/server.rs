@@ -2,7 +2,7 @@
 //! and run the Pingora server; or, with `-t`, report and exit.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use log::{error, info, warn};
 use pingora::apps::HttpServerOptions;
 use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::proxy::HttpProxy;
-use pingora::server::configuration::Opt;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::background_service;
@@ -24,6 +24,8 @@ use tokio::sync::broadcast;
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::downstream::DownstreamConf;
+use crate::config::load::ProcessFiles;
+use crate::config::runtime_dir;
 use crate::downstream::head::{HeadLimits, LimitSource};
 use crate::downstream::{Admitted, BoundedHttp, Gate};
 use crate::filters::Registry;
@@ -142,10 +144,8 @@ pub fn serve(
 
     let (live, gateway) = Live::new(loaded, registry);
     let live = Arc::new(live);
-    if let Some(dir) = &gateway.runtime_dir {
-        crate::config::runtime_dir::ensure_private(dir)?;
-    }
     let mut conf = gateway.pingora;
+    place_process_files(&mut conf, &gateway.path, gateway.left_to_pingress)?;
     conf.grace_period_seconds
         .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);
     let opt = Opt {
@@ -240,6 +240,33 @@ pub fn serve(
     server.run_forever()
 }
 
+/// Puts the process files the gateway file leaves out in pingress's
+/// private directory, made (or checked) now: the new process of an upgrade
+/// finds the same paths from the same (canonical) gateway file path.
+fn place_process_files(
+    conf: &mut ServerConf,
+    gateway_path: &Path,
+    left: ProcessFiles,
+) -> Result<(), String> {
+    if left == ProcessFiles::default() {
+        return Ok(());
+    }
+    let dir = runtime_dir::default_dir();
+    runtime_dir::ensure_private(&dir)?;
+    let (socket, pid) = runtime_dir::file_names(gateway_path);
+    if left.upgrade_sock {
+        conf.upgrade_sock = dir.join(socket).to_string_lossy().into_owned();
+    }
+    if left.pid_file {
+        conf.pid_file = dir.join(pid).to_string_lossy().into_owned();
+    }
+    info!(
+        "upgrade socket {}, pid file {}",
+        conf.upgrade_sock, conf.pid_file
+    );
+    Ok(())
+}
+
 /// Raises `draining` when the process starts to hand its sockets to a new
 /// one (`-u`, then SIGQUIT) or to shut down, so responses from then on close
 /// their connections.
@@ -303,6 +330,7 @@ fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<Tls
         .listener(port)
         .map(|l| l.tls_bounds.clone())
         .unwrap_or_default();
+    crate::tls::edge::check_identity_index()?;
     let acceptor = EdgeAcceptor {
         port,
         snapshot: snapshot.clone(),

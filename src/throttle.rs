@@ -4,8 +4,9 @@
 //! lines that matter. Each source writes a few lines a second; the next
 //! line written says how many were held back.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use log::{Log, Metadata, Record};
@@ -59,31 +60,53 @@ fn seconds() -> u64 {
     ORIGIN.get_or_init(Instant::now).elapsed().as_secs()
 }
 
+/// Lines a second from one call site that a client can reach at will.
+pub const LINES_PER_SECOND: u32 = 5;
+
+/// `log::warn!` or `log::error!` at most [`LINES_PER_SECOND`] times a
+/// second from this call site; the next line written says how many were
+/// held back. For lines any client can cause with each request.
+macro_rules! throttled {
+    ($level:ident, $($arg:tt)+) => {{
+        static SITE: $crate::throttle::Throttle =
+            $crate::throttle::Throttle::new($crate::throttle::LINES_PER_SECOND);
+        match SITE.admit() {
+            Some(0) => log::$level!($($arg)+),
+            Some(held_back) => log::$level!(
+                "{} ({held_back} similar lines held back)",
+                format_args!($($arg)+)
+            ),
+            None => {}
+        }
+    }};
+}
+pub(crate) use throttled;
+
 /// The process's logger: `inner` for every line, but Pingora's own warnings
 /// and errors, which a client triggers with every malformed or cut
 /// connection, go through a throttle per call site.
 pub struct ThrottledLog<L> {
     inner: L,
-    sites: [Throttle; SITES],
+    /// Pingora's call sites by target and line: a few dozen at most.
+    sites: Mutex<HashMap<(String, u32), Arc<Throttle>>>,
 }
-
-const SITES: usize = 64;
-const PINGORA_LINES_PER_SECOND: u32 = 5;
 
 impl<L: Log> ThrottledLog<L> {
     pub fn new(inner: L) -> ThrottledLog<L> {
         ThrottledLog {
             inner,
-            sites: std::array::from_fn(|_| Throttle::new(PINGORA_LINES_PER_SECOND)),
+            sites: Mutex::default(),
         }
     }
 
-    fn site(&self, record: &Record<'_>) -> &Throttle {
-        let mut hash: usize = record.line().unwrap_or(0) as usize;
-        for byte in record.target().bytes() {
-            hash = hash.wrapping_mul(31).wrapping_add(usize::from(byte));
-        }
-        &self.sites[hash % SITES]
+    fn site(&self, record: &Record<'_>) -> Arc<Throttle> {
+        let key = (record.target().to_string(), record.line().unwrap_or(0));
+        self.sites
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(Throttle::new(LINES_PER_SECOND)))
+            .clone()
     }
 }
 

@@ -755,6 +755,17 @@ fn a_host_that_starts_requiring_client_certificates_reaches_open_connections() {
     let mut open_before = Client::connect_tls(tls.port, &tls.opts().client(&alice));
     assert_eq!(open_before.get("/").status, 200);
 
+    // A reload that leaves the Host's TLS alone leaves its connections
+    // alone.
+    let other = Echo::plain("other");
+    tls.reload(
+        "",
+        &[mapping("other", "", "/other/", &other, "hostname: \"*\"")],
+    );
+    let kept = open_before.get("/");
+    assert_eq!(kept.status, 200);
+    assert_ne!(kept.header("connection"), Some("close"));
+
     tls.reload("ca_secret: client-ca\ncert_required: true", &[]);
     let refused = open_before.get("/again");
     assert_eq!(refused.status, 421, "{}", refused.text());

@@ -155,8 +155,8 @@ fn full_json(live: &Live) -> Value {
     })
 }
 
-/// The human form: one line per problem, then the route table.
-fn text(live: &Live) -> String {
+/// The human form of `full`: one line per problem, then the route table.
+fn text(live: &Live, full: &Value) -> String {
     let status = live.status.load();
     let mut out = format!("pingress configuration generation {}\n", status.generation);
     for diagnostic in &status.diagnostics {
@@ -168,7 +168,6 @@ fn text(live: &Live) -> String {
     {
         out.push_str(&format!("{key}: {message}\n"));
     }
-    let full = full_json(live);
     out.push_str("\nroutes, in evaluation order:\n");
     if let Value::Array(routes) = &full["routes"] {
         for route in routes {
@@ -204,6 +203,8 @@ fn text(live: &Live) -> String {
 #[derive(Default)]
 pub struct DiagCache {
     at: Option<(u64, Option<SystemTime>, u64)>,
+    /// The route table's walk, which the text and JSON forms share.
+    full: Option<Value>,
     rendered: [Option<Arc<String>>; 3],
 }
 
@@ -226,16 +227,23 @@ impl DiagCache {
         drop(status);
         if self.at != Some(at) {
             self.at = Some(at);
+            self.full = None;
             self.rendered = Default::default();
         }
-        self.rendered[form as usize]
-            .get_or_insert_with(|| {
-                Arc::new(match form {
-                    Form::Text => text(live),
-                    Form::Json => format!("{:#}\n", full_json(live)),
-                    Form::ErrorsJson => format!("{:#}\n", errors_json(live)),
-                })
-            })
-            .clone()
+        if let Some(rendered) = &self.rendered[form as usize] {
+            return rendered.clone();
+        }
+        let rendered = Arc::new(match form {
+            Form::ErrorsJson => format!("{:#}\n", errors_json(live)),
+            Form::Text | Form::Json => {
+                let full = self.full.get_or_insert_with(|| full_json(live));
+                match form {
+                    Form::Text => text(live, full),
+                    _ => format!("{full:#}\n"),
+                }
+            }
+        });
+        self.rendered[form as usize] = Some(rendered.clone());
+        rendered
     }
 }

@@ -32,9 +32,17 @@ pub struct GatewayFile {
     pub upstream_tls: UpstreamTlsConf,
     /// The client connections the gateway holds (`downstream`).
     pub downstream: DownstreamConf,
-    /// The private directory of `upgrade_sock` and `pid_file`, when the
-    /// gateway file leaves them to pingress.
-    pub runtime_dir: Option<PathBuf>,
+    /// Which of Pingora's process files are left to pingress, which keeps
+    /// them in a private directory (`config::runtime_dir`).
+    pub left_to_pingress: ProcessFiles,
+}
+
+/// Pingora's files of the process, each `true` when the gateway file does
+/// not name it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessFiles {
+    pub upgrade_sock: bool,
+    pub pid_file: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +122,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
         }
     };
 
-    let mut pingora = pingora.validate().map_err(|e| {
+    let pingora = pingora.validate().map_err(|e| {
         Box::new(Diagnostic::error(location.clone(), e.to_string()).field("pingora"))
     })?;
     if pingora.threads == 0 {
@@ -122,22 +130,19 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             Diagnostic::error(location, "threads must be at least 1").field("pingora.threads"),
         ));
     }
-    let mut runtime = None;
-    let (socket_name, pid_name) = runtime_dir::file_names(path);
-    for ((field, value, default_name), given) in [
-        (
-            "pingora.upgrade_sock",
-            &mut pingora.upgrade_sock,
-            socket_name,
-        ),
-        ("pingora.pid_file", &mut pingora.pid_file, pid_name),
+    let left_to_pingress = ProcessFiles {
+        upgrade_sock: !process_files_given[0],
+        pid_file: !process_files_given[1],
+    };
+    for ((field, value), given) in [
+        ("pingora.upgrade_sock", &pingora.upgrade_sock),
+        ("pingora.pid_file", &pingora.pid_file),
     ]
     .into_iter()
     .zip(process_files_given)
     {
         if !given {
-            let dir = runtime.get_or_insert_with(runtime_dir::default_dir);
-            *value = dir.join(default_name).to_string_lossy().into_owned();
+            // Placed in a private directory when the gateway starts serving.
             continue;
         }
         if !Path::new(value.as_str()).is_absolute() {
@@ -168,7 +173,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             admin: parsed.admin.unwrap_or_default(),
             upstream_tls: parsed.upstream_tls,
             downstream: parsed.downstream,
-            runtime_dir: runtime,
+            left_to_pingress,
         },
         warnings,
     ))

@@ -16,13 +16,18 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// The private directory for this process's files.
+/// The private directory for this process's files. Called when the
+/// gateway starts serving (never by `-t` or a reload), as it may create
+/// `/run/pingress`.
 pub fn default_dir() -> PathBuf {
     if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(runtime).join("pingress");
     }
     let run = Path::new("/run/pingress");
-    if run.is_dir() || DirBuilder::new().mode(0o700).create(run).is_ok() {
+    let ours = |meta: fs::Metadata| meta.is_dir() && meta.uid() == uid();
+    if fs::symlink_metadata(run).is_ok_and(ours)
+        || DirBuilder::new().mode(0o700).create(run).is_ok()
+    {
         return run.to_path_buf();
     }
     std::env::temp_dir().join(format!("pingress-{}", uid()))
@@ -70,9 +75,20 @@ pub fn in_world_writable_dir(path: &Path) -> bool {
         .is_some_and(|meta| meta.mode() & 0o002 != 0)
 }
 
-/// The process's user, as the kernel shows it: `/proc/self` belongs to it.
+/// The process's effective user, from `/proc/self/status` (`Uid:` real,
+/// effective, saved, filesystem). Not the owner of `/proc/self`, which is
+/// root for a process that is not dumpable (one with file capabilities).
 fn uid() -> u32 {
-    fs::metadata("/proc/self").map_or(0, |meta| meta.uid())
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1))
+                .and_then(|euid| euid.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use log::warn;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::Result;
@@ -27,6 +26,7 @@ use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
 use crate::model::spec::{check_unknown_fields, parse_section};
 use crate::model::{count, header_names as edge_header_names, TlsContexts};
+use crate::throttle::throttled;
 use crate::tls::TlsContext;
 use crate::upstream::cluster::Cluster;
 use crate::upstream::service::ServiceAddr;
@@ -502,11 +502,14 @@ impl Filter for ExtAuth {
         let verdict = match answer {
             Ok(verdict) => verdict,
             Err(problem) if policy.failure_mode_allow => {
-                warn!("authorization skipped (failure_mode_allow): {problem}");
+                throttled!(
+                    warn,
+                    "authorization skipped (failure_mode_allow): {problem}"
+                );
                 return Ok(Flow::Continue);
             }
             Err(problem) => {
-                warn!("authorization failed: {problem}");
+                throttled!(warn, "authorization failed: {problem}");
                 return Ok(Flow::Respond(
                     Reply::text(
                         policy.status_on_error,

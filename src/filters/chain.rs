@@ -10,12 +10,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::FutureExt;
-use log::error;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
 
 use super::policy::{FilterPolicies, Glob};
 use super::{Cx, Filter, Flow, Hooks, Reply, RequestInfo, Session};
+use crate::throttle::throttled;
 
 pub(crate) type Arguments = Arc<dyn Any + Send + Sync>;
 type State = Box<dyn Any + Send + Sync>;
@@ -301,7 +301,7 @@ fn panicked(origin: &str, payload: Box<dyn Any + Send>) -> Box<Error> {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string payload".into());
-    error!("filter {origin} panicked: {message}");
+    throttled!(error, "filter {origin} panicked: {message}");
     Error::explain(
         ErrorType::InternalError,
         format!("filter {origin} panicked"),
@@ -309,7 +309,7 @@ fn panicked(origin: &str, payload: Box<dyn Any + Send>) -> Box<Error> {
 }
 
 fn failed(origin: &str, mut e: Box<Error>) -> Box<Error> {
-    error!("filter {origin} failed: {e}");
+    throttled!(error, "filter {origin} failed: {e}");
     // A filter's error must not make Pingora retry the upstream.
     e.set_retry(false);
     e

@@ -30,11 +30,17 @@ pub struct AccessEntry<'a> {
 /// and end in `...`.
 pub const MAX_LOGGED_TARGET: usize = 2048;
 
+/// The longest request ID an access line holds: the RequestId filter keeps
+/// only IDs this short, but a request answered before the filters ran
+/// still carries the client's.
+const MAX_LOGGED_ID: usize = 128;
+
 impl AccessEntry<'_> {
     pub fn render(&self, format: AccessLog) -> String {
         let time = crate::routing::timefmt::now_utc();
         let target = self.uri.to_string();
         let target = cut(&target, MAX_LOGGED_TARGET);
+        let request_id = self.request_id.map(|id| cut(id, MAX_LOGGED_ID));
         match format {
             AccessLog::Json => serde_json::json!({
                 "time": time,
@@ -47,7 +53,7 @@ impl AccessEntry<'_> {
                 "duration_ms": self.duration.as_secs_f64() * 1000.0,
                 "upstream": self.upstream,
                 "mapping": self.mapping,
-                "request_id": self.request_id,
+                "request_id": request_id,
                 "note": self.note,
             })
             .to_string(),
@@ -68,7 +74,7 @@ impl AccessEntry<'_> {
                     self.upstream.unwrap_or("-"),
                     self.mapping.unwrap_or("-"),
                 );
-                match self.request_id {
+                match &request_id {
                     Some(id) => {
                         line.push('"');
                         push_escaped(&mut line, id);

@@ -628,4 +628,3 @@ mod tests {
         assert_eq!(response.headers["x-envoy-upstream-service-time"], "7");
     }
 }
-

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
-use log::{info, warn};
+use log::info;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Digest;
@@ -42,6 +42,7 @@ use crate::model::{
 use crate::routing::headers::RequestFacts;
 use crate::routing::table::RequestView;
 use crate::snapshot::{ListenerRoutes, Route, Snapshot, Target};
+use crate::throttle::throttled;
 use crate::tls::edge::EdgeSession;
 use crate::upstream::balancer::{InFlight, RequestKey};
 use crate::upstream::breaker::Admission;
@@ -235,8 +236,9 @@ fn handshake_holds(session: &Session, listener: &ListenerRoutes) -> Result<Hands
         return Ok(Handshake::Current);
     };
     let Some((_, now)) = listener.tls_host(edge.sni.as_deref()) else {
-        // Routing answers for a Host that is gone.
-        return Ok(Handshake::Outdated);
+        // No TLS for this name any more (the Host is gone, or its TLS
+        // could not be built): nothing to hold the request to.
+        return Err(Reply::misdirected(edge.sni.as_deref().unwrap_or("")));
     };
     if now.identity == seen {
         return Ok(Handshake::Current);
@@ -1105,9 +1107,11 @@ impl ProxyHttp for Gateway {
             .unwrap_or("-");
         let target = ctx.route.as_ref().map(|r| r.target_name()).unwrap_or("-");
         if failure.status >= 500 {
-            warn!(
+            throttled!(
+                warn,
                 "mapping {mapping} upstream {target}: {} {}: {e}",
-                failure.status, failure.cause
+                failure.status,
+                failure.cause
             );
             metrics().upstream_error(mapping, failure.kind);
         }
@@ -1124,7 +1128,7 @@ impl ProxyHttp for Gateway {
                 Reply::failure(failure.status, failure.cause)
             };
             if let Err(write_error) = reply.send(session, server_name.as_deref()).await {
-                warn!("failed to send the error response: {write_error}");
+                throttled!(warn, "failed to send the error response: {write_error}");
             }
         }
         FailToProxy {

@@ -84,9 +84,19 @@ impl EdgeTls {
         let crl = context.crl.as_deref().map_or(&[][..], Vec::as_slice);
         let client_policy =
             super::identity_digest(&[&ca_der, crl, &[u8::from(context.cert_required)]]);
+        // A Host's own tlsSecret comes without a context identity of its
+        // own: the certificate is hashed here.
+        let leaf = match &context.cert_key {
+            Some(cert_key) => cert_key
+                .leaf()
+                .to_der()
+                .map_err(|e| format!("certificate: {e}"))?,
+            None => Vec::new(),
+        };
         let identity = HandshakeIdentity {
             whole: super::identity_digest(&[
                 &context.identity.to_be_bytes(),
+                &leaf,
                 &client_policy.to_be_bytes(),
                 cipher_list.as_deref().unwrap_or_default().as_bytes(),
             ]),
@@ -251,10 +261,20 @@ pub struct EdgeSession {
 }
 
 /// Where the certificate callback leaves the identity of the Host it
-/// installed, for the end of the same handshake.
+/// installed, for the end of the same handshake. `None` only if OpenSSL
+/// cannot make an index, which [`check_identity_index`] turns into a
+/// refusal to start.
 fn identity_index() -> Option<Index<Ssl, HandshakeIdentity>> {
     static INDEX: OnceLock<Option<Index<Ssl, HandshakeIdentity>>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+/// Without the index, no request could be held to its Host's current
+/// client-certificate policy.
+pub fn check_identity_index() -> Result<(), String> {
+    identity_index()
+        .map(|_| ())
+        .ok_or_else(|| "OpenSSL gave no ex_data index for TLS handshakes".into())
 }
 
 /// The handshake side of one TLS listener: HTTPS Hosts and TCPMappings'

@@ -76,16 +76,26 @@ impl Breaker {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        // Given back however the wait ends, a client that went away
+        // included.
+        let _waiting = Waiting(&self.pending);
         let wait = self.active.clone().acquire_owned();
-        let permit = match deadline {
+        match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), wait)
                 .await
                 .ok()
                 .and_then(Result::ok),
             None => wait.await.ok(),
-        };
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-        permit
+        }
+    }
+}
+
+/// A request's place among those waiting for a breaker place.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -3,16 +3,21 @@
 //!
 //! Each limit has its own buckets, named by [`BucketKey`] (a fixed-size
 //! digest of the label values) and at most [`MAX_BUCKETS_PER_LIMIT`] of
-//! them: a client that sends a new value with every request makes the
-//! least recently used bucket go, never the gateway grow
-//! (`pingress_rate_limit_buckets_evicted_total` counts them). Each take
-//! also drops up to two full buckets from the least recently used end, so
-//! idle buckets go in small steps and no sweep ever walks them all.
+//! them, so a client that sends a new value with every request cannot make
+//! the gateway grow. A full bucket is the same as none: each take drops up
+//! to two full buckets from the least recently used end, so idle buckets
+//! go in small steps and no sweep ever walks them all, and at the cap a
+//! new value takes the place of the least recently used bucket only if
+//! that one is full. Otherwise the request counts against the limit's one
+//! shared overflow bucket (`pingress_rate_limit_overflow_total`): evicting
+//! a spent bucket would hand its client a fresh quota, so a flood of new
+//! values must never be the way to reset one.
 //!
 //! A reload that keeps a limit (same domain, name, rate and unit) keeps
 //! its buckets: they are shared by every snapshot that holds the limit.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -47,7 +52,12 @@ pub(crate) struct LimitBuckets {
     capacity: f64,
     per_second: f64,
     shards: Box<[Mutex<LruCache<BucketKey, Bucket>>]>,
-    evicted: IntCounter,
+    /// Which shard a key goes to: keyed per process, so no client can aim
+    /// its values at another client's shard.
+    spread: RandomState,
+    /// Every value that found no place at the cap, together.
+    overflow: Mutex<Bucket>,
+    overflowed: IntCounter,
 }
 
 /// The buckets of `limit`: those of the same limit in a live snapshot,
@@ -85,30 +95,21 @@ impl LimitBuckets {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
                 .collect(),
-            evicted: metrics().rate_limit_evictions(name),
+            spread: RandomState::new(),
+            overflow: Mutex::new(Bucket {
+                tokens: capacity,
+                updated: Instant::now(),
+            }),
+            overflowed: metrics().rate_limit_overflow(name),
         }
     }
 
     /// Takes a token from the bucket `key`.
     pub fn take(&self, key: BucketKey, now: Instant) -> Decision {
-        let shard = &self.shards[usize::from(key.0[0]) % SHARDS];
+        let shard = &self.shards[self.spread.hash_one(key) as usize % SHARDS];
         let mut buckets = shard
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if buckets.len() == buckets.cap().get() && !buckets.contains(&key) {
-            self.evicted.inc();
-        }
-        let bucket = buckets.get_or_insert_mut(key, || Bucket {
-            tokens: self.capacity,
-            updated: now,
-        });
-        let mut tokens = self.refilled(bucket, now);
-        let allowed = tokens >= 1.0;
-        if allowed {
-            tokens -= 1.0;
-        }
-        bucket.tokens = tokens;
-        bucket.updated = now;
         // A full bucket is the same as none.
         for _ in 0..SWEEP_STEP {
             match buckets.peek_lru() {
@@ -118,6 +119,31 @@ impl LimitBuckets {
                 _ => break,
             }
         }
+        if buckets.len() == buckets.cap().get() && !buckets.contains(&key) {
+            drop(buckets);
+            self.overflowed.inc();
+            let mut overflow = self
+                .overflow
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            return self.spend(&mut overflow, now);
+        }
+        let bucket = buckets.get_or_insert_mut(key, || Bucket {
+            tokens: self.capacity,
+            updated: now,
+        });
+        self.spend(bucket, now)
+    }
+
+    /// Takes a token from `bucket`, if it has one.
+    fn spend(&self, bucket: &mut Bucket, now: Instant) -> Decision {
+        let mut tokens = self.refilled(bucket, now);
+        let allowed = tokens >= 1.0;
+        if allowed {
+            tokens -= 1.0;
+        }
+        bucket.tokens = tokens;
+        bucket.updated = now;
         Decision {
             allowed,
             limit: self.rate,
@@ -185,40 +211,57 @@ mod tests {
     }
 
     #[test]
-    fn the_least_recently_used_bucket_goes_at_the_cap() {
+    fn at_the_cap_new_values_share_one_bucket_and_spent_ones_stay() {
         let day = Duration::from_secs(86_400);
-        // One bucket per shard: keys 0 and 16 share shard 0.
+        // One bucket per shard: at most SHARDS values are tracked.
         let buckets = LimitBuckets::new("cap", 1, day, SHARDS);
         let t0 = Instant::now();
-        assert!(buckets.take(key(0), t0).allowed);
-        assert!(!buckets.take(key(0), t0).allowed);
-        let evicted = buckets.evicted.get();
-        assert!(buckets.take(key(16), t0).allowed);
-        assert_eq!(buckets.evicted.get(), evicted + 1);
-        // Key 0 was evicted: it starts full again. That is the price of a
-        // bound, and the metric shows when it is paid.
-        assert!(buckets.take(key(0), t0).allowed);
-        assert_eq!(buckets.len(), 1);
+        let mut tracked = Vec::new();
+        let mut n = 0;
+        while tracked.len() < SHARDS {
+            // The first value of each shard.
+            if buckets.take(key(n), t0).allowed && buckets.len() > tracked.len() {
+                tracked.push(n);
+            }
+            n += 1;
+        }
+        // Every tracked value is spent, and stays spent: a flood of new
+        // values cannot evict it and hand it a fresh quota.
+        let overflowed = buckets.overflowed.get();
+        for flood in 10_000..10_100 {
+            buckets.take(key(flood), t0);
+        }
+        assert!(buckets.overflowed.get() >= overflowed + 100);
+        for spent in &tracked {
+            assert!(!buckets.take(key(*spent), t0).allowed, "{spent} was reset");
+        }
+        // The new values share the overflow bucket: one request passed.
+        assert!(!buckets.take(key(20_000), t0).allowed);
+        assert_eq!(buckets.len(), SHARDS);
+        // A day on, full buckets make room again.
+        let later = t0 + day;
+        assert!(buckets.take(key(30_000), later).allowed);
     }
 
     #[test]
     fn full_buckets_go_in_small_steps() {
         let second = Duration::from_secs(1);
-        let buckets = LimitBuckets::new("sweep", 10, second, 1000);
+        let buckets = LimitBuckets::new("sweep", 10, second, 10_000);
         let t0 = Instant::now();
         for n in 0..100 {
             buckets.take(key(n), t0);
         }
         assert_eq!(buckets.len(), 100);
-        // Two seconds on, every one of them has refilled; each take drops
-        // at most two from the idle end of its shard.
+        // Two seconds on, every one of them has refilled; a take drops at
+        // most two from the idle end of its shard, and adds its own.
         let later = t0 + Duration::from_secs(2);
         buckets.take(key(1000), later);
-        let left = buckets.len();
-        assert!((98..100).contains(&left), "{left}");
-        for n in 0..200 {
+        assert!(buckets.len() >= 99, "{}", buckets.len());
+        // Enough takes reach every shard a few times: the refilled ones
+        // are all gone, the new ones stay.
+        for n in 0..2000 {
             buckets.take(key(2000 + n), later);
         }
-        assert!(buckets.len() <= 201, "{}", buckets.len());
+        assert_eq!(buckets.len(), 2001);
     }
 }

@@ -120,15 +120,6 @@ fn get_with(header_bytes: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
 // ---------------------------------------------------------------------------
 // Deadlines
 // ---------------------------------------------------------------------------
@@ -353,7 +344,7 @@ fn unfinished_heads_do_not_grow_memory_and_others_are_served() {
     for _ in 0..20 {
         assert_eq!(request(port, "GET", "/", &[]).status, 200);
     }
-    let before = rss_kib(gateway.pid());
+    let before = gateway.rss_kib();
 
     let attackers: Vec<_> = (0..150)
         .map(|i| {
@@ -383,7 +374,7 @@ fn unfinished_heads_do_not_grow_memory_and_others_are_served() {
     let mut latencies = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while attackers.iter().any(|a| !a.is_finished()) && Instant::now() < deadline {
-        peak = peak.max(rss_kib(gateway.pid()));
+        peak = peak.max(gateway.rss_kib());
         let started = Instant::now();
         let response = Request::get("/").timeout(Duration::from_secs(5)).send(port);
         assert_eq!(response.status, 200, "{}", response.text());
@@ -393,7 +384,7 @@ fn unfinished_heads_do_not_grow_memory_and_others_are_served() {
     for attacker in attackers {
         attacker.join().unwrap();
     }
-    peak = peak.max(rss_kib(gateway.pid()));
+    peak = peak.max(gateway.rss_kib());
 
     let grown_mib = peak.saturating_sub(before) / 1024;
     eprintln!("RSS {before} KiB before, {peak} KiB at the peak");

@@ -342,13 +342,19 @@ fn rate_limits_count_only_what_authentication_let_through() {
     assert_limited(&get(port, "/limited/", &[]), "2");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+/// A Mapping whose requests count per `x-api-key` value, against a limit
+/// of `rate` (`rate: N\n  unit: U`).
+fn per_api_key(echo: &Echo, rate: &str) -> String {
+    let groups = "- per-key:\n  - generic_key: {value: api}\n  \
+                  - request_headers: {key: api_key, header_name: x-api-key}";
+    [
+        labelled("api", "/", echo, groups),
+        rate_limit(
+            "keys",
+            &format!("- pattern: [{{generic_key: api}}, {{api_key: \"*\"}}]\n  {rate}"),
+        ),
+    ]
+    .concat()
 }
 
 /// Buckets keyed by a client's header: each distinct value is a bucket, so
@@ -357,26 +363,17 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn distinct_large_label_values_do_not_grow_memory() {
     let echo = Echo::plain("rl");
-    let groups = "- per-key:\n  - generic_key: {value: api}\n  \
-                  - request_headers: {key: api_key, header_name: x-api-key}";
-    let resources = [
-        labelled("api", "/", &echo, groups),
-        rate_limit(
-            "keys",
-            "- pattern: [{generic_key: api}, {api_key: \"*\"}]\n  rate: 100\n  unit: day",
-        ),
-    ]
-    .concat();
+    let resources = per_api_key(&echo, "rate: 100\n  unit: day");
     let (_dir, gateway, port) = start_gateway("", &resources);
     get(port, "/", &[("x-api-key", "warm-up")]).echo_ok();
-    let before = rss_kib(gateway.pid());
+    let before = gateway.rss_kib();
     let filler = "k".repeat(32 * 1024);
     for i in 0..3000 {
         let key = format!("{i:06}{filler}");
         let response = get(port, "/", &[("x-api-key", &key)]);
         assert_eq!(response.status, 200, "{}", response.text());
     }
-    let grown_mib = rss_kib(gateway.pid()).saturating_sub(before) / 1024;
+    let grown_mib = gateway.rss_kib().saturating_sub(before) / 1024;
     assert!(grown_mib < 24, "the gateway grew by {grown_mib} MiB");
     // Still one bucket per key.
     get(port, "/", &[("x-api-key", "warm-up")]).echo_ok();
@@ -387,17 +384,8 @@ fn distinct_large_label_values_do_not_grow_memory() {
 fn redis_keys_have_a_fixed_length() {
     let redis = Redis::start();
     let echo = Echo::plain("rl");
-    let groups = "- per-key:\n  - generic_key: {value: api}\n  \
-                  - request_headers: {key: api_key, header_name: x-api-key}";
-    let resources = [
-        labelled("api", "/", &echo, groups),
-        rate_limit(
-            "keys",
-            "- pattern: [{generic_key: api}, {api_key: \"*\"}]\n  rate: 2\n  unit: minute",
-        ),
-        redis_service(&redis.url(), ""),
-    ]
-    .concat();
+    let resources =
+        per_api_key(&echo, "rate: 2\n  unit: minute") + &redis_service(&redis.url(), "");
     let (_dir, _gateway, port) = start_gateway("", &resources);
     let long = "k".repeat(16 * 1024);
     for key in ["a", long.as_str()] {

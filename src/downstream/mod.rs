@@ -146,6 +146,19 @@ impl Drop for Ticket {
     }
 }
 
+/// Runs `app` on a connection until it is not reused any more: Pingora
+/// hands a kept-alive connection back for its next request.
+pub(crate) async fn serve_for_life<A: ServerApp>(
+    app: &Arc<A>,
+    stream: Stream,
+    shutdown: &ShutdownWatch,
+) {
+    let mut next = Some(stream);
+    while let Some(stream) = next {
+        next = app.process_new(stream, shutdown).await;
+    }
+}
+
 /// An app whose connections pass the [`Gate`] first.
 pub struct Admitted<A> {
     app: Arc<A>,
@@ -180,10 +193,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitted<A> {
         };
         // The ticket must live as long as the connection, keep-alive
         // included, so the reuse loop runs here.
-        let mut next = Some(stream);
-        while let Some(stream) = next {
-            next = self.app.process_new(stream, shutdown).await;
-        }
+        serve_for_life(&self.app, stream, shutdown).await;
         None
     }
 
@@ -216,14 +226,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for BoundedHttp<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut next: Option<Stream> = Some(Box::new(BoundedStream::new(
-            stream,
-            self.limits.clone(),
-            self.gate.clone(),
-        )));
-        while let Some(stream) = next {
-            next = self.app.process_new(stream, shutdown).await;
-        }
+        let bounded = BoundedStream::new(stream, self.limits.clone(), self.gate.clone());
+        serve_for_life(&self.app, Box::new(bounded), shutdown).await;
         None
     }
 

@@ -26,6 +26,7 @@ use pingora::utils::tls::CertKey;
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::downstream::serve_for_life;
 use crate::metrics::metrics;
 use crate::model::AccessLog;
 use crate::snapshot::Snapshot;
@@ -95,10 +96,7 @@ impl<H: ServerApp + Send + Sync + 'static> ServerApp for TcpProxy<H> {
                 // An HTTPS Host's SNI on a shared port: the connection is
                 // HTTP for its whole life, keep-alive included.
                 drop(snapshot);
-                let mut next = Some(stream);
-                while let Some(stream) = next {
-                    next = self.http.process_new(stream, shutdown).await;
-                }
+                serve_for_life(&self.http, stream, shutdown).await;
                 return None;
             }
             metrics().tcp_refused("no_route");

@@ -363,20 +363,30 @@ impl BoundedStream {
             self.received(&bytes);
             return Poll::Ready(Ok(()));
         }
-        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
-        let read = match Pin::new(&mut self.inner).poll_read(cx, &mut limited) {
-            Poll::Ready(Ok(())) => limited.filled().len(),
+        let before = buf.filled().len();
+        let polled = if buf.remaining() <= left {
+            // The caller's buffer cannot take more than the budget: read
+            // into it directly (no copy, no zeroing).
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
+            let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
+            let polled = Pin::new(&mut self.inner).poll_read(cx, &mut limited);
+            let read = limited.filled().len();
+            buf.advance(read);
+            polled
+        };
+        match polled {
+            Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
                 futures::ready!(self.poll_deadline(cx));
                 self.expire();
                 return Poll::Ready(Ok(()));
             }
-        };
-        if read > 0 {
-            self.received(&limited.filled()[..read]);
         }
-        buf.advance(read);
+        if buf.filled().len() > before {
+            self.received(&buf.filled()[before..]);
+        }
         Poll::Ready(Ok(()))
     }
 }

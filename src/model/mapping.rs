@@ -1210,3 +1210,206 @@ mod tests {
         assert_eq!(envoy_substitution(r"/$x/\12"), "/$$x/${12}");
     }
 }
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::config::load::parse_documents;
+    use crate::filters::Registry;
+    use std::path::Path;
+
+    /// What every sample Mapping starts from, as `key: value` lines.
+    const BASE: &str = "hostname: \"*\"\nprefix: /a/\nservice: 127.0.0.1:8080";
+
+    /// A value for every Mapping key pingress reads, with what it needs to
+    /// mean anything (a redirect code needs a redirect); LATER keys take
+    /// `1`.
+    const SAMPLES: &[(&str, &str, &str)] = &[
+        ("prefix", "", "prefix: /b/"),
+        ("prefix_regex", "", "prefix_regex: true"),
+        ("prefix_exact", "", "prefix_exact: true"),
+        ("case_sensitive", "", "case_sensitive: false"),
+        ("hostname", "", "hostname: a.example"),
+        ("host", "", "host: a.example"),
+        (
+            "host_regex",
+            "hostname: ~\nhost: \"a.*\"",
+            "host_regex: true",
+        ),
+        ("method", "", "method: POST"),
+        ("method_regex", "method: \"P.*\"", "method_regex: true"),
+        ("headers", "", "headers:\n  x-a: b"),
+        ("regex_headers", "", "regex_headers:\n  x-a: \"b.*\""),
+        ("query_parameters", "", "query_parameters:\n  q: v"),
+        (
+            "regex_query_parameters",
+            "",
+            "regex_query_parameters:\n  q: \"v.*\"",
+        ),
+        ("precedence", "", "precedence: 5"),
+        ("rewrite", "", "rewrite: /x/"),
+        (
+            "regex_rewrite",
+            "",
+            "regex_rewrite:\n  pattern: \"^/a/(.*)\"\n  substitution: /\\1",
+        ),
+        ("host_rewrite", "", "host_rewrite: b.example"),
+        ("auto_host_rewrite", "", "auto_host_rewrite: true"),
+        ("service", "", "service: 127.0.0.1:9090"),
+        ("tls", "", "tls: upstream"),
+        ("timeout_ms", "", "timeout_ms: 9000"),
+        ("connect_timeout_ms", "", "connect_timeout_ms: 9000"),
+        ("idle_timeout_ms", "", "idle_timeout_ms: 9000"),
+        ("add_request_headers", "", "add_request_headers:\n  x-a: b"),
+        (
+            "add_response_headers",
+            "",
+            "add_response_headers:\n  x-a: b",
+        ),
+        (
+            "remove_request_headers",
+            "",
+            "remove_request_headers: [x-a]",
+        ),
+        (
+            "remove_response_headers",
+            "",
+            "remove_response_headers: [x-a]",
+        ),
+        ("add_linkerd_headers", "", "add_linkerd_headers: true"),
+        ("grpc", "", "grpc: true"),
+        (
+            "circuit_breakers",
+            "",
+            "circuit_breakers:\n- max_connections: 5",
+        ),
+        ("retry_policy", "", "retry_policy:\n  retry_on: 5xx"),
+        ("cors", "", "cors:\n  origins: [http://a.example]"),
+        ("bypass_auth", "", "bypass_auth: true"),
+        ("host_redirect", "", "host_redirect: true"),
+        ("path_redirect", "host_redirect: true", "path_redirect: /x/"),
+        (
+            "prefix_redirect",
+            "host_redirect: true",
+            "prefix_redirect: /x/",
+        ),
+        (
+            "regex_redirect",
+            "host_redirect: true",
+            "regex_redirect:\n  pattern: \"^/a/\"\n  substitution: /b/",
+        ),
+        (
+            "redirect_response_code",
+            "host_redirect: true",
+            "redirect_response_code: 302",
+        ),
+        ("weight", "", "weight: 50"),
+        (
+            "labels",
+            "",
+            "labels:\n  ambassador:\n  - g:\n    - generic_key: {value: x}",
+        ),
+        ("resolver", "", "resolver: kubernetes-endpoint"),
+        (
+            "load_balancer",
+            "resolver: kubernetes-endpoint",
+            "load_balancer:\n  policy: least_request",
+        ),
+        (
+            "health_checks",
+            "",
+            "health_checks:\n- health_check:\n    http:\n      path: /health",
+        ),
+        ("dns_type", "", "dns_type: logical_dns"),
+        ("respect_dns_ttl", "", "respect_dns_ttl: true"),
+        ("enable_ipv4", "enable_ipv6: true", "enable_ipv4: false"),
+        ("enable_ipv6", "", "enable_ipv6: true"),
+        (
+            "cluster_idle_timeout_ms",
+            "",
+            "cluster_idle_timeout_ms: 1000",
+        ),
+        (
+            "cluster_max_connection_lifetime_ms",
+            "",
+            "cluster_max_connection_lifetime_ms: 1000",
+        ),
+        ("allow_upgrade", "", "allow_upgrade: [websocket]"),
+        ("use_websocket", "", "use_websocket: true"),
+        ("shadow", "", "shadow: true"),
+        ("keepalive", "", "keepalive:\n  idle_time: 100"),
+    ];
+
+    /// `BASE` with `lines` (block YAML) replacing its keys of the same name.
+    fn spec(lines: &[&str]) -> String {
+        let extra: Vec<&str> = lines.iter().flat_map(|l| l.lines()).collect();
+        let given = |line: &str| {
+            extra
+                .iter()
+                .any(|e| !e.starts_with(' ') && e.split(':').next() == line.split(':').next())
+        };
+        let mut out: String = BASE
+            .lines()
+            .filter(|l| !given(l))
+            .map(|l| format!("  {l}\n"))
+            .collect();
+        for line in extra {
+            out.push_str(&format!("  {line}\n"));
+        }
+        out
+    }
+
+    /// The validated Mappings (as text) and the diagnostics of a Mapping
+    /// with `spec`, beside an origination TLSContext `upstream`.
+    fn mappings(spec: &str) -> (String, Vec<Diagnostic>) {
+        let yaml = format!(
+            "apiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: upstream\n\
+             spec:\n  sni: upstream.example\n---\n\
+             apiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: m\nspec:\n{spec}"
+        );
+        let (mut raws, mut diags) = (Vec::new(), Vec::new());
+        parse_documents(Path::new("keys.yaml"), &yaml, &mut raws, &mut diags);
+        let (model, more) = crate::model::validate(&raws, "default", &Registry::with_builtins());
+        diags.extend(more);
+        (format!("{:?}", model.mappings), diags)
+    }
+
+    /// A key that is read and then does nothing is a silent defect: each
+    /// key a Mapping accepts changes the validated Mapping or draws a
+    /// warning that names it.
+    #[test]
+    fn every_mapping_key_is_used_or_warned() {
+        let (plain, diags) = mappings(&spec(&[]));
+        assert!(!diags.iter().any(Diagnostic::is_error), "{diags:?}");
+        // The comparison below means something only if equal input gives
+        // equal text.
+        assert_eq!(plain, mappings(&spec(&[])).0);
+        // ambassador_id is read where resources are sorted by kind.
+        for key in SUPPORTED
+            .iter()
+            .chain(LATER)
+            .filter(|k| **k != "ambassador_id")
+        {
+            let later = format!("{key}: 1");
+            let (needs, sample) = match SAMPLES.iter().find(|(k, _, _)| k == key) {
+                Some((_, needs, sample)) => (*needs, *sample),
+                None if LATER.contains(key) => ("", later.as_str()),
+                None => panic!("SAMPLES has no value for the Mapping's `{key}`"),
+            };
+            let (before, _) = mappings(&spec(&[needs]));
+            let (after, diags) = mappings(&spec(&[needs, sample]));
+            assert!(
+                !diags.iter().any(Diagnostic::is_error),
+                "{key}: {:?}",
+                diags.iter().filter(|d| d.is_error()).collect::<Vec<_>>()
+            );
+            let warned = diags
+                .iter()
+                .any(|d| d.field.as_deref().is_some_and(|f| f.contains(key)));
+            assert!(
+                warned || after != before,
+                "`{key}` is neither used nor warned about"
+            );
+        }
+    }
+}

@@ -969,6 +969,75 @@ mod tests {
         }
     }
 
+    /// The same for a Host's keys, beside a TLS Secret and a TLSContext.
+    #[test]
+    fn every_host_key_is_used_or_warned() {
+        let hosts = |spec: &str| {
+            let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+            let yaml = format!(
+                "apiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: ctx\n\
+                 spec:\n  hosts: [h.example]\n  alpn_protocols: h2\n---\n\
+                 apiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: h\n\
+                 spec:\n{spec}"
+            );
+            let (mut raws, mut diags) = (Vec::new(), Vec::new());
+            parse_documents(Path::new("keys.yaml"), &yaml, &mut raws, &mut diags);
+            let registry = crate::filters::Registry::with_builtins();
+            let (model, more) = crate::model::validate(&raws, "default", &registry);
+            diags.extend(more);
+            (format!("{:?}", model.hosts), diags)
+        };
+        let base = "hostname: h.example";
+        let (plain, diags) = hosts(base);
+        assert!(!diags.iter().any(Diagnostic::is_error), "{diags:?}");
+        assert_eq!(plain, hosts(base).0);
+        let samples: &[(&str, &str)] = &[
+            ("hostname", "hostname: other.example"),
+            (
+                "mappingSelector",
+                "hostname: h.example\nmappingSelector:\n  matchLabels:\n    a: b",
+            ),
+            (
+                "selector",
+                "hostname: h.example\nselector:\n  matchLabels:\n    a: b",
+            ),
+            (
+                "requestPolicy",
+                "hostname: h.example\nrequestPolicy:\n  insecure:\n    action: Reject",
+            ),
+            (
+                "tlsSecret",
+                "hostname: h.example\ntlsSecret:\n  name: missing",
+            ),
+            (
+                "tlsContext",
+                "hostname: h.example\ntlsContext:\n  name: ctx",
+            ),
+            ("tls", "hostname: h.example\ntls:\n  alpn_protocols: h2"),
+        ];
+        // ambassador_id is read where resources are sorted by kind.
+        for key in HOST_SUPPORTED
+            .iter()
+            .chain(HOST_LATER)
+            .filter(|k| **k != "ambassador_id")
+        {
+            let later = format!("{base}\n{key}: 1");
+            let spec = match samples.iter().find(|(k, _)| k == key) {
+                Some((_, sample)) => sample.to_string(),
+                None if HOST_LATER.contains(key) => later,
+                None => panic!("no sample for the Host's `{key}`"),
+            };
+            let (result, diags) = hosts(&spec);
+            let named = diags
+                .iter()
+                .any(|d| d.field.as_deref().is_some_and(|f| f.contains(key)));
+            assert!(
+                named || result != plain,
+                "`{key}` is neither used nor warned about"
+            );
+        }
+    }
+
     /// The same for a Listener's keys.
     #[test]
     fn every_listener_key_is_used_or_warned() {

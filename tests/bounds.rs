@@ -811,3 +811,31 @@ fn connections_older_than_max_connection_age_close_after_a_response() {
     assert_eq!(old.header("connection"), Some("close"));
     assert!(client.is_closed());
 }
+
+/// The gateway file's `downstream:` is read at start; a reload that changes
+/// it says so instead of seeming to apply it.
+#[test]
+fn a_downstream_change_on_reload_is_named_as_needing_a_new_process() {
+    let (dir, gateway, port, _echo) = start("max_connections: 100", "");
+    let before = gateway.metric("pingress_config_generation").unwrap_or(0.0);
+    let path = dir.path().join("gateway.yaml");
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        text.replace("max_connections: 100", "max_connections: 5"),
+    )
+    .unwrap();
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            gateway.metric("pingress_config_generation").unwrap_or(0.0) > before
+        }),
+        "{}",
+        gateway.log()
+    );
+    assert!(
+        gateway.log().contains("downstream: settings changed"),
+        "{}",
+        gateway.log()
+    );
+    assert_eq!(request(port, "GET", "/", &[]).status, 200);
+}

@@ -39,8 +39,9 @@ const SETTLE_AT_MOST: Duration = Duration::from_secs(2);
 pub struct Live {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub status: ArcSwap<Status>,
-    /// The gateway file's process settings (`pingora:`, `admin:`) the
-    /// process started with: a reload cannot change them.
+    /// The gateway file's process settings (`pingora:`, `admin:`,
+    /// `downstream:`) the process started with: a reload cannot change
+    /// them.
     process_settings: String,
     /// The filter types a rebuild may use.
     registry: Registry,
@@ -51,9 +52,10 @@ pub struct Live {
 /// The parts of the gateway file that only a new process applies.
 fn process_settings(gateway: &GatewayFile) -> String {
     format!(
-        "{}{:?}",
+        "{}{:?}{:?}",
         serde_yaml::to_string(&gateway.pingora).unwrap_or_default(),
-        gateway.admin.listen
+        gateway.admin.listen,
+        gateway.downstream
     )
 }
 
@@ -138,9 +140,9 @@ impl Live {
     fn apply(&self, loaded: Loaded, last_good: &mut LastGood) -> Outcome {
         if process_settings(&loaded.gateway) != self.process_settings {
             warn!(
-                "reload: the gateway file's pingora: or admin: settings changed; they take effect \
-                 only in a new process: start `pingress -u` with the same gateway file, then send \
-                 SIGQUIT to this one"
+                "reload: the gateway file's pingora:, admin: or downstream: settings changed; they \
+                 take effect only in a new process: start `pingress -u` with the same gateway \
+                 file, then send SIGQUIT to this one"
             );
         }
         let serving = self.snapshot.load();

@@ -244,10 +244,11 @@ fn handshake_holds(session: &Session, listener: &ListenerRoutes) -> Result<Hands
         return Ok(Handshake::Current);
     }
     if now.identity.client_policy != seen.client_policy && now.verifies_clients() {
-        match &edge.client {
-            None if now.context.cert_required => return Err(Reply::certificate_now_required()),
-            Some(peer) if !now.accepts(peer) => return Err(Reply::certificate_refused()),
-            _ => {}
+        if edge.client.is_none() && now.context.cert_required {
+            return Err(Reply::certificate_now_required());
+        }
+        if !edge.accepted_by(now) {
+            return Err(Reply::certificate_refused());
         }
     }
     Ok(Handshake::Outdated)

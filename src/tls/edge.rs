@@ -4,7 +4,7 @@
 //! the handshake tells requests (the Host it chose, the client's identity).
 
 use std::any::Any;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -118,7 +118,7 @@ impl EdgeTls {
 
     /// Whether a client certificate that an earlier handshake verified
     /// passes this Host's CA and CRL now.
-    pub fn accepts(&self, peer: &PeerCert) -> bool {
+    fn accepts(&self, peer: &PeerCert) -> bool {
         let Some(store) = &self.verify_store else {
             return true;
         };
@@ -258,6 +258,29 @@ pub struct EdgeSession {
     pub client: Option<PeerCert>,
     /// What the handshake established with the Host it chose.
     pub identity: Option<HandshakeIdentity>,
+    /// The last client policy the certificate was checked against, and the
+    /// verdict: an HTTP/2 connection asks once per policy, not per request.
+    verdict: Mutex<Option<(u64, bool)>>,
+}
+
+impl EdgeSession {
+    /// Whether `edge`'s current CA and CRL accept this connection's client
+    /// certificate (true without one: `cert_required` is the caller's).
+    pub fn accepted_by(&self, edge: &EdgeTls) -> bool {
+        let Some(peer) = &self.client else {
+            return true;
+        };
+        let policy = edge.identity.client_policy;
+        let mut verdict = self.verdict.lock().unwrap_or_else(|p| p.into_inner());
+        match *verdict {
+            Some((checked, accepted)) if checked == policy => accepted,
+            _ => {
+                let accepted = edge.accepts(peer);
+                *verdict = Some((policy, accepted));
+                accepted
+            }
+        }
+    }
 }
 
 /// Where the certificate callback leaves the identity of the Host it
@@ -342,6 +365,7 @@ impl TlsAccept for EdgeAcceptor {
             sni: name,
             client,
             identity,
+            verdict: Mutex::default(),
         }))
     }
 }

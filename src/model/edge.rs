@@ -848,6 +848,7 @@ pub fn validate_hosts(
 mod tests {
     use super::*;
     use crate::config::load::parse_documents;
+    use crate::model::spec::assert_used_or_named;
     use std::path::Path;
 
     /// The diagnostics and result of validating `kind` with `spec` (block
@@ -961,11 +962,7 @@ mod tests {
                 |raws, diags| validate_modules(raws, diags, &mut BTreeMap::new()),
             );
             assert!(!diags.iter().any(Diagnostic::is_error), "{key}: {diags:?}");
-            let warned = diags
-                .iter()
-                .any(|d| d.field.as_deref().is_some_and(|f| f.contains(key)));
-            let used = format!("{settings:?}") != default;
-            assert!(warned || used, "`{key}` is neither used nor warned about");
+            assert_used_or_named(key, format!("{settings:?}") != default, &diags);
         }
     }
 
@@ -1028,13 +1025,7 @@ mod tests {
                 None => panic!("no sample for the Host's `{key}`"),
             };
             let (result, diags) = hosts(&spec);
-            let named = diags
-                .iter()
-                .any(|d| d.field.as_deref().is_some_and(|f| f.contains(key)));
-            assert!(
-                named || result != plain,
-                "`{key}` is neither used nor warned about"
-            );
+            assert_used_or_named(key, result != plain, &diags);
         }
     }
 
@@ -1077,13 +1068,7 @@ mod tests {
                 None => panic!("no sample for the Listener's `{key}`"),
             };
             let (result, diags) = listeners(&spec);
-            let warned = diags
-                .iter()
-                .any(|d| !d.is_error() && d.field.as_deref().is_some_and(|f| f.contains(key)));
-            assert!(
-                warned || result != plain,
-                "`{key}` is neither used nor warned about"
-            );
+            assert_used_or_named(key, result != plain, &diags);
         }
     }
 }

@@ -1216,6 +1216,7 @@ mod key_tests {
     use super::*;
     use crate::config::load::parse_documents;
     use crate::filters::Registry;
+    use crate::model::spec::assert_used_or_named;
     use std::path::Path;
 
     /// What every sample Mapping starts from, as `key: value` lines.
@@ -1403,13 +1404,7 @@ mod key_tests {
                 "{key}: {:?}",
                 diags.iter().filter(|d| d.is_error()).collect::<Vec<_>>()
             );
-            let warned = diags
-                .iter()
-                .any(|d| d.field.as_deref().is_some_and(|f| f.contains(key)));
-            assert!(
-                warned || after != before,
-                "`{key}` is neither used nor warned about"
-            );
+            assert_used_or_named(key, after != before, &diags);
         }
     }
 }

@@ -128,6 +128,21 @@ pub fn ambassador_ids(raw: &RawResource) -> Option<StringOrList> {
     serde_yaml::from_value(value.clone()).ok()
 }
 
+/// The assertion of the key-coverage tests: a key the model accepts must
+/// change what validation makes of a resource (`changed`), or draw a
+/// warning that names it.
+#[cfg(test)]
+pub(crate) fn assert_used_or_named(
+    key: &str,
+    changed: bool,
+    diags: &[crate::config::diagnostics::Diagnostic],
+) {
+    let named = diags
+        .iter()
+        .any(|d| !d.is_error() && d.field.as_deref().is_some_and(|f| f.contains(key)));
+    assert!(changed || named, "`{key}` is neither used nor warned about");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

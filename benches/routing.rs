@@ -10,7 +10,7 @@ use pingress::config::load::parse_documents;
 use pingress::model::validate;
 use pingress::routing::headers::{HeaderTemplate, RequestFacts};
 use pingress::routing::table::RequestView;
-use pingress::snapshot::{compile, Resolution, Snapshot};
+use pingress::snapshot::{compile, Inherited, Resolution, Snapshot};
 
 /// `n` Mappings of the shapes real configurations have: plain prefixes,
 /// host globs, header matches and some regexes, under a few hundred
@@ -55,7 +55,7 @@ fn snapshot(n: usize) -> Snapshot {
     assert!(diags.is_empty(), "{diags:?}");
     let (model, problems) = validate(&raw, "default", &pingress::filters::Registry::default());
     assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
-    compile(&model, Resolution::Skip).0
+    compile(&model, Resolution::Skip, &Inherited::default()).0
 }
 
 fn lookup(c: &mut Criterion) {
@@ -113,7 +113,10 @@ fn compile_10k(c: &mut Criterion) {
             let mut diags = Vec::new();
             parse_documents(Path::new("bench.yaml"), &text, &mut raw, &mut diags);
             let (model, _) = validate(&raw, "default", &pingress::filters::Registry::default());
-            compile(&model, Resolution::Skip).0.listeners.len()
+            compile(&model, Resolution::Skip, &Inherited::default())
+                .0
+                .listeners
+                .len()
         })
     });
     group.finish();

@@ -24,9 +24,7 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
-use pingora::{Error, ErrorType};
-use pingress::filters::{Cx, Filter, Flow, Reply, Session};
+use pingress::filters::prelude::*;
 use rand::Rng;
 use serde::Deserialize;
 
@@ -54,7 +52,7 @@ impl Filter for FaultInjection {
     type Arguments = Option<Fault>;
     type State = ();
 
-    fn build(_: Settings) -> Result<Self, String> {
+    fn build(_: Settings) -> Result<Self, BuildError> {
         Ok(FaultInjection)
     }
 
@@ -82,12 +80,18 @@ impl Filter for FaultInjection {
                 "fault injected: error",
             ));
         }
-        Ok(match fault.abort {
-            Some(status) => {
-                Flow::Respond(Reply::text(status, "fault injected: abort").reason("fault_abort"))
-            }
-            None => Flow::Continue,
-        })
+        let Some(code) = fault.abort else {
+            return Ok(Flow::Continue);
+        };
+        let status = StatusCode::from_u16(code).map_err(|_| {
+            Error::explain(
+                ErrorType::InternalError,
+                format!("abort: {code} is not an HTTP status"),
+            )
+        })?;
+        Ok(Flow::Respond(
+            Reply::text(status, "fault injected: abort").reason("fault_abort"),
+        ))
     }
 }
 

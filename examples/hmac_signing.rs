@@ -23,13 +23,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use openssl::hash::MessageDigest;
 use openssl::pkey::{PKey, Private};
 use openssl::sign::Signer;
-use pingora::http::RequestHeader;
-use pingora::{Error, ErrorType};
-use pingress::filters::{Cx, Filter, Hooks, Session};
+use pingress::filters::prelude::*;
 use serde::Deserialize;
 
 const HEADER: &str = "x-pingress-signature";
@@ -55,15 +52,11 @@ fn hex(bytes: &[u8]) -> String {
 impl Filter for HmacSigning {
     const TYPE: &'static str = "HmacSigning";
     // Only `upstream_request`: the chain skips this filter in the others.
-    const HOOKS: Hooks = Hooks {
-        upstream_request: true,
-        ..Hooks::REQUEST_ONLY
-    };
     type Settings = Settings;
     type Arguments = ();
     type State = ();
 
-    fn build(settings: Settings) -> Result<Self, String> {
+    fn build(settings: Settings) -> Result<Self, BuildError> {
         let secret = match (settings.secret, settings.secret_file) {
             (Some(secret), None) => secret.into_bytes(),
             (None, Some(path)) => {

@@ -16,7 +16,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -24,7 +23,7 @@ use openssl::hash::MessageDigest;
 use openssl::memcmp;
 use openssl::pkey::{PKey, Private};
 use openssl::sign::Signer;
-use pingress::filters::{Cx, Filter, Flow, Reply, Session};
+use pingress::filters::prelude::*;
 use serde::Deserialize;
 
 struct TenantRouting {
@@ -106,7 +105,7 @@ impl Filter for TenantRouting {
     type Arguments = ();
     type State = ();
 
-    fn build(settings: Settings) -> Result<Self, String> {
+    fn build(settings: Settings) -> Result<Self, BuildError> {
         let header = HeaderName::from_bytes(settings.header.as_bytes())
             .map_err(|_| format!("header {:?} is not a header name", settings.header))?;
         let key = PKey::hmac(settings.secret.as_bytes()).map_err(|e| format!("secret: {e}"))?;
@@ -128,7 +127,7 @@ impl Filter for TenantRouting {
                 Ok(Flow::Continue)
             }
             Err(why) => Ok(Flow::Respond(
-                Reply::text(401, why)
+                Reply::text(StatusCode::UNAUTHORIZED, why)
                     .header(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
                     .reason("tenant_unauthorized"),
             )),

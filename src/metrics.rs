@@ -187,8 +187,9 @@ impl Metrics {
             )?,
             downstream_closed: counter_vec(
                 "downstream_connections_closed_total",
-                "Client connections the gateway closed while it waited for a request head: \
-                 idle_timeout, head_timeout (408) or head_too_large (431)",
+                "Client connections the gateway closed by itself: handshake_timeout, \
+                 handshake_failed, idle_timeout, head_timeout (408), head_too_large (431), \
+                 client_policy and host_gone (a reload refused its TLS), max_connection_age",
                 &["reason"],
             )?,
             rate_limit_overflow: counter_vec(

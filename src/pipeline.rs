@@ -20,7 +20,8 @@ use crate::config::load::{
 };
 use crate::filters::Registry;
 use crate::model::{validate, Model};
-use crate::snapshot::{compile, Resolution, Snapshot};
+use crate::snapshot::{compile, Inherited, Resolution, Snapshot};
+use crate::upstream::cluster::ClusterStates;
 
 /// Everything the configuration produced, ready to serve or to report.
 pub struct Loaded {
@@ -72,9 +73,18 @@ pub struct LastGood {
     resources: HashMap<Identity, Arc<RawResource>>,
     /// Each file's resources the last time its content was known whole.
     files: HashMap<PathBuf, Vec<Arc<RawResource>>>,
+    /// What the snapshots still live leave to the next build: shared by
+    /// every build of one process, so a reload never multiplies a breaker,
+    /// a probe or a rate limit.
+    inherited: Arc<Inherited>,
 }
 
 impl LastGood {
+    /// The cluster states every build of this line of snapshots shares.
+    pub fn clusters(&self) -> &Arc<ClusterStates> {
+        &self.inherited.clusters
+    }
+
     /// `raw` itself, or the last good copy of it when nothing about it
     /// changed, where it sits included.
     fn share(&self, raw: RawResource) -> Arc<RawResource> {
@@ -100,7 +110,10 @@ pub fn load(
     let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
     let (read, load_diags) = load_resources(&gateway);
     diagnostics.extend(load_diags);
-    let mut last_good = LastGood::default();
+    let mut last_good = LastGood {
+        inherited: previous.inherited.clone(),
+        ..LastGood::default()
+    };
     let mut resources = Vec::new();
     // A directory that cannot be listed, or a listed path that is missing
     // (renamed, a mount not there yet), removes nothing it held.
@@ -171,7 +184,7 @@ pub fn load(
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
     let run = |resources: &[Arc<RawResource>]| {
         let (mut model, mut diags) = validate(resources, &ambassador_id, registry);
-        diags.extend(crate::upstream::trust::apply(
+        diags.extend(crate::model::upstream_trust::apply(
             &mut model,
             gateway.upstream_tls,
         ));
@@ -233,7 +246,7 @@ pub fn load(
         }
     }
 
-    let (mut snapshot, compile_diags) = compile(&model, resolution);
+    let (mut snapshot, compile_diags) = compile(&model, resolution, &previous.inherited);
     diagnostics.extend(compile_diags);
     snapshot.sources.extend(gateway.resources.iter().cloned());
     Ok(Loaded {

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -26,17 +27,16 @@ use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::downstream::DownstreamConf;
 use crate::config::load::ProcessFiles;
 use crate::config::runtime_dir;
+use crate::downstream::drain::Drains;
 use crate::downstream::head::{HeadLimits, LimitSource};
-use crate::downstream::{Admitted, BoundedHttp, Gate};
+use crate::downstream::tls::EdgeHandshakes;
+use crate::downstream::{Admitted, BoundedHttp, Door, Gate};
 use crate::filters::Registry;
 use crate::pipeline::{load, LastGood, Loaded};
 use crate::proxy::Gateway;
 use crate::reload::{Live, Reloader};
 use crate::snapshot::{Bound, Resolution, Snapshot};
 use crate::tcp::tunnel::TcpProxy;
-use crate::tls::edge::EdgeAcceptor;
-use pingora::listeners::tls::TlsSettings;
-use pingora::tls::ssl::{select_next_proto, AlpnError, NameType, SslOptions, SslSessionCacheMode};
 
 /// The gateway file used when `-c` is not given.
 pub const DEFAULT_GATEWAY_FILE: &str = "conf/pingress.yaml";
@@ -142,6 +142,7 @@ pub fn serve(
         ensure_free(admin_addr, "admin.listen")?;
     }
 
+    let cluster_states = loaded.last_good.clusters().clone();
     let (live, gateway) = Live::new(loaded, registry);
     let live = Arc::new(live);
     let mut conf = gateway.pingora;
@@ -170,6 +171,28 @@ pub fn serve(
     // current snapshot; every client connection counts against the caps.
     let limits = head_limits(&snapshot, gateway.downstream);
     let gate = Arc::new(Gate::new(&gateway.downstream));
+    let door = Arc::new(Door {
+        gate: gate.clone(),
+        handshakes: EdgeHandshakes::new(
+            bindings.iter().filter(|b| b.binding.tls()).map(|b| b.port),
+            &snapshot,
+            gateway.downstream.head_timeout,
+        )?,
+        drains: Drains::new(
+            snapshot.clone(),
+            live.swaps(),
+            gateway.downstream.max_connection_age,
+            // A connection past its age gets as long to finish as Pingora
+            // gives a shutting-down runtime's tasks
+            // (`graceful_shutdown_timeout_seconds`, 5 s by default).
+            Duration::from_secs(
+                server
+                    .configuration
+                    .graceful_shutdown_timeout_seconds
+                    .unwrap_or(5),
+            ),
+        ),
+    });
     let (idle, max_head) = {
         let module = &snapshot.load().module;
         (module.listener_idle_timeout, module.max_request_headers)
@@ -195,7 +218,7 @@ pub fn serve(
     };
     let mut proxy = Service::new(
         "proxy".to_string(),
-        Admitted::new(gateway_proxy(), gate.clone()),
+        Admitted::new(gateway_proxy(), door.clone()),
     );
     // Ports with TCPMappings have their own app; on a port it shares with
     // an HTTPS Listener it hands the HTTP connections to an HTTP proxy of
@@ -204,14 +227,16 @@ pub fn serve(
         "tcp".to_string(),
         Admitted::new(
             TcpProxy::new(snapshot.clone(), gateway_proxy(), &server.configuration),
-            gate,
+            door,
         ),
     );
+    // TLS ports listen in cleartext too: `Admitted` shakes hands.
     for bound in &bindings {
+        let address = bind_address(bound).to_string();
         if bound.binding.tcp() {
-            listen(&mut tcp, bound, &snapshot)?;
+            tcp.add_tcp(&address);
         } else {
-            listen(&mut proxy, bound, &snapshot)?;
+            proxy.add_tcp(&address);
         }
     }
     let ready = Arc::new(AtomicBool::new(false));
@@ -224,7 +249,7 @@ pub fn serve(
     let probe = background_service("readiness", ReadinessProbe { ports, ready });
     let upstream_tasks = background_service(
         "upstream tasks",
-        crate::upstream::tasks::UpstreamTasks::new(snapshot.clone()),
+        crate::upstream::tasks::UpstreamTasks::new(cluster_states),
     );
     let reloader = background_service("reload", Reloader::new(gateway_path, live));
 
@@ -316,87 +341,8 @@ fn head_limits(snapshot: &Arc<ArcSwap<Snapshot>>, conf: DownstreamConf) -> Limit
             deadline: conf.head_timeout,
             idle: module.listener_idle_timeout,
             max_bytes: module.max_request_headers,
-            max_age: conf.max_connection_age,
         }
     })
-}
-
-/// TLS for one HTTPS listener: certificates and client-certificate policy
-/// come from the current snapshot during each handshake, and so does ALPN
-/// (h2 only for Hosts whose context offers it).
-fn edge_tls_settings(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<TlsSettings, String> {
-    let bounds = snapshot
-        .load()
-        .listener(port)
-        .map(|l| l.tls_bounds.clone())
-        .unwrap_or_default();
-    crate::tls::edge::check_identity_index()?;
-    let acceptor = EdgeAcceptor {
-        port,
-        snapshot: snapshot.clone(),
-    };
-    let mut settings = TlsSettings::with_callbacks(Box::new(acceptor))
-        .map_err(|e| format!("TLS listener on port {port}: {e}"))?;
-    let problem = |e| format!("TLS listener on port {port}: {e}");
-    // Resumption is decided before the SNI is looked at: a TLS 1.3 ticket
-    // from a Host without client certificates would otherwise open a Host
-    // that requires them. Every connection does a full handshake.
-    settings.set_options(SslOptions::NO_TICKET);
-    settings.set_num_tickets(0).map_err(problem)?;
-    settings.set_session_cache_mode(SslSessionCacheMode::OFF);
-    if bounds.min.is_some() {
-        settings
-            .set_min_proto_version(bounds.min)
-            .map_err(problem)?;
-    }
-    if bounds.max.is_some() {
-        settings
-            .set_max_proto_version(bounds.max)
-            .map_err(problem)?;
-    }
-    if let Some(curves) = &bounds.curves {
-        settings.set_groups_list(curves).map_err(problem)?;
-    }
-    let snapshot = snapshot.clone();
-    settings.set_alpn_select_callback(move |ssl, offered| {
-        let sni = ssl
-            .servername(NameType::HOST_NAME)
-            .map(str::to_ascii_lowercase);
-        let snapshot = snapshot.load();
-        if snapshot
-            .tcp_port(port)
-            .and_then(|p| p.group(sni.as_deref()))
-            .is_some()
-        {
-            // A tunnel's bytes are not necessarily HTTP.
-            return Err(AlpnError::NOACK);
-        }
-        let h2 = snapshot
-            .listener(port)
-            .and_then(|l| l.tls_host(sni.as_deref()))
-            .is_some_and(|(_, edge)| edge.allows_h2());
-        let ours: &[u8] = if h2 {
-            b"\x02h2\x08http/1.1"
-        } else {
-            b"\x08http/1.1"
-        };
-        select_next_proto(ours, offered).ok_or(AlpnError::NOACK)
-    });
-    Ok(settings)
-}
-
-fn listen<A>(
-    service: &mut Service<A>,
-    bound: &Bound,
-    snapshot: &Arc<ArcSwap<Snapshot>>,
-) -> Result<(), String> {
-    let address = bind_address(bound).to_string();
-    if bound.binding.tls() {
-        service.add_tls_with_settings(&address, None, edge_tls_settings(bound.port, snapshot)?);
-    } else {
-        service.add_tcp(&address);
-    }
-    Ok(())
 }
 
 /// Where a port is bound: every IPv4 address unless a TCPMapping names one.

@@ -1,7 +1,8 @@
-//! External authorization through the real binary (research/emissary.md
-//! §1.6, behaviours 43-45). The authorizer is a pingress-echo: the client
-//! steers its answer with `x-echo-*` headers that the AuthService lets
-//! through, and a denial's body is the echo of what the authorizer saw.
+//! External authorization through the real binary, Emissary's AuthService
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/running/services/auth-service>).
+//! The authorizer is a pingress-echo: the client steers its answer with
+//! `x-echo-*` headers that the AuthService lets through, and a denial's
+//! body is the echo of what the authorizer saw.
 
 mod support;
 
@@ -24,9 +25,9 @@ fn auth_service(name: &str, address: &str, extra: &str) -> String {
 const STEERABLE: &str =
     "allowed_request_headers: [x-echo-status, x-echo-header, x-echo-delay-ms]\n";
 
-/// Behaviours 43 and 44: allowed requests carry the authorizer's chosen
-/// headers (which can choose the Mapping); denials reach the client with
-/// the authorizer's status, body and chosen headers.
+/// Allowed requests carry the authorizer's chosen headers (which can
+/// choose the Mapping: the route is picked again after auth); denials reach
+/// the client with the authorizer's status, body and chosen headers.
 #[test]
 fn allow_deny_and_routing_after_auth() {
     let authz = Echo::plain("authz");
@@ -125,7 +126,7 @@ fn allow_deny_and_routing_after_auth() {
     );
 }
 
-/// Behaviours 44 and 45: `bypass_auth` and redirects never ask.
+/// `bypass_auth` and redirects never ask the authorizer.
 #[test]
 fn bypass_auth_and_redirects_skip_the_authorizer() {
     let authz = Echo::plain("authz");

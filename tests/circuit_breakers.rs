@@ -1,6 +1,7 @@
-//! Circuit breakers (research/emissary.md §2.8, behaviour 38): over the
-//! limit the gateway answers 503 with `x-envoy-overloaded: true` at once,
-//! and no request fails at the transport level.
+//! Circuit breakers
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/circuit-breakers>):
+//! over the limit the gateway answers 503 with `x-envoy-overloaded: true`
+//! at once, and no request fails at the transport level.
 
 mod support;
 

@@ -3,18 +3,19 @@
 //!
 //! - `x-forwarded-client-cert` (XFCC) in each of the Module's
 //!   `forward_client_cert_details` modes, with the fields
-//!   `set_current_client_cert_details` selects (research/emissary.md §1.5,
-//!   §3.4, behaviour 36): what a client sends is trusted only as far as the
-//!   mode says, and the gateway's own element is computed here,
-//!   independently, from the certificate the client presented.
-//! - The client-certificate variables of `add_request_headers` (§2.9,
-//!   behaviour 36): validity bounds in Envoy's default and strftime
-//!   formats, subject, SHA-256 fingerprint, SANs and the SNI; empty without
-//!   a client certificate.
-//! - `crl_secret` (§3.4): a revoked client certificate fails the handshake,
+//!   `set_current_client_cert_details` selects, as Envoy defines them
+//!   (<https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_conn_man/headers>):
+//!   what a client sends is trusted only as far as the mode says, and the
+//!   gateway's own element is computed here, independently, from the
+//!   certificate the client presented.
+//! - The client-certificate variables of `add_request_headers` (Envoy's
+//!   `%DOWNSTREAM_PEER_*%` formatters): validity bounds in Envoy's default
+//!   and strftime formats, subject, SHA-256 fingerprint, SANs and the SNI;
+//!   empty without a client certificate.
+//! - `crl_secret`: a revoked client certificate fails the handshake,
 //!   another of the same CA is served; what `pingress -t` says about bad
 //!   CRL settings.
-//! - Behaviour 3: case-sensitive and case-insensitive redirect prefixes.
+//! - Case-sensitive and case-insensitive redirect prefixes.
 //!
 //! Every HTTPS test uses one TLS Host, `id.example`, whose inline `tls`
 //! verifies client certificates against the test CA without requiring one,
@@ -32,7 +33,8 @@ use support::*;
 const HOST: &str = "id.example";
 const XFCC: &str = "x-forwarded-client-cert";
 
-/// 2021-11-10T13:12:00Z, the notBefore of Emissary's behaviour 36.
+/// 2021-11-10T13:12:00Z, the notBefore of the client certificate in
+/// Emissary's KAT test of `%DOWNSTREAM_PEER_CERT_V_START%`.
 const NOT_BEFORE: i64 = 1_636_549_920;
 /// 2041-03-05T07:08:09Z: a one-digit day, so `%e` must pad with a space.
 const NOT_AFTER: i64 = 2_246_080_089;
@@ -280,12 +282,12 @@ fn one(value: &str) -> Vec<String> {
     vec![value.to_string()]
 }
 
-/// Behaviour 36: SANITIZE_SET with subject, URI and DNS. On an mTLS
-/// connection the upstream gets exactly one XFCC, the gateway's own
-/// element (Hash = SHA-256 of the presented certificate's DER, the RFC 2253
-/// subject most specific first with its comma escaped, every URI and DNS
-/// SAN in order), whether or not the client sent a forged one; without a
-/// client certificate, over TLS or cleartext, there is none at all.
+/// SANITIZE_SET with subject, URI and DNS. On an mTLS connection the upstream
+/// gets exactly one XFCC, the gateway's own element (Hash = SHA-256 of the
+/// presented certificate's DER, the RFC 2253 subject most specific first with
+/// its comma escaped, every URI and DNS SAN in order), whether or not the
+/// client sent a forged one; without a client certificate, over TLS or
+/// cleartext, there is none at all.
 #[test]
 fn sanitize_set_replaces_any_client_xfcc_with_the_verified_certificate() {
     let edge = Edge::start(
@@ -491,13 +493,13 @@ fn a_client_xfcc_on_two_header_lines_is_handled_as_one_list() {
 // Client-certificate header variables
 // ---------------------------------------------------------------------------
 
-/// Behaviour 36: `add_request_headers` with the client-certificate
-/// variables. With a verified certificate they render its notBefore in
-/// Envoy's default format (`2021-11-10T13:12:00.000Z`), its notAfter with
-/// a strftime format (`%e` space-padded), its RFC 2253 subject, SHA-256
-/// fingerprint, URI and DNS SANs, and the SNI. Without a client
-/// certificate over TLS only the SNI renders; in cleartext nothing does.
-/// (Each value is bracketed, so an empty rendering is still a header.)
+/// `add_request_headers` with the client-certificate variables. With a
+/// verified certificate they render its notBefore in Envoy's default format
+/// (`2021-11-10T13:12:00.000Z`), its notAfter with a strftime format (`%e`
+/// space-padded), its RFC 2253 subject, SHA-256 fingerprint, URI and DNS
+/// SANs, and the SNI. Without a client certificate over TLS only the SNI
+/// renders; in cleartext nothing does. (Each value is bracketed, so an empty
+/// rendering is still a header.)
 #[test]
 fn client_certificate_variables_render_the_verified_certificate() {
     let headers = [
@@ -818,15 +820,15 @@ fn check_names_the_inline_tls_field_of_a_host() {
 }
 
 // ---------------------------------------------------------------------------
-// Behaviour 3
+// Case sensitivity of redirect prefixes
 // ---------------------------------------------------------------------------
 
-/// Behaviour 3: a redirect Mapping on `/x/` matches case-sensitively, so
-/// `/X/anything` is 404 (and `/x/anything` is redirected); another on `/y/`
-/// with `case_sensitive: false` redirects `/Y/Anything`, and its Location
-/// keeps the original upper-case path and the query.
+/// A redirect Mapping on `/x/` matches case-sensitively, so `/X/anything` is
+/// 404 (and `/x/anything` is redirected); another on `/y/` with
+/// `case_sensitive: false` redirects `/Y/Anything`, and its Location keeps
+/// the original upper-case path and the query.
 #[test]
-fn behaviour_3_redirect_prefixes_and_case_sensitivity() {
+fn redirect_prefixes_and_case_sensitivity() {
     let dir = tempdir();
     let port = free_port();
     let redirect = |name: &str, prefix: &str, extra: &str| {

@@ -3,9 +3,11 @@
 //! among TLS Hosts (exact, wildcard, `*`), client-certificate authentication,
 //! the binding of a TLS connection to the Host its SNI chose (421, and no
 //! TLS 1.3 session resumed into another Host's client-certificate policy),
-//! HTTP/2 by ALPN, the insecure-request policy of behaviours 46-52 of
-//! research/emissary.md §6, X-Forwarded-Proto over TLS, and what
-//! `pingress -t` reports about TLS Hosts.
+//! HTTP/2 by ALPN, the Host's insecure-request policy (`requestPolicy`,
+//! <https://www.getambassador.io/docs/emissary/latest/topics/running/host-crd>)
+//! in the scenarios of Emissary's Host and TLS acceptance tests,
+//! X-Forwarded-Proto over TLS, and what `pingress -t` reports about TLS
+//! Hosts.
 //!
 //! Every server certificate has CN = the name it is issued for, so a test
 //! can tell from the client side which Host's certificate a handshake chose.
@@ -32,16 +34,9 @@ use support::*;
 // Resource builders
 // ---------------------------------------------------------------------------
 
-// `doc`, `listener`, `host`, `tls_spec`, `tls_secret`, `ca_secret` and
-// `mapping` live in tests/support/mod.rs, shared with
+// `doc`, `listener`, `host`, `tls_host`, `tls_spec`, `tls_secret`,
+// `ca_secret` and `mapping` live in tests/support/resources.rs, shared with
 // tests/client_identity.rs.
-
-/// Writes the gateway file and `docs` (which bring their own Listeners) and
-/// starts pingress.
-fn start(dir: &Path, docs: &[String]) -> Gateway {
-    write_gateway_without_listener(dir, free_port(), &docs.concat());
-    Gateway::start(dir)
-}
 
 // ---------------------------------------------------------------------------
 // Client-side helpers
@@ -85,14 +80,6 @@ fn assert_cert_for(cert: &X509, name: &str) {
 /// from an echo.
 fn served_by(response: &Response) -> String {
     response.echo_ok().server()
-}
-
-/// True when the body is a reply of an echo upstream (the request went
-/// through a route).
-fn is_echo_reply(response: &Response) -> bool {
-    serde_json::from_slice::<serde_json::Value>(&response.body)
-        .map(|v| v.get("connection").is_some())
-        .unwrap_or(false)
 }
 
 /// A cleartext request with this `Host` header on a fresh connection.
@@ -281,14 +268,12 @@ fn two_hosts_on_one_port_each_sni_gets_its_own_certificate_and_routes() {
     let alpha = Echo::plain("alpha");
     let beta = Echo::plain("beta");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("a-cert", "default", &a),
-            tls_secret("b-cert", "default", &b),
-            host("a", "a.example", &tls_spec("a-cert", None)),
-            host("b", "b.example", &tls_spec("b-cert", None)),
+            tls_host("a", "a.example", &a, ""),
+            tls_host("b", "b.example", &b, ""),
             mapping("a", "", "/svc/", &alpha, "hostname: a.example"),
             mapping("b", "", "/svc/", &beta, "hostname: b.example"),
         ],
@@ -331,14 +316,12 @@ fn wildcard_host_serves_names_under_it_and_the_exact_host_wins() {
     let wild_echo = Echo::plain("wild");
     let exact_echo = Echo::plain("exact");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("wild-cert", "default", &wild),
-            tls_secret("exact-cert", "default", &exact),
-            host("wild", "*.example.com", &tls_spec("wild-cert", None)),
-            host("exact", "a.example.com", &tls_spec("exact-cert", None)),
+            tls_host("wild", "*.example.com", &wild, ""),
+            tls_host("exact", "a.example.com", &exact, ""),
             mapping(
                 "wild",
                 "",
@@ -385,14 +368,12 @@ fn star_tls_host_catches_unknown_sni_and_clients_without_sni() {
     let alpha = Echo::plain("alpha");
     let any = Echo::plain("any");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("a-cert", "default", &a),
-            tls_secret("fallback-cert", "default", &fallback),
-            host("a", "a.example", &tls_spec("a-cert", None)),
-            host("fallback", "*", &tls_spec("fallback-cert", None)),
+            tls_host("a", "a.example", &a, ""),
+            tls_host("fallback", "*", &fallback, ""),
             mapping("a", "", "/a/", &alpha, "hostname: a.example"),
             mapping("any", "", "/any/", &any, "hostname: \"*\""),
         ],
@@ -435,24 +416,21 @@ fn cert_required_accepts_a_good_client_certificate_and_refuses_none_and_stranger
     let mallory = rogue.issue_client("mallory");
     let echo = Echo::plain("protected");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("mtls-cert", "default", &server),
             ca_secret("client-ca", "default", pki.ca_pem()),
             doc(
                 "TLSContext",
                 "name: mtls-context",
                 "hosts: [mtls.example]\nca_secret: client-ca\ncert_required: true",
             ),
-            host(
+            tls_host(
                 "mtls",
                 "mtls.example",
-                &format!(
-                    "{}tlsContext:\n  name: mtls-context",
-                    tls_spec("mtls-cert", None)
-                ),
+                &server,
+                "tlsContext:\n  name: mtls-context",
             ),
             mapping("protected", "", "/p/", &echo, "hostname: \"*\""),
         ],
@@ -485,16 +463,16 @@ fn ca_without_cert_required_verifies_only_presented_certificates() {
     let mallory = rogue.issue_client("mallory");
     let echo = Echo::plain("optional");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("opt-cert", "default", &server),
             ca_secret("client-ca", "default", pki.ca_pem()),
-            host(
+            tls_host(
                 "opt",
                 "opt.example",
-                &format!("{}tls:\n  ca_secret: client-ca", tls_spec("opt-cert", None)),
+                &server,
+                "tls:\n  ca_secret: client-ca",
             ),
             mapping("optional", "", "/o/", &echo, "hostname: \"*\""),
         ],
@@ -509,10 +487,10 @@ fn ca_without_cert_required_verifies_only_presented_certificates() {
     assert!(stranger.is_err(), "certificate of another CA: {stranger:?}");
 }
 
-/// Behaviour 51: inline `tls: {ca_secret: ca.alt-namespace, cert_required:
-/// true}` finds Secret `ca` in namespace `alt-namespace`; names with more
-/// dots split at the last one (`client.ca.alt-namespace`), and the Host's
-/// own name and tlsSecret name may contain dots too.
+/// Inline `tls: {ca_secret: ca.alt-namespace, cert_required: true}` finds
+/// Secret `ca` in namespace `alt-namespace`; names with more dots split at
+/// the last one (`client.ca.alt-namespace`), and the Host's own name and
+/// tlsSecret name may contain dots too.
 #[test]
 fn client_cert_host_with_a_ca_secret_in_another_namespace() {
     let dir = tempdir();
@@ -525,7 +503,7 @@ fn client_cert_host_with_a_ca_secret_in_another_namespace() {
     let echo = Echo::plain("cc");
     let port = free_port();
     let required = |ca: &str| format!("tls:\n  ca_secret: {ca}\n  cert_required: true");
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
@@ -586,22 +564,18 @@ fn host_header_naming_another_host_than_the_sni_gets_421() {
     let echo_a = Echo::plain("alpha");
     let echo_b = Echo::plain("beta");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("a-cert", "default", &a),
-            tls_secret("b-cert", "default", &b),
             ca_secret("client-ca", "default", pki.ca_pem()),
-            host(
+            tls_host(
                 "a",
                 "a.example",
-                &format!(
-                    "{}tls:\n  ca_secret: client-ca\n  cert_required: true",
-                    tls_spec("a-cert", None)
-                ),
+                &a,
+                "tls:\n  ca_secret: client-ca\n  cert_required: true",
             ),
-            host("b", "b.example", &tls_spec("b-cert", None)),
+            tls_host("b", "b.example", &b, ""),
             mapping("a", "", "/a/", &echo_a, "hostname: a.example"),
             mapping("b", "", "/b/", &echo_b, "hostname: b.example"),
             mapping("shared", "", "/shared/", &echo_a, "hostname: \"*\""),
@@ -626,14 +600,14 @@ fn host_header_naming_another_host_than_the_sni_gets_421() {
             "SNI b.example, Host {host_header}, {target}: {}",
             response.text()
         );
-        assert!(!is_echo_reply(&response), "{}", response.text());
+        assert!(!response.is_echo(), "{}", response.text());
     }
     // The other direction: A's connection cannot borrow B's routes.
     let response = Request::get("/b/")
         .header("Host", "b.example")
         .send_tls(port, &sni_a);
     assert_eq!(response.status, 421, "{}", response.text());
-    assert!(!is_echo_reply(&response), "{}", response.text());
+    assert!(!response.is_echo(), "{}", response.text());
 
     // A kept-alive connection: a legitimate request first, then one that
     // names the other Host.
@@ -641,7 +615,7 @@ fn host_header_naming_another_host_than_the_sni_gets_421() {
     assert_eq!(served_by(&client.get("/b/")), "beta");
     let response = client.send(Request::get("/a/").header("Host", "a.example"));
     assert_eq!(response.status, 421, "{}", response.text());
-    assert!(!is_echo_reply(&response), "{}", response.text());
+    assert!(!response.is_echo(), "{}", response.text());
 
     // Each Host's own requests are served.
     assert_eq!(served_by(&get_tls(port, &sni_a, "/a/").0), "alpha");
@@ -710,22 +684,18 @@ fn a_session_from_another_host_does_not_skip_client_certificates() {
     let echo_a = Echo::plain("alpha");
     let echo_b = Echo::plain("beta");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("a-cert", "default", &a),
-            tls_secret("b-cert", "default", &b),
             ca_secret("client-ca", "default", pki.ca_pem()),
-            host(
+            tls_host(
                 "a",
                 "a.example",
-                &format!(
-                    "{}tls:\n  ca_secret: client-ca\n  cert_required: true",
-                    tls_spec("a-cert", None)
-                ),
+                &a,
+                "tls:\n  ca_secret: client-ca\n  cert_required: true",
             ),
-            host("b", "b.example", &tls_spec("b-cert", None)),
+            tls_host("b", "b.example", &b, ""),
             mapping("a", "", "/a/", &echo_a, "hostname: a.example"),
             mapping("b", "", "/b/", &echo_b, "hostname: b.example"),
         ],
@@ -765,26 +735,17 @@ fn http2_only_for_hosts_whose_context_lists_h2() {
     let h1 = pki.issue_server("h1.example", &[]);
     let echo = Echo::plain("upstream");
     let port = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", port, "HTTPS"),
-            tls_secret("h2-cert", "default", &h2),
-            tls_secret("h1-cert", "default", &h1),
             doc(
                 "TLSContext",
                 "name: h2-context",
                 "hosts: [h2.example]\nalpn_protocols: h2,http/1.1",
             ),
-            host(
-                "h2",
-                "h2.example",
-                &format!(
-                    "{}tlsContext:\n  name: h2-context",
-                    tls_spec("h2-cert", None)
-                ),
-            ),
-            host("h1", "h1.example", &tls_spec("h1-cert", None)),
+            tls_host("h2", "h2.example", &h2, "tlsContext:\n  name: h2-context"),
+            tls_host("h1", "h1.example", &h1, ""),
             mapping("svc", "", "/svc/", &echo, "hostname: \"*\""),
         ],
     );
@@ -830,32 +791,29 @@ fn http2_only_for_hosts_whose_context_lists_h2() {
 }
 
 // ---------------------------------------------------------------------------
-// Insecure requests (behaviours 46-52)
+// Insecure requests (Emissary's Host acceptance scenarios)
 // ---------------------------------------------------------------------------
 
-/// Behaviour 46: one TLS Host with a mappingSelector and a labelled Mapping
-/// without hostname: HTTPS 200 with the Host's certificate; HTTP 301 to
-/// https (the default action is Redirect), path and query kept.
+/// One TLS Host with a mappingSelector and a labelled Mapping without
+/// hostname: HTTPS 200 with the Host's certificate; HTTP 301 to https (the
+/// default action is Redirect), path and query kept.
 #[test]
-fn behaviour_46_single_tls_host_redirects_cleartext() {
+fn a_single_tls_host_redirects_cleartext() {
     let dir = tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let cert = pki.issue_server("h46.example", &[]);
     let echo = Echo::plain("target");
     let (http, https) = (free_port(), free_port());
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("http", http, "HTTP"),
             listener("https", https, "HTTPS"),
-            tls_secret("h46-cert", "default", &cert),
-            host(
+            tls_host(
                 "h46",
                 "h46.example",
-                &format!(
-                    "{}mappingSelector:\n  matchLabels:\n    app: target",
-                    tls_spec("h46-cert", None)
-                ),
+                &cert,
+                "mappingSelector:\n  matchLabels:\n    app: target",
             ),
             mapping("target", ", labels: {app: target}", "/target/", &echo, ""),
         ],
@@ -883,23 +841,22 @@ fn behaviour_46_single_tls_host_redirects_cleartext() {
     );
 }
 
-/// Behaviour 47: only an HTTPS Listener and `insecure.action: Reject`:
-/// HTTPS 200; there is no cleartext port at all (pingress listens on the
-/// HTTPS port and the admin port only: no default 8080), and cleartext
-/// HTTP on the HTTPS port gets no HTTP answer.
+/// Only an HTTPS Listener and `insecure.action: Reject`: HTTPS 200; there
+/// is no cleartext port at all (pingress listens on the HTTPS port and the
+/// admin port only: no default 8080), and cleartext HTTP on the HTTPS port
+/// gets no HTTP answer.
 #[test]
-fn behaviour_47_reject_without_http_listener() {
+fn reject_without_an_http_listener() {
     let dir = tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let cert = pki.issue_server("h47.example", &[]);
     let echo = Echo::plain("target");
     let https = free_port();
-    let gw = start(
+    let gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("https", https, "HTTPS"),
-            tls_secret("h47-cert", "default", &cert),
-            host("h47", "h47.example", &tls_spec("h47-cert", Some("Reject"))),
+            tls_host("h47", "h47.example", &cert, &insecure_action("Reject")),
             mapping("target", "", "/target/", &echo, "hostname: \"*\""),
         ],
     );
@@ -928,23 +885,19 @@ fn behaviour_47_reject_without_http_listener() {
     );
 }
 
-/// Behaviour 48: a cleartext-only Host (no tlsSecret, `action: Route`) on
-/// an HTTP Listener only: HTTP 200, and a TLS handshake fails.
+/// A cleartext-only Host (no tlsSecret, `action: Route`) on an HTTP
+/// Listener only: HTTP 200, and a TLS handshake fails.
 #[test]
-fn behaviour_48_cleartext_only_host() {
+fn a_cleartext_only_host() {
     let dir = tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let echo = Echo::plain("target");
     let http = free_port();
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("http", http, "HTTP"),
-            host(
-                "h48",
-                "h48.example",
-                "requestPolicy:\n  insecure:\n    action: Route",
-            ),
+            host("h48", "h48.example", &insecure_action("Route")),
             mapping("target", "", "/target/", &echo, "hostname: \"*\""),
         ],
     );
@@ -960,15 +913,15 @@ fn behaviour_48_cleartext_only_host() {
     assert!(tls.is_err(), "TLS to a cleartext-only gateway: {tls:?}");
 }
 
-/// Behaviour 49: three TLS Hosts with three insecure actions. Each Host
-/// serves only its Mappings over TLS, with the certificate whose CN is the
-/// SNI; a `hostname: "*"` Mapping labelled for both selecting Hosts is
-/// served by all three. Over HTTP: h1 (Route) 200; h2 (Redirect) 301 (for
-/// unmapped paths too: a documented difference from Emissary's 404); h3
-/// (Reject) 404 for everything but `/.well-known/acme-challenge/`, which
-/// every Host routes whatever its action.
+/// Three TLS Hosts with three insecure actions. Each Host serves only its
+/// Mappings over TLS, with the certificate whose CN is the SNI; a
+/// `hostname: "*"` Mapping labelled for both selecting Hosts is served by
+/// all three. Over HTTP: h1 (Route) 200; h2 (Redirect) 301 (for unmapped
+/// paths too: a documented difference from Emissary's 404); h3 (Reject) 404
+/// for everything but `/.well-known/acme-challenge/`, which every Host
+/// routes whatever its action.
 #[test]
-fn behaviour_49_three_hosts_three_actions() {
+fn three_hosts_three_insecure_actions() {
     let dir = tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let echo1 = Echo::plain("one");
@@ -977,30 +930,32 @@ fn behaviour_49_three_hosts_three_actions() {
     let shared = Echo::plain("shared");
     let acme = Echo::plain("acme");
     let (http, https) = (free_port(), free_port());
-    let mut docs = vec![
+    let cert = |n: &str| pki.issue_server(&format!("{n}.example"), &[]);
+    let docs = [
         listener("http", http, "HTTP"),
         listener("https", https, "HTTPS"),
-    ];
-    for n in ["h1", "h2", "h3"] {
-        let cert = pki.issue_server(&format!("{n}.example"), &[]);
-        docs.push(tls_secret(&format!("{n}-cert"), "default", &cert));
-    }
-    docs.extend([
-        host(
+        tls_host(
             "h1",
             "h1.example",
+            &cert("h1"),
             &format!(
                 "{}mappingSelector:\n  matchLabels:\n    h1: \"yes\"",
-                tls_spec("h1-cert", Some("Route"))
+                insecure_action("Route")
             ),
         ),
-        host("h2", "h2.example", &tls_spec("h2-cert", Some("Redirect"))),
-        host(
+        tls_host(
+            "h2",
+            "h2.example",
+            &cert("h2"),
+            &insecure_action("Redirect"),
+        ),
+        tls_host(
             "h3",
             "h3.example",
+            &cert("h3"),
             &format!(
                 "{}mappingSelector:\n  matchLabels:\n    h3: \"yes\"",
-                tls_spec("h3-cert", Some("Reject"))
+                insecure_action("Reject")
             ),
         ),
         mapping(
@@ -1032,8 +987,8 @@ fn behaviour_49_three_hosts_three_actions() {
             &acme,
             "hostname: \"*\"",
         ),
-    ]);
-    let gw = start(dir.path(), &docs);
+    ];
+    let gw = start_gateway_without_listener(dir.path(), &docs);
     let report = check(dir.path());
     assert!(
         report.success()
@@ -1089,7 +1044,7 @@ fn behaviour_49_three_hosts_three_actions() {
     for path in ["/m3/", "/all/", "/m1/"] {
         let response = get_http(http, "h3.example", path);
         assert_eq!(response.status, 404, "HTTP h3.example{path}");
-        assert!(!is_echo_reply(&response), "{}", response.text());
+        assert!(!response.is_echo(), "{}", response.text());
     }
     // The ACME challenge is routed whatever the action.
     for n in ["h1", "h2", "h3"] {
@@ -1103,13 +1058,12 @@ fn behaviour_49_three_hosts_three_actions() {
     drop(gw);
 }
 
-/// Behaviour 50: Hosts `*` (Redirect), `*.domain.com` (Route) and
-/// `a.domain.com` (Redirect), one Mapping `hostname: "*"`. Over TLS every
-/// name is served, each with its Host's certificate (no SNI: the `*`
-/// Host's). Over HTTP the most specific Host's action wins: exact over
-/// wildcard over `*`.
+/// Hosts `*` (Redirect), `*.domain.com` (Route) and `a.domain.com`
+/// (Redirect), one Mapping `hostname: "*"`. Over TLS every name is served,
+/// each with its Host's certificate (no SNI: the `*` Host's). Over HTTP the
+/// most specific Host's action wins: exact over wildcard over `*`.
 #[test]
-fn behaviour_50_the_most_specific_host_decides() {
+fn the_most_specific_host_decides() {
     let dir = tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let star = pki.issue_server("catch-all.test", &[]);
@@ -1117,24 +1071,18 @@ fn behaviour_50_the_most_specific_host_decides() {
     let exact = pki.issue_server("a.domain.com", &[]);
     let echo = Echo::plain("target");
     let (http, https) = (free_port(), free_port());
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("http", http, "HTTP"),
             listener("https", https, "HTTPS"),
-            tls_secret("star-cert", "default", &star),
-            tls_secret("wild-cert", "default", &wild),
-            tls_secret("exact-cert", "default", &exact),
-            host("star", "*", &tls_spec("star-cert", Some("Redirect"))),
-            host(
-                "wild",
-                "*.domain.com",
-                &tls_spec("wild-cert", Some("Route")),
-            ),
-            host(
+            tls_host("star", "*", &star, &insecure_action("Redirect")),
+            tls_host("wild", "*.domain.com", &wild, &insecure_action("Route")),
+            tls_host(
                 "exact",
                 "a.domain.com",
-                &tls_spec("exact-cert", Some("Redirect")),
+                &exact,
+                &insecure_action("Redirect"),
             ),
             mapping("target", "", "/target/", &echo, "hostname: \"*\""),
         ],
@@ -1181,29 +1129,24 @@ fn behaviour_50_the_most_specific_host_decides() {
     );
 }
 
-/// Behaviour 52: a cleartext `*` Host (Redirect) and a TLS Host h1 (Route).
-/// HTTP to h1 200, to another name 301; HTTPS with SNI h1 200; HTTPS with an
-/// unknown SNI, or none, falls into no cleartext chain: the handshake ends
-/// with an alert and never a plaintext response (Emissary's defect).
+/// A cleartext `*` Host (Redirect) and a TLS Host h1 (Route). HTTP to h1
+/// 200, to another name 301; HTTPS with SNI h1 200; HTTPS with an unknown
+/// SNI, or none, falls into no cleartext chain: the handshake ends with an
+/// alert and never a plaintext response (Emissary's defect).
 #[test]
-fn behaviour_52_unknown_sni_next_to_a_cleartext_star_host() {
+fn an_unknown_sni_next_to_a_cleartext_star_host() {
     let dir = tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let cert = pki.issue_server("h1.example", &[]);
     let echo = Echo::plain("target");
     let (http, https) = (free_port(), free_port());
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("http", http, "HTTP"),
             listener("https", https, "HTTPS"),
-            tls_secret("h1-cert", "default", &cert),
-            host(
-                "star",
-                "*",
-                "requestPolicy:\n  insecure:\n    action: Redirect",
-            ),
-            host("h1", "h1.example", &tls_spec("h1-cert", Some("Route"))),
+            host("star", "*", &insecure_action("Redirect")),
+            tls_host("h1", "h1.example", &cert, &insecure_action("Route")),
             mapping("target", "", "/target/", &echo, "hostname: \"*\""),
         ],
     );
@@ -1242,17 +1185,12 @@ fn upstream_sees_x_forwarded_proto_https_over_tls() {
     let cert = pki.issue_server("xfp.example", &[]);
     let echo = Echo::plain("target");
     let (http, https) = (free_port(), free_port());
-    let _gw = start(
+    let _gw = start_gateway_without_listener(
         dir.path(),
         &[
             listener("http", http, "HTTP"),
             listener("https", https, "HTTPS"),
-            tls_secret("xfp-cert", "default", &cert),
-            host(
-                "xfp",
-                "xfp.example",
-                &tls_spec("xfp-cert", Some("Redirect")),
-            ),
+            tls_host("xfp", "xfp.example", &cert, &insecure_action("Redirect")),
             mapping("target", "", "/target/", &echo, "hostname: \"*\""),
         ],
     );
@@ -1329,10 +1267,7 @@ fn check_reports_a_key_that_does_not_match_the_certificate() {
     let other = pki.issue_server("other.example", &[]);
     let mut mixed = cert.clone();
     mixed.key_pem = other.key_pem.clone();
-    let out = check_docs(&[
-        tls_secret("h-cert", "default", &mixed),
-        host("h", "h.example", &tls_spec("h-cert", None)),
-    ]);
+    let out = check_docs(&[tls_host("h", "h.example", &mixed, "")]);
     assert_eq!(out.code, 1, "{}", out.combined());
     assert_reported(
         &out,
@@ -1351,18 +1286,13 @@ fn check_reports_a_tls_context_with_another_certificate() {
     let cert = pki.issue_server("h.example", &[]);
     let other = pki.issue_server("other.example", &[]);
     let out = check_docs(&[
-        tls_secret("h-cert", "default", &cert),
         tls_secret("other-cert", "default", &other),
         doc(
             "TLSContext",
             "name: h-context",
             "hosts: [h.example]\nsecret: other-cert",
         ),
-        host(
-            "h",
-            "h.example",
-            &format!("{}tlsContext:\n  name: h-context", tls_spec("h-cert", None)),
-        ),
+        tls_host("h", "h.example", &cert, "tlsContext:\n  name: h-context"),
     ]);
     assert_eq!(out.code, 1, "{}", out.combined());
     assert_reported(
@@ -1377,14 +1307,12 @@ fn check_reports_cert_required_without_a_ca() {
     let dir = tempdir();
     let pki = Pki::new(dir.path());
     let cert = pki.issue_server("h.example", &[]);
-    let out = check_docs(&[
-        tls_secret("h-cert", "default", &cert),
-        host(
-            "h",
-            "h.example",
-            &format!("{}tls:\n  cert_required: true", tls_spec("h-cert", None)),
-        ),
-    ]);
+    let out = check_docs(&[tls_host(
+        "h",
+        "h.example",
+        &cert,
+        "tls:\n  cert_required: true",
+    )]);
     assert_eq!(out.code, 1, "{}", out.combined());
     assert_reported(
         &out,
@@ -1405,10 +1333,7 @@ fn assert_expiry_warning(expired_at: i64) {
     let date = Asn1Time::from_unix(expired_at)
         .expect("asn1 time")
         .to_string();
-    let out = check_docs(&[
-        tls_secret("old-cert", "default", &cert),
-        host("old", "old.example", &tls_spec("old-cert", None)),
-    ]);
+    let out = check_docs(&[tls_host("old", "old.example", &cert, "")]);
     assert_eq!(out.code, 0, "{}", out.combined());
     assert_reported(
         &out,

@@ -240,8 +240,10 @@ fn trickling_upstream(head: &'static [u8], body: &'static [u8]) -> u16 {
 }
 
 /// Emissary's `timeout_ms` is Envoy's route timeout: it bounds the whole
-/// exchange, not each read (research/emissary.md, Mapping fields). A body
-/// that trickles past the deadline is cut there, as Envoy resets the stream.
+/// exchange, not each read
+/// (<https://www.getambassador.io/docs/emissary/latest/topics/using/timeouts>).
+/// A body that trickles past the deadline is cut there, as Envoy resets the
+/// stream.
 #[test]
 fn timeout_cuts_a_trickling_body_at_the_deadline() {
     let dir = tempdir();

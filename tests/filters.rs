@@ -1,7 +1,6 @@
-//! Filters through the real binaries: the built-in request IDs, IP
-//! allow/deny (behaviour 42), CORS (behaviour 41), Filter and FilterPolicy
-//! resources, and the example binaries' custom filters, including one that
-//! fails or panics.
+//! Filters through the real binaries: the built-in request IDs, the
+//! Module's IP allow/deny, CORS, Filter and FilterPolicy resources, and the
+//! example binaries' custom filters, including one that fails or panics.
 
 mod support;
 
@@ -40,7 +39,8 @@ fn request_ids_are_generated_and_replace_the_clients() {
     assert!(is_uuid(&a), "{a}");
     assert_ne!(a, b, "each request gets its own ID");
 
-    // Behaviour 34: a client's ID is replaced by default.
+    // A client's ID is replaced by default, as in Emissary (unless
+    // `preserve_external_request_id`).
     let replaced = request(port, "GET", "/ids/", &[("x-request-id", "hello")]).echo_ok();
     let id = replaced.header("x-request-id").expect("an ID");
     assert!(is_uuid(&id), "{id}");
@@ -63,7 +63,7 @@ fn preserve_external_request_id_keeps_the_clients() {
     assert!(is_uuid(&generated.header("x-request-id").expect("an ID")));
 }
 
-/// Behaviour 42, with the test client on 127.0.0.1: a `peer` rule for
+/// Module `ip_allow`, with the test client on 127.0.0.1: a `peer` rule for
 /// another address does not let it in; a `remote` rule matches the address
 /// the trusted proxy (l7Depth 1) put in X-Forwarded-For.
 #[test]
@@ -119,8 +119,8 @@ fn ip_deny_refuses_listed_clients_only() {
     assert_eq!(denied.status, 403);
 }
 
-/// Behaviour 41: the Module's policy, a Mapping's own replacing it, and
-/// preflights answered by the gateway.
+/// CORS: the Module's policy, a Mapping's own replacing it (not merged),
+/// and preflights answered by the gateway.
 #[test]
 fn cors_policies_of_module_and_mapping() {
     let foo = Echo::plain("foo");

@@ -1,6 +1,8 @@
-//! Redirect Mappings (research/emissary.md §2.10, behaviours 22-25 and 27):
+//! Redirect Mappings
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/redirects>):
 //! `host_redirect` with path, prefix and regex replacements and every
-//! redirect code, through the real binary.
+//! redirect code, through the real binary, with the examples of Emissary's
+//! own redirect tests and the Module's `server_name` on every redirect.
 
 mod support;
 
@@ -70,15 +72,16 @@ fn redirect_kinds_and_codes() {
             gateway.log()
         );
         assert_eq!(reply.header("location"), Some(location), "{target}");
-        // Behaviour 27: even the gateway's own redirect carries server_name.
+        // Even a redirect the gateway makes itself carries server_name, as
+        // in Emissary.
         assert_eq!(reply.header("server"), Some("test-server"), "{target}");
     }
 }
 
 #[test]
 fn secure_requests_redirect_to_https() {
-    // Behaviour 45's second half: with a trusted proxy saying https, the
-    // redirect keeps the https scheme.
+    // With a trusted proxy saying https, the redirect keeps the https
+    // scheme.
     let dir = tempdir();
     let port = free_port();
     write_gateway_with_listener(

@@ -2,7 +2,8 @@
 //! (`reset`), within `num_retries`, and never for requests that change
 //! state; without a policy the failure reaches the client. Responses whose
 //! status the policy names (`5xx`, `gateway-error`, `retriable-4xx`) are
-//! tried again inside `timeout_ms` (Emissary's behaviour 37).
+//! tried again inside `timeout_ms`, which bounds all tries together, so a
+//! slow failing upstream ends in 504 as in Emissary.
 
 mod support;
 

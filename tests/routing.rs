@@ -4,19 +4,18 @@
 //! Host and header values a pingress-echo server received, and which echo
 //! server answered).
 //!
-//! Covered (Emissary behaviour numbers from research/emissary.md §6 in
-//! brackets): prefix matching with the default `/` rewrite and
-//! `x-envoy-original-path`, path normalisation [1]; explicit and empty
-//! rewrites [2]; case sensitivity [3]; `prefix_exact`, `prefix_regex`;
-//! header, query and regex matchers [4-7]; `regex_rewrite` [8, 9]; `host`
-//! [10] and `hostname` globs; the Module's `strip_matching_host_port` [11],
-//! `merge_slashes` [12] and escaped-slash handling [13]; invalid resources
-//! dropped alone [14, 15]; `ambassador_id` [16]; namespaces [17]; methods,
-//! precedence and route order; Host header rewriting; header edits and their
-//! append semantics [28-30]; Module `defaults` [31]; Linkerd [32]; Envoy
-//! headers and timeouts [33]; header value variables; canary weights [19];
-//! and Host association, `requestPolicy.insecure` and the XFP security
-//! model with `l7Depth` (§2.2, §3.6).
+//! Covered, mostly with the scenarios of Emissary's own acceptance (KAT)
+//! tests: prefix matching with the default `/` rewrite and
+//! `x-envoy-original-path`, path normalisation; explicit and empty
+//! rewrites; case sensitivity; `prefix_exact`, `prefix_regex`; header,
+//! query and regex matchers; `regex_rewrite`; `host` and `hostname` globs;
+//! the Module's `strip_matching_host_port`, `merge_slashes` and
+//! escaped-slash handling; invalid resources dropped alone;
+//! `ambassador_id`; namespaces; methods, precedence and route order; Host
+//! header rewriting; header edits and their append semantics; Module
+//! `defaults`; Linkerd; Envoy headers and timeouts; header value variables;
+//! canary weights; and Host association, `requestPolicy.insecure` and the
+//! XFP security model with `l7Depth`.
 //!
 //! Each test starts one to three gateways holding several Mappings (a start
 //! costs ~100 ms) and focuses on one behaviour family. AMBASSADOR_ID is not
@@ -29,35 +28,14 @@ use std::collections::BTreeMap;
 use support::*;
 use tempfile::TempDir;
 
-const V3: &str = "getambassador.io/v3alpha1";
 const V2: &str = "getambassador.io/v2";
 
 // ---------------------------------------------------------------------------
 // Resource builders
 // ---------------------------------------------------------------------------
 
-fn indent(text: &str, by: usize) -> String {
-    let pad = " ".repeat(by);
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| format!("{pad}{l}\n"))
-        .collect()
-}
-
-/// A YAML double-quoted scalar (JSON strings are valid YAML).
-fn q(text: &str) -> String {
-    serde_json::to_string(text).expect("a string serializes as JSON")
-}
-
-/// One resource document. `metadata` is the inside of a flow map
-/// (`name: m, namespace: a`); `spec` is block YAML at the level of the
-/// spec's keys.
-fn doc(api_version: &str, kind: &str, metadata: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: {api_version}\nkind: {kind}\nmetadata: {{{metadata}}}\nspec:\n{}",
-        indent(spec, 2)
-    )
-}
+// The harness builds the documents (tests/support/resources.rs); these
+// only add this file's defaults, such as Mappings on every Host.
 
 fn service(echo: &Echo) -> String {
     format!("127.0.0.1:{}", echo.port())
@@ -72,7 +50,7 @@ fn mapping_doc(
     echo: &Echo,
     extra: &str,
 ) -> String {
-    doc(
+    versioned_doc(
         api_version,
         "Mapping",
         metadata,
@@ -96,28 +74,11 @@ fn bare_mapping(name: &str, prefix: &str, echo: &Echo, extra: &str) -> String {
     mapping_doc(V3, &format!("name: {name}"), prefix, echo, extra)
 }
 
-/// The `ambassador` Module with `config` (block YAML under `spec.config`).
-fn module(config: &str) -> String {
-    doc(
-        V3,
-        "Module",
-        "name: ambassador",
-        &format!("config:\n{}", indent(config, 2)),
-    )
-}
-
 /// A Host for `hostname` with `insecure.action` (`None`: Emissary's default,
 /// Redirect) and extra spec lines.
 fn host(name: &str, hostname: &str, action: Option<&str>, extra: &str) -> String {
-    let policy = action
-        .map(|a| format!("requestPolicy:\n  insecure:\n    action: {a}\n"))
-        .unwrap_or_default();
-    doc(
-        V3,
-        "Host",
-        &format!("name: {name}"),
-        &format!("hostname: {}\n{policy}{extra}", q(hostname)),
-    )
+    let policy = action.map(insecure_action).unwrap_or_default();
+    support::host(name, hostname, &format!("{policy}{extra}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -138,10 +99,7 @@ impl Gw {
 
     /// Like [`Gw::start`], with extra Listener spec lines (`l7Depth: 1`).
     fn start_with_listener(listener_extra: &str, resources: &str) -> Gw {
-        let dir = tempdir();
-        let port = free_port();
-        write_gateway_with_listener(dir.path(), port, free_port(), listener_extra, resources);
-        let gateway = Gateway::start(dir.path());
+        let (dir, gateway, port) = start_gateway(listener_extra, resources);
         Gw { dir, gateway, port }
     }
 
@@ -192,7 +150,7 @@ impl Gw {
             r.text()
         );
         assert!(
-            !is_echo(&r),
+            !r.is_echo(),
             "{what}: the 404 came from an upstream: {}",
             r.text()
         );
@@ -216,13 +174,6 @@ impl Gw {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
-}
-
-/// The body is a pingress-echo reply (so an upstream answered).
-fn is_echo(r: &Response) -> bool {
-    serde_json::from_slice::<serde_json::Value>(&r.body)
-        .map(|v| v.get("server").is_some() && v.get("connection").is_some())
-        .unwrap_or(false)
 }
 
 /// The lines of `-t` output that mention `needle` (e.g. a resource name).
@@ -256,10 +207,10 @@ fn count(counts: &BTreeMap<String, usize>, server: &str) -> usize {
 // Path matching and rewriting
 // ---------------------------------------------------------------------------
 
-/// [1] and §2.4: the default rewrite replaces the matched prefix with `/`,
-/// the query is kept, the upstream sees the client path in
-/// `x-envoy-original-path`, trailing slashes matter, and a prefix without
-/// a trailing slash yields `//foo`.
+/// The default rewrite replaces the matched prefix with `/`, the query is
+/// kept, the upstream sees the client path in `x-envoy-original-path`,
+/// trailing slashes matter, and a prefix without a trailing slash yields
+/// `//foo`.
 #[test]
 fn prefix_match_with_default_rewrite() {
     let svc = Echo::plain("svc");
@@ -305,10 +256,11 @@ fn prefix_match_with_default_rewrite() {
     assert_eq!(gw.get("/backendfoo?q").uri(), "/foo?q");
 }
 
-/// [1]: Envoy normalises `:path` before routing, so the request that needed
+/// Envoy normalises `:path` before routing, so the request that needed
 /// normalisation reports the normalised path as the original one, exactly
-/// like the request that did not (the KAT checks `x-envoy-original-path ==
-/// /<name>/` for both queries of SimpleMapping and SafeRegexMapping).
+/// like the request that did not (Emissary's KAT checks
+/// `x-envoy-original-path == /<name>/` for both queries of SimpleMapping and
+/// SafeRegexMapping).
 #[test]
 fn normalised_path_is_the_original_path_upstream() {
     let svc = Echo::plain("svc");
@@ -323,9 +275,9 @@ fn normalised_path_is_the_original_path_upstream() {
     assert_eq!(e.headers_all("x-envoy-original-path"), ["/svc/x?q=1"]);
 }
 
-/// [2] and §2.4: an explicit rewrite replaces the prefix, `rewrite: ""`
-/// forwards the path untouched (and then no original path is recorded), and
-/// a prefix without a trailing slash is a plain string prefix.
+/// An explicit rewrite replaces the prefix, `rewrite: ""` forwards the path
+/// untouched (and then no original path is recorded), and a prefix without a
+/// trailing slash is a plain string prefix.
 #[test]
 fn explicit_and_empty_rewrite() {
     let echo = Echo::plain("rw");
@@ -357,8 +309,8 @@ fn explicit_and_empty_rewrite() {
     gw.assert_404_get("/ma");
 }
 
-/// [3]: paths match case-sensitively by default; `case_sensitive: false`
-/// lowers the path comparison only, never header matches.
+/// Paths match case-sensitively by default; `case_sensitive: false` lowers
+/// the path comparison only, never header matches.
 #[test]
 fn case_sensitive_and_insensitive_prefixes() {
     let echo = Echo::plain("case");
@@ -403,9 +355,9 @@ fn case_sensitive_and_insensitive_prefixes() {
     gw.assert_404(Request::get("/ci-h/").header("x-k", "value"));
 }
 
-/// `prefix_exact` matches the whole path only (query aside);
-/// `prefix_regex` must match the whole path, and its default rewrite sends
-/// `/` (§2.4).
+/// `prefix_exact` matches the whole path only (query aside); `prefix_regex`
+/// must match the whole path, and its default rewrite sends `/` (the whole
+/// path is the matched prefix).
 #[test]
 fn prefix_exact_and_prefix_regex() {
     let echo = Echo::plain("px");
@@ -452,9 +404,9 @@ fn prefix_exact_and_prefix_regex() {
 // Header, query and host matchers
 // ---------------------------------------------------------------------------
 
-/// [4]: a Mapping with `headers` wins over the plain one on the same prefix
-/// (whatever the file order) only when the value matches exactly; all
-/// listed headers must match; `regex_headers: {h: ".*"}` means present.
+/// A Mapping with `headers` wins over the plain one on the same prefix
+/// (whatever the file order) only when the value matches exactly; all listed
+/// headers must match; `regex_headers: {h: ".*"}` means present.
 #[test]
 fn header_routing() {
     let t1 = Echo::plain("target1");
@@ -500,8 +452,8 @@ fn header_routing() {
     gw.assert_404_get("/present/");
 }
 
-/// [5] and [6]: exact and regex query-parameter matchers; the query reaches
-/// the upstream intact.
+/// Exact and regex query-parameter matchers; the query reaches the upstream
+/// intact.
 #[test]
 fn query_parameter_routing() {
     let t1 = Echo::plain("target1");
@@ -549,8 +501,8 @@ fn query_parameter_routing() {
     gw.assert_404_get("/rqp/?other=1");
 }
 
-/// [7]: `prefix_regex`, `host` + `host_regex` and `regex_headers`
-/// together; every matcher must hold.
+/// `prefix_regex`, `host` + `host_regex` and `regex_headers` together; every
+/// matcher must hold.
 #[test]
 fn regex_everything_with_host_regex_and_regex_headers() {
     let echo = Echo::plain("sre");
@@ -579,9 +531,9 @@ fn regex_everything_with_host_regex_and_regex_headers() {
     gw.assert_404(req("/sre/x", "example.com").header("X-Foo", "hello"));
 }
 
-/// [8]: `regex_rewrite` replaces the default rewrite: a path that does not
-/// match its pattern is forwarded unchanged; the substitution is unanchored
-/// and wins over `rewrite`.
+/// `regex_rewrite` replaces the default rewrite: a path that does not match
+/// its pattern is forwarded unchanged; the substitution is unanchored and
+/// wins over `rewrite`.
 #[test]
 fn regex_rewrite_without_match_forwards_unchanged() {
     let echo = Echo::plain("rr");
@@ -615,7 +567,7 @@ fn regex_rewrite_without_match_forwards_unchanged() {
     assert_eq!(gw.get("/both/z").uri(), "/both/z");
 }
 
-/// [9]: capture groups with Envoy's `\1` syntax; every match is replaced.
+/// Capture groups with Envoy's `\1` syntax; every match is replaced.
 #[test]
 fn regex_rewrite_with_captures() {
     let echo = Echo::plain("cap");
@@ -659,8 +611,8 @@ fn regex_rewrite_with_captures() {
     assert_eq!(gw.get("/all/foo/boo").uri(), "/all/f00/b00");
 }
 
-/// [10]: the deprecated `host` is an exact `:authority` match, port
-/// included; it is ignored when `hostname` is set.
+/// The deprecated `host` is an exact `:authority` match, port included; it is
+/// ignored when `hostname` is set.
 #[test]
 fn host_exact_match() {
     let echo = Echo::plain("insp");
@@ -694,9 +646,9 @@ fn host_exact_match() {
     gw.assert_404_host("inspector.external", "/both/");
 }
 
-/// §2.2: `hostname` globs match `:authority`: exact, `*.suffix` (any number
-/// of labels), `prefix.*`; the port is part of the authority. The longer
-/// glob sorts first, so `foo.example.com` goes to `*.example.com`.
+/// `hostname` globs match `:authority`: exact, `*.suffix` (any number of
+/// labels), `prefix.*`; the port is part of the authority. The longer glob
+/// sorts first, so `foo.example.com` goes to `*.example.com`.
 #[test]
 fn hostname_globs_route_by_authority() {
     let suffix = Echo::plain("suffix");
@@ -730,8 +682,8 @@ fn hostname_globs_route_by_authority() {
 // Module path and authority handling
 // ---------------------------------------------------------------------------
 
-/// [11]: with `strip_matching_host_port`, a Host port equal to the
-/// listener's is ignored for matching; any other port still counts.
+/// With `strip_matching_host_port`, a Host port equal to the listener's is
+/// ignored for matching; any other port still counts.
 #[test]
 fn strip_matching_host_port() {
     let echo = Echo::plain("strip");
@@ -752,9 +704,9 @@ fn strip_matching_host_port() {
     gw.assert_404_host("other.com", "/strip/");
 }
 
-/// §1.5: `strip_matching_host_port` strips the port from the Host header
-/// itself (Envoy removes it before any filter or routing), so the upstream
-/// sees the bare host.
+/// The Module's `strip_matching_host_port` strips the port from the Host
+/// header itself (Envoy removes it before any filter or routing), so the
+/// upstream sees the bare host.
 #[test]
 fn strip_matching_host_port_strips_the_upstream_host() {
     let echo = Echo::plain("strip");
@@ -772,8 +724,8 @@ fn strip_matching_host_port_strips_the_upstream_host() {
     assert_eq!(e.headers_all("host"), ["myhostname.com:11875"]);
 }
 
-/// [12]: `//` is kept by default (and so fails the prefix); with
-/// `merge_slashes` it collapses before matching and upstream.
+/// `//` is kept by default (and so fails the prefix); with `merge_slashes` it
+/// collapses before matching and upstream.
 #[test]
 fn merge_slashes_off_and_on() {
     let echo = Echo::plain("slashes");
@@ -791,7 +743,7 @@ fn merge_slashes_off_and_on() {
     assert_eq!(on.get("/svc/status/200").uri(), "/svc/status/200");
 }
 
-/// [13]: `%2F` reaches the upstream by default (its own 404 comes back with
+/// `%2F` reaches the upstream by default (its own 404 comes back with
 /// `x-envoy-upstream-service-time`); with
 /// `reject_requests_with_escaped_slashes` the gateway answers 400 itself.
 #[test]
@@ -802,7 +754,7 @@ fn escaped_slashes_default_and_rejected() {
     let default = Gw::start(&mappings);
     let r = default.send(Request::get("/svc/status/%2F200").header("x-echo-status", "404"));
     assert_eq!(r.status, 404, "{}", r.text());
-    assert!(is_echo(&r), "the upstream answers: {}", r.text());
+    assert!(r.is_echo(), "the upstream answers: {}", r.text());
     assert_eq!(r.echo().uri(), "/svc/status/%2F200");
     assert!(
         r.header("x-envoy-upstream-service-time").is_some(),
@@ -825,7 +777,7 @@ fn escaped_slashes_default_and_rejected() {
     ] {
         let r = reject.send(Request::get(target).header("x-echo-status", "404"));
         assert_eq!(r.status, 400, "{target}: {}", r.text());
-        assert!(!is_echo(&r), "{target}: reached the upstream");
+        assert!(!r.is_echo(), "{target}: reached the upstream");
         assert_eq!(r.header("x-envoy-upstream-service-time"), None, "{target}");
     }
     assert_eq!(reject.get("/svc/status/200").uri(), "/svc/status/200");
@@ -835,15 +787,14 @@ fn escaped_slashes_default_and_rejected() {
 // Invalid resources, ambassador_id, namespaces
 // ---------------------------------------------------------------------------
 
-/// [14]: a bad service port is reported as in Emissary and only that
-/// Mapping is dropped.
+/// A bad service port is reported as in Emissary and only that Mapping is
+/// dropped.
 #[test]
 fn invalid_service_port_drops_only_that_mapping() {
     let good = Echo::plain("good");
     let gw = Gw::start(
         &[
             doc(
-                V3,
                 "Mapping",
                 "name: bad-port",
                 "prefix: /bad/\nhostname: \"*\"\nservice: 127.0.0.1:80.invalid",
@@ -864,8 +815,8 @@ fn invalid_service_port_drops_only_that_mapping() {
     assert_eq!(gw.get("/good/x").server(), "good");
 }
 
-/// [15]: each invalid Mapping (missing prefix, missing service, a field of
-/// the wrong type) gets its own error and is dropped; its siblings route.
+/// Each invalid Mapping (missing prefix, missing service, a field of the
+/// wrong type) gets its own error and is dropped; its siblings route.
 #[test]
 fn invalid_mappings_are_dropped_alone() {
     let good = Echo::plain("good");
@@ -873,13 +824,11 @@ fn invalid_mappings_are_dropped_alone() {
         &[
             mapping("ok1", "/ok1/", &good, ""),
             doc(
-                V3,
                 "Mapping",
                 "name: no-prefix",
                 &format!("hostname: \"*\"\nservice: {}", service(&good)),
             ),
             doc(
-                V3,
                 "Mapping",
                 "name: no-service",
                 "prefix: /no-service/\nhostname: \"*\"",
@@ -916,8 +865,8 @@ fn invalid_mappings_are_dropped_alone() {
     gw.assert_404_host("a.b.com", "/mid-glob/");
 }
 
-/// [16]: without AMBASSADOR_ID the instance is `default`; a resource is
-/// ours when its `ambassador_id` (string or list, any position) names it or
+/// Without AMBASSADOR_ID the instance is `default`; a resource is ours when
+/// its `ambassador_id` (string or list, any position) names it or
 /// `_automatic_`, or when it has none.
 #[test]
 fn ambassador_id_filtering() {
@@ -963,8 +912,7 @@ fn ambassador_id_filtering() {
     assert!(lines_with(&text, "miss").is_empty(), "{text}");
 }
 
-/// [17]: the same Mapping name in two namespaces: two resources, both
-/// routed.
+/// The same Mapping name in two namespaces: two resources, both routed.
 #[test]
 fn same_name_in_two_namespaces() {
     let a = Echo::plain("ns-a");
@@ -1040,8 +988,8 @@ fn method_matching() {
     gw.assert_404(Request::post("/del/", "x"));
 }
 
-/// §2.3: `precedence` sorts first, before prefix length: a higher
-/// precedence short prefix (or regex) wins over a longer prefix.
+/// `precedence` sorts first, before prefix length: a higher precedence short
+/// prefix (or regex) wins over a longer prefix.
 #[test]
 fn precedence_overrides_prefix_length() {
     let short = Echo::plain("short");
@@ -1070,8 +1018,8 @@ fn precedence_overrides_prefix_length() {
     assert_eq!(gw.get("/n/long/x").server(), "short");
 }
 
-/// §2.3: without precedence, the longer prefix is tried first whatever the
-/// file order, and at equal prefixes the Mapping with more header matchers.
+/// Without precedence, the longer prefix is tried first whatever the file
+/// order, and at equal prefixes the Mapping with more header matchers.
 #[test]
 fn longer_prefix_routes_first_regardless_of_file_order() {
     let a = Echo::plain("a");
@@ -1119,7 +1067,7 @@ fn longer_prefix_routes_first_regardless_of_file_order() {
 // Host header and header edits
 // ---------------------------------------------------------------------------
 
-/// §2.5: the client Host passes through; `host_rewrite` sets a literal Host;
+/// The client Host passes through; `host_rewrite` sets a literal Host;
 /// `auto_host_rewrite` uses the service's host without its port.
 #[test]
 fn host_rewrite_and_auto_host_rewrite() {
@@ -1135,7 +1083,6 @@ fn host_rewrite_and_auto_host_rewrite() {
             ),
             mapping("auto-ip", "/auto-ip/", &echo, "auto_host_rewrite: true"),
             doc(
-                V3,
                 "Mapping",
                 "name: auto-name",
                 &format!(
@@ -1155,8 +1102,8 @@ fn host_rewrite_and_auto_host_rewrite() {
     assert_eq!(host("/auto-name/"), ["localhost"]);
 }
 
-/// [28]: `add_request_headers` appends by default (plain string or
-/// `{value}`), `append: true` appends, `append: false` replaces.
+/// `add_request_headers` appends by default (plain string or `{value}`),
+/// `append: true` appends, `append: false` replaces.
 #[test]
 fn add_request_headers_append_semantics() {
     let echo = Echo::plain("reqh");
@@ -1187,8 +1134,8 @@ fn add_request_headers_append_semantics() {
     assert_eq!(e.headers_all("foo"), ["foo"]);
 }
 
-/// [29]: `add_response_headers` with the same semantics on the upstream's
-/// response headers.
+/// `add_response_headers` with the same semantics on the upstream's response
+/// headers.
 #[test]
 fn add_response_headers_append_semantics() {
     let echo = Echo::plain("resph");
@@ -1213,9 +1160,9 @@ fn add_response_headers_append_semantics() {
     assert_eq!(r.headers_all("foo"), ["Foo"]);
 }
 
-/// [30]: `remove_request_headers` strips (every value, any case) before
-/// the upstream; `remove_response_headers` strips before the client, even
-/// the gateway's own `x-envoy-upstream-service-time`.
+/// `remove_request_headers` strips (every value, any case) before the
+/// upstream; `remove_response_headers` strips before the client, even the
+/// gateway's own `x-envoy-upstream-service-time`.
 #[test]
 fn remove_request_and_response_headers() {
     let echo = Echo::plain("rm");
@@ -1263,10 +1210,10 @@ fn remove_request_and_response_headers() {
     assert_eq!(r.headers_all("x-drop-me"), ["1"]);
 }
 
-/// [31]: Module `defaults.httpmapping` supplies the header edits of every
-/// Mapping that does not set its own; a Mapping's own value replaces the
-/// default entirely (`{}` / `[]` clear it). The class wins over the
-/// top-level `defaults` key by key.
+/// Module `defaults.httpmapping` supplies the header edits of every Mapping
+/// that does not set its own; a Mapping's own value replaces the default
+/// entirely (`{}` / `[]` clear it). The class wins over the top-level
+/// `defaults` key by key.
 #[test]
 fn module_defaults_replaced_not_merged() {
     let echo = Echo::plain("defaults");
@@ -1358,7 +1305,7 @@ fn module_defaults_replaced_not_merged() {
     );
 }
 
-/// [32]: `add_linkerd_headers` (Module default, Mapping override) adds
+/// `add_linkerd_headers` (Module default, Mapping override) adds
 /// `l5d-dst-override: <service host>:<port>`.
 #[test]
 fn linkerd_headers_from_module_and_mapping() {
@@ -1370,7 +1317,6 @@ fn linkerd_headers_from_module_and_mapping() {
             mapping("on", "/on/", &echo, ""),
             mapping("off", "/off/", &echo, "add_linkerd_headers: false"),
             doc(
-                V3,
                 "Mapping",
                 "name: named",
                 &format!("prefix: /named/\nhostname: \"*\"\nservice: localhost:{port}"),
@@ -1403,7 +1349,7 @@ fn linkerd_headers_from_module_and_mapping() {
     );
 }
 
-/// [33]: the upstream sees `x-envoy-expected-rq-timeout-ms` (the Mapping's
+/// The upstream sees `x-envoy-expected-rq-timeout-ms` (the Mapping's
 /// `timeout_ms`, else the Module's `cluster_request_timeout_ms`) and
 /// `x-envoy-original-path`; the client sees `x-envoy-upstream-service-time`.
 /// `suppress_envoy_headers` removes them all.
@@ -1467,7 +1413,8 @@ fn envoy_headers_and_their_suppression() {
     assert_eq!(r.header("x-envoy-upstream-service-time"), None);
 }
 
-/// §2.9: Envoy formatter variables in added header values.
+/// Envoy formatter variables in added header values
+/// (<https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_conn_man/headers#custom-request-response-headers>).
 #[test]
 fn header_value_variables() {
     let echo = Echo::plain("vars");
@@ -1503,10 +1450,9 @@ fn header_value_variables() {
 // Canaries
 // ---------------------------------------------------------------------------
 
-/// [19] and §2.6: Mappings on the same prefix split traffic by weight
-/// (one random draw against cumulative thresholds); weightless Mappings
-/// share the rest equally; weight 0 is never chosen and weight 100 takes
-/// everything.
+/// Mappings on the same prefix split traffic by weight (one random draw
+/// against cumulative thresholds); weightless Mappings share the rest
+/// equally; weight 0 is never chosen and weight 100 takes everything.
 #[test]
 fn canary_weights_split_traffic() {
     let main = Echo::plain("main");
@@ -1564,8 +1510,7 @@ fn canary_weights_split_traffic() {
     assert!(near(count(&counts, "third"), 30), "{counts:?}");
 }
 
-/// [20] and §2.4: each Mapping of a canary group keeps its own
-/// `host_rewrite` and `rewrite`.
+/// Each Mapping of a canary group keeps its own `host_rewrite` and `rewrite`.
 #[test]
 fn canary_members_keep_their_own_rewrites() {
     let one = Echo::plain("one");
@@ -1609,8 +1554,8 @@ fn canary_members_keep_their_own_rewrites() {
     }
 }
 
-/// §2.6: weights above 100 (one alone or summed in a group) drop the whole
-/// group with an error; other groups keep routing.
+/// Weights above 100 (one alone or summed in a group) drop the whole group
+/// with an error; other groups keep routing.
 #[test]
 fn canary_weights_above_100_drop_the_group() {
     let a = Echo::plain("a");
@@ -1646,10 +1591,10 @@ fn canary_weights_above_100_drop_the_group() {
 // Hosts
 // ---------------------------------------------------------------------------
 
-/// §2.2: with Host resources, a Mapping joins the Hosts whose hostname is
-/// compatible with its own; one compatible with none is not routed and
-/// `-t` says it is not reachable. Inside a Host, the Mapping's hostname
-/// still matches `:authority`.
+/// With Host resources, a Mapping joins the Hosts whose hostname is
+/// compatible with its own; one compatible with none is not routed and `-t`
+/// says it is not reachable. Inside a Host, the Mapping's hostname still
+/// matches `:authority`.
 #[test]
 fn hosts_associate_mappings_by_hostname() {
     let echo = Echo::plain("assoc");
@@ -1692,8 +1637,8 @@ fn hosts_associate_mappings_by_hostname() {
     }
 }
 
-/// §2.2: `mappingSelector` requires all its labels on the Mapping; a v3
-/// Mapping without hostname joins only Hosts that select it by label; a
+/// `mappingSelector` requires all its labels on the Mapping; a v3 Mapping
+/// without hostname joins only Hosts that select it by label; a
 /// `getambassador.io/v2` Mapping without host acts as `hostname: "*"`;
 /// `host_regex` Mappings join every Host.
 #[test]
@@ -1780,9 +1725,9 @@ fn host_mapping_selector_and_hostless_mappings() {
     }
 }
 
-/// §3.6: insecure requests per Host `requestPolicy.insecure.action`: Route
-/// serves them, Redirect (the default) answers 301 to `https://host/path`,
-/// Reject answers 404; `/.well-known/acme-challenge/` is always routed.
+/// Insecure requests per Host `requestPolicy.insecure.action`: Route serves
+/// them, Redirect (the default) answers 301 to `https://host/path`, Reject
+/// answers 404; `/.well-known/acme-challenge/` is always routed.
 #[test]
 fn host_insecure_actions() {
     let echo = Echo::plain("insecure");
@@ -1809,7 +1754,7 @@ fn host_insecure_actions() {
         let h = format!("{name}.example.com");
         let r = gw.send(Request::get("/app/x?q=1").header("Host", &h));
         assert_eq!(r.status, 301, "{h}: {}", r.text());
-        assert!(!is_echo(&r), "{h}");
+        assert!(!r.is_echo(), "{h}");
         assert_eq!(
             r.header("location"),
             Some(&*format!("https://{h}/app/x?q=1"))
@@ -1827,10 +1772,10 @@ fn host_insecure_actions() {
     }
 }
 
-/// §3.6 and [26]: on an XFP Listener with `l7Depth: 1` a trusted proxy's
+/// On an XFP Listener with `l7Depth: 1` a trusted proxy's
 /// `X-Forwarded-Proto: https` makes the request secure (routed even on
-/// Redirect and Reject Hosts); with `l7Depth: 0` the client cannot spoof
-/// it and the upstream sees the wire protocol.
+/// Redirect and Reject Hosts); with `l7Depth: 0` the client cannot spoof it
+/// and the upstream sees the wire protocol.
 #[test]
 fn xfp_security_depends_on_l7_depth() {
     let echo = Echo::plain("xfp");
@@ -1892,8 +1837,8 @@ fn xfp_security_depends_on_l7_depth() {
     );
 }
 
-/// §2.2 and [50]: a request picks its Host by name: exact first, then the
-/// longest `*.suffix`, then `*`; that Host's insecure action applies.
+/// A request picks its Host by name: exact first, then the longest
+/// `*.suffix`, then `*`; that Host's insecure action applies.
 #[test]
 fn host_selection_exact_then_wildcard_then_catch_all() {
     let echo = Echo::plain("pick");

@@ -1,7 +1,8 @@
-//! Shadow Mappings (Emissary's behaviour 21): a share of a group's requests
-//! is copied to the shadow's service with the primary's rewrites and a
-//! `-shadow` Host, the primary's answers are the primary's, and a slow or
-//! dead shadow does not slow the primary down.
+//! Shadow Mappings
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/shadowing>):
+//! a share of a group's requests is copied to the shadow's service with the
+//! primary's rewrites and a `-shadow` Host, the primary's answers are the
+//! primary's, and a slow or dead shadow does not slow the primary down.
 
 mod support;
 

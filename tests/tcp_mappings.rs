@@ -273,7 +273,8 @@ fn host_routes_by_sni_and_refuses_unknown_names() {
     let port = free_port();
     let resources = [
         // a.example.com through a TLS Host, b.example.com through a
-        // TLSContext that lists it: Emissary's two ways (§3.3).
+        // TLSContext that lists it: the two ways Emissary finds the
+        // certificate for a TCPMapping's `host`.
         server_secret(&pki, "a-cert", &["a.example.com"]),
         host("a", "a.example.com", &tls_spec("a-cert", None)),
         server_secret(&pki, "b-cert", &["b.example.com", "web.example.com"]),

@@ -262,6 +262,37 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// Serde's type errors speak Rust (`expected u64`); say it in the words of
+/// YAML: `expected a whole number, found the string "3s"`.
+pub(crate) fn plain_words(message: &str) -> String {
+    let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+    else {
+        return message.to_string();
+    };
+    let Some((found, expected)) = rest.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "a boolean" => "true or false",
+        "a sequence" => "a list",
+        "unit" => "nothing",
+        "a borrowed string" | "a string" => "a string",
+        other if other.starts_with("struct ") || other == "a map" => "a map",
+        other => other,
+    };
+    // A string field may hold a secret (a header value, a password, a
+    // key): what was found there is named by its type only.
+    let found = match expected {
+        "a string" => found.split(" `").next().unwrap_or(found),
+        _ => found,
+    };
+    format!("expected {expected}, found {}", found.replace('`', ""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +302,22 @@ mod tests {
         assert_eq!(closest("prefx", &["prefix", "service"]), Some("prefix"));
         assert_eq!(closest("timeout", &["timeout_ms"]), Some("timeout_ms"));
         assert_eq!(closest("zzzzzz", &["prefix"]), None);
+    }
+
+    #[test]
+    fn type_errors_in_plain_words() {
+        assert_eq!(
+            plain_words("invalid type: string \"3s\", expected u64"),
+            "expected a whole number (0 or more), found string \"3s\""
+        );
+        assert_eq!(
+            plain_words("invalid value: integer `-1`, expected u32"),
+            "expected a whole number (0 or more), found integer -1"
+        );
+        assert_eq!(plain_words("missing field `x`"), "missing field `x`");
+        assert_eq!(
+            plain_words("invalid type: integer `12345678`, expected a string"),
+            "expected a string, found integer"
+        );
     }
 }

@@ -8,7 +8,7 @@
 //!   request_head_timeout_ms: 10000   # a whole request head, 408 after
 //!   max_connections: 4096            # open client connections, in all
 //!   max_connections_per_client: 64   # per IPv4 address or IPv6 /64
-//!   max_connection_age_ms: 3600000   # then closed after a response
+//!   max_connection_age_ms: 3600000   # then drained; closed after the shutdown grace
 //! ```
 
 use std::time::Duration;
@@ -32,9 +32,9 @@ pub struct DownstreamConf {
     /// `None`: no cap per client. Behind a load balancer every connection
     /// comes from a few addresses, so there is none by default.
     pub max_connections_per_client: Option<usize>,
-    /// HTTP/1 connections older than this close after their current
-    /// response, so clients move to new ones (after a scale-out, or to
-    /// follow a configuration); `None`: no limit.
+    /// Connections older than this are drained, so clients move to new
+    /// ones (after a scale-out, or to follow a configuration); `None`: no
+    /// limit.
     pub max_connection_age: Option<Duration>,
 }
 

@@ -210,8 +210,6 @@ pub struct TcpMappingSpec {
     pub enable_ipv4: Option<bool>,
     pub enable_ipv6: Option<bool>,
     pub circuit_breakers: Option<Vec<CircuitBreakerSpec>>,
-    pub stats_name: Option<String>,
-    pub cluster_tag: Option<String>,
     pub ambassador_id: Option<StringOrList>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -228,8 +226,8 @@ pub struct KeepaliveSpec {
     pub interval: Option<u64>,
 }
 
-/// `load_balancer` of a Mapping or the Module (§2.13). Unknown keys are kept
-/// so validation can name them.
+/// `load_balancer` of a Mapping or the Module. Unknown keys are kept so
+/// validation can name them.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct LoadBalancerSpec {
     pub policy: Option<String>,

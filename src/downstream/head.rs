@@ -56,8 +56,6 @@ pub struct HeadLimits {
     pub idle: Option<Duration>,
     /// The most bytes a head may hold: request line, headers, line ends.
     pub max_bytes: usize,
-    /// After this long, the connection closes after its current response.
-    pub max_age: Option<Duration>,
 }
 
 /// Where the current limits come from: read when a request begins, so a
@@ -127,7 +125,6 @@ pub struct BoundedStream {
     peeked: Vec<u8>,
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
-    opened: Instant,
 }
 
 impl BoundedStream {
@@ -149,15 +146,7 @@ impl BoundedStream {
             peeked: Vec::new(),
             deadline: Instant::now() + current.deadline,
             timer: None,
-            opened: Instant::now(),
         }
-    }
-
-    /// Whether the connection has lived past its maximum age.
-    pub fn past_max_age(&self) -> bool {
-        self.current
-            .max_age
-            .is_some_and(|age| self.opened.elapsed() >= age)
     }
 
     /// The connection under a Pingora stream, if it is one.

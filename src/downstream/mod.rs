@@ -8,7 +8,9 @@
 //!   [`head::BoundedStream`], which bounds the request heads Pingora reads
 //!   from it.
 
+pub mod drain;
 pub mod head;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,7 +26,9 @@ use pingora::server::ShutdownWatch;
 
 use crate::config::downstream::DownstreamConf;
 use crate::metrics::metrics;
+use drain::Drains;
 use head::{BoundedStream, LimitSource};
+use tls::EdgeHandshakes;
 
 /// The connection caps, shared by every service that accepts clients.
 #[derive(Debug)]
@@ -159,17 +163,25 @@ pub(crate) async fn serve_for_life<A: ServerApp>(
     }
 }
 
-/// An app whose connections pass the [`Gate`] first.
+/// What every client connection passes, in order: the [`Gate`], the TLS
+/// handshake on TLS ports, and the watch that may end it early.
+pub struct Door {
+    pub gate: Arc<Gate>,
+    pub handshakes: EdgeHandshakes,
+    pub drains: Drains,
+}
+
+/// An app whose connections pass the [`Door`] first.
 pub struct Admitted<A> {
     app: Arc<A>,
-    gate: Arc<Gate>,
+    door: Arc<Door>,
 }
 
 impl<A> Admitted<A> {
-    pub fn new(app: A, gate: Arc<Gate>) -> Admitted<A> {
+    pub fn new(app: A, door: Arc<Door>) -> Admitted<A> {
         Admitted {
             app: Arc::new(app),
-            gate,
+            door,
         }
     }
 }
@@ -184,16 +196,29 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Admitted<A> {
         let client = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(SocketAddr::as_inet).map(|a| a.ip()));
-        let _ticket = match self.gate.admit(client) {
+        let _ticket = match self.door.gate.admit(client) {
             Ok(ticket) => ticket,
             Err(cap) => {
                 metrics().downstream_refused(cap);
                 return None;
             }
         };
+        let stream = match self.door.handshakes.accept(stream).await {
+            Ok(stream) => stream,
+            Err(unshaken) => {
+                metrics().downstream_closed(unshaken.reason());
+                return None;
+            }
+        };
         // The ticket must live as long as the connection, keep-alive
         // included, so the reuse loop runs here.
-        serve_for_life(&self.app, stream, shutdown).await;
+        let app = &self.app;
+        self.door
+            .drains
+            .serve(stream, shutdown, |stream, own| async move {
+                serve_for_life(app, stream, &own).await;
+            })
+            .await;
         None
     }
 

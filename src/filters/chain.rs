@@ -5,6 +5,7 @@
 use std::any::Any;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
 
 use super::policy::{FilterPolicies, Glob};
-use super::{Cx, Filter, Flow, Hooks, Reply, RequestInfo, Session};
+use super::{Cx, Filter, Flow, Reply, RequestInfo, Session};
 use crate::throttle::throttled;
 
 pub(crate) type Arguments = Arc<dyn Any + Send + Sync>;
@@ -25,7 +26,7 @@ type State = Box<dyn Any + Send + Sync>;
 #[async_trait]
 pub(crate) trait DynFilter: Send + Sync {
     fn type_name(&self) -> &'static str;
-    fn hooks(&self) -> Hooks;
+    fn defaulted(&self) -> &Defaulted;
     fn new_state(&self) -> State;
     async fn request(
         &self,
@@ -69,7 +70,19 @@ pub(crate) trait DynFilter: Send + Sync {
     );
 }
 
-pub(crate) struct Typed<F>(pub F);
+pub(crate) struct Typed<F> {
+    filter: F,
+    defaulted: Defaulted,
+}
+
+impl<F> Typed<F> {
+    pub fn new(filter: F) -> Typed<F> {
+        Typed {
+            filter,
+            defaulted: Defaulted::default(),
+        }
+    }
+}
 
 /// Rebuilds a typed [`Cx`]; `None` only if the chain paired a filter with
 /// another filter's arguments, which [`Entry::new`] rules out.
@@ -98,8 +111,8 @@ impl<F: Filter> DynFilter for Typed<F> {
         F::TYPE
     }
 
-    fn hooks(&self) -> Hooks {
-        F::HOOKS
+    fn defaulted(&self) -> &Defaulted {
+        &self.defaulted
     }
 
     fn new_state(&self) -> State {
@@ -115,7 +128,7 @@ impl<F: Filter> DynFilter for Typed<F> {
         facts: &mut RequestInfo,
     ) -> Result<Flow> {
         let mut cx = cx::<F>(arguments, state, facts).ok_or_else(mismatch::<F>)?;
-        self.0.request(session, &mut cx).await
+        self.filter.request(session, &mut cx).await
     }
 
     async fn upstream_request(
@@ -127,7 +140,9 @@ impl<F: Filter> DynFilter for Typed<F> {
         facts: &mut RequestInfo,
     ) -> Result<()> {
         let mut cx = cx::<F>(arguments, state, facts).ok_or_else(mismatch::<F>)?;
-        self.0.upstream_request(session, upstream, &mut cx).await
+        self.filter
+            .upstream_request(session, upstream, &mut cx)
+            .await
     }
 
     async fn upstream_response(
@@ -139,7 +154,9 @@ impl<F: Filter> DynFilter for Typed<F> {
         facts: &mut RequestInfo,
     ) -> Result<()> {
         let mut cx = cx::<F>(arguments, state, facts).ok_or_else(mismatch::<F>)?;
-        self.0.upstream_response(session, response, &mut cx).await
+        self.filter
+            .upstream_response(session, response, &mut cx)
+            .await
     }
 
     fn response_body(
@@ -152,7 +169,8 @@ impl<F: Filter> DynFilter for Typed<F> {
         facts: &mut RequestInfo,
     ) -> Result<()> {
         let mut cx = cx::<F>(arguments, state, facts).ok_or_else(mismatch::<F>)?;
-        self.0.response_body(session, body, end_of_stream, &mut cx)
+        self.filter
+            .response_body(session, body, end_of_stream, &mut cx)
     }
 
     async fn logging(
@@ -164,7 +182,7 @@ impl<F: Filter> DynFilter for Typed<F> {
         facts: &mut RequestInfo,
     ) {
         if let Some(mut cx) = cx::<F>(arguments, state, facts) {
-            self.0.logging(session, status, &mut cx).await
+            self.filter.logging(session, status, &mut cx).await
         }
     }
 }
@@ -190,6 +208,17 @@ pub(crate) enum Next {
     Break,
 }
 
+/// The hooks after `request` a filter leaves to their defaults, which do
+/// nothing: learnt from the first call of each, after which no chain calls
+/// them for this filter again.
+#[derive(Debug, Default)]
+pub(crate) struct Defaulted {
+    upstream_request: AtomicBool,
+    upstream_response: AtomicBool,
+    response_body: AtomicBool,
+    logging: AtomicBool,
+}
+
 /// One filter in a chain, with the arguments it runs with.
 #[derive(Clone)]
 pub(crate) struct Entry {
@@ -213,7 +242,7 @@ impl Entry {
     /// A built-in filter that every request runs at `stage`.
     pub fn builtin<F: Filter<Arguments = ()>>(filter: F, origin: &str, stage: Stage) -> Entry {
         Entry {
-            filter: Arc::new(Typed(filter)),
+            filter: Arc::new(Typed::new(filter)),
             arguments: Arc::new(()),
             origin: origin.into(),
             stage,
@@ -315,17 +344,26 @@ fn failed(origin: &str, mut e: Box<Error>) -> Box<Error> {
     e
 }
 
-/// The filters whose request hook ran and that implement a later hook.
+/// The filters whose request hook ran and that were not seen leaving the
+/// later hook `defaulted` picks to its default.
 fn due<'a>(
     chain: &'a [Entry],
     states: &'a mut [Option<State>],
-    implements: fn(Hooks) -> bool,
-) -> impl Iterator<Item = (&'a Entry, &'a mut State)> {
+    defaulted: fn(&Defaulted) -> &AtomicBool,
+) -> impl Iterator<Item = (&'a Entry, &'a mut State, &'a AtomicBool)> {
     chain
         .iter()
         .zip(states)
-        .filter(move |(entry, _)| implements(entry.filter.hooks()))
-        .filter_map(|(entry, state)| Some((entry, state.as_mut()?)))
+        .map(move |(entry, state)| (entry, state, defaulted(entry.filter.defaulted())))
+        .filter(|(_, _, skip)| !skip.load(Ordering::Relaxed))
+        .filter_map(|(entry, state, skip)| Some((entry, state.as_mut()?, skip)))
+}
+
+/// Remembers that the hook that just ran was a default one.
+fn learn(facts: &mut RequestInfo, skip: &AtomicBool) {
+    if std::mem::take(&mut facts.default_hook) {
+        skip.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Awaits a hook; a panic becomes an error like a returned one.
@@ -357,7 +395,7 @@ impl Run {
             .facts
             .route
             .as_ref()
-            .is_some_and(|r| r.cluster().is_none());
+            .is_some_and(|r| r.destination().is_none());
         while let Some(entry) = self.chain.get(self.next) {
             if entry.stage > stage {
                 break;
@@ -397,7 +435,7 @@ impl Run {
         session: &mut Session,
         upstream: &mut RequestHeader,
     ) -> Result<()> {
-        for (entry, state) in due(&self.chain, &mut self.states, |h| h.upstream_request) {
+        for (entry, state, skip) in due(&self.chain, &mut self.states, |d| &d.upstream_request) {
             let hook = entry.filter.upstream_request(
                 session,
                 upstream,
@@ -406,6 +444,7 @@ impl Run {
                 &mut self.facts,
             );
             guarded(&entry.origin, hook).await?;
+            learn(&mut self.facts, skip);
         }
         Ok(())
     }
@@ -415,7 +454,7 @@ impl Run {
         session: &mut Session,
         response: &mut ResponseHeader,
     ) -> Result<()> {
-        for (entry, state) in due(&self.chain, &mut self.states, |h| h.upstream_response) {
+        for (entry, state, skip) in due(&self.chain, &mut self.states, |d| &d.upstream_response) {
             let hook = entry.filter.upstream_response(
                 session,
                 response,
@@ -424,6 +463,7 @@ impl Run {
                 &mut self.facts,
             );
             guarded(&entry.origin, hook).await?;
+            learn(&mut self.facts, skip);
         }
         Ok(())
     }
@@ -434,7 +474,7 @@ impl Run {
         body: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Result<()> {
-        for (entry, state) in due(&self.chain, &mut self.states, |h| h.response_body) {
+        for (entry, state, skip) in due(&self.chain, &mut self.states, |d| &d.response_body) {
             let facts = &mut self.facts;
             let hook = AssertUnwindSafe(|| {
                 entry.filter.response_body(
@@ -447,7 +487,7 @@ impl Run {
                 )
             });
             match std::panic::catch_unwind(hook) {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => learn(&mut self.facts, skip),
                 Ok(Err(e)) => return Err(failed(&entry.origin, e)),
                 Err(payload) => return Err(panicked(&entry.origin, payload)),
             }
@@ -456,7 +496,7 @@ impl Run {
     }
 
     pub async fn logging(&mut self, session: &mut Session, status: u16) {
-        for (entry, state) in due(&self.chain, &mut self.states, |h| h.logging) {
+        for (entry, state, skip) in due(&self.chain, &mut self.states, |d| &d.logging) {
             let hook = async {
                 entry
                     .filter
@@ -466,6 +506,7 @@ impl Run {
             };
             // The failure is logged; the response is already gone.
             let _ = guarded(&entry.origin, hook).await;
+            learn(&mut self.facts, skip);
         }
     }
 }
@@ -479,25 +520,24 @@ mod tests {
     use super::*;
 
     /// Counts the calls of every hook after `request`.
-    struct Counting<const ALL: bool> {
+    struct Counting {
         calls: Arc<AtomicUsize>,
     }
 
-    impl<const ALL: bool> Counting<ALL> {
+    impl Counting {
         fn count(&self) {
             self.calls.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     #[async_trait]
-    impl<const ALL: bool> Filter for Counting<ALL> {
+    impl Filter for Counting {
         const TYPE: &'static str = "Counting";
-        const HOOKS: Hooks = if ALL { Hooks::ALL } else { Hooks::REQUEST_ONLY };
         type Settings = ();
         type Arguments = ();
         type State = ();
 
-        fn build(_: ()) -> std::result::Result<Self, String> {
+        fn build(_: ()) -> std::result::Result<Self, crate::filters::BuildError> {
             Err("built by the test".into())
         }
 
@@ -537,9 +577,23 @@ mod tests {
         }
     }
 
-    /// Runs one request through a chain of one `Counting` filter and
-    /// returns how many of its later hooks were called.
-    async fn later_calls<const ALL: bool>() -> usize {
+    /// Implements the request hook only.
+    struct RequestOnly;
+
+    #[async_trait]
+    impl Filter for RequestOnly {
+        const TYPE: &'static str = "RequestOnly";
+        type Settings = ();
+        type Arguments = ();
+        type State = ();
+
+        fn build(_: ()) -> std::result::Result<Self, crate::filters::BuildError> {
+            Ok(RequestOnly)
+        }
+    }
+
+    /// Runs one request through `chain`, every hook of it.
+    async fn one_request(chain: &Arc<[Entry]>) {
         let (mut client, server) = tokio::io::duplex(4096);
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
@@ -547,18 +601,7 @@ mod tests {
             .unwrap();
         let mut session = Session::new_h1(Box::new(server));
         assert!(session.read_request().await.unwrap());
-
-        let calls = Arc::new(AtomicUsize::new(0));
-        let filter = Counting::<ALL> {
-            calls: calls.clone(),
-        };
-        let chain: Arc<[Entry]> = Arc::from([Entry::builtin(filter, "test", Stage::Early)]);
-        let facts = RequestInfo {
-            route: None,
-            client_ip: None,
-            reroute: false,
-        };
-        let mut run = Run::new(chain, facts);
+        let mut run = Run::new(chain.clone(), RequestInfo::default());
         assert!(run
             .request(&mut session, Stage::Early)
             .await
@@ -574,12 +617,36 @@ mod tests {
             .unwrap();
         run.response_body(&mut session, &mut None, true).unwrap();
         run.logging(&mut session, 200).await;
-        calls.load(Ordering::Relaxed)
     }
 
+    fn defaulted(entry: &Entry) -> [bool; 4] {
+        let d = entry.filter.defaulted();
+        [
+            &d.upstream_request,
+            &d.upstream_response,
+            &d.response_body,
+            &d.logging,
+        ]
+        .map(|flag| flag.load(Ordering::Relaxed))
+    }
+
+    /// A hook a filter implements is called on every request; one it
+    /// leaves to its default is called once, then known and skipped.
     #[tokio::test]
-    async fn only_the_hooks_a_filter_names_are_called() {
-        assert_eq!(later_calls::<true>().await, 4);
-        assert_eq!(later_calls::<false>().await, 0);
+    async fn hooks_left_to_their_defaults_are_learnt_and_skipped() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counting = Counting {
+            calls: calls.clone(),
+        };
+        let chain: Arc<[Entry]> = Arc::from([
+            Entry::builtin(counting, "counting", Stage::Early),
+            Entry::builtin(RequestOnly, "request-only", Stage::Early),
+        ]);
+        one_request(&chain).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+        assert_eq!(defaulted(&chain[0]), [false; 4]);
+        assert_eq!(defaulted(&chain[1]), [true; 4]);
+        one_request(&chain).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 8);
     }
 }

@@ -10,16 +10,14 @@ use http::header::{
     ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
     ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, VARY,
 };
+use http::StatusCode;
 use http::{HeaderValue, Method};
 use pingora::http::ResponseHeader;
 use pingora::Result;
 use serde::Deserialize;
 
-use super::{Cx, Filter, Flow, Hooks, Reply, Session};
-use crate::config::diagnostics::Reporter;
+use super::{Cx, Filter, Flow, Reply, Session};
 use crate::config::resources::StringOrList;
-use crate::model::spec::parse_value;
-use serde_yaml::Value;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct CorsPolicy {
@@ -36,12 +34,12 @@ pub struct CorsPolicy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CorsSpec {
-    origins: Option<StringOrList>,
+    pub(crate) origins: Option<StringOrList>,
     methods: Option<StringOrList>,
     headers: Option<StringOrList>,
     exposed_headers: Option<StringOrList>,
     #[serde(default)]
-    credentials: bool,
+    pub(crate) credentials: bool,
     max_age: Option<MaxAge>,
 }
 
@@ -52,7 +50,7 @@ enum MaxAge {
     Text(String),
 }
 
-fn items(list: &Option<StringOrList>) -> Vec<String> {
+pub(crate) fn items(list: &Option<StringOrList>) -> Vec<String> {
     list.iter()
         .flat_map(|l| l.to_vec())
         .flat_map(|s| {
@@ -75,24 +73,6 @@ fn joined(
     HeaderValue::from_str(&items.join(", "))
         .map(Some)
         .map_err(|_| format!("{field}: not a valid header value"))
-}
-
-/// Parses a `cors` block at `field`; problems are reported there.
-pub(crate) fn parse(value: &Value, field: &str, report: &mut Reporter) -> Option<Arc<CorsPolicy>> {
-    let spec = parse_value::<CorsSpec>(Some(value), field, report)?;
-    if spec.credentials && items(&spec.origins).iter().any(|o| o == "*") {
-        report
-            .warning(
-                field,
-                "origins \"*\" with credentials: true lets any site send requests with the \
-                 user's cookies and read the answers",
-            )
-            .with_hint("list the origins that may");
-    }
-    CorsPolicy::from_spec(&spec)
-        .map_err(|e| report.error(field, e))
-        .ok()
-        .map(Arc::new)
 }
 
 impl CorsPolicy {
@@ -128,6 +108,7 @@ impl CorsPolicy {
 
 /// The built-in instance follows each route's policy; a `kind: Filter` of
 /// type `Cors` applies its own to whatever its FilterPolicy selects.
+#[derive(Debug)]
 pub(crate) struct CorsFilter {
     fixed: Option<Arc<CorsPolicy>>,
 }
@@ -141,16 +122,12 @@ impl CorsFilter {
 #[async_trait]
 impl Filter for CorsFilter {
     const TYPE: &'static str = "Cors";
-    const HOOKS: Hooks = Hooks {
-        upstream_response: true,
-        ..Hooks::REQUEST_ONLY
-    };
     type Settings = CorsSpec;
     type Arguments = ();
     /// The allowed origin of this request, to echo on the response.
     type State = Option<(HeaderValue, Arc<CorsPolicy>)>;
 
-    fn build(settings: CorsSpec) -> std::result::Result<Self, String> {
+    fn build(settings: CorsSpec) -> std::result::Result<Self, crate::filters::BuildError> {
         Ok(CorsFilter {
             fixed: Some(Arc::new(CorsPolicy::from_spec(&settings)?)),
         })
@@ -159,7 +136,7 @@ impl Filter for CorsFilter {
     async fn request(&self, session: &mut Session, cx: &mut Cx<'_, Self>) -> Result<Flow> {
         let policy = match &self.fixed {
             Some(policy) => policy.clone(),
-            None => match cx.request.route.as_ref().and_then(|r| r.cors.clone()) {
+            None => match cx.request.route.as_ref().and_then(|r| r.cors().cloned()) {
                 Some(policy) => policy,
                 None => return Ok(Flow::Continue),
             },
@@ -179,7 +156,7 @@ impl Filter for CorsFilter {
             *cx.state = Some((origin.clone(), policy));
             return Ok(Flow::Continue);
         }
-        let mut reply = Reply::new(200).reason("cors_preflight");
+        let mut reply = Reply::new(StatusCode::OK).reason("cors_preflight");
         reply = reply
             .header(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone())
             .header(VARY, HeaderValue::from_static("Origin"));

@@ -6,12 +6,13 @@
 use std::net::IpAddr;
 
 use async_trait::async_trait;
+use http::StatusCode;
 use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 use pingora::Result;
 use serde::Deserialize;
 
-use super::{Cx, Filter, Flow, Hooks, Reply, Session};
+use super::{Cx, Filter, Flow, Reply, Session};
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -115,12 +116,11 @@ fn parse_address(text: &str) -> Option<IpAddr> {
 #[async_trait]
 impl Filter for IpFilter {
     const TYPE: &'static str = "IpAllowDeny";
-    const HOOKS: Hooks = Hooks::REQUEST_ONLY;
     type Settings = Settings;
     type Arguments = ();
     type State = ();
 
-    fn build(settings: Settings) -> std::result::Result<Self, String> {
+    fn build(settings: Settings) -> std::result::Result<Self, crate::filters::BuildError> {
         let (mode, ranges) = match (&settings.ip_allow, &settings.ip_deny) {
             (Some(allow), None) => (Mode::Allow, ranges("ip_allow", allow)?),
             (None, Some(deny)) => (Mode::Deny, ranges("ip_deny", deny)?),
@@ -150,7 +150,11 @@ impl Filter for IpFilter {
             Flow::Continue
         } else {
             Flow::Respond(
-                Reply::text(403, "access denied by the gateway's IP rules").reason("ip_denied"),
+                Reply::text(
+                    StatusCode::FORBIDDEN,
+                    "access denied by the gateway's IP rules",
+                )
+                .reason("ip_denied"),
             )
         })
     }

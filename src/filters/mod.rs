@@ -8,9 +8,11 @@
 //! kind for the built-in ones. A `kind: FilterPolicy` decides which
 //! requests run which filters, with per-reference `arguments`.
 //!
+//! Everything a filter needs comes from [`prelude`]: a filter's crate needs
+//! `pingress` and `serde`, not `pingora` or `async-trait` of its own.
+//!
 //! ```no_run
-//! use async_trait::async_trait;
-//! use pingress::filters::{Cx, Filter, Flow, Reply, Session};
+//! use pingress::filters::prelude::*;
 //! use serde::Deserialize;
 //!
 //! /// Answers 403 unless the request carries the configured header.
@@ -30,7 +32,7 @@
 //!     type Arguments = ();
 //!     type State = ();
 //!
-//!     fn build(settings: Settings) -> Result<Self, String> {
+//!     fn build(settings: Settings) -> Result<Self, BuildError> {
 //!         Ok(RequireHeader { name: settings.name })
 //!     }
 //!
@@ -38,7 +40,7 @@
 //!         if session.req_header().headers.contains_key(self.name.as_str()) {
 //!             Ok(Flow::Continue)
 //!         } else {
-//!             Ok(Flow::Respond(Reply::text(403, "missing header")))
+//!             Ok(Flow::Respond(Reply::text(StatusCode::FORBIDDEN, "missing header")))
 //!         }
 //!     }
 //! }
@@ -48,6 +50,19 @@
 //! }
 //! ```
 
+/// What a filter needs, for `use pingress::filters::prelude::*;`. Pingora
+/// comes as `pingora` (`pingora::Result` for the hooks), so it need not be
+/// a dependency of the filter's crate.
+pub mod prelude {
+    pub use super::{BuildError, Cx, Filter, Flow, MatchedMapping, Reply, Session};
+    pub use async_trait::async_trait;
+    pub use bytes::Bytes;
+    pub use http::StatusCode;
+    pub use pingora;
+    pub use pingora::http::{RequestHeader, ResponseHeader};
+    pub use pingora::{Error, ErrorType};
+}
+
 pub(crate) mod auth;
 pub(crate) mod chain;
 pub(crate) mod cors;
@@ -55,6 +70,7 @@ pub(crate) mod ip;
 pub(crate) mod policy;
 pub(crate) mod rate_limit;
 pub(crate) mod registry;
+mod reply;
 pub(crate) mod request_id;
 
 use std::collections::BTreeMap;
@@ -67,12 +83,32 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 use serde::de::DeserializeOwned;
 
-pub use crate::proxy::Reply;
 pub use chain::FilterChains;
 pub use pingora::proxy::Session;
 pub use registry::Registry;
+pub use reply::Reply;
 
-use crate::snapshot::Route;
+use cors::CorsPolicy;
+use rate_limit::labels::LabelGroup;
+
+/// Why a filter cannot be built from its settings: reported, with the
+/// resource that configured the filter, as a configuration error. Made from
+/// text: `Err("no such key".into())`, or `?` on a `String` error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(String);
+
+impl From<String> for BuildError {
+    fn from(message: String) -> BuildError {
+        BuildError(message)
+    }
+}
+
+impl From<&str> for BuildError {
+    fn from(message: &str) -> BuildError {
+        BuildError(message.to_string())
+    }
+}
 
 /// What a request hook decides.
 pub enum Flow {
@@ -83,40 +119,10 @@ pub enum Flow {
     Respond(Reply),
 }
 
-/// The hooks after `request` that a filter implements; the chain calls
-/// only these. Every call costs a boxed future and a panic guard, so the
-/// gateway's own filters name theirs; [`Hooks::ALL`], the default, is
-/// always correct.
-///
-/// ```
-/// # use pingress::filters::Hooks;
-/// const HOOKS: Hooks = Hooks { logging: true, ..Hooks::REQUEST_ONLY };
-/// # assert!(HOOKS.logging && !HOOKS.response_body);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hooks {
-    pub upstream_request: bool,
-    pub upstream_response: bool,
-    pub response_body: bool,
-    pub logging: bool,
-}
-
-impl Hooks {
-    pub const ALL: Hooks = Hooks {
-        upstream_request: true,
-        upstream_response: true,
-        response_body: true,
-        logging: true,
-    };
-    pub const REQUEST_ONLY: Hooks = Hooks {
-        upstream_request: false,
-        upstream_response: false,
-        response_body: false,
-        logging: false,
-    };
-}
-
-/// A filter. Implement the hooks you need; the others do nothing.
+/// A filter. Implement the hooks you need; the others do nothing, and the
+/// chain stops calling a hook once it has seen that the filter left it to
+/// its default (each call costs a boxed future and a panic guard), so
+/// nothing needs declaring.
 ///
 /// Hooks run in the order of the filter chain: request hooks front to
 /// back, response hooks for every filter whose request hook ran. An `Err`
@@ -127,9 +133,6 @@ impl Hooks {
 pub trait Filter: Send + Sync + Sized + 'static {
     /// The type name a `kind: Filter` resource uses: `spec: {<TYPE>: settings}`.
     const TYPE: &'static str;
-    /// The hooks after `request` this filter implements; a hook left out
-    /// is never called.
-    const HOOKS: Hooks = Hooks::ALL;
     /// The filter's settings, parsed from YAML once per snapshot.
     type Settings: DeserializeOwned;
     /// What each FilterPolicy reference passes in `arguments:`; a reference
@@ -140,7 +143,7 @@ pub trait Filter: Send + Sync + Sized + 'static {
 
     /// Builds the filter; an `Err` is reported as a configuration error on
     /// the resource that configured it.
-    fn build(settings: Self::Settings) -> std::result::Result<Self, String>;
+    fn build(settings: Self::Settings) -> std::result::Result<Self, BuildError>;
 
     /// Before the request goes upstream; may answer it.
     async fn request(&self, _session: &mut Session, _cx: &mut Cx<'_, Self>) -> Result<Flow> {
@@ -153,8 +156,9 @@ pub trait Filter: Send + Sync + Sized + 'static {
         &self,
         _session: &mut Session,
         _upstream: &mut RequestHeader,
-        _cx: &mut Cx<'_, Self>,
+        cx: &mut Cx<'_, Self>,
     ) -> Result<()> {
+        cx.left_to_default();
         Ok(())
     }
 
@@ -163,8 +167,9 @@ pub trait Filter: Send + Sync + Sized + 'static {
         &self,
         _session: &mut Session,
         _response: &mut ResponseHeader,
-        _cx: &mut Cx<'_, Self>,
+        cx: &mut Cx<'_, Self>,
     ) -> Result<()> {
+        cx.left_to_default();
         Ok(())
     }
 
@@ -174,14 +179,17 @@ pub trait Filter: Send + Sync + Sized + 'static {
         _session: &mut Session,
         _body: &mut Option<Bytes>,
         _end_of_stream: bool,
-        _cx: &mut Cx<'_, Self>,
+        cx: &mut Cx<'_, Self>,
     ) -> Result<()> {
+        cx.left_to_default();
         Ok(())
     }
 
     /// After the response is complete (or failed); `status` is 0 when none
     /// was sent.
-    async fn logging(&self, _session: &mut Session, _status: u16, _cx: &mut Cx<'_, Self>) {}
+    async fn logging(&self, _session: &mut Session, _status: u16, cx: &mut Cx<'_, Self>) {
+        cx.left_to_default();
+    }
 }
 
 /// A hook's view of the request beyond the session: this filter's
@@ -195,6 +203,11 @@ pub struct Cx<'a, F: Filter> {
 }
 
 impl<F: Filter> Cx<'_, F> {
+    /// Said by the default hooks: this filter does nothing there.
+    fn left_to_default(&mut self) {
+        self.request.default_hook = true;
+    }
+
     /// The Mapping the request matched, if any.
     pub fn route(&self) -> Option<MatchedMapping<'_>> {
         self.request.route.as_deref().map(MatchedMapping)
@@ -215,24 +228,39 @@ impl<F: Filter> Cx<'_, F> {
     }
 }
 
+/// What the filters read of the route a request matched; the snapshot's
+/// routes are made to be read this way.
+pub(crate) trait RouteFacts: Send + Sync {
+    /// `name.namespace` of the Mapping.
+    fn mapping(&self) -> &str;
+    /// The Mapping's `metadata.labels`.
+    fn labels(&self) -> &BTreeMap<String, String>;
+    /// The upstream cluster's name; `None` when the gateway answers the
+    /// route itself with a redirect.
+    fn destination(&self) -> Option<&str>;
+    fn cors(&self) -> Option<&Arc<CorsPolicy>>;
+    /// The Mapping's rate-limit label groups.
+    fn rate_labels(&self) -> &[LabelGroup];
+}
+
 /// The Mapping a request matched, as filters see it.
 #[derive(Clone, Copy)]
-pub struct MatchedMapping<'a>(&'a Route);
+pub struct MatchedMapping<'a>(&'a dyn RouteFacts);
 
 impl<'a> MatchedMapping<'a> {
     /// `name.namespace`.
     pub fn name(&self) -> &'a str {
-        &self.0.mapping
+        self.0.mapping()
     }
 
     /// The Mapping's `metadata.labels`.
     pub fn labels(&self) -> &'a BTreeMap<String, String> {
-        &self.0.labels
+        self.0.labels()
     }
 
     /// Whether the gateway answers this route itself with a redirect.
     pub fn is_redirect(&self) -> bool {
-        self.0.cluster().is_none()
+        self.0.destination().is_none()
     }
 }
 
@@ -240,7 +268,9 @@ impl<'a> MatchedMapping<'a> {
 /// all filters of the request.
 #[derive(Default)]
 pub(crate) struct RequestInfo {
-    pub route: Option<Arc<Route>>,
+    pub route: Option<Arc<dyn RouteFacts>>,
+    /// Set by the hook that just ran if it was a default one.
+    pub default_hook: bool,
     pub client_ip: Option<IpAddr>,
     pub reroute: bool,
 }

@@ -10,7 +10,7 @@ use serde_yaml::Value;
 
 use super::chain::{Arguments, DynFilter, Typed};
 use super::Filter;
-use crate::model::spec::plain_words;
+use crate::config::diagnostics::plain_words;
 
 /// A problem with a filter's YAML: the field path inside the value (empty
 /// for the value itself) and what is wrong.
@@ -54,11 +54,11 @@ fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, SettingsError> {
 
 fn build<F: Filter>(settings: &Value) -> Result<Arc<dyn DynFilter>, SettingsError> {
     let settings = parse::<F::Settings>(settings)?;
-    let filter = F::build(settings).map_err(|message| SettingsError {
+    let filter = F::build(settings).map_err(|e| SettingsError {
         field: String::new(),
-        message,
+        message: e.to_string(),
     })?;
-    Ok(Arc::new(Typed(filter)))
+    Ok(Arc::new(Typed::new(filter)))
 }
 
 fn arguments<F: Filter>(value: &Value) -> Result<Arguments, SettingsError> {
@@ -92,5 +92,75 @@ impl Registry {
 
     pub(crate) fn names(&self) -> Vec<&'static str> {
         self.types.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::diagnostics::Diagnostic;
+    use crate::filters::cors::{CorsFilter, CorsSpec};
+    use crate::filters::ip::{self, IpFilter, RangeSpec};
+    use crate::model::key_coverage::{document, validate_yaml, Coverage};
+
+    /// `F` built from its settings `spec`, as text, with the diagnostics
+    /// of a `kind: Filter` of that type and spec.
+    fn built<F: Filter + fmt::Debug>(spec: &str) -> (String, Vec<Diagnostic>) {
+        let settings: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        let spec_yaml = format!("{}:\n{settings}ambassador_id: [default]", F::TYPE);
+        let (_, diags) = validate_yaml(
+            &document("Filter", "f", &spec_yaml),
+            &Registry::with_builtins(),
+        );
+        let filter = serde_yaml::from_str(spec)
+            .map_err(|e| crate::filters::BuildError::from(e.to_string()))
+            .and_then(F::build);
+        (format!("{filter:?}"), diags)
+    }
+
+    /// Each key of a built-in filter type's settings changes the filter
+    /// built; a type added to the builtins fails here until its keys are.
+    #[test]
+    fn every_filter_settings_key_is_used_or_warned() {
+        let range: RangeSpec = serde_yaml::from_str("{}").unwrap();
+        for name in Registry::with_builtins().names() {
+            match name {
+                CorsFilter::TYPE => Coverage {
+                    base: "origins: [http://a.example]",
+                    samples: &[
+                        ("origins", "", "origins: [http://b.example]"),
+                        ("methods", "", "methods: [GET]"),
+                        ("headers", "", "headers: [x-a]"),
+                        ("exposed_headers", "", "exposed_headers: [x-b]"),
+                        ("credentials", "", "credentials: true"),
+                        ("max_age", "", "max_age: 60"),
+                    ],
+                    specs: &[("", &CorsSpec::default())],
+                    ..Coverage::default()
+                }
+                .check(built::<CorsFilter>),
+                IpFilter::TYPE => Coverage {
+                    base: "ip_allow: [{remote: 10.0.0.0/8}]",
+                    samples: &[
+                        ("ip_allow", "", "ip_allow: [{}, {peer: 127.0.0.1}]"),
+                        (
+                            "ip_deny",
+                            "",
+                            "{ip_allow: ~, ip_deny: [{remote: 10.0.0.0/8}]}",
+                        ),
+                        (
+                            "ip_allow.peer",
+                            "",
+                            "ip_allow: [{remote: ~, peer: 10.0.0.0/8}]",
+                        ),
+                        ("ip_allow.remote", "", "ip_allow: [{remote: 10.1.0.0/16}]"),
+                    ],
+                    specs: &[("", &ip::Settings::default()), ("ip_allow.", &range)],
+                    ..Coverage::default()
+                }
+                .check(built::<IpFilter>),
+                other => panic!("no key-coverage table for the filter type {other}"),
+            }
+        }
     }
 }

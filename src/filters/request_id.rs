@@ -7,7 +7,7 @@ use http::HeaderName;
 use pingora::Result;
 use serde::Deserialize;
 
-use super::{Cx, Filter, Flow, Hooks, Session};
+use super::{Cx, Filter, Flow, Session};
 
 /// A `static`, so lookups skip parsing the name and inserts can take
 /// its `&'static str`, which Pingora's API handles cheapest.
@@ -41,12 +41,11 @@ pub(crate) struct Settings {
 #[async_trait]
 impl Filter for RequestId {
     const TYPE: &'static str = "RequestId";
-    const HOOKS: Hooks = Hooks::REQUEST_ONLY;
     type Settings = Settings;
     type Arguments = ();
     type State = ();
 
-    fn build(settings: Settings) -> std::result::Result<Self, String> {
+    fn build(settings: Settings) -> std::result::Result<Self, crate::filters::BuildError> {
         Ok(RequestId {
             preserve_external: settings.preserve_external_request_id,
         })

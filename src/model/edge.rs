@@ -7,21 +7,21 @@ use http::HeaderName;
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    AddHeaderValue, HostSpec, LabelSelector, ListenerSpec, ModuleConfig, ModuleSpec, OrderedMap,
-    StringOrList,
+    AddHeaderValue, HostBinding as HostBindingSpec, HostSpec, LabelSelector, ListenerSpec,
+    ModuleConfig, ModuleDefaults, ModuleSpec, OrderedMap, StringOrList,
 };
 use crate::routing::headers::{AddHeader, HeaderEdits, HeaderTemplate};
 use crate::routing::matchers::HostGlob;
 use crate::routing::path::PathOptions;
 use crate::routing::xfcc::{XfccFields, XfccMode, XfccPolicy};
 
+use super::rate_labels::parse_default_labels;
 use super::spec::{check_unknown_fields, parse_section, parse_value};
 use super::{
     count, AccessLog, MappingDefaults, ModuleSettings, SecretStore, TlsContexts,
     MAX_REQUEST_HEADERS_KB,
 };
 use crate::filters::ip::{self, IpFilter};
-use crate::filters::rate_limit::labels;
 use crate::filters::Filter;
 use crate::tls::TlsContext;
 use crate::upstream::cluster::ConnectionOptions;
@@ -181,105 +181,18 @@ pub fn validate_modules(
     settings
 }
 
+/// The Module's settings, each the built-in default where the Module sets
+/// none. The steps run in the order their diagnostics are reported; a
+/// step that returns `None` leaves nothing the later ones could check.
 fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<ModuleSettings> {
     let base = ModuleSettings::default();
-    let mut defaults = MappingDefaults::default();
-    if let Some(d) = &config.defaults {
-        let class = d.httpmapping.as_ref();
-        check_unknown_fields(
-            &d.other,
-            "spec.config.defaults",
-            &[
-                "httpmapping",
-                "add_request_headers",
-                "add_response_headers",
-                "remove_request_headers",
-                "remove_response_headers",
-            ],
-            &["stats_name", "tcpmapping"],
-            report,
-        );
-        if let Some(class) = class {
-            check_unknown_fields(
-                &class.other,
-                "spec.config.defaults.httpmapping",
-                &[
-                    "add_request_headers",
-                    "add_response_headers",
-                    "remove_request_headers",
-                    "remove_response_headers",
-                ],
-                &["stats_name"],
-                report,
-            );
-        }
-        let pick_add = |from_class: Option<&Option<OrderedMap<AddHeaderValue>>>,
-                        top: &Option<OrderedMap<AddHeaderValue>>| {
-            from_class.and_then(|v| v.clone()).or_else(|| top.clone())
-        };
-        let pick_remove = |from_class: Option<&Option<StringOrList>>,
-                           top: &Option<StringOrList>| {
-            from_class.and_then(|v| v.clone()).or_else(|| top.clone())
-        };
-        let field = "spec.config.defaults";
-        defaults.request = pick_add(
-            class.map(|c| &c.add_request_headers),
-            &d.add_request_headers,
-        )
-        .map(|m| add_headers(&m, &format!("{field}.add_request_headers"), report));
-        defaults.response = pick_add(
-            class.map(|c| &c.add_response_headers),
-            &d.add_response_headers,
-        )
-        .map(|m| add_headers(&m, &format!("{field}.add_response_headers"), report));
-        defaults.remove_request = pick_remove(
-            class.map(|c| &c.remove_request_headers),
-            &d.remove_request_headers,
-        )
-        .map(|l| header_names(&l, &format!("{field}.remove_request_headers"), report));
-        defaults.remove_response = pick_remove(
-            class.map(|c| &c.remove_response_headers),
-            &d.remove_response_headers,
-        )
-        .map(|l| header_names(&l, &format!("{field}.remove_response_headers"), report));
-    }
-    let mut xfcc = XfccPolicy::default();
-    if let Some(mode) = &config.forward_client_cert_details {
-        match XfccMode::parse(mode) {
-            Some(mode) => xfcc.mode = mode,
-            None => {
-                report
-                    .error("spec.config.forward_client_cert_details", format!("unknown mode {mode:?}"))
-                    .with_hint("SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or ALWAYS_FORWARD_ONLY");
-            }
-        }
-    }
-    if let Some(details) = &config.set_current_client_cert_details {
-        xfcc.fields = XfccFields {
-            subject: details.subject.unwrap_or(false),
-            cert: details.cert.unwrap_or(false),
-            chain: details.chain.unwrap_or(false),
-            dns: details.dns.unwrap_or(false),
-            uri: details.uri.unwrap_or(false),
-        };
-        if !matches!(xfcc.mode, XfccMode::AppendForward | XfccMode::SanitizeSet) {
-            report.warning(
-                "spec.config.set_current_client_cert_details",
-                "only used with forward_client_cert_details APPEND_FORWARD or SANITIZE_SET",
-            );
-        }
-    }
-    let access_log = match config.envoy_log_type.as_deref() {
-        None | Some("text") => AccessLog::Text,
-        Some("json") => AccessLog::Json,
-        Some(other) => {
-            report.error(
-                "spec.config.envoy_log_type",
-                format!("{other:?} is not text or json"),
-            );
-            AccessLog::Text
-        }
-    };
+    let defaults = config
+        .defaults
+        .as_ref()
+        .map(|defaults| mapping_defaults(defaults, report))
+        .unwrap_or_default();
+    let xfcc = xfcc(config, report);
+    let access_log = access_log(config, report);
     let circuit_breakers = config
         .circuit_breakers
         .as_ref()
@@ -292,7 +205,7 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
     let cors = config
         .cors
         .as_ref()
-        .and_then(|value| crate::filters::cors::parse(value, "spec.config.cors", report));
+        .and_then(|value| super::cors(value, "spec.config.cors", report));
     let ip_filter = ip_rules(config, report);
     let load_balancer = match &config.load_balancer {
         Some(spec) => Some(super::load_balancer(
@@ -302,26 +215,26 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         )?),
         None => None,
     };
-    let underscores = match config.headers_with_underscores_action.as_deref() {
-        None | Some("ALLOW") => UnderscoreAction::Allow,
-        Some("DROP_HEADER") => UnderscoreAction::DropHeader,
-        Some("REJECT_REQUEST") => UnderscoreAction::RejectRequest,
-        Some(other) => {
-            report
-                .error(
-                    "spec.config.headers_with_underscores_action",
-                    format!("unknown action {other:?}"),
-                )
-                .with_hint("ALLOW, DROP_HEADER or REJECT_REQUEST");
-            UnderscoreAction::Allow
-        }
-    };
+    let underscores = underscores(config, report);
     if config.use_remote_address == Some(false) {
         report.warning(
             "spec.config.use_remote_address",
             "pingress always trusts the socket peer address; ignored",
         );
     }
+    let connections = connection_defaults(config, report)?;
+    let default_label_domain = default_label_domain(config, base.default_label_domain, report);
+    let default_labels = config
+        .default_labels
+        .as_ref()
+        .map(|value| parse_default_labels(value, "spec.config.default_labels", report))
+        .unwrap_or_default();
+    let diagnostics_allow_non_local = config
+        .diagnostics
+        .as_ref()
+        .map(|value| diagnostics(value, report))
+        .unwrap_or(base.diagnostics_allow_non_local);
+    let max_request_headers = max_request_headers(config, base.max_request_headers, report);
     Some(ModuleSettings {
         request_timeout_ms: config
             .cluster_request_timeout_ms
@@ -347,55 +260,194 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
         retry_policy,
         resolver: config.resolver.clone().unwrap_or(base.resolver),
         load_balancer,
-        connections: ConnectionOptions {
-            idle_timeout: unlimited_if_zero(config.cluster_idle_timeout_ms),
-            max_lifetime: unlimited_if_zero(config.cluster_max_connection_lifetime_ms),
-            keepalive: match &config.keepalive {
-                Some(spec) => Some(super::keepalive(spec, "spec.config.keepalive", report)?),
-                None => None,
-            },
-        },
+        connections,
         defaults,
         preserve_external_request_id: config.preserve_external_request_id.unwrap_or(false),
         cors,
         ip_filter,
-        default_label_domain: match config.default_label_domain.as_deref() {
-            Some("") => {
-                report.error(
-                    "spec.config.default_label_domain",
-                    "a label domain is not empty",
-                );
-                base.default_label_domain
-            }
-            Some(domain) => domain.to_string(),
-            None => base.default_label_domain,
-        },
-        default_labels: config
-            .default_labels
-            .as_ref()
-            .map(|value| labels::parse_default_labels(value, "spec.config.default_labels", report))
-            .unwrap_or_default(),
+        default_label_domain,
+        default_labels,
         listener_idle_timeout: match config.listener_idle_timeout_ms {
             None => base.listener_idle_timeout,
             Some(ms) => unlimited_if_zero(Some(ms)),
         },
-        diagnostics_allow_non_local: config
-            .diagnostics
-            .as_ref()
-            .map(|value| diagnostics(value, report))
-            .unwrap_or(base.diagnostics_allow_non_local),
-        max_request_headers: match config.max_request_headers_kb {
-            None => base.max_request_headers,
-            Some(kb @ 1..=MAX_REQUEST_HEADERS_KB) => kb as usize * 1024,
-            Some(kb) => {
-                report.error(
-                    "spec.config.max_request_headers_kb",
-                    format!("{kb} is not between 1 and {MAX_REQUEST_HEADERS_KB}: Pingora reads a request head of at most 1 MiB"),
-                );
-                base.max_request_headers
+        diagnostics_allow_non_local,
+        max_request_headers,
+    })
+}
+
+/// `defaults`: the header edits every Mapping starts from. Emissary reads
+/// them under `defaults.httpmapping` and, for each key that has none
+/// there, at the top of `defaults`.
+fn mapping_defaults(defaults: &ModuleDefaults, report: &mut Reporter) -> MappingDefaults {
+    let field = "spec.config.defaults";
+    let class = defaults.httpmapping.as_ref();
+    check_unknown_fields(
+        &defaults.other,
+        field,
+        &[
+            "httpmapping",
+            "add_request_headers",
+            "add_response_headers",
+            "remove_request_headers",
+            "remove_response_headers",
+        ],
+        &["stats_name", "tcpmapping"],
+        report,
+    );
+    if let Some(class) = class {
+        check_unknown_fields(
+            &class.other,
+            "spec.config.defaults.httpmapping",
+            &[
+                "add_request_headers",
+                "add_response_headers",
+                "remove_request_headers",
+                "remove_response_headers",
+            ],
+            &["stats_name"],
+            report,
+        );
+    }
+    MappingDefaults {
+        request: class_first(
+            class.map(|c| &c.add_request_headers),
+            &defaults.add_request_headers,
+        )
+        .map(|m| add_headers(&m, &format!("{field}.add_request_headers"), report)),
+        response: class_first(
+            class.map(|c| &c.add_response_headers),
+            &defaults.add_response_headers,
+        )
+        .map(|m| add_headers(&m, &format!("{field}.add_response_headers"), report)),
+        remove_request: class_first(
+            class.map(|c| &c.remove_request_headers),
+            &defaults.remove_request_headers,
+        )
+        .map(|l| header_names(&l, &format!("{field}.remove_request_headers"), report)),
+        remove_response: class_first(
+            class.map(|c| &c.remove_response_headers),
+            &defaults.remove_response_headers,
+        )
+        .map(|l| header_names(&l, &format!("{field}.remove_response_headers"), report)),
+    }
+}
+
+/// A `defaults` key: `defaults.httpmapping`'s (`from_class`) wins over the
+/// top-level one.
+fn class_first<T: Clone>(from_class: Option<&Option<T>>, top: &Option<T>) -> Option<T> {
+    from_class.and_then(|v| v.clone()).or_else(|| top.clone())
+}
+
+/// `forward_client_cert_details` and `set_current_client_cert_details`:
+/// what becomes of a client certificate's `x-forwarded-client-cert`.
+fn xfcc(config: &ModuleConfig, report: &mut Reporter) -> XfccPolicy {
+    let mut xfcc = XfccPolicy::default();
+    if let Some(mode) = &config.forward_client_cert_details {
+        match XfccMode::parse(mode) {
+            Some(mode) => xfcc.mode = mode,
+            None => {
+                report
+                    .error("spec.config.forward_client_cert_details", format!("unknown mode {mode:?}"))
+                    .with_hint("SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or ALWAYS_FORWARD_ONLY");
             }
+        }
+    }
+    if let Some(details) = &config.set_current_client_cert_details {
+        xfcc.fields = XfccFields {
+            subject: details.subject.unwrap_or(false),
+            cert: details.cert.unwrap_or(false),
+            chain: details.chain.unwrap_or(false),
+            dns: details.dns.unwrap_or(false),
+            uri: details.uri.unwrap_or(false),
+        };
+        // The other modes never write the current certificate's fields.
+        if !matches!(xfcc.mode, XfccMode::AppendForward | XfccMode::SanitizeSet) {
+            report.warning(
+                "spec.config.set_current_client_cert_details",
+                "only used with forward_client_cert_details APPEND_FORWARD or SANITIZE_SET",
+            );
+        }
+    }
+    xfcc
+}
+
+/// `envoy_log_type`: the access log's format.
+fn access_log(config: &ModuleConfig, report: &mut Reporter) -> AccessLog {
+    match config.envoy_log_type.as_deref() {
+        None | Some("text") => AccessLog::Text,
+        Some("json") => AccessLog::Json,
+        Some(other) => {
+            report.error(
+                "spec.config.envoy_log_type",
+                format!("{other:?} is not text or json"),
+            );
+            AccessLog::Text
+        }
+    }
+}
+
+/// `headers_with_underscores_action`, see [`UnderscoreAction`].
+fn underscores(config: &ModuleConfig, report: &mut Reporter) -> UnderscoreAction {
+    match config.headers_with_underscores_action.as_deref() {
+        None | Some("ALLOW") => UnderscoreAction::Allow,
+        Some("DROP_HEADER") => UnderscoreAction::DropHeader,
+        Some("REJECT_REQUEST") => UnderscoreAction::RejectRequest,
+        Some(other) => {
+            report
+                .error(
+                    "spec.config.headers_with_underscores_action",
+                    format!("unknown action {other:?}"),
+                )
+                .with_hint("ALLOW, DROP_HEADER or REJECT_REQUEST");
+            UnderscoreAction::Allow
+        }
+    }
+}
+
+/// The connection reuse every Mapping starts from:
+/// `cluster_idle_timeout_ms`, `cluster_max_connection_lifetime_ms` and
+/// `keepalive`. `None` when `keepalive` is invalid.
+fn connection_defaults(config: &ModuleConfig, report: &mut Reporter) -> Option<ConnectionOptions> {
+    Some(ConnectionOptions {
+        idle_timeout: unlimited_if_zero(config.cluster_idle_timeout_ms),
+        max_lifetime: unlimited_if_zero(config.cluster_max_connection_lifetime_ms),
+        keepalive: match &config.keepalive {
+            Some(spec) => Some(super::keepalive(spec, "spec.config.keepalive", report)?),
+            None => None,
         },
     })
+}
+
+/// `default_label_domain`; an empty one is reported and `base` kept.
+fn default_label_domain(config: &ModuleConfig, base: String, report: &mut Reporter) -> String {
+    match config.default_label_domain.as_deref() {
+        Some("") => {
+            report.error(
+                "spec.config.default_label_domain",
+                "a label domain is not empty",
+            );
+            base
+        }
+        Some(domain) => domain.to_string(),
+        None => base,
+    }
+}
+
+/// `max_request_headers_kb`, in bytes, bounded by what Pingora can read;
+/// one out of bounds keeps `base` and is reported.
+fn max_request_headers(config: &ModuleConfig, base: usize, report: &mut Reporter) -> usize {
+    match config.max_request_headers_kb {
+        None => base,
+        Some(kb @ 1..=MAX_REQUEST_HEADERS_KB) => kb as usize * 1024,
+        Some(kb) => {
+            report.error(
+                "spec.config.max_request_headers_kb",
+                format!("{kb} is not between 1 and {MAX_REQUEST_HEADERS_KB}: Pingora reads a request head of at most 1 MiB"),
+            );
+            base
+        }
+    }
 }
 
 /// `ip_allow` / `ip_deny`, built into the filter that enforces them.
@@ -415,7 +467,7 @@ fn ip_rules(config: &ModuleConfig, report: &mut Reporter) -> Option<IpFilter> {
     IpFilter::build(settings)
         .map_err(|e| {
             report
-                .error(field, e)
+                .error(field, e.to_string())
                 .with_hint("a list of {peer: CIDR} or {remote: CIDR}; 403 for the others");
         })
         .ok()
@@ -542,101 +594,16 @@ pub fn validate_listeners(
             LISTENER_LATER,
             &mut report,
         );
-        let port = match spec.port {
-            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
-            Some(p) => {
-                report.error("spec.port", format!("{p} is not a port (1-65535)"));
-                None
-            }
-            None => {
-                report.error("spec.port", "port is required");
-                None
-            }
-        };
-        let stack: Option<Vec<&str>> = spec
-            .protocol_stack
+        // Each key is checked even after another failed: every problem of
+        // the Listener is reported at once.
+        let port = listener_port(&spec, &mut report);
+        let (tls, l4) = protocol(&spec, &mut report);
+        let security = security_model(&spec, &mut report);
+        let binding = spec
+            .host_binding
             .as_ref()
-            .map(|s| s.iter().map(String::as_str).collect());
-        // (terminates TLS, carries TCPMappings)
-        let (tls, l4) = match (spec.protocol.as_deref(), stack.as_deref()) {
-            (Some(_), Some(_)) => {
-                report.error(
-                    "spec.protocolStack",
-                    "set either protocol or protocolStack, not both",
-                );
-                (false, false)
-            }
-            (Some("HTTP"), None) | (None, Some(["HTTP", "TCP"])) => (false, false),
-            // Emissary's HTTPS also answers cleartext on the same port by
-            // inspecting the first bytes; pingress serves TLS only there.
-            (Some("HTTPS"), None) | (None, Some(["TLS", "HTTP", "TCP"])) => (true, false),
-            (Some("TCP"), None) | (None, Some(["TCP"])) => (false, true),
-            (Some("TLS"), None) | (None, Some(["TLS", "TCP"])) => (true, true),
-            (Some(p @ ("HTTPPROXY" | "HTTPSPROXY" | "UDP")), None) => {
-                report
-                    .error(
-                        "spec.protocol",
-                        format!("protocol {p} is not supported by pingress yet"),
-                    )
-                    .with_hint("use protocol: HTTP, HTTPS, TCP or TLS");
-                (false, false)
-            }
-            (Some(p), None) => {
-                report.error("spec.protocol", format!("unknown protocol {p:?}"));
-                (false, false)
-            }
-            (None, Some(stack)) => {
-                report.error(
-                    "spec.protocolStack",
-                    format!("protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP], [TLS, HTTP, TCP], [TCP] or [TLS, TCP]"),
-                );
-                (false, false)
-            }
-            (None, None) => {
-                report.error("spec.protocol", "protocol is required");
-                (false, false)
-            }
-        };
-        let security = match spec.security_model.as_deref() {
-            Some("XFP") => SecurityModel::Xfp,
-            Some("SECURE") => SecurityModel::Secure,
-            Some("INSECURE") => SecurityModel::Insecure,
-            Some(other) => {
-                report
-                    .error(
-                        "spec.securityModel",
-                        format!("unknown securityModel {other:?}"),
-                    )
-                    .with_hint("XFP, SECURE or INSECURE");
-                SecurityModel::Xfp
-            }
-            None => {
-                report.error(
-                    "spec.securityModel",
-                    "securityModel is required (XFP, SECURE or INSECURE)",
-                );
-                SecurityModel::Xfp
-            }
-        };
-        let mut binding = HostBinding::default();
-        if let Some(hb) = &spec.host_binding {
-            match hb.namespace.as_ref().and_then(|n| n.from.as_deref()) {
-                Some("SELF") => binding.namespace = Some(raw.id.namespace.clone()),
-                Some("ALL") | None => {}
-                Some(other) => {
-                    report
-                        .error(
-                            "spec.hostBinding.namespace.from",
-                            format!("{other:?} is not supported"),
-                        )
-                        .with_hint("SELF or ALL");
-                }
-            }
-            if let Some(selector) = &hb.selector {
-                binding.labels =
-                    selector_labels(selector, "spec.hostBinding.selector", &mut report);
-            }
-        }
+            .map(|hb| host_binding(hb, &raw.id.namespace, &mut report))
+            .unwrap_or_default();
         if let Some(port) = port {
             if let Some(other) = listeners.iter().find(|l| l.port == port) {
                 report.error(
@@ -662,6 +629,116 @@ pub fn validate_listeners(
         });
     }
     listeners
+}
+
+/// The required `port`, which must be one a socket can bind.
+fn listener_port(spec: &ListenerSpec, report: &mut Reporter) -> Option<u16> {
+    match spec.port {
+        Some(p) if (1..=65535).contains(&p) => Some(p as u16),
+        Some(p) => {
+            report.error("spec.port", format!("{p} is not a port (1-65535)"));
+            None
+        }
+        None => {
+            report.error("spec.port", "port is required");
+            None
+        }
+    }
+}
+
+/// `protocol`, or the `protocolStack` it stands for: whether the Listener
+/// terminates TLS, and whether it carries TCPMappings rather than HTTP.
+fn protocol(spec: &ListenerSpec, report: &mut Reporter) -> (bool, bool) {
+    let stack: Option<Vec<&str>> = spec
+        .protocol_stack
+        .as_ref()
+        .map(|s| s.iter().map(String::as_str).collect());
+    match (spec.protocol.as_deref(), stack.as_deref()) {
+        (Some(_), Some(_)) => {
+            report.error(
+                "spec.protocolStack",
+                "set either protocol or protocolStack, not both",
+            );
+            (false, false)
+        }
+        (Some("HTTP"), None) | (None, Some(["HTTP", "TCP"])) => (false, false),
+        // Emissary's HTTPS also answers cleartext on the same port by
+        // inspecting the first bytes; pingress serves TLS only there.
+        (Some("HTTPS"), None) | (None, Some(["TLS", "HTTP", "TCP"])) => (true, false),
+        (Some("TCP"), None) | (None, Some(["TCP"])) => (false, true),
+        (Some("TLS"), None) | (None, Some(["TLS", "TCP"])) => (true, true),
+        (Some(p @ ("HTTPPROXY" | "HTTPSPROXY" | "UDP")), None) => {
+            report
+                .error(
+                    "spec.protocol",
+                    format!("protocol {p} is not supported by pingress yet"),
+                )
+                .with_hint("use protocol: HTTP, HTTPS, TCP or TLS");
+            (false, false)
+        }
+        (Some(p), None) => {
+            report.error("spec.protocol", format!("unknown protocol {p:?}"));
+            (false, false)
+        }
+        (None, Some(stack)) => {
+            report.error(
+                "spec.protocolStack",
+                format!("protocolStack {stack:?} is not supported by pingress yet; use [HTTP, TCP], [TLS, HTTP, TCP], [TCP] or [TLS, TCP]"),
+            );
+            (false, false)
+        }
+        (None, None) => {
+            report.error("spec.protocol", "protocol is required");
+            (false, false)
+        }
+    }
+}
+
+/// The required `securityModel`: when a request counts as secure.
+fn security_model(spec: &ListenerSpec, report: &mut Reporter) -> SecurityModel {
+    match spec.security_model.as_deref() {
+        Some("XFP") => SecurityModel::Xfp,
+        Some("SECURE") => SecurityModel::Secure,
+        Some("INSECURE") => SecurityModel::Insecure,
+        Some(other) => {
+            report
+                .error(
+                    "spec.securityModel",
+                    format!("unknown securityModel {other:?}"),
+                )
+                .with_hint("XFP, SECURE or INSECURE");
+            SecurityModel::Xfp
+        }
+        None => {
+            report.error(
+                "spec.securityModel",
+                "securityModel is required (XFP, SECURE or INSECURE)",
+            );
+            SecurityModel::Xfp
+        }
+    }
+}
+
+/// `hostBinding`: which Hosts the Listener serves, by namespace (`SELF`
+/// is the Listener's own, `namespace`) and by labels.
+fn host_binding(spec: &HostBindingSpec, namespace: &str, report: &mut Reporter) -> HostBinding {
+    let mut binding = HostBinding::default();
+    match spec.namespace.as_ref().and_then(|n| n.from.as_deref()) {
+        Some("SELF") => binding.namespace = Some(namespace.to_string()),
+        Some("ALL") | None => {}
+        Some(other) => {
+            report
+                .error(
+                    "spec.hostBinding.namespace.from",
+                    format!("{other:?} is not supported"),
+                )
+                .with_hint("SELF or ALL");
+        }
+    }
+    if let Some(selector) = &spec.selector {
+        binding.labels = selector_labels(selector, "spec.hostBinding.selector", report);
+    }
+    binding
 }
 
 fn selector_labels(
@@ -848,6 +925,7 @@ pub fn validate_hosts(
 mod tests {
     use super::*;
     use crate::config::load::parse_documents;
+    use crate::model::key_coverage::assert_fields_listed;
     use crate::model::spec::assert_used_or_named;
     use std::path::Path;
 
@@ -947,6 +1025,8 @@ mod tests {
     #[test]
     fn every_module_key_is_used_or_warned() {
         let default = format!("{:?}", ModuleSettings::default());
+        let keys = [MODULE_SUPPORTED, MODULE_LATER].concat();
+        assert_fields_listed("", &ModuleConfig::default(), &keys);
         for key in MODULE_SUPPORTED.iter().chain(MODULE_LATER) {
             let later = format!("{key}: 1");
             let sample = match MODULE_SAMPLES.iter().find(|(k, _)| k == key) {
@@ -1012,6 +1092,8 @@ mod tests {
             ),
             ("tls", "hostname: h.example\ntls:\n  alpn_protocols: h2"),
         ];
+        let keys = [HOST_SUPPORTED, HOST_LATER].concat();
+        assert_fields_listed("", &HostSpec::default(), &keys);
         // ambassador_id is read where resources are sorted by kind.
         for key in HOST_SUPPORTED
             .iter()
@@ -1054,6 +1136,8 @@ mod tests {
             ("l7Depth", &format!("{base}\nl7Depth: 1")),
             ("hostBinding", "port: 8080\nprotocol: HTTP\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: SELF"),
         ];
+        let keys = [LISTENER_SUPPORTED, LISTENER_LATER].concat();
+        assert_fields_listed("", &ListenerSpec::default(), &keys);
         // ambassador_id is read where resources are sorted by kind: a
         // Listener of another instance never reaches this function.
         for key in LISTENER_SUPPORTED

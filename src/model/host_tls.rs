@@ -1,6 +1,8 @@
-//! How a Host finds the TLSContext it terminates with (§3.3): the server
-//! certificate always comes from `tlsSecret`; the other settings come from
-//! `tlsContext`, inline `tls`, a context named `<host>-context`, or defaults.
+//! How a Host finds the TLSContext it terminates with, as in Emissary
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/running/tls/>):
+//! the server certificate always comes from `tlsSecret`; the other settings
+//! come from `tlsContext`, inline `tls`, a context named `<host>-context`, or
+//! defaults.
 
 use std::sync::Arc;
 

@@ -9,6 +9,7 @@ use crate::config::load::RawResource;
 use crate::config::resources::{
     EndpointAddress, EndpointPort, EndpointSubset, IntOrString, KubeServiceSpec, SliceEndpoint,
 };
+use crate::upstream::cluster::ResolverKind;
 use crate::upstream::endpoints::{EndpointGroup, EndpointIndex, ServicePort, TargetPort};
 
 use super::count;
@@ -23,19 +24,6 @@ pub const API_VERSIONS: &[(&str, &str)] = &[
 
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// How a Mapping finds its upstream's addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ResolverKind {
-    /// The service is a DNS name (or an IP address): one logical endpoint
-    /// per address the name resolves to.
-    Service,
-    /// The service names a Kubernetes Service; its ready endpoints come
-    /// from Endpoints and EndpointSlices.
-    Endpoint,
-    /// Consul's catalog, which pingress cannot query.
-    Consul,
-}
 
 /// Resolvers by name. `kubernetes-service` and `kubernetes-endpoint` always
 /// exist, as in Emissary.

@@ -6,15 +6,17 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
 use regex::Regex;
+use serde_yaml::Value;
 
 use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
-    CircuitBreakerSpec, KeepaliveSpec, LoadBalancerSpec, MappingSpec, MappingTls, MatchValue,
-    OrderedMap, RetryPolicySpec,
+    AddHeaderValue, CircuitBreakerSpec, CookieSpec, HealthCheckSpec, KeepaliveSpec,
+    LoadBalancerSpec, MappingSpec, MappingTls, MatchValue, OrderedMap, RetryPolicySpec,
+    StringOrList,
 };
-use crate::filters::cors::CorsPolicy;
-use crate::filters::rate_limit::labels::{self, Labels};
+use crate::filters::cors::{items, CorsPolicy, CorsSpec};
+use crate::filters::rate_limit::labels::Labels;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::{
     full_match_regex, full_match_value_regex, search_regex, AuthorityMatch, HostGlob, PathMatch,
@@ -30,9 +32,11 @@ use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::{conditions, parse_duration, RetryPolicy};
 use crate::upstream::service::{redacted, ServiceAddr};
 
-use super::edge::{add_headers, header_names};
-use super::spec::{check_unknown_fields, parse_section};
-use super::{count, ModuleSettings, ResolverKind, Resolvers, TlsContexts};
+use super::edge::{add_headers, header_names, unlimited_if_zero};
+use super::health::health_check;
+use super::rate_labels::{parse_labels, with_defaults};
+use super::spec::{check_unknown_fields, parse_section, parse_value};
+use super::{count, MappingDefaults, ModuleSettings, ResolverKind, Resolvers, TlsContexts};
 
 const SUPPORTED: &[&str] = &[
     "prefix",
@@ -200,8 +204,15 @@ pub fn validate_all(
             continue;
         };
         let suggested = check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, &mut report);
-        let mapping = validate(raw, &spec, module, contexts, &suggested, &mut report)
-            .and_then(|m| upstream_choice(m, &spec, module, resolvers, &mut report));
+        let mapping = validate(
+            raw,
+            &spec,
+            module,
+            contexts,
+            resolvers,
+            &suggested,
+            &mut report,
+        );
         if let (Some(mapping), false) = (mapping, report.has_errors()) {
             count(accepted, "Mapping");
             mappings.push(mapping);
@@ -210,27 +221,146 @@ pub fn validate_all(
     mappings
 }
 
+/// One Mapping, assembled once every part of it is known. The steps run in
+/// the order their diagnostics are reported; a step that returns `None`
+/// leaves nothing the later ones could check.
 fn validate(
     raw: &RawResource,
     spec: &MappingSpec,
     module: &ModuleSettings,
     contexts: &TlsContexts,
+    resolvers: &Resolvers,
     suggested: &[&str],
     report: &mut Reporter,
 ) -> Option<Mapping> {
-    let v2 = raw.api_version == "getambassador.io/v2";
     let case_sensitive = spec.case_sensitive.unwrap_or(true);
-    let prefix = match spec.prefix.as_deref() {
-        Some(p) if !p.is_empty() => p.to_string(),
+    let prefix = prefix(spec, suggested, report)?;
+    let path = path_match(&prefix, spec, case_sensitive, report)?;
+    let v2 = raw.api_version == "getambassador.io/v2";
+    let (authority, association) = authority(spec, v2, report)?;
+    let method = method(spec, report)?;
+    let headers = header_matchers(spec, report);
+    let query = value_matchers(
+        &spec.query_parameters,
+        &spec.regex_query_parameters,
+        "query_parameters",
+        report,
+    );
+    let rewrite = rewrite(spec, report)?;
+
+    let (context, tls_set) = origination(spec.tls.as_ref(), "Mapping", contexts, report)?;
+    let redirect = redirect(spec, report)?;
+    // A redirect's service is a target authority, not a Kubernetes name.
+    let namespace = (!module.use_ambassador_namespace && redirect.is_none())
+        .then_some(raw.id.namespace.as_str());
+    let (service, originate_tls) = upstream_service(
+        spec,
+        namespace,
+        context.as_deref(),
+        tls_set,
+        suggested,
+        report,
+    )?;
+    let host_rewrite = host_rewrite(spec, report)?;
+    let weight = weight(spec, report)?;
+
+    let (request_headers, response_headers) = header_edits(spec, &module.defaults, report);
+    let connect_timeout_ms = spec.connect_timeout_ms.unwrap_or(3000);
+    let breaker = match &spec.circuit_breakers {
+        Some(list) => breaker_thresholds(list, "spec.circuit_breakers", report),
+        None => module.circuit_breakers,
+    };
+    let group_invariants = group_invariants(
+        spec,
+        case_sensitive,
+        redirect.is_some(),
+        &breaker,
+        connect_timeout_ms,
+    );
+    let rate_labels = rate_labels(spec, module, report);
+    let cors = match &spec.cors {
+        Some(value) => cors(value, "spec.cors", report),
+        None => module.cors.clone(),
+    };
+    let allow_upgrade = upgrades(spec, report);
+    let retry = match &spec.retry_policy {
+        Some(policy) => retry_policy(policy, "spec.retry_policy", report),
+        None => module.retry_policy,
+    };
+    let upstream = match redirect {
+        Some(_) => Upstream::for_redirect(),
+        None => upstream_choice(spec, module, resolvers, report)?,
+    };
+
+    Some(Mapping {
+        id: raw.id.clone(),
+        name: format!("{}.{}", raw.id.name, raw.id.namespace),
+        labels: raw.labels.clone(),
+        association,
+        path,
+        prefix,
+        authority,
+        method,
+        headers,
+        query,
+        precedence: spec.precedence.unwrap_or(0),
+        weight,
+        rewrite,
+        host_rewrite,
+        auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
+        service,
+        resolver: upstream.resolver,
+        load_balancer: upstream.load_balancer,
+        health_check: upstream.health_check,
+        dns: upstream.dns,
+        connections: upstream.connections,
+        originate_tls,
+        tls: context,
+        timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
+        connect_timeout_ms,
+        grpc: spec.grpc.unwrap_or(false),
+        breaker,
+        retry,
+        idle_timeout_ms: spec.idle_timeout_ms,
+        request_headers,
+        response_headers,
+        add_linkerd_headers: spec
+            .add_linkerd_headers
+            .unwrap_or(module.add_linkerd_headers),
+        group_invariants,
+        redirect,
+        cors,
+        bypass_auth: spec.bypass_auth.unwrap_or(false),
+        rate_labels,
+        allow_upgrade,
+        shadow: spec.shadow.unwrap_or(false),
+    })
+}
+
+/// The required `prefix`. A missing one is not reported again when an
+/// unknown field was already suggested as it (a misspelt `prefx`).
+fn prefix(spec: &MappingSpec, suggested: &[&str], report: &mut Reporter) -> Option<String> {
+    match spec.prefix.as_deref() {
+        Some(p) if !p.is_empty() => Some(p.to_string()),
         _ => {
-            // A misspelt `prefx` was reported already, with the suggestion.
             if !suggested.contains(&"prefix") {
                 report.error("spec.prefix", "prefix is required");
             }
-            return None;
+            None
         }
-    };
-    let path = match (
+    }
+}
+
+/// How `prefix` meets the request path: `prefix_regex` makes it a regex
+/// over the whole path, `prefix_exact` the whole path itself, and neither
+/// a prefix of it.
+fn path_match(
+    prefix: &str,
+    spec: &MappingSpec,
+    case_sensitive: bool,
+    report: &mut Reporter,
+) -> Option<PathMatch> {
+    match (
         spec.prefix_regex.unwrap_or(false),
         spec.prefix_exact.unwrap_or(false),
     ) {
@@ -239,22 +369,22 @@ fn validate(
                 "spec.prefix_exact",
                 "prefix_regex and prefix_exact exclude each other",
             );
-            return None;
+            None
         }
-        (true, false) => match full_match_regex(&prefix, !case_sensitive) {
-            Ok(regex) => PathMatch::Regex(regex),
+        (true, false) => match full_match_regex(prefix, !case_sensitive) {
+            Ok(regex) => Some(PathMatch::Regex(regex)),
             Err(e) => {
                 report.error("spec.prefix", e).with_hint(
                     "with prefix_regex: true the prefix is a regular expression (RE2 syntax) \
                      that must match the whole path",
                 );
-                return None;
+                None
             }
         },
-        (false, true) => PathMatch::Exact {
-            path: prefix.clone(),
+        (false, true) => Some(PathMatch::Exact {
+            path: prefix.to_string(),
             case_sensitive,
-        },
+        }),
         (false, false) => {
             if !prefix.starts_with('/') {
                 report.warning(
@@ -262,25 +392,33 @@ fn validate(
                     "a prefix without a leading / matches no request path",
                 );
             }
-            PathMatch::Prefix {
-                prefix: prefix.clone(),
+            Some(PathMatch::Prefix {
+                prefix: prefix.to_string(),
                 case_sensitive,
-            }
+            })
         }
-    };
+    }
+}
 
-    let (authority, association) = authority(spec, v2, report)?;
-    let method = match (&spec.method, spec.method_regex.unwrap_or(false)) {
-        (None, _) => None,
-        (Some(m), false) => Some(ValueMatch::Exact(m.to_ascii_uppercase())),
+/// `method`, compared upper-cased, or with `method_regex` a regex over it.
+/// `Some(None)`: any method.
+fn method(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<ValueMatch>> {
+    match (&spec.method, spec.method_regex.unwrap_or(false)) {
+        (None, _) => Some(None),
+        (Some(m), false) => Some(Some(ValueMatch::Exact(m.to_ascii_uppercase()))),
         (Some(m), true) => match full_match_regex(m, false) {
-            Ok(r) => Some(ValueMatch::Regex(r)),
+            Ok(r) => Some(Some(ValueMatch::Regex(r))),
             Err(e) => {
                 report.error("spec.method", e);
-                return None;
+                None
             }
         },
-    };
+    }
+}
+
+/// `headers` and `regex_headers`; a name that cannot be a header name is
+/// reported and its matcher left out.
+fn header_matchers(spec: &MappingSpec, report: &mut Reporter) -> Vec<(HeaderName, ValueMatch)> {
     let mut headers = Vec::new();
     for (name, matcher) in value_matchers(&spec.headers, &spec.regex_headers, "headers", report) {
         match HeaderName::from_bytes(name.as_bytes()) {
@@ -290,14 +428,13 @@ fn validate(
             }
         }
     }
-    let query = value_matchers(
-        &spec.query_parameters,
-        &spec.regex_query_parameters,
-        "query_parameters",
-        report,
-    );
+    headers
+}
 
-    let rewrite = match (&spec.regex_rewrite, &spec.rewrite) {
+/// The upstream path: `regex_rewrite` wins over `rewrite`, and a Mapping
+/// with neither rewrites its prefix to `/`, as Emissary does.
+fn rewrite(spec: &MappingSpec, report: &mut Reporter) -> Option<Rewrite> {
+    Some(match (&spec.regex_rewrite, &spec.rewrite) {
         (Some(rr), rewrite) => {
             if rewrite.as_deref().is_some_and(|r| !r.is_empty()) {
                 report.warning(
@@ -327,89 +464,116 @@ fn validate(
             Rewrite::Prefix(r.clone())
         }
         (None, None) => Rewrite::Prefix("/".into()),
-    };
+    })
+}
 
-    let (context, originate_tls) = origination(spec.tls.as_ref(), "Mapping", contexts, report)?;
-    let shadow = spec.shadow.unwrap_or(false);
-    let redirect = if shadow && spec.host_redirect == Some(true) {
-        // Emissary drops the redirect and keeps the shadow.
-        report.warning(
-            "spec.host_redirect",
-            "shadow and host_redirect exclude each other; the shadow wins and the redirect \
-             settings are ignored",
-        );
-        None
-    } else {
-        redirect(spec, report)?
-    };
-    // A redirect's service is a target authority, not a Kubernetes name.
-    let namespace = (!module.use_ambassador_namespace && redirect.is_none())
-        .then_some(raw.id.namespace.as_str());
-    let service = service(
-        spec.service.as_deref(),
-        originate_tls,
-        namespace,
-        suggested,
-        report,
-    )?;
-    let originate_tls = originate_tls || service.https;
-    if originate_tls
-        && !service.https
-        && spec
-            .service
-            .as_deref()
-            .is_some_and(|s| s.starts_with("http://"))
-    {
+/// The service, and whether TLS is originated to it: `tls:` (`tls_set`)
+/// or an https:// service originates it. The context that originates it
+/// must be able to verify the service's certificate.
+fn upstream_service(
+    spec: &MappingSpec,
+    namespace: Option<&str>,
+    context: Option<&TlsContext>,
+    tls_set: bool,
+    suggested: &[&str],
+    report: &mut Reporter,
+) -> Option<(ServiceAddr, bool)> {
+    let text = spec.service.as_deref();
+    let service = service(text, tls_set, namespace, suggested, report)?;
+    if tls_set && !service.https && text.is_some_and(|s| s.starts_with("http://")) {
         report.warning(
             "spec.service",
             "service says http:// but tls is set: TLS is originated anyway, as Emissary does",
         );
     }
-    if !verifiable(context.as_deref(), &service, report) {
+    if !verifiable(context, &service, report) {
         return None;
     }
+    let originate_tls = tls_set || service.https;
+    Some((service, originate_tls))
+}
 
-    let host_rewrite = match spec.host_rewrite.as_deref() {
-        None | Some("") => None,
+/// `host_rewrite`, which must be sendable as a Host header. `Some(None)`:
+/// the Host is not rewritten.
+fn host_rewrite(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<HeaderValue>> {
+    match spec.host_rewrite.as_deref() {
+        None | Some("") => Some(None),
         Some(h) => match HeaderValue::from_str(h) {
-            Ok(v) => Some(v),
+            Ok(v) => Some(Some(v)),
             Err(_) => {
                 report.error("spec.host_rewrite", "not a valid Host header value");
-                return None;
+                None
             }
         },
-    };
-    if let Some(weight) = spec.weight {
-        if weight > 100 {
-            report.error("spec.weight", format!("weight {weight} is above 100"));
-            return None;
-        }
     }
+}
 
-    let defaults = &module.defaults;
-    let mut request_headers = match &spec.add_request_headers {
-        Some(map) => add_headers(map, "spec.add_request_headers", report),
-        None => defaults.request.clone().unwrap_or_default(),
-    };
-    request_headers.remove = match &spec.remove_request_headers {
-        Some(list) => header_names(list, "spec.remove_request_headers", report),
-        None => defaults.remove_request.clone().unwrap_or_default(),
-    };
-    let mut response_headers = match &spec.add_response_headers {
-        Some(map) => add_headers(map, "spec.add_response_headers", report),
-        None => defaults.response.clone().unwrap_or_default(),
-    };
-    response_headers.remove = match &spec.remove_response_headers {
-        Some(list) => header_names(list, "spec.remove_response_headers", report),
-        None => defaults.remove_response.clone().unwrap_or_default(),
-    };
+/// `weight`, a percentage of its canary group's requests.
+fn weight(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<u32>> {
+    match spec.weight {
+        Some(weight) if weight > 100 => {
+            report.error("spec.weight", format!("weight {weight} is above 100"));
+            None
+        }
+        weight => Some(weight),
+    }
+}
 
-    let connect_timeout_ms = spec.connect_timeout_ms.unwrap_or(3000);
-    let breaker = match &spec.circuit_breakers {
-        Some(list) => breaker_thresholds(list, "spec.circuit_breakers", report),
-        None => module.circuit_breakers,
+/// The request and the response header edits.
+fn header_edits(
+    spec: &MappingSpec,
+    defaults: &MappingDefaults,
+    report: &mut Reporter,
+) -> (HeaderEdits, HeaderEdits) {
+    let request = direction_edits(
+        spec.add_request_headers.as_ref(),
+        spec.remove_request_headers.as_ref(),
+        (&defaults.request, &defaults.remove_request),
+        "request",
+        report,
+    );
+    let response = direction_edits(
+        spec.add_response_headers.as_ref(),
+        spec.remove_response_headers.as_ref(),
+        (&defaults.response, &defaults.remove_response),
+        "response",
+        report,
+    );
+    (request, response)
+}
+
+/// `add_{direction}_headers` and `remove_{direction}_headers`. Each the
+/// Mapping leaves out is the Module's default, which a Mapping's own
+/// setting replaces rather than extends.
+fn direction_edits(
+    add: Option<&OrderedMap<AddHeaderValue>>,
+    remove: Option<&StringOrList>,
+    (default_add, default_remove): (&Option<HeaderEdits>, &Option<Vec<HeaderName>>),
+    direction: &str,
+    report: &mut Reporter,
+) -> HeaderEdits {
+    let mut edits = match add {
+        Some(map) => add_headers(map, &format!("spec.add_{direction}_headers"), report),
+        None => default_add.clone().unwrap_or_default(),
     };
-    let group_invariants = vec![
+    edits.remove = match remove {
+        Some(list) => header_names(list, &format!("spec.remove_{direction}_headers"), report),
+        None => default_remove.clone().unwrap_or_default(),
+    };
+    edits
+}
+
+/// The keys, with their values as text, that every Mapping of a canary
+/// group must agree on: they shape the route or its cluster, which
+/// the group shares.
+fn group_invariants(
+    spec: &MappingSpec,
+    case_sensitive: bool,
+    redirects: bool,
+    breaker: &Thresholds,
+    connect_timeout_ms: u64,
+) -> Vec<(&'static str, String)> {
+    vec![
         (
             "prefix_regex",
             format!("{:?}", spec.prefix_regex.unwrap_or(false)),
@@ -419,7 +583,7 @@ fn validate(
             format!("{:?}", spec.prefix_exact.unwrap_or(false)),
         ),
         ("case_sensitive", format!("{case_sensitive}")),
-        ("host_redirect", format!("{}", redirect.is_some())),
+        ("host_redirect", format!("{redirects}")),
         ("circuit_breakers", format!("{breaker:?}")),
         ("connect_timeout_ms", format!("{connect_timeout_ms}")),
         ("keepalive", format!("{:?}", spec.keepalive)),
@@ -431,66 +595,7 @@ fn validate(
             "bypass_auth",
             format!("{}", spec.bypass_auth.unwrap_or(false)),
         ),
-    ];
-    let own_labels = spec
-        .labels
-        .as_ref()
-        .map(|value| labels::parse_labels(value, "spec.labels", report))
-        .unwrap_or_default();
-    let rate_labels = labels::with_defaults(own_labels, &module.default_labels);
-    let cors = match &spec.cors {
-        Some(value) => crate::filters::cors::parse(value, "spec.cors", report),
-        None => module.cors.clone(),
-    };
-    let allow_upgrade = upgrades(spec, report);
-
-    Some(Mapping {
-        id: raw.id.clone(),
-        name: format!("{}.{}", raw.id.name, raw.id.namespace),
-        labels: raw.labels.clone(),
-        association,
-        path,
-        prefix,
-        authority,
-        method,
-        headers,
-        query,
-        precedence: spec.precedence.unwrap_or(0),
-        weight: spec.weight,
-        rewrite,
-        host_rewrite,
-        auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
-        service,
-        // Set by `upstream_choice`.
-        resolver: ResolverKind::Service,
-        load_balancer: Policy::RoundRobin,
-        health_check: None,
-        dns: DnsOptions::default(),
-        connections: ConnectionOptions::default(),
-        originate_tls,
-        tls: context,
-        timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
-        connect_timeout_ms,
-        grpc: spec.grpc.unwrap_or(false),
-        breaker,
-        retry: match &spec.retry_policy {
-            Some(policy) => retry_policy(policy, "spec.retry_policy", report),
-            None => module.retry_policy,
-        },
-        idle_timeout_ms: spec.idle_timeout_ms,
-        request_headers,
-        response_headers,
-        add_linkerd_headers: spec
-            .add_linkerd_headers
-            .unwrap_or(module.add_linkerd_headers),
-        group_invariants,
-        redirect,
-        cors,
-        bypass_auth: spec.bypass_auth.unwrap_or(false),
-        rate_labels,
-        allow_upgrade,
-        shadow,
-    })
+    ]
 }
 
 /// `allow_upgrade`, with the legacy `use_websocket: true` adding `websocket`.
@@ -582,24 +687,82 @@ pub(crate) fn verifiable(
     true
 }
 
-/// The resolver and the load balancer (§1.9, §2.13). A redirect has
-/// neither.
+/// The rate-limit label groups: the Mapping's own `labels`, each led by
+/// the Module's `default_labels` of its domain.
+fn rate_labels(spec: &MappingSpec, module: &ModuleSettings, report: &mut Reporter) -> Labels {
+    let own = spec
+        .labels
+        .as_ref()
+        .map(|value| parse_labels(value, "spec.labels", report))
+        .unwrap_or_default();
+    with_defaults(own, &module.default_labels)
+}
+
+/// How a Mapping reaches its service: the Mapping fields that only a
+/// proxying Mapping has a say in.
+struct Upstream {
+    resolver: ResolverKind,
+    load_balancer: Policy,
+    health_check: Option<HealthCheck>,
+    dns: DnsOptions,
+    connections: ConnectionOptions,
+}
+
+impl Upstream {
+    /// A redirect answers the client itself and never connects upstream,
+    /// so none of its upstream keys is read.
+    fn for_redirect() -> Upstream {
+        Upstream {
+            resolver: ResolverKind::Service,
+            load_balancer: Policy::RoundRobin,
+            health_check: None,
+            dns: DnsOptions::default(),
+            connections: ConnectionOptions::default(),
+        }
+    }
+}
+
+/// The resolver, the load balancer, DNS, connection reuse and health
+/// checks of a Mapping that proxies, each the Module's default where the
+/// Mapping sets none.
 fn upstream_choice(
-    mut mapping: Mapping,
     spec: &MappingSpec,
     module: &ModuleSettings,
     resolvers: &Resolvers,
     report: &mut Reporter,
-) -> Option<Mapping> {
-    if mapping.redirect.is_some() {
-        return Some(mapping);
-    }
+) -> Option<Upstream> {
+    let (name, resolver) = resolver(spec, module, resolvers, report)?;
+    let load_balancer = mapping_load_balancer(spec, module, (name, resolver), report)?;
+    let dns = dns_options(spec, module, report)?;
+    let connections = connection_options(spec, module, report)?;
+    let health_check = match &spec.health_checks {
+        Some(list) => endpoint_health_check(list, (name, resolver), report)?,
+        None => None,
+    };
+    Some(Upstream {
+        resolver,
+        load_balancer,
+        health_check,
+        dns,
+        connections,
+    })
+}
+
+/// The resolver the Mapping names, else the Module's default, with its
+/// name for the diagnostics of the keys that depend on it. A Consul
+/// resolver is refused: nothing here could ask Consul.
+fn resolver<'a>(
+    spec: &'a MappingSpec,
+    module: &'a ModuleSettings,
+    resolvers: &Resolvers,
+    report: &mut Reporter,
+) -> Option<(&'a str, ResolverKind)> {
     let name = spec.resolver.as_deref().unwrap_or(&module.resolver);
     let whose = match spec.resolver {
         Some(_) => "",
         None => "the Module's default ",
     };
-    mapping.resolver = match resolvers.0.get(name) {
+    match resolvers.0.get(name) {
         Some(ResolverKind::Consul) => {
             report
                 .error(
@@ -612,9 +775,9 @@ fn upstream_choice(
                     "list the service's addresses as Kubernetes Endpoints and use a \
                      KubernetesEndpointResolver",
                 );
-            return None;
+            None
         }
-        Some(kind) => *kind,
+        Some(kind) => Some((name, *kind)),
         None => {
             report
                 .error(
@@ -625,16 +788,24 @@ fn upstream_choice(
                     "defined resolvers: {}",
                     resolvers.names().join(", ")
                 ));
-            return None;
+            None
         }
-    };
-    match (&spec.load_balancer, mapping.resolver) {
-        (None, ResolverKind::Endpoint) => {
-            mapping.load_balancer = module.load_balancer.clone().unwrap_or_default();
-        }
+    }
+}
+
+/// A policy picks among endpoints, so only an endpoint resolver has one;
+/// a resolver of service names connects to the one name it has.
+fn mapping_load_balancer(
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    (name, resolver): (&str, ResolverKind),
+    report: &mut Reporter,
+) -> Option<Policy> {
+    match (&spec.load_balancer, resolver) {
+        (None, ResolverKind::Endpoint) => Some(module.load_balancer.clone().unwrap_or_default()),
         // The Module's default applies where it can: a Mapping that did not
         // ask for a policy is not made invalid by it.
-        (None, _) => {}
+        (None, _) => Some(Policy::RoundRobin),
         (Some(_), ResolverKind::Service | ResolverKind::Consul) => {
             report
                 .error(
@@ -642,12 +813,19 @@ fn upstream_choice(
                     format!("load_balancer needs an endpoint resolver; resolver {name} resolves the service name"),
                 )
                 .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
-            return None;
+            None
         }
-        (Some(lb), ResolverKind::Endpoint) => {
-            mapping.load_balancer = load_balancer(lb, "spec.load_balancer", report)?;
-        }
+        (Some(lb), ResolverKind::Endpoint) => load_balancer(lb, "spec.load_balancer", report),
     }
+}
+
+/// `dns_type`, `respect_dns_ttl`, `enable_ipv4` and `enable_ipv6`; at least
+/// one address family must stay usable.
+fn dns_options(
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    report: &mut Reporter,
+) -> Option<DnsOptions> {
     let logical = match spec.dns_type.as_deref() {
         None | Some("strict_dns") => false,
         Some("logical_dns") => true,
@@ -658,47 +836,82 @@ fn upstream_choice(
             return None;
         }
     };
-    mapping.dns = DnsOptions {
+    let dns = DnsOptions {
         ipv4: spec.enable_ipv4.unwrap_or(module.enable_ipv4),
         ipv6: spec.enable_ipv6.unwrap_or(module.enable_ipv6),
         respect_ttl: spec.respect_dns_ttl.unwrap_or(false),
         logical,
     };
-    if !mapping.dns.ipv4 && !mapping.dns.ipv6 {
+    if !dns.ipv4 && !dns.ipv6 {
         report.error(
             "spec.enable_ipv4",
             "enable_ipv4 and enable_ipv6 are both false: no address could be used",
         );
         return None;
     }
-    mapping.connections = ConnectionOptions {
+    Some(dns)
+}
+
+/// `cluster_idle_timeout_ms`, `cluster_max_connection_lifetime_ms` and
+/// `keepalive`, each replacing the Module's.
+fn connection_options(
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    report: &mut Reporter,
+) -> Option<ConnectionOptions> {
+    let defaults = &module.connections;
+    Some(ConnectionOptions {
         idle_timeout: match spec.cluster_idle_timeout_ms {
-            Some(ms) => super::edge::unlimited_if_zero(Some(ms)),
-            None => module.connections.idle_timeout,
+            Some(ms) => unlimited_if_zero(Some(ms)),
+            None => defaults.idle_timeout,
         },
         max_lifetime: match spec.cluster_max_connection_lifetime_ms {
-            Some(ms) => super::edge::unlimited_if_zero(Some(ms)),
-            None => module.connections.max_lifetime,
+            Some(ms) => unlimited_if_zero(Some(ms)),
+            None => defaults.max_lifetime,
         },
         keepalive: match &spec.keepalive {
             Some(spec) => Some(keepalive(spec, "spec.keepalive", report)?),
-            None => module.connections.keepalive,
+            None => defaults.keepalive,
         },
-    };
-    if let Some(list) = &spec.health_checks {
-        let check = super::health::health_check(list, "spec.health_checks", report)?;
-        if check.is_some() && mapping.resolver != ResolverKind::Endpoint {
-            report
-                .warning(
-                    "spec.health_checks",
-                    format!("health checks need an endpoint resolver, as in Emissary; resolver {name} resolves the service name, so they are ignored"),
-                )
-                .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
-        } else {
-            mapping.health_check = check;
-        }
+    })
+}
+
+/// `health_checks` probe endpoints, so as in Emissary they are ignored,
+/// with a warning, behind a resolver of service names.
+fn endpoint_health_check(
+    list: &[HealthCheckSpec],
+    (name, resolver): (&str, ResolverKind),
+    report: &mut Reporter,
+) -> Option<Option<HealthCheck>> {
+    let check = health_check(list, "spec.health_checks", report)?;
+    if check.is_some() && resolver != ResolverKind::Endpoint {
+        report
+            .warning(
+                "spec.health_checks",
+                format!("health checks need an endpoint resolver, as in Emissary; resolver {name} resolves the service name, so they are ignored"),
+            )
+            .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
+        return Some(None);
     }
-    Some(mapping)
+    Some(check)
+}
+
+/// Parses a `cors` block at `field`; problems are reported there.
+pub(crate) fn cors(value: &Value, field: &str, report: &mut Reporter) -> Option<Arc<CorsPolicy>> {
+    let spec = parse_value::<CorsSpec>(Some(value), field, report)?;
+    if spec.credentials && items(&spec.origins).iter().any(|o| o == "*") {
+        report
+            .warning(
+                field,
+                "origins \"*\" with credentials: true lets any site send requests with the \
+                 user's cookies and read the answers",
+            )
+            .with_hint("list the origins that may");
+    }
+    CorsPolicy::from_spec(&spec)
+        .map_err(|e| report.error(field, e))
+        .ok()
+        .map(Arc::new)
 }
 
 /// A `load_balancer`, checked exactly as Emissary checks it: round_robin
@@ -714,23 +927,21 @@ pub(crate) fn load_balancer(
             .error(&format!("{field}.{key}"), "unknown field")
             .with_hint("load_balancer has policy, and for ring_hash or maglev one of cookie, header, source_ip");
     }
-    let mut keys = Vec::new();
-    if spec.cookie.is_some() {
-        keys.push("cookie");
-    }
-    if spec.header.is_some() {
-        keys.push("header");
-    }
-    if spec.source_ip.is_some() {
-        keys.push("source_ip");
-    }
+    let keys: Vec<&str> = [
+        ("cookie", spec.cookie.is_some()),
+        ("header", spec.header.is_some()),
+        ("source_ip", spec.source_ip.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect();
     let Some(policy) = spec.policy.as_deref() else {
         report
             .error(&format!("{field}.policy"), "policy is required")
             .with_hint("round_robin, least_request, ring_hash or maglev");
         return None;
     };
-    let hashed = match policy {
+    let policy = match policy {
         "round_robin" | "least_request" => {
             if let Some(key) = keys.first() {
                 report.error(
@@ -739,12 +950,18 @@ pub(crate) fn load_balancer(
                 );
                 return None;
             }
-            return (!report.has_errors()).then(|| match policy {
+            match policy {
                 "round_robin" => Policy::RoundRobin,
                 _ => Policy::LeastRequest,
-            });
+            }
         }
-        "ring_hash" | "maglev" => policy,
+        "ring_hash" | "maglev" => {
+            let on = hash_on(spec, &keys, policy, field, report)?;
+            match policy {
+                "ring_hash" => Policy::RingHash(on),
+                _ => Policy::Maglev(on),
+            }
+        }
         other => {
             report
                 .error(
@@ -755,31 +972,45 @@ pub(crate) fn load_balancer(
             return None;
         }
     };
-    let on = match keys.as_slice() {
+    // An error so far, an unknown field above among them, leaves no policy,
+    // though the policy's own keys were still checked.
+    (!report.has_errors()).then_some(policy)
+}
+
+/// What a ring_hash or maglev `policy` hashes on: exactly one of the set
+/// `keys`, so that no request is hashed on something it was not meant to.
+fn hash_on(
+    spec: &LoadBalancerSpec,
+    keys: &[&str],
+    policy: &str,
+    field: &str,
+    report: &mut Reporter,
+) -> Option<HashOn> {
+    match keys {
         [] => {
             report.error(
                 field,
-                format!("{hashed} needs exactly one of cookie, header or source_ip to hash on"),
+                format!("{policy} needs exactly one of cookie, header or source_ip to hash on"),
             );
-            return None;
+            None
         }
         [first, second, ..] => {
             report.error(
                 &format!("{field}.{second}"),
-                format!("{first} is also set; {hashed} hashes on exactly one of cookie, header or source_ip"),
+                format!("{first} is also set; {policy} hashes on exactly one of cookie, header or source_ip"),
             );
-            return None;
+            None
         }
         ["header"] => {
             let text = spec.header.as_deref().unwrap_or_default();
             match HeaderName::from_bytes(text.trim().as_bytes()) {
-                Ok(name) => HashOn::Header(name),
+                Ok(name) => Some(HashOn::Header(name)),
                 Err(_) => {
                     report.error(
                         &format!("{field}.header"),
                         format!("{text:?} is not a valid header name"),
                     );
-                    return None;
+                    None
                 }
             }
         }
@@ -791,60 +1022,59 @@ pub(crate) fn load_balancer(
                 );
                 return None;
             }
-            HashOn::SourceIp
+            Some(HashOn::SourceIp)
         }
         _ => {
-            let cookie = spec.cookie.clone().unwrap_or_default();
-            let Some(name) = cookie.name.filter(|n| !n.is_empty()) else {
-                report.error(&format!("{field}.cookie.name"), "a cookie needs a name");
-                return None;
-            };
-            if !name
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
-            {
-                report.error(
-                    &format!("{field}.cookie.name"),
-                    format!("{name:?} is not a cookie name"),
-                );
-                return None;
-            }
-            let ttl = match cookie.ttl.as_deref().map(str::trim) {
-                None => None,
-                // Envoy: a zero ttl makes a session cookie.
-                Some("0" | "0s") => Some(std::time::Duration::ZERO),
-                Some(text) => match parse_duration(text) {
-                    Ok(ttl) => Some(ttl),
-                    Err(e) => {
-                        report
-                            .error(&format!("{field}.cookie.ttl"), e)
-                            .with_hint("e.g. 60s, 10m or 1h");
-                        return None;
-                    }
-                },
-            };
-            if let Some(path) = &cookie.path {
-                if !path.starts_with('/') || path.contains([';', ' ', '\r', '\n']) {
-                    report.error(
-                        &format!("{field}.cookie.path"),
-                        format!("{path:?} is not a cookie path"),
-                    );
-                    return None;
-                }
-            }
-            HashOn::Cookie(Cookie {
-                name,
-                path: cookie.path,
-                ttl,
-            })
+            hash_cookie(spec.cookie.clone().unwrap_or_default(), field, report).map(HashOn::Cookie)
         }
+    }
+}
+
+/// The cookie a hashing policy reads, and sets when the client has none:
+/// its name, path and ttl go into a `Set-Cookie` header, so each must be
+/// one that a client would send back.
+fn hash_cookie(cookie: CookieSpec, field: &str, report: &mut Reporter) -> Option<Cookie> {
+    let Some(name) = cookie.name.filter(|n| !n.is_empty()) else {
+        report.error(&format!("{field}.cookie.name"), "a cookie needs a name");
+        return None;
     };
-    if report.has_errors() {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+    {
+        report.error(
+            &format!("{field}.cookie.name"),
+            format!("{name:?} is not a cookie name"),
+        );
         return None;
     }
-    Some(match hashed {
-        "ring_hash" => Policy::RingHash(on),
-        _ => Policy::Maglev(on),
+    let ttl = match cookie.ttl.as_deref().map(str::trim) {
+        None => None,
+        // Envoy: a zero ttl makes a session cookie.
+        Some("0" | "0s") => Some(std::time::Duration::ZERO),
+        Some(text) => match parse_duration(text) {
+            Ok(ttl) => Some(ttl),
+            Err(e) => {
+                report
+                    .error(&format!("{field}.cookie.ttl"), e)
+                    .with_hint("e.g. 60s, 10m or 1h");
+                return None;
+            }
+        },
+    };
+    if let Some(path) = &cookie.path {
+        if !path.starts_with('/') || path.contains([';', ' ', '\r', '\n']) {
+            report.error(
+                &format!("{field}.cookie.path"),
+                format!("{path:?} is not a cookie path"),
+            );
+            return None;
+        }
+    }
+    Some(Cookie {
+        name,
+        path: cookie.path,
+        ttl,
     })
 }
 
@@ -974,16 +1204,19 @@ pub(crate) fn breaker_thresholds(
     thresholds
 }
 
-/// The redirect of a `host_redirect` Mapping. `Ok(None)`: it proxies.
-/// Precedence when several path settings are given: path, prefix, regex.
+/// The redirect of a `host_redirect` Mapping. `Some(None)`: it proxies.
+/// With `shadow` too, Emissary drops the redirect and keeps the shadow.
 fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect>> {
-    let path_fields = [
-        ("spec.path_redirect", spec.path_redirect.is_some()),
-        ("spec.prefix_redirect", spec.prefix_redirect.is_some()),
-        ("spec.regex_redirect", spec.regex_redirect.is_some()),
-    ];
+    if spec.shadow == Some(true) && spec.host_redirect == Some(true) {
+        report.warning(
+            "spec.host_redirect",
+            "shadow and host_redirect exclude each other; the shadow wins and the redirect \
+             settings are ignored",
+        );
+        return Some(None);
+    }
     if !spec.host_redirect.unwrap_or(false) {
-        for (field, set) in path_fields.iter().chain(&[(
+        for (field, set) in redirect_path_fields(spec).iter().chain(&[(
             "spec.redirect_response_code",
             spec.redirect_response_code.is_some(),
         )]) {
@@ -997,7 +1230,31 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
             Some(None)
         };
     }
-    let set: Vec<&str> = path_fields
+    let path = redirect_path(spec, report)?;
+    let status = redirect_status(spec, report);
+    let (scheme, authority) = redirect_target(spec, report)?;
+    Some(Some(Redirect {
+        scheme,
+        authority,
+        path,
+        status,
+    }))
+}
+
+/// The keys that set a redirect's path, each with whether it is set, in
+/// the order of their precedence.
+fn redirect_path_fields(spec: &MappingSpec) -> [(&'static str, bool); 3] {
+    [
+        ("spec.path_redirect", spec.path_redirect.is_some()),
+        ("spec.prefix_redirect", spec.prefix_redirect.is_some()),
+        ("spec.regex_redirect", spec.regex_redirect.is_some()),
+    ]
+}
+
+/// The redirect's path. Precedence when several path settings are given:
+/// path, prefix, regex.
+fn redirect_path(spec: &MappingSpec, report: &mut Reporter) -> Option<RedirectPath> {
+    let set: Vec<&str> = redirect_path_fields(spec)
         .iter()
         .filter(|(_, s)| *s)
         .map(|(f, _)| *f)
@@ -1020,7 +1277,7 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
             return None;
         }
     }
-    let path = if let Some(path) = &spec.path_redirect {
+    Some(if let Some(path) = &spec.path_redirect {
         RedirectPath::Replace(path.clone())
     } else if let Some(prefix) = &spec.prefix_redirect {
         RedirectPath::Prefix(prefix.clone())
@@ -1037,8 +1294,13 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
         }
     } else {
         RedirectPath::Keep
-    };
-    let status = match spec.redirect_response_code {
+    })
+}
+
+/// `redirect_response_code`; a code that does not redirect falls back to
+/// 301 with a warning rather than dropping the Mapping.
+fn redirect_status(spec: &MappingSpec, report: &mut Reporter) -> u16 {
+    match spec.redirect_response_code {
         None => 301,
         Some(code) if REDIRECT_CODES.contains(&code) => code,
         Some(code) => {
@@ -1050,7 +1312,13 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
                 .with_hint("301, 302, 303, 307 or 308");
             301
         }
-    };
+    }
+}
+
+/// A redirect's `service`: an optional http or https scheme, and the
+/// authority that goes into the `Location` every redirected client is
+/// shown.
+fn redirect_target(spec: &MappingSpec, report: &mut Reporter) -> Option<(Option<String>, String)> {
     let target = spec.service.as_deref().unwrap_or_default().trim();
     let (scheme, authority) = match target.split_once("://") {
         Some((scheme @ ("http" | "https"), rest)) => (Some(scheme.to_string()), rest),
@@ -1078,12 +1346,7 @@ fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect
             .with_hint("with host_redirect, service is the host[:port] to redirect to");
         return None;
     }
-    Some(Some(Redirect {
-        scheme,
-        authority: authority.to_string(),
-        path,
-        status,
-    }))
+    Some((scheme, authority.to_string()))
 }
 
 type AuthorityParts = (Option<(AuthorityMatch, String)>, Association);
@@ -1216,6 +1479,7 @@ mod key_tests {
     use super::*;
     use crate::config::load::parse_documents;
     use crate::filters::Registry;
+    use crate::model::key_coverage::assert_fields_listed;
     use crate::model::spec::assert_used_or_named;
     use std::path::Path;
 
@@ -1385,6 +1649,7 @@ mod key_tests {
         // The comparison below means something only if equal input gives
         // equal text.
         assert_eq!(plain, mappings(&spec(&[])).0);
+        assert_fields_listed("", &MappingSpec::default(), &[SUPPORTED, LATER].concat());
         // ambassador_id is read where resources are sorted by kind.
         for key in SUPPORTED
             .iter()

@@ -4,14 +4,21 @@
 //! (Mapping → TLSContext → Secret) and PEM parsed. Each resource is checked on
 //! its own: a bad one is reported and left out, its siblings stay.
 
+mod auth_service;
 mod edge;
+mod filter_policy;
 mod health;
 mod host_tls;
+#[cfg(test)]
+pub(crate) mod key_coverage;
 mod kubernetes;
 mod mapping;
+mod rate_labels;
+pub(crate) mod rate_limit;
 pub(crate) mod spec;
 mod tcp_mapping;
 mod tls_context;
+pub mod upstream_trust;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -19,24 +26,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::upstream::cluster::ResolverKind;
 pub(crate) use edge::header_names;
 pub use edge::{
     HostBinding, InsecureAction, InvalidHost, Listener, SecurityModel, UnderscoreAction,
     VirtualHost,
 };
-pub use kubernetes::{ResolverKind, Resolvers};
+pub use kubernetes::Resolvers;
 pub use mapping::{Association, Mapping, Rewrite};
 pub use tcp_mapping::TcpMapping;
 pub use tls_context::TlsContexts;
 
 use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
-use crate::filters::auth::{self, AuthServices};
+use crate::filters::auth::AuthServices;
 use crate::filters::cors::CorsPolicy;
 use crate::filters::ip::IpFilter;
-use crate::filters::policy::{self, FilterPolicies};
+use crate::filters::policy::FilterPolicies;
 use crate::filters::rate_limit::labels::DefaultLabels;
-use crate::filters::rate_limit::{limits, RateLimits};
+use crate::filters::rate_limit::RateLimits;
 use crate::filters::Registry;
 use crate::routing::headers::HeaderEdits;
 use crate::routing::path::PathOptions;
@@ -46,7 +54,7 @@ use crate::upstream::breaker::Thresholds;
 use crate::upstream::cluster::ConnectionOptions;
 use crate::upstream::endpoints::EndpointIndex;
 use crate::upstream::retry::RetryPolicy;
-pub(crate) use mapping::{breaker_thresholds, keepalive, load_balancer, retry_policy};
+pub(crate) use mapping::{breaker_thresholds, cors, keepalive, load_balancer, retry_policy};
 
 /// The Module-wide settings that shape Mappings and requests.
 #[derive(Debug, Clone)]
@@ -188,7 +196,7 @@ pub struct Model {
     /// notice when one appears or changes.
     pub referenced_files: Vec<PathBuf>,
     /// How upstreams without a CA are verified: the gateway file's
-    /// `upstream_tls`, set by `upstream::trust::apply`.
+    /// `upstream_tls`, set by `upstream_trust::apply`.
     pub upstream_trust: crate::upstream::trust::Trust,
 }
 
@@ -291,7 +299,7 @@ pub fn validate<R: std::borrow::Borrow<RawResource>>(
     let kinds = |k: &str| by_kind.get(k).cloned().unwrap_or_default();
 
     model.module = edge::validate_modules(&kinds("Module"), &mut diags, &mut model.accepted);
-    model.rate_limits = Arc::new(limits::validate(
+    model.rate_limits = Arc::new(rate_limit::validate(
         &kinds("RateLimit"),
         &kinds("RateLimitService"),
         &model.module,
@@ -330,13 +338,13 @@ pub fn validate<R: std::borrow::Borrow<RawResource>>(
         &mut diags,
         &mut model.accepted,
     );
-    model.auth_services = auth::validate_all(
+    model.auth_services = auth_service::validate_all(
         &kinds("AuthService"),
         &model.tls_contexts,
         &mut diags,
         &mut model.accepted,
     );
-    model.filter_policies = policy::validate(
+    model.filter_policies = filter_policy::validate(
         &kinds("Filter"),
         &kinds("FilterPolicy"),
         registry,

@@ -1,7 +1,9 @@
-//! TCPMapping validation (§1.8): the port, the service and its TLS, and,
-//! with `host`, the TLS Host or TLSContext that terminates for that SNI.
+//! TCPMapping validation
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/tcpmappings>):
+//! the port, the service and its TLS, and, with `host`, the TLS Host or
+//! TLSContext that terminates for that SNI.
 //! How TCPMappings share ports with each other and with Listeners is
-//! decided when the snapshot is compiled (`crate::tcp::table`).
+//! decided when the snapshot is compiled (`crate::snapshot::tcp`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -32,11 +34,9 @@ const SUPPORTED: &[&str] = &[
     "enable_ipv4",
     "enable_ipv6",
     "circuit_breakers",
-    "stats_name",
-    "cluster_tag",
     "ambassador_id",
 ];
-const LATER: &[&str] = &["resolver"];
+const LATER: &[&str] = &["resolver", "stats_name", "cluster_tag"];
 
 /// Envoy's tcp_proxy closes a connection idle this long when nothing says
 /// otherwise (Emissary does not emit `idle_timeout_ms`, so its users get
@@ -205,8 +205,8 @@ fn validate(
     })
 }
 
-/// Emissary's rule for a TCPMapping's `host` (§3.3): a TLS Host whose
-/// hostname glob matches it, else a TLSContext that lists it in `hosts`.
+/// Emissary's rule for a TCPMapping's `host`: a TLS Host whose hostname
+/// glob matches it, else a TLSContext that lists it exactly in `hosts`.
 fn terminating(
     host: &str,
     contexts: &TlsContexts,
@@ -262,5 +262,54 @@ fn terminating(
                 );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::key_coverage::{document, secret, self_signed, validate_yaml, Coverage};
+
+    /// Each TCPMapping key changes the TCPMapping or is warned about,
+    /// beside an origination TLSContext `upstream` and a terminating one
+    /// for `tcp.example`.
+    #[test]
+    fn every_tcp_mapping_key_is_used_or_warned() {
+        let pem = self_signed("tcp.example");
+        let others = [
+            secret("term", &[("tls.crt", &pem.cert), ("tls.key", &pem.key)]),
+            document("TLSContext", "upstream", "sni: upstream.example"),
+            document("TLSContext", "term", "secret: term\nhosts: [tcp.example]"),
+        ]
+        .concat();
+        Coverage {
+            base: "port: 9000\nservice: 127.0.0.1:8080\nambassador_id: [default]",
+            listed: SUPPORTED,
+            later: LATER,
+            samples: &[
+                ("port", "", "port: 9001"),
+                ("address", "", "address: 127.0.0.1"),
+                ("service", "", "service: 127.0.0.1:9090"),
+                ("tls", "", "tls: upstream"),
+                ("host", "", "host: tcp.example"),
+                ("weight", "", "weight: 50"),
+                ("idle_timeout_ms", "", "idle_timeout_ms: 1000"),
+                ("enable_ipv4", "enable_ipv6: true", "enable_ipv4: false"),
+                ("enable_ipv6", "", "enable_ipv6: true"),
+                (
+                    "circuit_breakers",
+                    "",
+                    "circuit_breakers: [{max_connections: 5}]",
+                ),
+                ("ambassador_id", "", "ambassador_id: [other]"),
+            ],
+            specs: &[("", &TcpMappingSpec::default())],
+            ..Coverage::default()
+        }
+        .check(|spec| {
+            let yaml = format!("{others}{}", document("TCPMapping", "t", spec));
+            let (model, diags) = validate_yaml(&yaml, &crate::filters::Registry::default());
+            (format!("{:?}", model.tcp_mappings), diags)
+        });
     }
 }

@@ -9,6 +9,9 @@ use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
 use crate::tls::{self, CertKeyError, SecretData, TlsContext};
+use crate::upstream::policy::version_rank;
+use openssl::ssl::SslVersion;
+use openssl::x509::X509;
 
 use super::spec::{check_unknown_fields, parse_section};
 use super::{count, SecretStore};
@@ -148,7 +151,8 @@ pub(crate) fn secret_data(
     }
 }
 
-/// Builds a context from its spec; `name` and `namespace` are its own.
+/// Builds a context from its spec; `name` and `namespace` are its own. The
+/// steps run in the order their diagnostics are reported.
 pub(crate) fn build(
     name: &str,
     namespace: &str,
@@ -156,179 +160,34 @@ pub(crate) fn build(
     secrets: &SecretStore,
     report: &mut Reporter,
 ) -> Option<TlsContext> {
-    let namespacing = spec.secret_namespacing.unwrap_or(true);
-    let lookup = |field: &str, reference: &str, report: &mut Reporter| -> Option<SecretData> {
-        let (secret_name, secret_namespace) = split_secret_name(reference, namespace, namespacing);
-        let hint = if namespacing && reference.contains('.') {
-            "with secret_namespacing (the default) a `.` separates name and namespace; \
-             set secret_namespacing: false for names that contain dots"
-        } else {
-            "add the Secret to a file under `resources:`"
-        };
-        secret_data(
-            secrets,
-            &secret_namespace,
-            &secret_name,
-            field,
-            hint,
-            report,
-        )
+    let refs = SecretRefs {
+        secrets,
+        namespace,
+        namespacing: spec.secret_namespacing.unwrap_or(true),
     };
-
-    let mut chain_pem = None;
-    let mut key_pem = None;
-    let mut ca_pem = None;
-    match (&spec.secret, &spec.cert_chain_file, &spec.private_key_file) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            report.error(
-                "spec.secret",
-                "set either secret or cert_chain_file/private_key_file, not both",
-            );
-        }
-        (Some(reference), None, None) => {
-            if let Some(data) = lookup("spec.secret", reference, report) {
-                if data.cert_chain.is_none() {
-                    report.error("spec.secret", format!("Secret {reference} has no tls.crt"));
-                }
-                if data.key.is_none() {
-                    report.error("spec.secret", format!("Secret {reference} has no tls.key"));
-                }
-                chain_pem = data.cert_chain;
-                key_pem = data.key;
-                ca_pem = data.ca;
-            }
-        }
-        (None, Some(chain), Some(key)) => {
-            chain_pem = read_file("spec.cert_chain_file", chain, report);
-            key_pem = read_file("spec.private_key_file", key, report);
-        }
-        (None, Some(_), None) => {
-            report.error(
-                "spec.private_key_file",
-                "cert_chain_file needs private_key_file",
-            );
-        }
-        (None, None, Some(_)) => {
-            report.error(
-                "spec.cert_chain_file",
-                "private_key_file needs cert_chain_file",
-            );
-        }
-        (None, None, None) => {}
-    }
-    match (&spec.ca_secret, &spec.cacert_chain_file) {
-        (Some(_), Some(_)) => {
-            report.error(
-                "spec.ca_secret",
-                "set either ca_secret or cacert_chain_file, not both",
-            );
-        }
-        (Some(reference), None) => {
-            if let Some(data) = lookup("spec.ca_secret", reference, report) {
-                match data.ca_bundle() {
-                    Some(bundle) => ca_pem = Some(bundle.to_vec()),
-                    None => {
-                        report
-                            .error(
-                                "spec.ca_secret",
-                                format!("Secret {reference} has no CA certificate"),
-                            )
-                            .with_hint("put the CA bundle under tls.crt (or ca.crt)");
-                    }
-                }
-            }
-        }
-        (None, Some(path)) => ca_pem = read_file("spec.cacert_chain_file", path, report),
-        (None, None) => {}
-    }
-
-    let cert_key = match (&chain_pem, &key_pem) {
-        (Some(chain), Some(key)) => match tls::cert_key(chain, key) {
-            Ok(cert_key) => Some(Arc::new(cert_key)),
-            Err(e) => {
-                // Name the exact place of each PEM: a Secret key or a file.
-                let (field, cert_origin, key_origin, owner) = match &spec.secret {
-                    Some(secret) => {
-                        let (name, namespace) = split_secret_name(secret, namespace, namespacing);
-                        (
-                            "spec.secret",
-                            "tls.crt".to_string(),
-                            "tls.key".to_string(),
-                            format!(" of Secret {namespace}/{name}"),
-                        )
-                    }
-                    None => (
-                        "spec.cert_chain_file",
-                        spec.cert_chain_file.clone().unwrap_or_default(),
-                        spec.private_key_file.clone().unwrap_or_default(),
-                        String::new(),
-                    ),
-                };
-                match e {
-                    CertKeyError::Certificate(m) => {
-                        report.error(field, format!("{cert_origin}{owner}: {m}"));
-                    }
-                    CertKeyError::Key(m) => {
-                        report.error(field, format!("{key_origin}{owner}: {m}"));
-                    }
-                    CertKeyError::Mismatch(subject) => {
-                        report
-                            .error(
-                                field,
-                                format!("{key_origin} does not match the certificate in {cert_origin}{owner} ({subject})"),
-                            )
-                            .with_hint("the key must be the private key of the first (leaf) certificate of the chain");
-                    }
-                }
-                None
-            }
-        },
+    let certificate = certificate_pems(spec, &refs, report);
+    let pems = Pems {
+        ca: ca_pem(spec, &refs, certificate.ca, report),
+        ..certificate
+    };
+    let cert_key = match (&pems.chain, &pems.key) {
+        (Some(chain), Some(key)) => tls::cert_key(chain, key)
+            .map_err(|e| cert_key_error(spec, &refs, e, report))
+            .ok()
+            .map(Arc::new),
         _ => None,
     };
     if let Some(cert_key) = &cert_key {
-        if let Some(expired) = tls::expired(cert_key.leaf()) {
-            report.warning(
-                "spec",
-                format!(
-                    "certificate {} expired on {expired}",
-                    tls::describe(cert_key.leaf())
-                ),
-            );
-        }
+        warn_if_expired(cert_key.leaf(), report);
     }
-
-    let crl = match &spec.crl_secret {
-        None => None,
-        Some(reference) => lookup("spec.crl_secret", reference, report).and_then(|data| {
-            let Some(pem) = data.crl else {
-                report
-                    .error(
-                        "spec.crl_secret",
-                        format!("Secret {reference} has no crl.pem"),
-                    )
-                    .with_hint("an Opaque Secret with the CRL in PEM under crl.pem");
-                return None;
-            };
-            match openssl::x509::X509Crl::from_pem(&pem) {
-                Ok(_) => Some(Arc::new(pem)),
-                _ => {
-                    report.error(
-                        "spec.crl_secret",
-                        format!("crl.pem of Secret {reference} is not a PEM CRL"),
-                    );
-                    None
-                }
-            }
-        }),
-    };
-    if crl.is_some() && ca_pem.is_none() {
+    let crl = crl(spec, &refs, report);
+    if crl.is_some() && pems.ca.is_none() {
         report.error(
             "spec.crl_secret",
             "a CRL needs a CA to check client certificates against",
         );
     }
-
-    let ca = match &ca_pem {
+    let ca = match &pems.ca {
         Some(pem) => match tls::parse_chain(pem) {
             Ok(certs) => Some(Arc::new(certs.into_boxed_slice())),
             Err(e) => {
@@ -338,30 +197,12 @@ pub(crate) fn build(
         },
         None => None,
     };
-
     let alpn = spec.alpn_protocols.as_deref().and_then(|text| {
         tls::parse_alpn(text)
             .map_err(|e| report.error("spec.alpn_protocols", e))
             .ok()
     });
-    let version = |field: &str, value: &Option<String>, report: &mut Reporter| {
-        value.as_deref().and_then(|v| {
-            tls::parse_tls_version(v)
-                .map_err(|e| report.error(field, e))
-                .ok()
-        })
-    };
-    let min_version = version("spec.min_tls_version", &spec.min_tls_version, report);
-    let max_version = version("spec.max_tls_version", &spec.max_tls_version, report);
-    if let (Some(min), Some(max)) = (min_version, max_version) {
-        if crate::upstream::policy::version_rank(min) > crate::upstream::policy::version_rank(max) {
-            report.error(
-                "spec.min_tls_version",
-                "min_tls_version is above max_tls_version",
-            );
-        }
-    }
-    let sni = spec.sni.clone().filter(|s| !s.is_empty());
+    let (min_version, max_version) = version_bounds(spec, report);
     if spec.hosts.as_ref().is_some_and(|h| !h.is_empty()) {
         report
             .warning(
@@ -376,22 +217,9 @@ pub(crate) fn build(
     // gateway file trusts the system store: `upstream::trust` warns at each
     // Mapping, TCPMapping or AuthService that originates TLS with it.
 
-    let pem = |v: &Option<Vec<u8>>| v.clone().unwrap_or_default();
-    let alpn_text = spec.alpn_protocols.clone().unwrap_or_default();
-    let bounds = format!(
-        "{:?}/{:?}/{:?}",
-        spec.min_tls_version, spec.max_tls_version, spec.cipher_suites
-    );
+    let sni = spec.sni.clone().filter(|s| !s.is_empty());
     let curves = spec.ecdh_curves.as_ref().map(|c| c.join(":"));
-    let identity = tls::identity_digest(&[
-        &pem(&chain_pem),
-        &pem(&key_pem),
-        &pem(&ca_pem),
-        alpn_text.as_bytes(),
-        sni.as_deref().unwrap_or_default().as_bytes(),
-        bounds.as_bytes(),
-        curves.as_deref().unwrap_or_default().as_bytes(),
-    ]);
+    let identity = identity(spec, &pems, sni.as_deref(), curves.as_deref());
     Some(TlsContext {
         name: format!("{name}.{namespace}"),
         cert_key,
@@ -417,13 +245,264 @@ pub(crate) fn build(
     })
 }
 
+/// How a TLSContext's Secret references resolve: a name without a
+/// namespace is in the context's own.
+struct SecretRefs<'a> {
+    secrets: &'a SecretStore,
+    namespace: &'a str,
+    namespacing: bool,
+}
+
+impl SecretRefs<'_> {
+    /// `reference` as (name, namespace).
+    fn split(&self, reference: &str) -> (String, String) {
+        split_secret_name(reference, self.namespace, self.namespacing)
+    }
+
+    /// The PEM material of the Secret `reference`, reported at `field`
+    /// when there is none; a dotted name may have been read as
+    /// name.namespace, and the hint says so.
+    fn data(&self, field: &str, reference: &str, report: &mut Reporter) -> Option<SecretData> {
+        let (name, namespace) = self.split(reference);
+        let hint = if self.namespacing && reference.contains('.') {
+            "with secret_namespacing (the default) a `.` separates name and namespace; \
+             set secret_namespacing: false for names that contain dots"
+        } else {
+            "add the Secret to a file under `resources:`"
+        };
+        secret_data(self.secrets, &namespace, &name, field, hint, report)
+    }
+}
+
+/// The PEM a context is built from, wherever each came from.
+#[derive(Default)]
+struct Pems {
+    chain: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+    ca: Option<Vec<u8>>,
+}
+
+/// The certificate chain and key, from `secret` or from
+/// `cert_chain_file` and `private_key_file`; a `secret` may bring a CA too.
+fn certificate_pems(spec: &TlsContextSpec, refs: &SecretRefs, report: &mut Reporter) -> Pems {
+    match (&spec.secret, &spec.cert_chain_file, &spec.private_key_file) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            report.error(
+                "spec.secret",
+                "set either secret or cert_chain_file/private_key_file, not both",
+            );
+            Pems::default()
+        }
+        (Some(reference), None, None) => {
+            let Some(data) = refs.data("spec.secret", reference, report) else {
+                return Pems::default();
+            };
+            if data.cert_chain.is_none() {
+                report.error("spec.secret", format!("Secret {reference} has no tls.crt"));
+            }
+            if data.key.is_none() {
+                report.error("spec.secret", format!("Secret {reference} has no tls.key"));
+            }
+            Pems {
+                chain: data.cert_chain,
+                key: data.key,
+                ca: data.ca,
+            }
+        }
+        (None, Some(chain), Some(key)) => Pems {
+            chain: read_file("spec.cert_chain_file", chain, report),
+            key: read_file("spec.private_key_file", key, report),
+            ca: None,
+        },
+        (None, Some(_), None) => {
+            report.error(
+                "spec.private_key_file",
+                "cert_chain_file needs private_key_file",
+            );
+            Pems::default()
+        }
+        (None, None, Some(_)) => {
+            report.error(
+                "spec.cert_chain_file",
+                "private_key_file needs cert_chain_file",
+            );
+            Pems::default()
+        }
+        (None, None, None) => Pems::default(),
+    }
+}
+
+/// The CA from `ca_secret` or `cacert_chain_file`, which replaces the one
+/// `secret` brought (`from_secret`) unless it cannot be had.
+fn ca_pem(
+    spec: &TlsContextSpec,
+    refs: &SecretRefs,
+    from_secret: Option<Vec<u8>>,
+    report: &mut Reporter,
+) -> Option<Vec<u8>> {
+    match (&spec.ca_secret, &spec.cacert_chain_file) {
+        (Some(_), Some(_)) => {
+            report.error(
+                "spec.ca_secret",
+                "set either ca_secret or cacert_chain_file, not both",
+            );
+            from_secret
+        }
+        (Some(reference), None) => {
+            let Some(data) = refs.data("spec.ca_secret", reference, report) else {
+                return from_secret;
+            };
+            match data.ca_bundle() {
+                Some(bundle) => Some(bundle.to_vec()),
+                None => {
+                    report
+                        .error(
+                            "spec.ca_secret",
+                            format!("Secret {reference} has no CA certificate"),
+                        )
+                        .with_hint("put the CA bundle under tls.crt (or ca.crt)");
+                    from_secret
+                }
+            }
+        }
+        (None, Some(path)) => read_file("spec.cacert_chain_file", path, report),
+        (None, None) => from_secret,
+    }
+}
+
+/// An expired certificate is still served, as Envoy serves it, but the
+/// clients that check it will refuse the connection.
+fn warn_if_expired(leaf: &X509, report: &mut Reporter) {
+    if let Some(expired) = tls::expired(leaf) {
+        report.warning(
+            "spec",
+            format!("certificate {} expired on {expired}", tls::describe(leaf)),
+        );
+    }
+}
+
+/// Reports a chain or key that cannot be used, naming the exact place of
+/// each PEM: a Secret key or a file.
+fn cert_key_error(
+    spec: &TlsContextSpec,
+    refs: &SecretRefs,
+    error: CertKeyError,
+    report: &mut Reporter,
+) {
+    let (field, cert_origin, key_origin, owner) = match &spec.secret {
+        Some(secret) => {
+            let (name, namespace) = refs.split(secret);
+            (
+                "spec.secret",
+                "tls.crt".to_string(),
+                "tls.key".to_string(),
+                format!(" of Secret {namespace}/{name}"),
+            )
+        }
+        None => (
+            "spec.cert_chain_file",
+            spec.cert_chain_file.clone().unwrap_or_default(),
+            spec.private_key_file.clone().unwrap_or_default(),
+            String::new(),
+        ),
+    };
+    match error {
+        CertKeyError::Certificate(m) => {
+            report.error(field, format!("{cert_origin}{owner}: {m}"));
+        }
+        CertKeyError::Key(m) => {
+            report.error(field, format!("{key_origin}{owner}: {m}"));
+        }
+        CertKeyError::Mismatch(subject) => {
+            report
+                .error(
+                    field,
+                    format!("{key_origin} does not match the certificate in {cert_origin}{owner} ({subject})"),
+                )
+                .with_hint("the key must be the private key of the first (leaf) certificate of the chain");
+        }
+    }
+}
+
+/// `crl_secret`: the revoked client certificates, as PEM, from the
+/// `crl.pem` of an Opaque Secret.
+fn crl(spec: &TlsContextSpec, refs: &SecretRefs, report: &mut Reporter) -> Option<Arc<Vec<u8>>> {
+    let reference = spec.crl_secret.as_ref()?;
+    let data = refs.data("spec.crl_secret", reference, report)?;
+    let Some(pem) = data.crl else {
+        report
+            .error(
+                "spec.crl_secret",
+                format!("Secret {reference} has no crl.pem"),
+            )
+            .with_hint("an Opaque Secret with the CRL in PEM under crl.pem");
+        return None;
+    };
+    match openssl::x509::X509Crl::from_pem(&pem) {
+        Ok(_) => Some(Arc::new(pem)),
+        _ => {
+            report.error(
+                "spec.crl_secret",
+                format!("crl.pem of Secret {reference} is not a PEM CRL"),
+            );
+            None
+        }
+    }
+}
+
+/// `min_tls_version` and `max_tls_version`, which must not cross.
+fn version_bounds(
+    spec: &TlsContextSpec,
+    report: &mut Reporter,
+) -> (Option<SslVersion>, Option<SslVersion>) {
+    let mut version = |field: &str, value: &Option<String>| {
+        value.as_deref().and_then(|v| {
+            tls::parse_tls_version(v)
+                .map_err(|e| report.error(field, e))
+                .ok()
+        })
+    };
+    let min = version("spec.min_tls_version", &spec.min_tls_version);
+    let max = version("spec.max_tls_version", &spec.max_tls_version);
+    if let (Some(min), Some(max)) = (min, max) {
+        if version_rank(min) > version_rank(max) {
+            report.error(
+                "spec.min_tls_version",
+                "min_tls_version is above max_tls_version",
+            );
+        }
+    }
+    (min, max)
+}
+
+/// The digest behind [`TlsContext::identity`], of everything that decides
+/// what a connection made with the context may be used for.
+fn identity(spec: &TlsContextSpec, pems: &Pems, sni: Option<&str>, curves: Option<&str>) -> u64 {
+    let pem = |v: &Option<Vec<u8>>| v.clone().unwrap_or_default();
+    let alpn_text = spec.alpn_protocols.clone().unwrap_or_default();
+    let bounds = format!(
+        "{:?}/{:?}/{:?}",
+        spec.min_tls_version, spec.max_tls_version, spec.cipher_suites
+    );
+    tls::identity_digest(&[
+        &pem(&pems.chain),
+        &pem(&pems.key),
+        &pem(&pems.ca),
+        alpn_text.as_bytes(),
+        sni.unwrap_or_default().as_bytes(),
+        bounds.as_bytes(),
+        curves.unwrap_or_default().as_bytes(),
+    ])
+}
+
 fn read_file(field: &str, path: &str, report: &mut Reporter) -> Option<Vec<u8>> {
     fs::read(path)
         .map_err(|e| report.error(field, format!("cannot read {path}: {e}")))
         .ok()
 }
 
-/// `name.namespace` splits at the last dot when namespacing is on (§3.1).
+/// `name.namespace` splits at the last dot when namespacing is on, as in
+/// Emissary; `secret_namespacing: false` keeps dotted (Istio) names whole.
 pub fn split_secret_name(
     name: &str,
     default_namespace: &str,
@@ -455,5 +534,73 @@ mod tests {
             split_secret_name("istio.default.x", "ns", false),
             ("istio.default.x".into(), "ns".into())
         );
+    }
+
+    /// Each TLSContext key changes the context or is warned about, with
+    /// real PEM behind the keys that name Secrets and files.
+    #[test]
+    fn every_tls_context_key_is_used_or_warned() {
+        use crate::model::key_coverage::{document, secret, self_signed, validate_yaml, Coverage};
+
+        let (a, b) = (self_signed("a.example"), self_signed("b.example"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = |file: &str| dir.path().join(file).display().to_string();
+        fs::write(path("tls.crt"), &a.cert).unwrap();
+        fs::write(path("tls.key"), &a.key).unwrap();
+        let files = format!(
+            "{{cert_chain_file: {}, private_key_file: {}}}",
+            path("tls.crt"),
+            path("tls.key")
+        );
+        let ca_file = format!("cacert_chain_file: {}", path("tls.crt"));
+        // `server.default` is Secret `server` with secret_namespacing, and
+        // the Secret of that name without.
+        let secrets = [
+            secret("server", &[("tls.crt", &a.cert), ("tls.key", &a.key)]),
+            secret(
+                "server.default",
+                &[("tls.crt", &b.cert), ("tls.key", &b.key)],
+            ),
+            secret("crl", &[("crl.pem", &a.crl)]),
+        ]
+        .concat();
+        Coverage {
+            base: "ambassador_id: [default]",
+            listed: SUPPORTED,
+            later: LATER,
+            samples: &[
+                ("hosts", "", "hosts: [a.example]"),
+                ("secret", "", "secret: server"),
+                ("cert_chain_file", "", &files),
+                ("private_key_file", "", &files),
+                ("ca_secret", "", "ca_secret: server"),
+                ("crl_secret", "ca_secret: server", "crl_secret: crl"),
+                ("cacert_chain_file", "", &ca_file),
+                ("cert_required", "", "cert_required: true"),
+                ("alpn_protocols", "", "alpn_protocols: h2"),
+                ("min_tls_version", "", "min_tls_version: v1.2"),
+                ("max_tls_version", "", "max_tls_version: v1.2"),
+                (
+                    "cipher_suites",
+                    "",
+                    "cipher_suites: [ECDHE-ECDSA-AES128-GCM-SHA256]",
+                ),
+                ("ecdh_curves", "", "ecdh_curves: [X25519]"),
+                ("sni", "", "sni: a.example"),
+                (
+                    "secret_namespacing",
+                    "secret: server.default",
+                    "secret_namespacing: false",
+                ),
+                ("ambassador_id", "", "ambassador_id: [other]"),
+            ],
+            specs: &[("", &TlsContextSpec::default())],
+            ..Coverage::default()
+        }
+        .check(|spec| {
+            let yaml = format!("{secrets}{}", document("TLSContext", "ctx", spec));
+            let (model, diags) = validate_yaml(&yaml, &crate::filters::Registry::default());
+            (format!("{:?}", model.tls_contexts.valid.get("ctx")), diags)
+        });
     }
 }

@@ -34,7 +34,7 @@ use rand::Rng;
 use crate::downstream::head::BoundedStream;
 use crate::filters::chain::{Entry, Run, Stage};
 use crate::filters::ip::remote_address;
-use crate::filters::RequestInfo;
+use crate::filters::{RequestInfo, RouteFacts};
 use crate::metrics::metrics;
 use crate::model::{
     AccessLog, InsecureAction, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction,
@@ -43,13 +43,14 @@ use crate::routing::headers::RequestFacts;
 use crate::routing::table::RequestView;
 use crate::snapshot::{ListenerRoutes, Route, Snapshot, Target};
 use crate::throttle::throttled;
-use crate::tls::edge::EdgeSession;
+use crate::tls::edge::{EdgeSession, Standing};
 use crate::upstream::balancer::{InFlight, RequestKey};
 use crate::upstream::breaker::Admission;
 use crate::upstream::retry::RetryOn;
 use crate::upstream::shadow::{Shadow, MAX_MIRRORED_BODY};
 
-pub use respond::{classify, Failure, Reply};
+pub use crate::filters::Reply;
+pub use respond::{classify, Failure};
 
 mod access_log;
 use access_log::AccessEntry;
@@ -208,56 +209,31 @@ fn protocol(session: &Session) -> &'static str {
     }
 }
 
-/// How the handshake of a request's TLS connection stands with the Host's
-/// TLS of the configuration that serves now.
-#[derive(Debug, PartialEq, Eq)]
-enum Handshake {
-    /// Cleartext, or the handshake the Host would make now.
-    Current,
-    /// A reload changed the Host's TLS; the request may go on, and the
-    /// connection closes after it.
-    Outdated,
-}
-
-/// A TLS connection outlives the configuration its handshake followed: a
-/// reload may have made the Host require client certificates, changed its
-/// CA or revoked a certificate. Each request is held to the Host's current
-/// client-certificate policy: without a certificate the Host now requires,
+/// Each request is held to its Host's current client-certificate policy
+/// (`EdgeSession::standing`): without a certificate the Host now requires,
 /// 421 (a new connection will be asked for one); with one the current CA
-/// and CRL refuse, 403.
-fn handshake_holds(session: &Session, listener: &ListenerRoutes) -> Result<Handshake, Reply> {
+/// and CRL refuse, 403. `Ok(false)`: the connection is outdated, and closes
+/// after this request.
+fn handshake_holds(session: &Session, listener: &ListenerRoutes) -> Result<bool, Reply> {
     if !listener.listener.tls {
-        return Ok(Handshake::Current);
+        return Ok(true);
     }
     let Some(edge) = edge_session(session) else {
-        return Ok(Handshake::Current);
+        // A cleartext connection to a port a reload made HTTPS: the port
+        // stays cleartext until a new process, and no Host's TLS policy
+        // held this connection.
+        return Err(Reply::tls_required());
     };
-    let Some(seen) = edge.identity else {
-        return Ok(Handshake::Current);
-    };
-    let Some((_, now)) = listener.tls_host(edge.sni.as_deref()) else {
-        // No TLS for this name any more (the Host is gone, or its TLS
-        // could not be built): nothing to hold the request to.
-        return Err(Reply::misdirected(edge.sni.as_deref().unwrap_or("")));
-    };
-    if now.identity == seen {
-        return Ok(Handshake::Current);
+    let now = listener
+        .tls_host(edge.sni.as_deref())
+        .map(|(_, now)| &**now);
+    match edge.standing(now) {
+        Standing::Current => Ok(true),
+        Standing::Outdated => Ok(false),
+        Standing::CertificateNowRequired => Err(Reply::certificate_now_required()),
+        Standing::CertificateRefused => Err(Reply::certificate_refused()),
+        Standing::NoTls => Err(Reply::misdirected(edge.sni.as_deref().unwrap_or(""))),
     }
-    if now.identity.client_policy != seen.client_policy && now.verifies_clients() {
-        if edge.client.is_none() && now.context.cert_required {
-            return Err(Reply::certificate_now_required());
-        }
-        if !edge.accepted_by(now) {
-            return Err(Reply::certificate_refused());
-        }
-    }
-    Ok(Handshake::Outdated)
-}
-
-/// Whether the connection has lived longer than the gateway file's
-/// `downstream.max_connection_age_ms`.
-fn past_max_age(session: &Session) -> bool {
-    bounded_connection(session).is_some_and(BoundedStream::past_max_age)
 }
 
 /// What the TLS handshake of this request's connection decided.
@@ -506,7 +482,7 @@ impl Gateway {
                 let scheme = if secure { "https" } else { "http" };
                 let matched = route.path.matched_len(path);
                 let location = redirect.location(scheme, path, matched, req.uri.query());
-                Some(Reply::redirect(redirect.status, location))
+                Some(Reply::redirect(redirect.status_code(), location))
             }
             Some((_, Target::Upstream(_))) => None,
         };
@@ -574,7 +550,7 @@ impl Gateway {
                 Ok(again) => {
                     routed.route = again.route;
                     routed.answer = again.answer;
-                    run.facts.route = routed.route.clone();
+                    run.facts.route = routed.route.clone().map(|r| r as Arc<dyn RouteFacts>);
                 }
                 Err(reply) => return Ok(Some(reply)),
             }
@@ -636,7 +612,7 @@ impl ProxyHttp for Gateway {
             Ok(edge) => {
                 headers::forward_request(session.req_header_mut(), &edge.forwarding)?;
                 let handshake = handshake_holds(session, edge.listener);
-                if !matches!(handshake, Ok(Handshake::Current)) || past_max_age(session) {
+                if !matches!(handshake, Ok(true)) {
                     // The next request comes on a new connection, under
                     // the configuration that serves now.
                     session.set_keepalive(None);
@@ -654,9 +630,9 @@ impl ProxyHttp for Gateway {
         };
         if let Some(chain) = routed.filters.take() {
             let facts = RequestInfo {
-                route: routed.route.clone(),
+                route: routed.route.clone().map(|r| r as Arc<dyn RouteFacts>),
                 client_ip: routed.client_ip,
-                reroute: false,
+                ..RequestInfo::default()
             };
             let mut run = Run::new(chain, facts);
             let outcome = self.run_filters(session, ctx, &mut routed, &mut run).await;
@@ -1126,7 +1102,10 @@ impl ProxyHttp for Gateway {
             let reply = if ctx.overloaded {
                 Reply::overloaded()
             } else {
-                Reply::failure(failure.status, failure.cause)
+                // A Pingora HTTPStatus error may carry any number.
+                let status = http::StatusCode::from_u16(failure.status)
+                    .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+                Reply::failure(status, failure.cause)
             };
             if let Err(write_error) = reply.send(session, server_name.as_deref()).await {
                 throttled!(warn, "failed to send the error response: {write_error}");

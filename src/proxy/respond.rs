@@ -2,15 +2,13 @@
 //! Every reply of the gateway's own has a short plain-text body that names
 //! its cause.
 
-use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, SERVER};
+use http::header::{HeaderName, LOCATION};
 use http::uri::PathAndQuery;
-use http::HeaderValue;
-use pingora::http::ResponseHeader;
+use http::{HeaderValue, StatusCode};
 use pingora::prelude::*;
-use pingora::proxy::Session;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::filters::Reply;
 use crate::routing::path::PathError;
 
 /// The `ErrorType::Custom` tag of an upstream TLS policy violation.
@@ -20,67 +18,15 @@ pub const TLS_POLICY: &str = "UpstreamTlsPolicy";
 /// older than its cluster's `cluster_max_connection_lifetime_ms`.
 pub const EXPIRED_CONNECTION: &str = "UpstreamConnectionExpired";
 
-/// A response the gateway writes itself: its own answers (404, redirects,
-/// 503 overloaded...) and those of filters.
-pub struct Reply {
-    status: u16,
-    /// A short tag for the access log and the local-reply metric.
-    pub(crate) reason: &'static str,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    body: Bytes,
-}
-
+/// The gateway's own answers.
 impl Reply {
-    /// An empty reply.
-    pub fn new(status: u16) -> Self {
-        Reply {
-            status,
-            reason: "filter",
-            headers: Vec::new(),
-            body: Bytes::new(),
-        }
-    }
-
-    /// A plain-text reply; a line break is added.
-    pub fn text(status: u16, text: impl std::fmt::Display) -> Self {
-        Reply::new(status).body("text/plain; charset=utf-8", format!("{text}\n"))
-    }
-
-    /// Adds a header (another value if the name is already there).
-    pub fn header(mut self, name: HeaderName, value: impl Into<HeaderValue>) -> Self {
-        self.headers.push((name, value.into()));
-        self
-    }
-
-    pub fn body(self, content_type: &'static str, body: impl Into<Bytes>) -> Self {
-        self.typed_body(HeaderValue::from_static(content_type), body)
-    }
-
-    pub(crate) fn typed_body(mut self, content_type: HeaderValue, body: impl Into<Bytes>) -> Self {
-        self.headers.retain(|(name, _)| name != CONTENT_TYPE);
-        self.headers.push((CONTENT_TYPE, content_type));
-        self.body = body.into();
-        self
-    }
-
-    /// Names the cause in the access log (`note=`) and in
-    /// `pingress_local_replies_total{reason}`.
-    pub fn reason(mut self, reason: &'static str) -> Self {
-        self.reason = reason;
-        self
-    }
-
-    pub fn status(&self) -> u16 {
-        self.status
-    }
-
-    fn gateway(status: u16, reason: &'static str, body: impl std::fmt::Display) -> Self {
+    fn gateway(status: StatusCode, reason: &'static str, body: impl std::fmt::Display) -> Self {
         Reply::text(status, body).reason(reason)
     }
 
     pub fn no_listener() -> Self {
         Self::gateway(
-            404,
+            StatusCode::NOT_FOUND,
             "no_listener",
             "no listener configuration for this port",
         )
@@ -88,14 +34,14 @@ impl Reply {
 
     /// A path that has no canonical form the gateway can vouch for.
     pub fn invalid_path(error: PathError) -> Self {
-        Self::gateway(400, error.reason(), error)
+        Self::gateway(StatusCode::BAD_REQUEST, error.reason(), error)
     }
 
     /// The Host for this name is invalid: it refuses rather than let
     /// another Host serve its name.
     pub fn host_unavailable(host: &str) -> Self {
         Self::gateway(
-            503,
+            StatusCode::SERVICE_UNAVAILABLE,
             "host_unavailable",
             format_args!("the Host for {host} is not configured correctly"),
         )
@@ -104,19 +50,23 @@ impl Reply {
     /// The Module's `headers_with_underscores_action: REJECT_REQUEST`.
     pub fn underscore_header() -> Self {
         Self::gateway(
-            400,
+            StatusCode::BAD_REQUEST,
             "header_with_underscore",
             "header names with underscores are not allowed",
         )
     }
 
     pub fn no_host(host: &str) -> Self {
-        Self::gateway(404, "no_host", format!("no Host matches {host:?}"))
+        Self::gateway(
+            StatusCode::NOT_FOUND,
+            "no_host",
+            format!("no Host matches {host:?}"),
+        )
     }
 
     pub fn no_route(method: &str, host: &str, path: &str) -> Self {
         Self::gateway(
-            404,
+            StatusCode::NOT_FOUND,
             "no_route",
             format!("no Mapping matches {method} {host}{path}"),
         )
@@ -125,9 +75,19 @@ impl Reply {
     /// 421: the Host header names another Host than the TLS handshake's.
     pub fn misdirected(host: &str) -> Self {
         Self::gateway(
-            421,
+            StatusCode::MISDIRECTED_REQUEST,
             "misdirected",
             format!("this connection's TLS certificate was chosen for another Host than {host:?}"),
+        )
+    }
+
+    /// A cleartext request on a port the configuration now says is HTTPS,
+    /// which only a new process can listen with.
+    pub fn tls_required() -> Self {
+        Self::gateway(
+            StatusCode::MISDIRECTED_REQUEST,
+            "tls_required",
+            "this port serves HTTPS in the current configuration; a new process applies it",
         )
     }
 
@@ -136,7 +96,7 @@ impl Reply {
     /// for: a new connection will be.
     pub fn certificate_now_required() -> Self {
         Self::gateway(
-            421,
+            StatusCode::MISDIRECTED_REQUEST,
             "client_certificate_required",
             "the Host now requires a client certificate: connect again to present one",
         )
@@ -146,7 +106,7 @@ impl Reply {
     /// Host's current CA or CRL refuses.
     pub fn certificate_refused() -> Self {
         Self::gateway(
-            403,
+            StatusCode::FORBIDDEN,
             "client_certificate_refused",
             "this connection's client certificate is not accepted by the Host any more",
         )
@@ -155,7 +115,7 @@ impl Reply {
     /// An `Upgrade` the route does not allow: Envoy's 403 (`upgrade_failed`).
     pub fn upgrade_refused(protocol: &str) -> Self {
         Self::gateway(
-            403,
+            StatusCode::FORBIDDEN,
             "upgrade_refused",
             format!("this route does not allow upgrading to {protocol:?}"),
         )
@@ -165,7 +125,7 @@ impl Reply {
         // Emissary answers Reject with 404: the routes simply do not exist
         // for insecure requests.
         Self::gateway(
-            404,
+            StatusCode::NOT_FOUND,
             "insecure_rejected",
             "this Host does not serve insecure requests",
         )
@@ -173,20 +133,18 @@ impl Reply {
 
     pub fn https_redirect(host: &str, path: Option<&PathAndQuery>) -> Self {
         let target = format!("https://{host}{}", path.map(|p| p.as_str()).unwrap_or("/"));
-        let mut reply = Self::redirect(301, target);
-        reply.reason = "https_redirect";
-        reply
+        Self::redirect(StatusCode::MOVED_PERMANENTLY, target).reason("https_redirect")
     }
 
     /// A redirect Mapping's answer.
-    pub fn redirect(status: u16, location: String) -> Self {
+    pub fn redirect(status: StatusCode, location: String) -> Self {
         let body = format!("redirecting to {location}");
         match HeaderValue::try_from(location) {
             Ok(location) => Self::gateway(status, "redirect", body).header(LOCATION, location),
             // The parts of a Location are checked at compile time; a
             // request's path that slips an invalid byte in gets a 400.
             Err(_) => Self::gateway(
-                400,
+                StatusCode::BAD_REQUEST,
                 "bad_redirect",
                 "the redirect target is not a valid header value",
             ),
@@ -196,7 +154,7 @@ impl Reply {
     /// 503 from an open circuit breaker.
     pub fn overloaded() -> Self {
         Self::gateway(
-            503,
+            StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "upstream overloaded: the circuit breaker is open",
         )
@@ -206,27 +164,8 @@ impl Reply {
         )
     }
 
-    pub fn failure(status: u16, cause: &'static str) -> Self {
+    pub fn failure(status: StatusCode, cause: &'static str) -> Self {
         Self::gateway(status, "proxy_error", cause)
-    }
-
-    pub async fn send(self, session: &mut Session, server_name: Option<&str>) -> Result<()> {
-        let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 2))?;
-        for (name, value) in self.headers {
-            header.append_header(name, value)?;
-        }
-        header.insert_header(CONTENT_LENGTH, self.body.len().to_string())?;
-        if let Some(server) = server_name {
-            header.insert_header(SERVER, server)?;
-        }
-        let empty = self.body.is_empty();
-        session
-            .write_response_header(Box::new(header), empty)
-            .await?;
-        if !empty {
-            session.write_response_body(Some(self.body), true).await?;
-        }
-        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::load::{is_yaml, GatewayFile};
 use crate::filters::Registry;
 use crate::metrics::metrics;
+use crate::model::ModuleSettings;
 use crate::pipeline::{load, LastGood, Loaded};
 use crate::snapshot::{Resolution, Snapshot};
 
@@ -47,6 +48,23 @@ pub struct Live {
     registry: Registry,
     /// What a rebuild falls back on for a resource an edit broke.
     last_good: std::sync::Mutex<LastGood>,
+    /// Told after each swap of `snapshot`: open connections check their
+    /// TLS against the new one.
+    swapped: tokio::sync::watch::Sender<()>,
+}
+
+/// The Module keys whose HTTP/2 side is set once per process: Pingora
+/// takes the HTTP/2 idle timeout and header list size when a listener
+/// starts.
+fn http2_keeps(serving: &ModuleSettings, next: &ModuleSettings) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if serving.listener_idle_timeout != next.listener_idle_timeout {
+        keys.push("listener_idle_timeout_ms");
+    }
+    if serving.max_request_headers != next.max_request_headers {
+        keys.push("max_request_headers_kb");
+    }
+    keys
 }
 
 /// The parts of the gateway file that only a new process applies.
@@ -97,8 +115,14 @@ impl Live {
                 last_reload: None,
             }),
             last_good: std::sync::Mutex::new(loaded.last_good),
+            swapped: tokio::sync::watch::Sender::new(()),
         };
         (live, loaded.gateway)
+    }
+
+    /// Changes each time a new snapshot serves.
+    pub fn swaps(&self) -> tokio::sync::watch::Receiver<()> {
+        self.swapped.subscribe()
     }
 
     /// Rebuilds from the gateway file and swaps.
@@ -153,10 +177,17 @@ impl Live {
                  this one"
             );
         }
+        for key in http2_keeps(&serving.module, &loaded.snapshot.module) {
+            warn!(
+                "reload: the Module's {key} changed; HTTP/1 follows it now, HTTP/2 connections \
+                 only in a new process (Pingora reads it when the listener starts)"
+            );
+        }
         let generation = self.status.load().generation + 1;
         publish_metrics(&loaded, generation);
         *last_good = loaded.last_good;
         self.snapshot.store(Arc::new(loaded.snapshot));
+        self.swapped.send_replace(());
         let mut status = (**self.status.load()).clone();
         status.diagnostics = loaded.diagnostics;
         self.status.store(Arc::new(status));

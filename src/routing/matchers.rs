@@ -203,7 +203,8 @@ impl ValueMatch {
     }
 }
 
-/// A DNS glob with at most one `*`, at the start or the end (§2.2).
+/// A DNS glob with at most one `*`, at the start or the end, as Emissary
+/// accepts in `hostname`; a `*` may span several labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostGlob {
     Any,

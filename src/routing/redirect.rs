@@ -1,5 +1,7 @@
-//! Redirect Mappings (§2.10): `host_redirect` answers with a redirect to the
-//! Mapping's `service` instead of proxying, optionally replacing the path.
+//! Redirect Mappings
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/redirects>):
+//! `host_redirect` answers with a redirect to the Mapping's `service` instead
+//! of proxying, optionally replacing the path.
 
 use regex::Regex;
 
@@ -30,6 +32,12 @@ pub struct Redirect {
 pub const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
 
 impl Redirect {
+    /// The status to answer with; `status` is one of [`REDIRECT_CODES`],
+    /// checked when the Mapping is validated.
+    pub fn status_code(&self) -> http::StatusCode {
+        http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::MOVED_PERMANENTLY)
+    }
+
     /// The `Location` for a request. `matched` is how much of `path` the
     /// Mapping's prefix matched; the query string is always kept.
     pub fn location(
@@ -78,7 +86,8 @@ mod tests {
 
     #[test]
     fn emissary_examples() {
-        // Behaviours 22-25 of research/emissary.md §6.
+        // The host, path, prefix and regex redirects of Emissary's
+        // acceptance (KAT) tests.
         let keep = redirect(RedirectPath::Keep);
         assert_eq!(
             keep.location("http", "/r/anything", 3, Some("itworked=true")),

@@ -129,7 +129,8 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 mod tests {
     use super::*;
 
-    // 2021-11-10T13:12:00Z, the instant of Emissary's behaviour 36.
+    // 2021-11-10T13:12:00Z, the client certificate's notBefore in Emissary's
+    // KAT test of `%DOWNSTREAM_PEER_CERT_V_START%`.
     const KAT: i64 = 1_636_549_920;
 
     #[test]

@@ -1,5 +1,8 @@
 //! Stage 3: compile the model into the immutable runtime [`Snapshot`] that
-//! requests read. Publication (stage 4) is an `ArcSwap` in [`crate::proxy`].
+//! requests read. Publication (stage 4) is an `ArcSwap` in [`crate::reload`].
+
+pub mod routes;
+pub mod tcp;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -13,9 +16,9 @@ use crate::filters::auth::{AuthServices, ExtAuth};
 use crate::filters::chain::{Entry, Stage};
 use crate::filters::cors::{CorsFilter, CorsPolicy};
 use crate::filters::rate_limit::labels::LabelGroup;
-use crate::filters::rate_limit::RateLimitFilter;
+use crate::filters::rate_limit::{RateLimitFilter, RateLimitStates};
 use crate::filters::request_id::RequestId;
-use crate::filters::FilterChains;
+use crate::filters::{FilterChains, RouteFacts};
 use crate::metrics::{metrics, RouteMetrics};
 use crate::model::{
     HostBinding, Listener, Model, ModuleSettings, ResolverKind, Rewrite, SecurityModel, VirtualHost,
@@ -23,18 +26,18 @@ use crate::model::{
 use crate::routing::headers::HeaderEdits;
 use crate::routing::matchers::PathMatch;
 use crate::routing::redirect::Redirect;
-use crate::routing::table::{
-    associates, describe, group_mappings, route_match, HostRoutes, HostTable, MappingGroup,
-    RouteGroup,
-};
-use crate::tcp::table::{TcpPort, TcpPortKind};
+use crate::routing::table::RouteGroup;
 use crate::tls::edge::EdgeTls;
 use crate::tls::TlsContext;
-use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey};
+use crate::upstream::cluster::{Cluster, ClusterBuilder, ClusterKey, ClusterStates};
 use crate::upstream::dns::DnsOptions;
 use crate::upstream::retry::RetryPolicy;
 use crate::upstream::shadow::Shadow;
 use pingora::tls::ssl::SslVersion;
+use routes::{
+    associates, describe, group_mappings, route_match, HostRoutes, HostTable, MappingGroup,
+};
+use tcp::{TcpPort, TcpPortKind};
 
 /// Emissary's `connect_timeout_ms` default, for authorizers too.
 const AUTH_CONNECT_TIMEOUT_MS: u64 = 3000;
@@ -109,6 +112,28 @@ pub struct Route {
     pub allow_upgrade: Vec<String>,
     /// The group's shadow, which gets copies of a share of its requests.
     pub shadow: Option<Arc<Shadow>>,
+}
+
+impl RouteFacts for Route {
+    fn mapping(&self) -> &str {
+        &self.mapping
+    }
+
+    fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
+    fn destination(&self) -> Option<&str> {
+        self.cluster().map(|c| c.name.as_str())
+    }
+
+    fn cors(&self) -> Option<&Arc<CorsPolicy>> {
+        self.cors.as_ref()
+    }
+
+    fn rate_labels(&self) -> &[LabelGroup] {
+        &self.rate_labels
+    }
 }
 
 #[derive(Debug)]
@@ -220,6 +245,20 @@ impl Snapshot {
         self.tcp.iter().find(|p| p.port == port)
     }
 
+    /// The TLS a handshake on `port` for `sni` gets: a TCPMapping's host
+    /// wins over an HTTPS Host with the same name, as in Emissary.
+    pub fn edge_tls(&self, port: u16, sni: Option<&str>) -> Option<&EdgeTls> {
+        let tunnel = self
+            .tcp_port(port)
+            .and_then(|p| p.group(sni))
+            .and_then(|g| g.edge.as_deref());
+        tunnel.or_else(|| {
+            self.listener(port)
+                .and_then(|l| l.tls_host(sni))
+                .map(|(_, edge)| &**edge)
+        })
+    }
+
     pub fn ports(&self) -> Vec<u16> {
         self.bindings().iter().map(|b| b.port).collect()
     }
@@ -262,12 +301,32 @@ pub enum Resolution {
     Skip,
 }
 
+/// What a build takes over from the snapshots still live, by identity:
+/// upstream state (endpoints with their health, balancer position,
+/// breakers, background tasks) and rate-limit counters. One value per line
+/// of snapshots (a process's reloads); a snapshot built alone starts from
+/// an empty one.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub clusters: Arc<ClusterStates>,
+    pub rate_limits: RateLimitStates,
+}
+
 /// Compiles the model. Problems found here (canary conflicts, unresolvable
-/// services, unreachable Mappings) are returned beside the snapshot.
-pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnostic>) {
+/// services, unreachable Mappings) are returned beside the snapshot. All
+/// it takes from earlier snapshots is in `inherited`.
+pub fn compile(
+    model: &Model,
+    resolution: Resolution,
+    inherited: &Inherited,
+) -> (Snapshot, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut clusters = ClusterBuilder::new(resolution == Resolution::Resolve, &model.endpoints)
-        .trusting(model.upstream_trust);
+    let mut clusters = ClusterBuilder::new(
+        resolution == Resolution::Resolve,
+        &model.endpoints,
+        &inherited.clusters,
+    )
+    .trusting(model.upstream_trust);
     clusters.prefetch(
         model
             .mappings
@@ -277,43 +336,10 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
     );
 
     let groups = group_mappings(&model.mappings, &mut diags);
-    let mut compiled: Vec<(Arc<RouteGroup<Route>>, &MappingGroup)> = Vec::new();
-    for group in &groups {
-        let shadow = group.shadow.map(|mapping| {
-            let timeout = match mapping.timeout_ms {
-                // A copy nobody waits for still ends.
-                0 => Duration::from_millis(DEFAULT_SHADOW_TIMEOUT_MS),
-                ms => Duration::from_millis(ms),
-            };
-            Arc::new(Shadow::new(
-                mapping.name.clone(),
-                upstream(mapping, &mut clusters, &mut diags),
-                mapping.weight.unwrap_or(100),
-                timeout,
-            ))
-        });
-        let members = group
-            .members
-            .iter()
-            .zip(&group.thresholds)
-            .map(|(mapping, threshold)| {
-                let target = match &mapping.redirect {
-                    Some(redirect) => Target::Redirect(redirect.clone()),
-                    None => Target::Upstream(upstream(mapping, &mut clusters, &mut diags)),
-                };
-                let route = route(mapping, target, shadow.clone(), model);
-                (*threshold, Arc::new(route))
-            })
-            .collect();
-        compiled.push((
-            Arc::new(RouteGroup {
-                matcher: route_match(group.members[0]),
-                summary: describe(group.members[0]),
-                members,
-            }),
-            group,
-        ));
-    }
+    let compiled: Vec<Arc<RouteGroup<Route>>> = groups
+        .iter()
+        .map(|group| route_group(group, model, &mut clusters, &mut diags))
+        .collect();
 
     let hosts: Vec<VirtualHost> = if !model.host_resources {
         vec![VirtualHost::synthesized_default()]
@@ -321,13 +347,91 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         model.hosts.clone()
     };
     let http_default = model.listeners.is_empty().then_some(DEFAULT_PORT);
-    let tcp = crate::tcp::table::compile(
+    let tcp = tcp::compile(
         &model.tcp_mappings,
         &model.listeners,
         http_default,
         &mut clusters,
         &mut diags,
     );
+    warn_unused_l4_listeners(model, &tcp, &mut diags);
+    let edges = edge_tls(&hosts, &mut diags);
+    let mut reachable = vec![false; compiled.len()];
+    let listeners = http_listeners(model)
+        .into_iter()
+        .map(|listener| {
+            let attach = Attach {
+                hosts: &hosts,
+                edges: &edges,
+                groups: &groups,
+                compiled: &compiled,
+                tcp: &tcp,
+            };
+            attach.listener(listener, &mut reachable, &mut diags)
+        })
+        .collect();
+    warn_unreachable(&groups, &reachable, &mut diags);
+
+    // Authorizers get their clusters here too, before the set is closed.
+    let filters = FilterChains::new(
+        builtin_filters(model, &mut clusters, &inherited.rate_limits, &mut diags),
+        &model.filter_policies,
+    );
+    (
+        Snapshot {
+            listeners,
+            tcp,
+            module: model.module.clone(),
+            filters,
+            sources: model.referenced_files.clone(),
+            clusters: clusters.finish(),
+        },
+        diags,
+    )
+}
+
+/// One canary group's routes, with the shadow they share.
+fn route_group(
+    group: &MappingGroup,
+    model: &Model,
+    clusters: &mut ClusterBuilder,
+    diags: &mut Vec<Diagnostic>,
+) -> Arc<RouteGroup<Route>> {
+    let shadow = group.shadow.map(|mapping| {
+        let timeout = match mapping.timeout_ms {
+            // A copy nobody waits for still ends.
+            0 => Duration::from_millis(DEFAULT_SHADOW_TIMEOUT_MS),
+            ms => Duration::from_millis(ms),
+        };
+        Arc::new(Shadow::new(
+            mapping.name.clone(),
+            upstream(mapping, clusters, diags),
+            mapping.weight.unwrap_or(100),
+            timeout,
+        ))
+    });
+    let members = group
+        .members
+        .iter()
+        .zip(&group.thresholds)
+        .map(|(mapping, threshold)| {
+            let target = match &mapping.redirect {
+                Some(redirect) => Target::Redirect(redirect.clone()),
+                None => Target::Upstream(upstream(mapping, clusters, diags)),
+            };
+            let route = route(mapping, target, shadow.clone(), model);
+            (*threshold, Arc::new(route))
+        })
+        .collect();
+    Arc::new(RouteGroup {
+        matcher: route_match(group.members[0]),
+        summary: describe(group.members[0]),
+        members,
+    })
+}
+
+/// An L4 Listener serves only TCPMappings: without one, nothing listens.
+fn warn_unused_l4_listeners(model: &Model, tcp: &[TcpPort], diags: &mut Vec<Diagnostic>) {
     for listener in model.listeners.iter().filter(|l| l.l4) {
         if !tcp.iter().any(|p| p.port == listener.port) {
             diags.push(
@@ -342,7 +446,12 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             );
         }
     }
-    let listeners: Vec<Listener> = if model.listeners.is_empty() {
+}
+
+/// The HTTP listeners: the Listener resources that are not L4, or
+/// Emissary's default cleartext listener when there are none.
+fn http_listeners(model: &Model) -> Vec<Listener> {
+    if model.listeners.is_empty() {
         vec![Listener {
             name: "default".into(),
             id: None,
@@ -355,10 +464,12 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
         }]
     } else {
         model.listeners.iter().filter(|l| !l.l4).cloned().collect()
-    };
+    }
+}
 
-    // Each TLS Host's handshake material, built once for all listeners.
-    let edges: Vec<Option<Arc<EdgeTls>>> = hosts
+/// Each TLS Host's handshake material, built once for all listeners.
+fn edge_tls(hosts: &[VirtualHost], diags: &mut Vec<Diagnostic>) -> Vec<Option<Arc<EdgeTls>>> {
+    hosts
         .iter()
         .map(|host| {
             let context = host.tls.clone()?;
@@ -372,77 +483,97 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
                 })
                 .ok()
         })
-        .collect();
+        .collect()
+}
 
-    let mut reachable = vec![false; compiled.len()];
-    let listeners = listeners
-        .into_iter()
-        .map(|listener| {
-            let bound_hosts: Vec<usize> = (0..hosts.len())
-                .filter(|i| binds(&listener.binding, &hosts[*i]))
-                .collect();
-            let edge = if listener.tls {
-                bound_hosts.iter().map(|i| edges[*i].clone()).collect()
-            } else {
-                Vec::new()
-            };
-            let tunnels = tcp.iter().any(|p| p.port == listener.port);
-            if listener.tls && !tunnels && !bound_hosts.iter().any(|i| edges[*i].is_some()) {
-                diags.push(
-                    Diagnostic::warning(
-                        location(&listener.id),
-                        format!(
-                            "HTTPS listener on port {} has no TLS Host: every handshake fails",
-                            listener.port
-                        ),
-                    )
-                    .hint("give a Host bound to this listener a tlsSecret"),
-                );
-            }
-            let bound = bound_hosts
-                .iter()
-                .map(|i| &hosts[*i])
-                .map(|host| {
-                    let groups = compiled
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, (_, mappings))| {
-                            mappings.members.iter().any(|m| associates(host, m))
-                        })
-                        .map(|(index, (group, _))| {
-                            reachable[index] = true;
-                            group.clone()
-                        })
-                        .collect();
-                    HostRoutes::new(host.clone(), groups)
-                })
-                .collect();
-            let (tls_bounds, agree) = TlsBounds::of(edge.iter().flatten().map(|e| e.context.as_ref()));
-            if !agree {
-                diags.push(
-                    Diagnostic::warning(
-                        location(&listener.id),
-                        format!(
-                            "the TLS Hosts of the listener on port {} ask for different \
-                             min/max_tls_version or ecdh_curves; the loosest bounds apply to all",
-                            listener.port
-                        ),
-                    )
-                    .hint("OpenSSL fixes these before the SNI is known: give each listener one policy"),
-                );
-            }
-            ListenerRoutes {
-                listener,
-                hosts: HostTable::new(bound),
-                edge,
-                tls_bounds,
-            }
-        })
-        .collect();
+/// What a listener's routes are made from: the Hosts with their TLS, and
+/// the route groups (`compiled`, parallel to `groups`).
+struct Attach<'a> {
+    hosts: &'a [VirtualHost],
+    edges: &'a [Option<Arc<EdgeTls>>],
+    groups: &'a [MappingGroup<'a>],
+    compiled: &'a [Arc<RouteGroup<Route>>],
+    tcp: &'a [TcpPort],
+}
 
-    for (index, (_, mappings)) in compiled.iter().enumerate() {
-        let first = mappings.members[0];
-        if !reachable[index] {
+impl Attach<'_> {
+    /// The listener with the Hosts bound to it, each with the groups it
+    /// associates; marks the groups it reaches in `reachable`.
+    fn listener(
+        &self,
+        listener: Listener,
+        reachable: &mut [bool],
+        diags: &mut Vec<Diagnostic>,
+    ) -> ListenerRoutes {
+        let bound_hosts: Vec<usize> = (0..self.hosts.len())
+            .filter(|i| binds(&listener.binding, &self.hosts[*i]))
+            .collect();
+        let edge: Vec<Option<Arc<EdgeTls>>> = if listener.tls {
+            bound_hosts.iter().map(|i| self.edges[*i].clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let tunnels = self.tcp.iter().any(|p| p.port == listener.port);
+        if listener.tls && !tunnels && !bound_hosts.iter().any(|i| self.edges[*i].is_some()) {
+            diags.push(
+                Diagnostic::warning(
+                    location(&listener.id),
+                    format!(
+                        "HTTPS listener on port {} has no TLS Host: every handshake fails",
+                        listener.port
+                    ),
+                )
+                .hint("give a Host bound to this listener a tlsSecret"),
+            );
+        }
+        let bound = bound_hosts
+            .iter()
+            .map(|i| &self.hosts[*i])
+            .map(|host| {
+                let groups = self
+                    .groups
+                    .iter()
+                    .zip(self.compiled)
+                    .enumerate()
+                    .filter(|(_, (mappings, _))| {
+                        mappings.members.iter().any(|m| associates(host, m))
+                    })
+                    .map(|(index, (_, group))| {
+                        reachable[index] = true;
+                        group.clone()
+                    })
+                    .collect();
+                HostRoutes::new(host.clone(), groups)
+            })
+            .collect();
+        let (tls_bounds, agree) = TlsBounds::of(edge.iter().flatten().map(|e| e.context.as_ref()));
+        if !agree {
+            diags.push(
+                Diagnostic::warning(
+                    location(&listener.id),
+                    format!(
+                        "the TLS Hosts of the listener on port {} ask for different \
+                         min/max_tls_version or ecdh_curves; the loosest bounds apply to all",
+                        listener.port
+                    ),
+                )
+                .hint("OpenSSL fixes these before the SNI is known: give each listener one policy"),
+            );
+        }
+        ListenerRoutes {
+            listener,
+            hosts: HostTable::new(bound),
+            edge,
+            tls_bounds,
+        }
+    }
+}
+
+/// A group no Host carries can never be matched: said, with why.
+fn warn_unreachable(groups: &[MappingGroup], reachable: &[bool], diags: &mut Vec<Diagnostic>) {
+    for (group, reached) in groups.iter().zip(reachable) {
+        let first = group.members[0];
+        if !reached {
             let hint = if matches!(first.association, crate::model::Association::SelectorOnly) {
                 "a Mapping without hostname joins only Hosts whose mappingSelector matches its \
                  labels; set hostname: \"*\" to serve it on every Host"
@@ -459,23 +590,6 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
             );
         }
     }
-
-    // Authorizers get their clusters here too, before the set is closed.
-    let filters = FilterChains::new(
-        builtin_filters(model, &mut clusters, &mut diags),
-        &model.filter_policies,
-    );
-    (
-        Snapshot {
-            listeners,
-            tcp,
-            module: model.module.clone(),
-            filters,
-            sources: model.referenced_files.clone(),
-            clusters: clusters.finish(),
-        },
-        diags,
-    )
 }
 
 /// The gateway's own filters, as the Module and the Mappings ask for them,
@@ -483,6 +597,7 @@ pub fn compile(model: &Model, resolution: Resolution) -> (Snapshot, Vec<Diagnost
 fn builtin_filters(
     model: &Model,
     clusters: &mut ClusterBuilder,
+    rate_limits: &RateLimitStates,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Entry> {
     let module = &model.module;
@@ -514,7 +629,7 @@ fn builtin_filters(
         .iter()
         .any(|m| m.rate_labels.contains_key(domain));
     if !model.rate_limits.is_empty() && labelled {
-        match RateLimitFilter::new(model.rate_limits.clone()) {
+        match RateLimitFilter::new(model.rate_limits.clone(), rate_limits) {
             Ok(filter) => entries.push(Entry::builtin(filter, "RateLimit", Stage::Late)),
             Err(e) => diags.push(
                 Diagnostic::error(
@@ -725,7 +840,7 @@ mod tests {
         let (model, problems) =
             crate::model::validate(&raw, "default", &crate::filters::Registry::default());
         assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
-        let (snapshot, _) = compile(&model, Resolution::Skip);
+        let (snapshot, _) = compile(&model, Resolution::Skip, &Inherited::default());
         let (_, host) = snapshot.listeners[0].hosts.select("h").unwrap();
         let mut headers = http::HeaderMap::new();
         let paths = [

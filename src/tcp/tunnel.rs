@@ -33,7 +33,7 @@ use crate::snapshot::Snapshot;
 use crate::upstream::policy::check_negotiated;
 
 use super::log::TunnelEntry;
-use super::table::TcpRoute;
+use crate::snapshot::tcp::TcpRoute;
 
 /// The app behind every port that carries TCPMappings. `H` serves the
 /// HTTP side of a port shared with an HTTPS Listener.

@@ -1,29 +1,22 @@
-//! TLS termination: the certificate of the Host that SNI names, chosen in
-//! the handshake from the current snapshot (so a new snapshot is served on
-//! the next handshake), client-certificate verification per Host, and what
-//! the handshake tells requests (the Host it chose, the client's identity).
+//! TLS termination for one Host: its certificate and client-certificate
+//! verification, ready for handshakes, and what a handshake tells the
+//! requests on its connection (the Host it chose, the client's identity).
+//! Which Host a handshake gets is the serving side's choice
+//! (`downstream::tls`).
 
-use std::any::Any;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use log::{debug, warn};
 use openssl::ex_data::Index;
 use openssl::stack::Stack;
-use pingora::listeners::TlsAccept;
-use pingora::protocols::tls::TlsRef;
 use pingora::tls::ext::{
     ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
 };
 use pingora::tls::ssl::SslFiletype;
-use pingora::tls::ssl::{NameType, Ssl, SslRef, SslVerifyMode};
+use pingora::tls::ssl::{NameType, Ssl, SslContextBuilder, SslMethod, SslRef, SslVerifyMode};
 use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
 use pingora::tls::x509::verify::X509VerifyFlags;
 use pingora::tls::x509::X509StoreContext;
 use pingora::tls::x509::{X509Name, X509NameRef, X509};
-
-use crate::snapshot::Snapshot;
 
 use super::TlsContext;
 
@@ -77,6 +70,14 @@ impl EdgeTls {
         };
         let cipher_list =
             (!context.cipher_suites.is_empty()).then(|| context.cipher_suites.join(":"));
+        if let Some(ciphers) = &cipher_list {
+            // Refused here, not in the handshake: OpenSSL rejects a list it
+            // knows none of (TLS 1.3 names among them, which it does not
+            // take here).
+            SslContextBuilder::new(SslMethod::tls())
+                .and_then(|mut builder| builder.set_cipher_list(ciphers))
+                .map_err(|e| format!("cipher_suites {ciphers:?}: {e}"))?;
+        }
         let mut ca_der = Vec::new();
         for ca in context.ca.iter().flat_map(|cas| cas.iter()) {
             ca_der.extend(ca.to_der().map_err(|e| format!("CA certificate: {e}"))?);
@@ -134,19 +135,16 @@ impl EdgeTls {
         verified().unwrap_or(false)
     }
 
-    /// Puts this Host's certificate and client-certificate policy on a
-    /// connection in the middle of its handshake.
+    /// Puts this Host's client-certificate policy, then its certificate,
+    /// on a connection in the middle of its handshake. The certificate
+    /// comes last: if any step fails, the handshake has none and fails,
+    /// rather than go on without the policy.
     fn install(&self, ssl: &mut SslRef) -> Result<(), String> {
         let cert_key = self
             .context
             .cert_key
             .as_ref()
             .ok_or("the Host has no certificate")?;
-        ssl_use_certificate(ssl, cert_key.leaf()).map_err(|e| format!("certificate: {e}"))?;
-        ssl_use_private_key(ssl, cert_key.key()).map_err(|e| format!("key: {e}"))?;
-        for intermediate in cert_key.intermediates() {
-            ssl_add_chain_cert(ssl, intermediate).map_err(|e| format!("chain: {e}"))?;
-        }
         if let Some(ciphers) = &self.cipher_list {
             ssl.set_cipher_list(ciphers)
                 .map_err(|e| format!("cipher_suites: {e}"))?;
@@ -164,6 +162,11 @@ impl EdgeTls {
                 names.push(owned).map_err(|e| e.to_string())?;
             }
             ssl.set_client_ca_list(names);
+        }
+        ssl_use_certificate(ssl, cert_key.leaf()).map_err(|e| format!("certificate: {e}"))?;
+        ssl_use_private_key(ssl, cert_key.key()).map_err(|e| format!("key: {e}"))?;
+        for intermediate in cert_key.intermediates() {
+            ssl_add_chain_cert(ssl, intermediate).map_err(|e| format!("chain: {e}"))?;
         }
         Ok(())
     }
@@ -263,10 +266,53 @@ pub struct EdgeSession {
     verdict: Mutex<Option<(u64, bool)>>,
 }
 
+/// How a connection's handshake stands with the TLS its Host has now: a
+/// TLS connection outlives the configuration its handshake followed, and a
+/// reload may have made the Host require client certificates, changed its
+/// CA or revoked a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The handshake the Host would make now.
+    Current,
+    /// The Host's TLS changed, but its client policy still admits the
+    /// connection: it may finish what it does, then handshake again.
+    Outdated,
+    /// The Host now requires a client certificate the connection lacks.
+    CertificateNowRequired,
+    /// The Host's current CA or CRL refuse the connection's certificate.
+    CertificateRefused,
+    /// No TLS for this name any more (the Host is gone, or its TLS could
+    /// not be built).
+    NoTls,
+}
+
 impl EdgeSession {
+    /// How this connection stands with `now`, the TLS its SNI's Host has
+    /// in the configuration that serves.
+    pub fn standing(&self, now: Option<&EdgeTls>) -> Standing {
+        let Some(seen) = self.identity else {
+            return Standing::Current;
+        };
+        let Some(now) = now else {
+            return Standing::NoTls;
+        };
+        if now.identity == seen {
+            return Standing::Current;
+        }
+        if now.identity.client_policy != seen.client_policy && now.verifies_clients() {
+            if self.client.is_none() && now.context.cert_required {
+                return Standing::CertificateNowRequired;
+            }
+            if !self.accepted_by(now) {
+                return Standing::CertificateRefused;
+            }
+        }
+        Standing::Outdated
+    }
+
     /// Whether `edge`'s current CA and CRL accept this connection's client
     /// certificate (true without one: `cert_required` is the caller's).
-    pub fn accepted_by(&self, edge: &EdgeTls) -> bool {
+    fn accepted_by(&self, edge: &EdgeTls) -> bool {
         let Some(peer) = &self.client else {
             return true;
         };
@@ -300,59 +346,29 @@ pub fn check_identity_index() -> Result<(), String> {
         .ok_or_else(|| "OpenSSL gave no ex_data index for TLS handshakes".into())
 }
 
-/// The handshake side of one TLS listener: HTTPS Hosts and TCPMappings'
-/// hosts.
-pub struct EdgeAcceptor {
-    pub port: u16,
-    pub snapshot: Arc<ArcSwap<Snapshot>>,
-}
-
-fn sni(ssl: &SslRef) -> Option<String> {
+/// The SNI a handshake carries, lowercased.
+pub fn sni(ssl: &SslRef) -> Option<String> {
     ssl.servername(NameType::HOST_NAME)
         .map(str::to_ascii_lowercase)
 }
 
-#[async_trait]
-impl TlsAccept for EdgeAcceptor {
-    async fn certificate_callback(&self, ssl: &mut TlsRef) {
-        let snapshot = self.snapshot.load();
-        let name = sni(ssl);
-        // A TCPMapping's host wins over an HTTPS Host with the same name,
-        // as in Emissary.
-        let tunnel = snapshot
-            .tcp_port(self.port)
-            .and_then(|p| p.group(name.as_deref()))
-            .and_then(|g| g.edge.as_ref());
-        let host = || {
-            snapshot
-                .listener(self.port)
-                .and_then(|l| l.tls_host(name.as_deref()))
-                .map(|(_, edge)| edge)
-        };
-        let Some(edge) = tunnel.or_else(host) else {
-            // No certificate: the handshake fails with an alert. A client
-            // never gets a cleartext answer to a ClientHello.
-            debug!("TLS on port {}: no TLS Host for SNI {name:?}", self.port);
-            return;
-        };
-        if let Err(e) = edge.install(ssl) {
-            warn!(
-                "TLS on port {}: cannot use {}: {e}",
-                self.port, edge.context.name
-            );
-        }
+impl EdgeTls {
+    /// Makes the handshake in progress this Host's: its certificate and
+    /// client policy, and the identity requests will be held to.
+    pub fn take_handshake(&self, ssl: &mut SslRef) -> Result<(), String> {
+        self.install(ssl)?;
         if let Some(index) = identity_index() {
-            ssl.set_ex_data(index, edge.identity);
+            ssl.set_ex_data(index, self.identity);
         }
+        Ok(())
     }
+}
 
-    async fn handshake_complete_callback(
-        &self,
-        ssl: &TlsRef,
-    ) -> Option<Arc<dyn Any + Send + Sync>> {
-        let name = sni(ssl);
-        // The chain as the client sent it; verification already passed, or
-        // the handshake would not have completed.
+impl EdgeSession {
+    /// What a completed handshake established. The client's chain is read
+    /// as it was sent: verification already passed, or the handshake would
+    /// not have completed.
+    pub fn of_handshake(ssl: &SslRef) -> EdgeSession {
         let client = ssl.peer_certificate().and_then(|cert| {
             let chain: Vec<X509> = ssl
                 .peer_cert_chain()
@@ -360,12 +376,11 @@ impl TlsAccept for EdgeAcceptor {
                 .unwrap_or_default();
             PeerCert::from_x509(&cert, &chain)
         });
-        let identity = identity_index().and_then(|index| ssl.ex_data(index).copied());
-        Some(Arc::new(EdgeSession {
-            sni: name,
+        EdgeSession {
+            sni: sni(ssl),
             client,
-            identity,
+            identity: identity_index().and_then(|index| ssl.ex_data(index).copied()),
             verdict: Mutex::default(),
-        }))
+        }
     }
 }

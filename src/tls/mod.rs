@@ -19,8 +19,9 @@ use crate::config::resources::SecretBody;
 
 pub mod edge;
 
-/// The PEM material a Secret carries, under any of the key names Emissary
-/// reads (§3.1): Kubernetes TLS, Istio, and cert-manager's `ca.crt`.
+/// The PEM material a Secret carries, under the key names Emissary reads
+/// (Kubernetes TLS and Istio), plus cert-manager's `ca.crt`, which Emissary
+/// does not read.
 #[derive(Debug, Clone, Default)]
 pub struct SecretData {
     pub cert_chain: Option<Vec<u8>>,

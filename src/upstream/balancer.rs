@@ -1,4 +1,6 @@
-//! `load_balancer` (§2.13): how a cluster picks one of its endpoints.
+//! `load_balancer`
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/running/load-balancer>):
+//! how a cluster picks one of its endpoints.
 //!
 //! A cluster's endpoints and the structure its policy needs (a ketama ring,
 //! a maglev table) form one immutable [`Selection`], rebuilt when endpoints

@@ -1,9 +1,11 @@
-//! Circuit breakers (`circuit_breakers`, §2.8): at most `max_connections`
-//! exchanges with a cluster at once, at most `max_pending_requests` waiting
-//! for one of them; beyond that the gateway answers 503 with
-//! `x-envoy-overloaded: true`, as Envoy does, instead of piling up load on
-//! an upstream that cannot keep up. At most `max_retries` requests retry
-//! at once; beyond that a failure is answered without another try.
+//! Circuit breakers (`circuit_breakers`,
+//! <https://www.getambassador.io/docs/emissary/latest/topics/using/circuit-breakers>):
+//! at most `max_connections` exchanges with a cluster at once, at most
+//! `max_pending_requests` waiting for one of them; beyond that the gateway
+//! answers 503 with `x-envoy-overloaded: true`, as Envoy does, instead of
+//! piling up load on an upstream that cannot keep up. At most `max_retries`
+//! requests retry at once; beyond that a failure is answered without
+//! another try.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -19,7 +19,6 @@ use pingora::protocols::tls::ALPN;
 use pingora::protocols::TcpKeepalive;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::model::ResolverKind;
 use crate::tls::TlsContext;
 use crate::upstream::endpoints::EndpointIndex;
 
@@ -101,21 +100,6 @@ impl Cluster {
         self.state.endpoints()
     }
 
-    /// Starts the background work of the cluster's identity (DNS refresh,
-    /// health checks) on the current runtime, unless it runs already. The
-    /// tasks end when no snapshot holds the identity any more.
-    pub fn start_tasks(&self) {
-        if self.state.tasks_started.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        if let Some(target) = self.key.dns_target() {
-            tokio::spawn(dns::run(Arc::downgrade(&self.state), target));
-        }
-        if let Some(check) = &self.key.health_check {
-            tokio::spawn(health::run(Arc::downgrade(&self.state), check.clone()));
-        }
-    }
-
     /// Whether two clusters share their identity's state.
     pub fn shares_state_with(&self, other: &Cluster) -> bool {
         Arc::ptr_eq(&self.state, &other.state)
@@ -123,6 +107,21 @@ impl Cluster {
 }
 
 impl ClusterState {
+    /// Starts the background work of the identity (DNS refresh, health
+    /// checks) on the current runtime, unless it runs already. The tasks
+    /// end when no snapshot holds the identity any more.
+    fn start_tasks(self: &Arc<Self>) {
+        if self.tasks_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(target) = self.key.dns_target() {
+            tokio::spawn(dns::run(Arc::downgrade(self), target));
+        }
+        if let Some(check) = &self.key.health_check {
+            tokio::spawn(health::run(Arc::downgrade(self), check.clone()));
+        }
+    }
+
     fn choose(&self, request: &RequestKey) -> Option<Choice> {
         self.selection
             .load()
@@ -168,6 +167,19 @@ impl ClusterState {
                 .store(Arc::new(Selection::new(endpoints, &self.key.policy)));
         }
     }
+}
+
+/// How a Mapping finds its upstream's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResolverKind {
+    /// The service is a DNS name (or an IP address): one logical endpoint
+    /// per address the name resolves to.
+    Service,
+    /// The service names a Kubernetes Service; its ready endpoints come
+    /// from Endpoints and EndpointSlices.
+    Endpoint,
+    /// Consul's catalog, which pingress cannot query.
+    Consul,
 }
 
 /// What makes two Mappings share a cluster (and its connection pool and
@@ -257,16 +269,56 @@ impl ClusterKey {
 }
 
 /// The state of every cluster identity a live snapshot holds (the serving
-/// one, or an earlier one still draining): a rebuilt snapshot's cluster
-/// with the same identity takes it over. Entries whose last holder has
-/// gone are dropped as snapshots are built.
-static LIVE: LazyLock<Mutex<HashMap<ClusterKey, Weak<ClusterState>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// one, or an earlier one still draining), by identity: a snapshot built
+/// after them takes a state over when one of its clusters has the same
+/// identity. It is passed to each build by whoever builds snapshots one
+/// after another (the pipeline's `LastGood`); a snapshot built alone
+/// starts from an empty one. Entries whose last holder has gone are
+/// dropped as snapshots are built.
+#[derive(Default)]
+pub struct ClusterStates {
+    live: Mutex<HashMap<ClusterKey, Weak<ClusterState>>>,
+    /// How many builds have registered their clusters.
+    builds: AtomicUsize,
+}
+
+impl std::fmt::Debug for ClusterStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterStates").finish_non_exhaustive()
+    }
+}
+
+impl ClusterStates {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<ClusterKey, Weak<ClusterState>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_over(&self, key: &ClusterKey) -> Option<Arc<ClusterState>> {
+        self.live().get(key).and_then(Weak::upgrade)
+    }
+
+    /// Starts the background work of every live identity that has none
+    /// yet, if a build came after the one `seen` counts (which it then
+    /// counts).
+    pub fn start_tasks(&self, seen: &mut usize) {
+        let builds = self.builds.load(Ordering::Acquire);
+        if builds == *seen {
+            return;
+        }
+        *seen = builds;
+        let states: Vec<Arc<ClusterState>> =
+            self.live().values().filter_map(Weak::upgrade).collect();
+        for state in states {
+            state.start_tasks();
+        }
+    }
+}
 
 /// Builds clusters for one snapshot.
 pub struct ClusterBuilder<'m> {
     resolve: bool,
     index: &'m EndpointIndex,
+    states: &'m ClusterStates,
     /// How upstreams without a CA of their own are verified.
     trust: Trust,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
@@ -274,12 +326,13 @@ pub struct ClusterBuilder<'m> {
 }
 
 impl<'m> ClusterBuilder<'m> {
-    /// Without `resolve`, no name is looked up and nothing is carried over
-    /// from earlier snapshots (`pingress -t`).
-    pub fn new(resolve: bool, index: &'m EndpointIndex) -> Self {
+    /// Without `resolve`, no name is looked up (`pingress -t`). Clusters
+    /// take over the states in `states` that have their identity.
+    pub fn new(resolve: bool, index: &'m EndpointIndex, states: &'m ClusterStates) -> Self {
         ClusterBuilder {
             resolve,
             index,
+            states,
             trust: Trust::default(),
             clusters: HashMap::new(),
             resolved: HashMap::new(),
@@ -318,13 +371,7 @@ impl<'m> ClusterBuilder<'m> {
         if let Some(existing) = self.clusters.get(&key) {
             return (existing.clone(), None);
         }
-        let previous = match self.resolve {
-            true => LIVE
-                .lock()
-                .ok()
-                .and_then(|live| live.get(&key).and_then(Weak::upgrade)),
-            false => None,
-        };
+        let previous = self.states.take_over(&key);
         let inherited = previous.as_ref().map(|p| p.endpoints()).unwrap_or_default();
         let (addresses, problem) = match self.addresses(&key) {
             Ok(addresses) => (addresses, None),
@@ -369,16 +416,15 @@ impl<'m> ClusterBuilder<'m> {
         (cluster, problem)
     }
 
-    /// Every cluster built, registered as the live ones.
+    /// Every cluster built, registered as live.
     pub fn finish(self) -> Vec<Arc<Cluster>> {
-        if self.resolve {
-            if let Ok(mut live) = LIVE.lock() {
-                for (key, cluster) in &self.clusters {
-                    live.insert(key.clone(), Arc::downgrade(&cluster.state));
-                }
-                live.retain(|_, state| state.strong_count() > 0);
-            }
+        let mut live = self.states.live();
+        for (key, cluster) in &self.clusters {
+            live.insert(key.clone(), Arc::downgrade(&cluster.state));
         }
+        live.retain(|_, state| state.strong_count() > 0);
+        drop(live);
+        self.states.builds.fetch_add(1, Ordering::Release);
         self.clusters.into_values().collect()
     }
 
@@ -504,11 +550,11 @@ mod tests {
 
     /// Two snapshots built one after the other, the first still alive.
     fn two_snapshots(first: ClusterKey, second: ClusterKey) -> (Arc<Cluster>, Arc<Cluster>) {
-        let index = EndpointIndex::default();
-        let mut builder = ClusterBuilder::new(true, &index);
+        let (index, states) = (EndpointIndex::default(), ClusterStates::default());
+        let mut builder = ClusterBuilder::new(true, &index, &states);
         let (old, _) = builder.cluster(first, None);
         builder.finish();
-        let mut builder = ClusterBuilder::new(true, &index);
+        let mut builder = ClusterBuilder::new(true, &index, &states);
         let (new, _) = builder.cluster(second, None);
         builder.finish();
         (old, new)
@@ -533,15 +579,15 @@ mod tests {
 
     #[test]
     fn an_identity_no_snapshot_holds_starts_afresh() {
-        let index = EndpointIndex::default();
-        let mut builder = ClusterBuilder::new(true, &index);
+        let (index, states) = (EndpointIndex::default(), ClusterStates::default());
+        let mut builder = ClusterBuilder::new(true, &index, &states);
         let (gone, _) = builder.cluster(key(40003, 1), None);
         builder.finish();
         let _held = gone.breaker().try_admit();
         let gone_state = Arc::downgrade(&gone.state);
         drop(gone);
         assert!(gone_state.upgrade().is_none());
-        let mut builder = ClusterBuilder::new(true, &index);
+        let mut builder = ClusterBuilder::new(true, &index, &states);
         let (fresh, _) = builder.cluster(key(40003, 1), None);
         assert!(fresh.breaker().try_admit().is_some());
     }

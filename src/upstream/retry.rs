@@ -1,7 +1,8 @@
-//! `retry_policy` (§2.8): which failures are retried, how often, and how
-//! long each try may wait. Retries happen inside the route timeout, and a
-//! request whose body was streamed upstream beyond Pingora's retry buffer
-//! is never sent twice.
+//! `retry_policy`
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/retries>):
+//! which failures are retried, how often, and how long each try may wait.
+//! Retries happen inside the route timeout, and a request whose body was
+//! streamed upstream beyond Pingora's retry buffer is never sent twice.
 
 use std::time::Duration;
 

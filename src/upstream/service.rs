@@ -1,4 +1,5 @@
-//! The `service:` of a Mapping: `[scheme://]host[.namespace][:port]` (§2.14).
+//! The `service:` of a Mapping: `[scheme://]host[.namespace][:port]`; an
+//! `https://` scheme originates TLS and changes the default port to 443.
 
 use std::fmt;
 

@@ -1,5 +1,8 @@
-//! Shadow Mappings (§2.7): a copy of a share of a canary group's requests
-//! goes to the shadow's service, and its answer is thrown away.
+//! Shadow Mappings
+//! (<https://www.getambassador.io/docs/emissary/latest/topics/using/shadowing>):
+//! a copy of a share (the shadow's `weight`, 100% by default) of a canary
+//! group's requests goes to the shadow's service, and its answer is thrown
+//! away.
 //!
 //! The primary never waits for its copy: each copy runs on a detached task
 //! bounded by the shadow's own timeout, and at most [`MAX_IN_FLIGHT`] copies

@@ -3,7 +3,7 @@
 //! caller owns, with a cluster's prepared peer (its TLS included).
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 
@@ -11,7 +11,7 @@ use super::cluster::Cluster;
 
 /// What the upstream answered.
 pub struct Answer {
-    pub status: u16,
+    pub status: StatusCode,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Empty when the caller did not keep it.
     pub body: Bytes,
@@ -52,7 +52,7 @@ pub async fn exchange(
     let head = http
         .response_header()
         .ok_or_else(|| format!("{}: no response", cluster.name))?;
-    let status = head.status.as_u16();
+    let status = head.status;
     let headers = head
         .headers
         .iter()

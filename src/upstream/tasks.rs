@@ -1,45 +1,36 @@
-//! The background service that runs the clusters' own work (health
-//! checks): it starts each cluster's tasks when a snapshot brings it.
+//! The background service that runs the clusters' own work (DNS refresh,
+//! health checks): it starts each new cluster identity's tasks once a
+//! build has registered it.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::snapshot::Snapshot;
+use super::cluster::ClusterStates;
 
-/// How often the serving snapshot is looked at for new clusters: a reload
-/// swaps it without telling anyone.
+/// How often the live cluster states are looked at for new builds: a
+/// reload builds without telling anyone.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
 pub struct UpstreamTasks {
-    snapshot: Arc<ArcSwap<Snapshot>>,
+    states: Arc<ClusterStates>,
 }
 
 impl UpstreamTasks {
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
-        UpstreamTasks { snapshot }
+    pub fn new(states: Arc<ClusterStates>) -> Self {
+        UpstreamTasks { states }
     }
 }
 
 #[async_trait]
 impl BackgroundService for UpstreamTasks {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        // Weak: an old snapshot (and its clusters' tasks) must not be kept
-        // alive by this loop.
-        let mut seen: Weak<Snapshot> = Weak::new();
+        let mut seen = 0;
         loop {
-            let current = self.snapshot.load_full();
-            if !Weak::ptr_eq(&seen, &Arc::downgrade(&current)) {
-                for cluster in &current.clusters {
-                    cluster.start_tasks();
-                }
-                seen = Arc::downgrade(&current);
-            }
-            drop(current);
+            self.states.start_tasks(&mut seen);
             tokio::select! {
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 _ = shutdown.changed() => return,

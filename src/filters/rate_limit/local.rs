@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -60,14 +60,13 @@ pub(crate) struct LimitBuckets {
     overflowed: IntCounter,
 }
 
+/// Every live snapshot's buckets, by limit identity.
+pub(crate) type LiveBuckets = Mutex<HashMap<String, Weak<LimitBuckets>>>;
+
 /// The buckets of `limit`: those of the same limit in a live snapshot,
 /// else new ones.
-pub(crate) fn for_limit(limit: &Limit) -> Arc<LimitBuckets> {
-    static LIVE: OnceLock<Mutex<HashMap<String, Weak<LimitBuckets>>>> = OnceLock::new();
-    let mut live = LIVE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+pub(crate) fn for_limit(limit: &Limit, live: &LiveBuckets) -> Arc<LimitBuckets> {
+    let mut live = live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     live.retain(|_, weak| weak.strong_count() > 0);
     if let Some(found) = live.get(limit.identity()).and_then(Weak::upgrade) {
         return found;

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use http::StatusCode;
 use http::{HeaderName, HeaderValue};
 use log::info;
 use pingora::http::ResponseHeader;
 use pingora::Result;
 
-use super::{Cx, Filter, Flow, Hooks, Reply, Session};
+use super::{Cx, Filter, Flow, Reply, Session};
 use crate::throttle::Throttle;
 use labels::RequestLabels;
 pub use limits::RateLimits;
@@ -71,17 +72,43 @@ pub(crate) struct RateLimitFilter {
     log_only: Vec<Throttle>,
 }
 
+/// The counters of every live snapshot's rate limits, which the next build
+/// takes over: a limit's buckets by its identity (so a reload keeps spent
+/// quotas), Redis connections by address. Passed to each build, as the
+/// cluster states are.
+#[derive(Default)]
+pub struct RateLimitStates {
+    buckets: local::LiveBuckets,
+    redis: redis_store::LiveCounters,
+}
+
+impl std::fmt::Debug for RateLimitStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitStates").finish_non_exhaustive()
+    }
+}
+
 /// LogOnly lines a second per limit: any client can exceed such a limit
 /// with every request.
 const LOG_ONLY_LINES_PER_SECOND: u32 = 1;
 
 impl RateLimitFilter {
-    /// `Err` when the Redis address cannot be used.
-    pub fn new(limits: Arc<RateLimits>) -> std::result::Result<RateLimitFilter, String> {
+    /// Counts in the live counters of `states` where they have the same
+    /// limits. `Err` when the Redis address cannot be used.
+    pub fn new(
+        limits: Arc<RateLimits>,
+        states: &RateLimitStates,
+    ) -> std::result::Result<RateLimitFilter, String> {
         let counters = match &limits.redis {
-            None => Counters::Local(limits.limits.iter().map(|l| local::for_limit(l)).collect()),
+            None => Counters::Local(
+                limits
+                    .limits
+                    .iter()
+                    .map(|l| local::for_limit(l, &states.buckets))
+                    .collect(),
+            ),
             Some(settings) => Counters::Redis {
-                counters: redis_store::shared(settings)?,
+                counters: redis_store::shared(settings, &states.redis)?,
                 failure_mode_deny: settings.failure_mode_deny,
             },
         };
@@ -116,7 +143,7 @@ impl RateLimitFilter {
             } => match counters.take(key, limit.rate, period).await {
                 Some(decision) => Ok(Some(decision)),
                 None if *failure_mode_deny => Err(Reply::text(
-                    500,
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     "rate-limit service unavailable (failure_mode_deny)",
                 )
                 .reason("rate_limit_unavailable")),
@@ -129,16 +156,12 @@ impl RateLimitFilter {
 #[async_trait]
 impl Filter for RateLimitFilter {
     const TYPE: &'static str = "RateLimit";
-    const HOOKS: Hooks = Hooks {
-        upstream_response: true,
-        ..Hooks::REQUEST_ONLY
-    };
     type Settings = ();
     type Arguments = ();
     /// The tightest limit applied, for the response's headers.
     type State = Option<Decision>;
 
-    fn build(_: ()) -> std::result::Result<Self, String> {
+    fn build(_: ()) -> std::result::Result<Self, crate::filters::BuildError> {
         Err("rate limits come from RateLimit resources and Mapping labels, not a Filter".into())
     }
 
@@ -149,13 +172,13 @@ impl Filter for RateLimitFilter {
         let request = RequestLabels {
             headers: &session.req_header().headers,
             client_ip: cx.client_ip(),
-            destination: route.cluster().map(|c| c.name.as_str()),
+            destination: route.destination(),
         };
         let mut tightest: Option<Decision> = None;
         let mut refused: Option<Decision> = None;
         // Every group counts, as a rate-limit service counts every
         // descriptor it is sent; one refusal refuses the request.
-        for group in route.rate_labels.iter() {
+        for group in route.rate_labels() {
             let Some(entries) = group.entries(&request) else {
                 continue;
             };
@@ -172,7 +195,8 @@ impl Filter for RateLimitFilter {
                     info!(
                         "rate limit {} (LogOnly) exceeded by a request for Mapping {} \
                          ({held_back} more since the last line)",
-                        limit.name, route.mapping
+                        limit.name,
+                        route.mapping()
                     );
                 }
                 continue;
@@ -185,9 +209,12 @@ impl Filter for RateLimitFilter {
             }
         }
         if let Some(decision) = refused {
-            let mut reply = Reply::text(429, "too many requests: rate limit exceeded")
-                .reason("rate_limited")
-                .header(http::header::RETRY_AFTER, decision.retry_after);
+            let mut reply = Reply::text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests: rate limit exceeded",
+            )
+            .reason("rate_limited")
+            .header(http::header::RETRY_AFTER, decision.retry_after);
             for (name, value) in decision.headers() {
                 reply = reply.header(name, value);
             }

@@ -7,7 +7,7 @@
 //! crate's `ConnectionManager` reconnects in the background after Redis
 //! restarts. Every call is bounded by the RateLimitService's `timeout_ms`.
 
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use log::warn;
@@ -45,14 +45,16 @@ pub(crate) struct RedisCounters {
     failures: Throttle,
 }
 
+/// Every live snapshot's Redis counters.
+pub(crate) type LiveCounters = Mutex<Vec<Weak<RedisCounters>>>;
+
 /// The counters for `settings`: the same instance across snapshots while
 /// one is alive, so a reload keeps the connection.
-pub(crate) fn shared(settings: &RedisSettings) -> Result<Arc<RedisCounters>, String> {
-    static LIVE: OnceLock<Mutex<Vec<Weak<RedisCounters>>>> = OnceLock::new();
-    let mut live = LIVE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+pub(crate) fn shared(
+    settings: &RedisSettings,
+    live: &LiveCounters,
+) -> Result<Arc<RedisCounters>, String> {
+    let mut live = live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     live.retain(|weak| weak.strong_count() > 0);
     let same = |c: &RedisCounters| {
         c.settings.url == settings.url && c.settings.timeout == settings.timeout

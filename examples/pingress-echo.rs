@@ -1,7 +1,8 @@
 //! `pingress-echo`: a tiny HTTP/1.1 upstream that describes every request it
 //! receives as JSON.
 //!
-//! It is the peer behind the quickstart demo and the integration tests: the
+//! It is the peer behind the quickstart demo and the integration tests (an
+//! example, so its dependencies stay out of the library's): the
 //! reply shows exactly what the gateway forwarded (method, raw request target,
 //! headers in order, body length, TLS parameters and client certificate), and
 //! a few `x-echo-*` request headers let a test make the upstream misbehave in

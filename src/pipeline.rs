@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Diagnostic, Location, ResourceRef, Source};
+use crate::config::diagnostics::{Code, Diagnostic, Location, ResourceRef, Source};
 use crate::config::load::{
     load_gateway_file, load_resources, FileState, GatewayFile, RawResource, WRITE_BY_RENAME,
 };
@@ -121,13 +121,16 @@ pub fn load(
     for (path, old) in &previous.files {
         let hidden = read.unreadable.iter().any(|root| path.starts_with(root));
         if hidden && !listed.contains(path.as_path()) && !old.is_empty() {
-            diagnostics.push(Diagnostic::warning(
-                Location::File(path.clone()),
-                format!(
-                    "cannot be read now; its last good content ({} resources) keeps serving",
-                    old.len()
-                ),
-            ));
+            diagnostics.push(
+                Diagnostic::warning(
+                    Location::File(path.clone()),
+                    format!(
+                        "cannot be read now; its last good content ({} resources) keeps serving",
+                        old.len()
+                    ),
+                )
+                .code(Code::LastGood),
+            );
             resources.extend(old.iter().cloned());
             last_good.files.insert(path.clone(), old.clone());
         }
@@ -149,6 +152,7 @@ pub fn load(
                             old.len()
                         ),
                     )
+                    .code(Code::LastGood)
                     .hint(WRITE_BY_RENAME),
                 );
                 old.clone()
@@ -165,14 +169,17 @@ pub fn load(
                     .cloned()
                     .collect();
                 if !missing.is_empty() {
-                    diagnostics.push(Diagnostic::warning(
-                        Location::File(file.path.clone()),
-                        format!(
-                            "part of the file could not be read; {} resources it held keep \
+                    diagnostics.push(
+                        Diagnostic::warning(
+                            Location::File(file.path.clone()),
+                            format!(
+                                "part of the file could not be read; {} resources it held keep \
                              serving their last good version",
-                            missing.len()
-                        ),
-                    ));
+                                missing.len()
+                            ),
+                        )
+                        .code(Code::LastGood),
+                    );
                 }
                 read.into_iter().chain(missing).collect()
             }
@@ -208,11 +215,14 @@ pub fn load(
         };
         for resource in &fallback.restored {
             replaced_errors.extend(errors_of(resource));
-            replaced_errors.push(Diagnostic::warning(
-                Location::Resource(resource.clone()),
-                "its last good version keeps serving: the current one is invalid, or missing \
+            replaced_errors.push(
+                Diagnostic::warning(
+                    Location::Resource(resource.clone()),
+                    "its last good version keeps serving: the current one is invalid, or missing \
                  while in use",
-            ));
+                )
+                .code(Code::LastGood),
+            );
         }
         // A Secret's problem is reported where it shows: on what uses it.
         for resource in &fallback.users {
@@ -282,10 +292,12 @@ struct Fallback {
 /// - each resource that has an error now and had a different, valid
 ///   version before;
 /// - each Secret, changed or deleted, that the error of a resource whose
-///   own content is its last good one names (that Secret is what broke);
+///   own content is its last good one is blamed on (that Secret is what
+///   broke);
 /// - each resource whose place (file and document) now holds one with an
-///   error or one that is ignored: a misspelt kind, apiVersion or name is
-///   a mistake, not a deletion.
+///   error or one that is ignored as a whole: a misspelt kind, apiVersion
+///   or name is a mistake, not a deletion. A warning about one field of a
+///   renamed resource is not.
 fn fall_back(
     resources: &mut Vec<Arc<RawResource>>,
     diagnostics: &[Diagnostic],
@@ -296,7 +308,7 @@ fn fall_back(
     // Places whose resource has an error or is ignored.
     let troubled: HashSet<&Source> = diagnostics
         .iter()
-        .filter(|d| d.is_error() || d.message.ends_with("ignored"))
+        .filter(|d| d.is_error() || d.code == Code::ResourceIgnored)
         .filter_map(|d| match &d.location {
             Location::Resource(resource) => Some(&resource.source),
             _ => None,
@@ -313,8 +325,9 @@ fn fall_back(
     for resource in resources.iter() {
         *copies.entry(identity_of(&resource.id)).or_default() += 1;
     }
-    // What failing resources with good content of their own say is wrong.
-    let mut complaints: Vec<&str> = Vec::new();
+    // The Secrets that failing resources with good content of their own
+    // blame their errors on.
+    let mut blamed: HashSet<(&str, &str)> = HashSet::new();
     for resource in resources.iter() {
         let identity = identity_of(&resource.id);
         let Some(said) = errors.get(&resource.id) else {
@@ -325,14 +338,16 @@ fn fall_back(
             .get(&identity)
             .is_some_and(|good| restored.contains(&identity) || same_content(good, resource));
         if content_was_good {
-            complaints.extend(said.iter().map(|d| d.message.as_str()));
+            blamed.extend(
+                said.iter()
+                    .filter_map(|d| d.cause.as_ref())
+                    .filter(|cause| cause.kind == "Secret")
+                    .map(|cause| (cause.namespace.as_str(), cause.name.as_str())),
+            );
             fallback.users.push(resource.id.clone());
         }
     }
-    let named = |namespace: &str, name: &str| {
-        let secret = format!("{namespace}/{name}");
-        complaints.iter().any(|said| said.contains(&secret))
-    };
+    let named = |namespace: &str, name: &str| blamed.contains(&(namespace, name));
     for resource in resources.iter_mut() {
         let identity = identity_of(&resource.id);
         // A duplicate's error is about the duplicate, not its content.

@@ -762,6 +762,32 @@ fn a_misspelt_kind_or_name_keeps_the_last_good_resource() {
     });
 }
 
+/// A resource renamed in its place is gone under its old name, even when
+/// the new one draws a warning about one of its own fields. Before reloads
+/// told a warning from an ignored resource by code, the message text
+/// "...ignored" made the place look broken and the old name kept serving.
+#[test]
+fn a_renamed_resource_with_a_field_warning_no_longer_serves_its_old_name() {
+    let dir = tempdir();
+    let echo = Echo::plain("app");
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), "");
+    let routes = resource_file(dir.path(), "routes.yaml");
+    fs::write(&routes, route("old", "/old/", &echo, "")).unwrap();
+    let gateway = Gateway::start(dir.path());
+    assert_eq!(served_by(port, "/old/").as_deref(), Some("app"));
+
+    // `hostname` wins over `host`, which is warned about as ignored.
+    replace(
+        &routes,
+        &route("new", "/new/", &echo, "host: other.example"),
+    );
+    wait_for(&gateway, "the renamed Mapping to serve", || {
+        served_by(port, "/new/").as_deref() == Some("app")
+    });
+    assert_eq!(get(port, "/old/").0, 404, "log:\n{}", gateway.log());
+}
+
 /// A resource directory that disappears (renamed, a mount not there yet)
 /// removes nothing: what it held keeps serving, with a warning, until it
 /// is back. Before the fix every resource under it was dropped at once.
@@ -1020,4 +1046,74 @@ fn a_secret_that_falls_back_is_reported_as_an_error() {
             .any(|(key, message)| key.starts_with("gw") && message.contains("gw-cert"))
     });
     assert!(resource_errors(gateway) >= 1.0, "pingress_resource_errors");
+}
+
+/// A Secret edited so that it lacks the key its TLSContext needs keeps its
+/// last good version: the upstream that demands a client certificate keeps
+/// getting the gateway's, while the rest of the edit applies. Before the
+/// reload read which Secret an error is about from the error itself, it
+/// searched the message for `namespace/name`; the TLSContext's message
+/// names the Secret as written in the context (`upstream-certs`), so the
+/// Secret was not put back, and the context and its Mapping went out (404).
+#[test]
+fn a_secret_that_loses_its_key_keeps_serving_upstream_mtls() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let server = pki.issue_server("localhost", &["localhost"]);
+    let client = pki.issue_client("gateway");
+    let upstream = Echo::mtls("mtls", &server, pki.ca_pem_path(), true);
+    let echo = Echo::plain("app");
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), "");
+    let context = doc(
+        "TLSContext",
+        "name: upstream-context",
+        "hosts: []\nsecret: upstream-certs",
+    );
+    let upstream_route = route("m", "/m/", &upstream, "tls: upstream-context");
+    fs::write(
+        resource_file(dir.path(), "routes.yaml"),
+        [context, upstream_route].concat(),
+    )
+    .unwrap();
+    let secret = resource_file(dir.path(), "secret.yaml");
+    fs::write(&secret, tls_secret("upstream-certs", "default", &client)).unwrap();
+    let gateway = Gateway::start(dir.path());
+    let presented = || {
+        let response = Request::get("/m/").try_send(port).ok()?;
+        (response.status == 200).then(|| response.echo().client_cert_subject())?
+    };
+    assert_eq!(presented(), Some(client.subject()));
+
+    let without_key = opaque_secret(
+        "upstream-certs",
+        "default",
+        &[("tls.crt", &client.cert_pem)],
+    );
+    replace(
+        &secret,
+        &[without_key, route("c", "/c/", &echo, "")].concat(),
+    );
+    wait_for(&gateway, "/c/ to serve", || {
+        served_by(port, "/c/").as_deref() == Some("app")
+    });
+    assert_eq!(
+        presented(),
+        Some(client.subject()),
+        "log:\n{}",
+        gateway.log()
+    );
+
+    // The diag names the problem by identity and cause, not by words.
+    let full = gateway.admin_get("/ambassador/v0/diag/?json=true");
+    let full: Value = serde_json::from_slice(&full.body).unwrap();
+    let problems = full["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p["code"] == "reference"
+            && p["resource"]["kind"] == "TLSContext"
+            && p["field"] == "spec.secret"
+            && p["cause"]["kind"] == "Secret"
+            && p["cause"]["name"] == "upstream-certs"),
+        "{problems:#?}"
+    );
 }

@@ -68,6 +68,33 @@ fn errors_json(live: &Live) -> Value {
     )
 }
 
+/// Every diagnostic by its stable identity (resource, field, code), for
+/// tools that must not parse messages; Emissary's `errors` and `warnings`
+/// keep their shape beside it.
+fn problem_json(diagnostic: &Diagnostic) -> Value {
+    let resource = match &diagnostic.location {
+        Location::Resource(resource) => json!({
+            "kind": resource.kind,
+            "namespace": resource.namespace,
+            "name": resource.name,
+        }),
+        _ => Value::Null,
+    };
+    let cause = diagnostic
+        .cause
+        .as_ref()
+        .map(|cause| json!({"kind": cause.kind, "namespace": cause.namespace, "name": cause.name}));
+    json!({
+        "severity": if diagnostic.is_error() { "error" } else { "warning" },
+        "code": diagnostic.code.as_str(),
+        "key": key(diagnostic),
+        "resource": resource,
+        "field": diagnostic.field,
+        "cause": cause,
+        "message": diagnostic.message,
+    })
+}
+
 fn full_json(live: &Live) -> Value {
     let status = live.status.load();
     let snapshot = live.snapshot.load();
@@ -150,6 +177,7 @@ fn full_json(live: &Live) -> Value {
         "last_reload": last_reload,
         "errors": by_key,
         "warnings": warnings,
+        "problems": status.diagnostics.iter().map(problem_json).collect::<Vec<_>>(),
         "routes": routes,
         "tcp": tcp,
     })

@@ -89,32 +89,140 @@ impl fmt::Display for Location {
     }
 }
 
+/// What kind of problem a diagnostic reports. With the resource and the
+/// field it is the diagnostic's stable identity: reloads, tools and
+/// dashboards decide by it, never by the message, whose words may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    /// A file, directory or YAML document that cannot be read as resources.
+    Unreadable,
+    /// A value that is missing, of the wrong type, out of range or
+    /// contradicts another field of the same resource.
+    Invalid,
+    /// A key the resource's schema does not have.
+    UnknownKey,
+    /// A key that is read but has no effect: not supported by pingress,
+    /// or overridden by another key.
+    KeyIgnored,
+    /// The whole resource is not used: a kind, apiVersion or name pingress
+    /// does not serve, or a duplicate.
+    ResourceIgnored,
+    /// Another resource or a file that this one needs is missing or broken;
+    /// [`Diagnostic::cause`] names the resource when it is one.
+    Reference,
+    /// Two resources claim the same place: a route, a port, a name.
+    Conflict,
+    /// Valid, but it weakens security: upstream TLS without verification,
+    /// process files in a directory others may write to.
+    Insecure,
+    /// Valid, but no request can reach it.
+    Unreachable,
+    /// The last good version of a resource serves in place of its
+    /// current, failing one.
+    LastGood,
+    /// Valid, but probably not what was meant.
+    Advice,
+}
+
+impl Code {
+    /// The code's name, as the diag JSON shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Unreadable => "unreadable",
+            Code::Invalid => "invalid",
+            Code::UnknownKey => "unknown-key",
+            Code::KeyIgnored => "key-ignored",
+            Code::ResourceIgnored => "resource-ignored",
+            Code::Reference => "reference",
+            Code::Conflict => "conflict",
+            Code::Insecure => "insecure",
+            Code::Unreachable => "unreachable",
+            Code::LastGood => "last-good",
+            Code::Advice => "advice",
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A resource by name, without where it was read: what a problem of
+/// another resource can be blamed on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Named {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Named {
+    pub fn secret(namespace: &str, name: &str) -> Self {
+        Named {
+            kind: "Secret".to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     pub severity: Severity,
+    pub code: Code,
     pub location: Location,
     /// Dotted path of the offending field, e.g. `spec.service`.
     pub field: Option<String>,
     pub message: String,
     pub hint: Option<String>,
+    /// The resource whose content caused this problem, when it is not the
+    /// one reported: a TLSContext fails because its Secret has no key.
+    pub cause: Option<Named>,
 }
 
 impl Diagnostic {
+    /// An error of code [`Code::Invalid`] unless [`Diagnostic::code`] says
+    /// otherwise.
     pub fn error(location: Location, message: impl Into<String>) -> Self {
         Diagnostic {
             severity: Severity::Error,
+            code: Code::Invalid,
             location,
             field: None,
             message: message.into(),
             hint: None,
+            cause: None,
         }
     }
 
+    /// A warning of code [`Code::Advice`] unless [`Diagnostic::code`] says
+    /// otherwise.
     pub fn warning(location: Location, message: impl Into<String>) -> Self {
         Diagnostic {
             severity: Severity::Warning,
+            code: Code::Advice,
             ..Diagnostic::error(location, message)
         }
+    }
+
+    pub fn code(mut self, code: Code) -> Self {
+        self.code = code;
+        self
+    }
+
+    /// Sets the code of a diagnostic already pushed through a [`Reporter`].
+    pub fn with_code(&mut self, code: Code) -> &mut Self {
+        self.code = code;
+        self
+    }
+
+    /// Blames a problem on the resource `cause`: a [`Code::Reference`].
+    pub fn caused_by(&mut self, cause: Named) -> &mut Self {
+        self.code = Code::Reference;
+        self.cause = Some(cause);
+        self
     }
 
     pub fn field(mut self, field: impl Into<String>) -> Self {
@@ -128,8 +236,9 @@ impl Diagnostic {
     }
 
     /// Attaches a hint to a diagnostic already pushed through a [`Reporter`].
-    pub fn with_hint(&mut self, hint: impl Into<String>) {
+    pub fn with_hint(&mut self, hint: impl Into<String>) -> &mut Self {
         self.hint = Some(hint.into());
+        self
     }
 
     pub fn is_error(&self) -> bool {

@@ -12,7 +12,7 @@ use pingora::server::configuration::ServerConf;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use super::diagnostics::{closest, Diagnostic, Location, ResourceRef, Source};
+use super::diagnostics::{closest, Code, Diagnostic, Location, ResourceRef, Source};
 use super::downstream::DownstreamConf;
 use super::runtime_dir;
 use super::upstream_tls::UpstreamTlsConf;
@@ -88,16 +88,19 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             location.clone(),
             format!("cannot read the gateway file: {e}"),
         )
+        .code(Code::Unreadable)
         .hint("pass the gateway file with -c, e.g. `pingress -c conf/pingress.yaml`")
     })?;
     let parsed: GatewayFileYaml = serde_yaml::from_str(&text).map_err(|e| {
         Box::new(
-            Diagnostic::error(location.clone(), format!("invalid gateway file: {e}")).hint(
-                "the gateway file has five keys: `pingora:` (Pingora server settings), \
+            Diagnostic::error(location.clone(), format!("invalid gateway file: {e}"))
+                .code(Code::Unreadable)
+                .hint(
+                    "the gateway file has five keys: `pingora:` (Pingora server settings), \
              `resources:` (files or directories), `admin:` (`listen`), `upstream_tls:` \
              (`verify`) and `downstream:` (`request_head_timeout_ms`, `max_connections`, \
              `max_connections_per_client`, `max_connection_age_ms`)",
-            ),
+                ),
         )
     })?;
 
@@ -157,6 +160,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
                     location.clone(),
                     format!("{value:?} is in a directory every user may write to"),
                 )
+                .code(Code::Insecure)
                 .field(field)
                 .hint("another user could create it first (and take the listeners at an upgrade); leave the key out for a private directory of pingress's own"),
             );
@@ -191,6 +195,7 @@ fn warn_unknown_pingora_keys(value: &Value, location: &Location, out: &mut Vec<D
             let name = key.as_str().unwrap_or("?");
             let mut diagnostic =
                 Diagnostic::warning(location.clone(), "unknown Pingora setting, ignored")
+                    .code(Code::UnknownKey)
                     .field(format!("pingora.{name}"));
             let names: Vec<&str> = known.keys().filter_map(Value::as_str).collect();
             if let Some(suggestion) = closest(name, &names) {
@@ -280,6 +285,7 @@ pub fn load_resources(gateway: &GatewayFile) -> (ResourceFiles, Vec<Diagnostic>)
             };
             diagnostics.push(
                 Diagnostic::error(Location::File(gateway.path.clone()), message)
+                    .code(Code::Unreadable)
                     .field(format!("resources[{index}]"))
                     .hint("paths under `resources:` are relative to the gateway file"),
             );
@@ -311,15 +317,16 @@ pub fn load_resources(gateway: &GatewayFile) -> (ResourceFiles, Vec<Diagnostic>)
                         Location::File(shown),
                         "the file kept changing while it was read; its content is not used yet",
                     )
+                    .code(Code::Unreadable)
                     .hint(WRITE_BY_RENAME),
                 );
                 (Vec::new(), FileState::Incomplete)
             }
             Err(e) => {
-                diagnostics.push(Diagnostic::error(
-                    Location::File(shown),
-                    format!("cannot read: {e}"),
-                ));
+                diagnostics.push(
+                    Diagnostic::error(Location::File(shown), format!("cannot read: {e}"))
+                        .code(Code::Unreadable),
+                );
                 (Vec::new(), FileState::Incomplete)
             }
         };
@@ -389,10 +396,13 @@ fn collect_files(
         Err(e) => {
             unreadable.push(path.to_path_buf());
             // A dangling link inside a resource directory.
-            diags.push(Diagnostic::error(
-                Location::File(path.to_path_buf()),
-                format!("cannot read: {e}"),
-            ));
+            diags.push(
+                Diagnostic::error(
+                    Location::File(path.to_path_buf()),
+                    format!("cannot read: {e}"),
+                )
+                .code(Code::Unreadable),
+            );
             return;
         }
     };
@@ -406,10 +416,13 @@ fn collect_files(
         Ok(entries) => entries,
         Err(e) => {
             unreadable.push(path.to_path_buf());
-            diags.push(Diagnostic::error(
-                Location::File(path.to_path_buf()),
-                format!("cannot list directory: {e}"),
-            ));
+            diags.push(
+                Diagnostic::error(
+                    Location::File(path.to_path_buf()),
+                    format!("cannot list directory: {e}"),
+                )
+                .code(Code::Unreadable),
+            );
             return;
         }
     };
@@ -454,6 +467,7 @@ pub fn parse_documents(
             Err(e) => {
                 diags.push(
                     Diagnostic::error(Location::Document(source), format!("invalid YAML: {e}"))
+                        .code(Code::Unreadable)
                         .hint("documents after this one in the same file were not read"),
                 );
                 // The YAML stream cannot resynchronise after a syntax error.
@@ -472,6 +486,7 @@ pub fn parse_documents(
                     Some(_) => {
                         diags.push(
                             Diagnostic::error(Location::Document(source), "items must be a list")
+                                .code(Code::Unreadable)
                                 .field("items"),
                         );
                         continue;
@@ -496,10 +511,13 @@ fn is_list(body: &Mapping) -> bool {
 fn identify(source: Source, value: Value, out: &mut Vec<RawResource>, diags: &mut Vec<Diagnostic>) {
     let location = Location::Document(source.clone());
     let Value::Mapping(body) = value else {
-        diags.push(Diagnostic::error(
-            location,
-            "a resource must be a YAML map with apiVersion, kind, metadata and spec",
-        ));
+        diags.push(
+            Diagnostic::error(
+                location,
+                "a resource must be a YAML map with apiVersion, kind, metadata and spec",
+            )
+            .code(Code::Unreadable),
+        );
         return;
     };
     let text = |key: &str| body.get(key).and_then(Value::as_str).map(str::to_string);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use http::HeaderName;
 
-use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
+use crate::config::diagnostics::{Code, Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
     AddHeaderValue, HostBinding as HostBindingSpec, HostSpec, LabelSelector, ListenerSpec,
@@ -143,6 +143,7 @@ pub fn validate_modules(
                     "metadata.name",
                     "only the Module named `ambassador` is read; ignored",
                 )
+                .with_code(Code::ResourceIgnored)
                 .with_hint("the legacy `tls` Module is not supported: use TLSContext and Host");
             continue;
         }
@@ -217,10 +218,12 @@ fn module_settings(config: &ModuleConfig, report: &mut Reporter) -> Option<Modul
     };
     let underscores = underscores(config, report);
     if config.use_remote_address == Some(false) {
-        report.warning(
-            "spec.config.use_remote_address",
-            "pingress always trusts the socket peer address; ignored",
-        );
+        report
+            .warning(
+                "spec.config.use_remote_address",
+                "pingress always trusts the socket peer address; ignored",
+            )
+            .with_code(Code::KeyIgnored);
     }
     let connections = connection_defaults(config, report)?;
     let default_label_domain = default_label_domain(config, base.default_label_domain, report);

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::config::diagnostics::Reporter;
+use crate::config::diagnostics::{Named, Reporter};
 use crate::config::load::RawResource;
 use crate::config::resources::{HostSpec, TlsContextSpec};
 use crate::tls::{self, CertKeyError, TlsContext};
@@ -55,6 +55,7 @@ pub fn resolve(
                 "spec.tlsSecret",
                 format!("Secret {namespace}/{secret_name} needs tls.crt and tls.key"),
             )
+            .caused_by(Named::secret(namespace, secret_name))
             .with_hint("a kubernetes.io/tls Secret, as `kubectl create secret tls` makes it");
         return None;
     };
@@ -71,7 +72,9 @@ pub fn resolve(
                     )
                 }
             };
-            report.error("spec.tlsSecret", message);
+            report
+                .error("spec.tlsSecret", message)
+                .caused_by(Named::secret(namespace, secret_name));
             return None;
         }
     };
@@ -133,6 +136,7 @@ pub fn resolve(
                         base.name
                     ),
                 )
+                .caused_by(Named::secret(namespace, secret_name))
                 .with_hint("drop the context's secret, or point both at the same Secret");
             return None;
         }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use crate::config::diagnostics::{Diagnostic, Reporter};
+use crate::config::diagnostics::{Code, Diagnostic, Reporter};
 use crate::config::load::RawResource;
 use crate::config::resources::{
     EndpointAddress, EndpointPort, EndpointSubset, IntOrString, KubeServiceSpec, SliceEndpoint,
@@ -245,10 +245,12 @@ fn endpoint_slice(raw: &RawResource, report: &mut Reporter) -> Option<EndpointGr
     match address_type.as_deref() {
         Some("IPv4" | "IPv6") => {}
         Some("FQDN") => {
-            report.warning(
-                "addressType",
-                "FQDN endpoints are not supported by pingress; this slice is ignored",
-            );
+            report
+                .warning(
+                    "addressType",
+                    "FQDN endpoints are not supported by pingress; this slice is ignored",
+                )
+                .with_code(Code::ResourceIgnored);
             return None;
         }
         Some(other) => {

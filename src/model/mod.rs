@@ -37,7 +37,7 @@ pub use mapping::{Association, Mapping, Rewrite};
 pub use tcp_mapping::TcpMapping;
 pub use tls_context::TlsContexts;
 
-use crate::config::diagnostics::{closest, Diagnostic, Reporter, Source};
+use crate::config::diagnostics::{closest, Code, Diagnostic, Reporter, Source};
 use crate::config::load::RawResource;
 use crate::filters::auth::AuthServices;
 use crate::filters::cors::CorsPolicy;
@@ -418,10 +418,13 @@ fn group<'a>(
     }
     if !raw.api_version.starts_with("getambassador.io/") {
         if !IGNORED_KUBERNETES_KINDS.contains(&kind) {
-            diags.push(Diagnostic::warning(
-                raw.location(),
-                format!("pingress does not use {} {kind}; ignored", raw.api_version),
-            ));
+            diags.push(
+                Diagnostic::warning(
+                    raw.location(),
+                    format!("pingress does not use {} {kind}; ignored", raw.api_version),
+                )
+                .code(Code::ResourceIgnored),
+            );
         }
         return None;
     }
@@ -438,10 +441,13 @@ fn group<'a>(
         return None;
     }
     if LATER_KINDS.contains(&kind) {
-        diags.push(Diagnostic::warning(
-            raw.location(),
-            format!("{kind} is not supported by pingress yet; ignored"),
-        ));
+        diags.push(
+            Diagnostic::warning(
+                raw.location(),
+                format!("{kind} is not supported by pingress yet; ignored"),
+            )
+            .code(Code::ResourceIgnored),
+        );
         return None;
     }
     if !KINDS.contains(&kind) {
@@ -475,6 +481,7 @@ fn duplicate(raw: &RawResource, first: &Source, diags: &mut Vec<Diagnostic>) {
                 raw.id.kind, raw.id.namespace, raw.id.name
             ),
         )
+        .code(Code::ResourceIgnored)
         .field("metadata.name")
         .hint("give each resource of a kind a unique name within its namespace"),
     );

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::config::diagnostics::{closest, plain_words, Reporter};
+use crate::config::diagnostics::{closest, plain_words, Code, Reporter};
 use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
 
@@ -66,9 +66,13 @@ pub fn check_unknown_fields(
     for key in other.keys() {
         let field = format!("{prefix}.{key}");
         if not_yet_supported.contains(&key.as_str()) {
-            report.warning(&field, "not supported by pingress yet; ignored");
+            report
+                .warning(&field, "not supported by pingress yet; ignored")
+                .with_code(Code::KeyIgnored);
         } else {
-            let diagnostic = report.error(&field, "unknown field");
+            let diagnostic = report
+                .error(&field, "unknown field")
+                .with_code(Code::UnknownKey);
             if let Some(suggestion) = closest(key, supported) {
                 diagnostic.with_hint(format!("did you mean `{suggestion}`?"));
                 suggested.push(suggestion);

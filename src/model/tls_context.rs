@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
+use crate::config::diagnostics::{Diagnostic, Named, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
 use crate::tls::{self, CertKeyError, SecretData, TlsContext};
@@ -135,6 +135,7 @@ pub(crate) fn secret_data(
     let Some(secret) = secrets.get(&(namespace.to_string(), name.to_string())) else {
         report
             .error(field, format!("Secret {namespace}/{name} unknown"))
+            .caused_by(Named::secret(namespace, name))
             .with_hint(hint);
         return None;
     };
@@ -145,7 +146,9 @@ pub(crate) fn secret_data(
     match decoded {
         Ok(data) => Some(data),
         Err(e) => {
-            report.error(field, format!("Secret {namespace}/{name}: {e}"));
+            report
+                .error(field, format!("Secret {namespace}/{name}: {e}"))
+                .caused_by(Named::secret(namespace, name));
             None
         }
     }
@@ -191,7 +194,10 @@ pub(crate) fn build(
         Some(pem) => match tls::parse_chain(pem) {
             Ok(certs) => Some(Arc::new(certs.into_boxed_slice())),
             Err(e) => {
-                report.error("spec.ca_secret", format!("CA bundle: {e}"));
+                let diagnostic = report.error("spec.ca_secret", format!("CA bundle: {e}"));
+                if let Some(secret) = ca_secret(spec) {
+                    diagnostic.caused_by(refs.named(secret));
+                }
                 None
             }
         },
@@ -259,6 +265,12 @@ impl SecretRefs<'_> {
         split_secret_name(reference, self.namespace, self.namespacing)
     }
 
+    /// The Secret `reference` names, to blame a problem with its content on.
+    fn named(&self, reference: &str) -> Named {
+        let (name, namespace) = self.split(reference);
+        Named::secret(&namespace, &name)
+    }
+
     /// The PEM material of the Secret `reference`, reported at `field`
     /// when there is none; a dotted name may have been read as
     /// name.namespace, and the hint says so.
@@ -298,10 +310,14 @@ fn certificate_pems(spec: &TlsContextSpec, refs: &SecretRefs, report: &mut Repor
                 return Pems::default();
             };
             if data.cert_chain.is_none() {
-                report.error("spec.secret", format!("Secret {reference} has no tls.crt"));
+                report
+                    .error("spec.secret", format!("Secret {reference} has no tls.crt"))
+                    .caused_by(refs.named(reference));
             }
             if data.key.is_none() {
-                report.error("spec.secret", format!("Secret {reference} has no tls.key"));
+                report
+                    .error("spec.secret", format!("Secret {reference} has no tls.key"))
+                    .caused_by(refs.named(reference));
             }
             Pems {
                 chain: data.cert_chain,
@@ -360,6 +376,7 @@ fn ca_pem(
                             "spec.ca_secret",
                             format!("Secret {reference} has no CA certificate"),
                         )
+                        .caused_by(refs.named(reference))
                         .with_hint("put the CA bundle under tls.crt (or ca.crt)");
                     from_secret
                 }
@@ -367,6 +384,15 @@ fn ca_pem(
         }
         (None, Some(path)) => read_file("spec.cacert_chain_file", path, report),
         (None, None) => from_secret,
+    }
+}
+
+/// The Secret the CA bundle was read from, as [`ca_pem`] chose it.
+fn ca_secret(spec: &TlsContextSpec) -> Option<&str> {
+    match (&spec.ca_secret, &spec.cacert_chain_file) {
+        (Some(reference), None) => Some(reference),
+        (None, Some(_)) => None,
+        _ => spec.secret.as_deref(),
     }
 }
 
@@ -389,16 +415,14 @@ fn cert_key_error(
     error: CertKeyError,
     report: &mut Reporter,
 ) {
-    let (field, cert_origin, key_origin, owner) = match &spec.secret {
-        Some(secret) => {
-            let (name, namespace) = refs.split(secret);
-            (
-                "spec.secret",
-                "tls.crt".to_string(),
-                "tls.key".to_string(),
-                format!(" of Secret {namespace}/{name}"),
-            )
-        }
+    let secret = spec.secret.as_deref().map(|secret| refs.named(secret));
+    let (field, cert_origin, key_origin, owner) = match &secret {
+        Some(secret) => (
+            "spec.secret",
+            "tls.crt".to_string(),
+            "tls.key".to_string(),
+            format!(" of Secret {}/{}", secret.namespace, secret.name),
+        ),
         None => (
             "spec.cert_chain_file",
             spec.cert_chain_file.clone().unwrap_or_default(),
@@ -406,21 +430,18 @@ fn cert_key_error(
             String::new(),
         ),
     };
-    match error {
-        CertKeyError::Certificate(m) => {
-            report.error(field, format!("{cert_origin}{owner}: {m}"));
-        }
-        CertKeyError::Key(m) => {
-            report.error(field, format!("{key_origin}{owner}: {m}"));
-        }
-        CertKeyError::Mismatch(subject) => {
-            report
-                .error(
-                    field,
-                    format!("{key_origin} does not match the certificate in {cert_origin}{owner} ({subject})"),
-                )
-                .with_hint("the key must be the private key of the first (leaf) certificate of the chain");
-        }
+    let diagnostic = match error {
+        CertKeyError::Certificate(m) => report.error(field, format!("{cert_origin}{owner}: {m}")),
+        CertKeyError::Key(m) => report.error(field, format!("{key_origin}{owner}: {m}")),
+        CertKeyError::Mismatch(subject) => report
+            .error(
+                field,
+                format!("{key_origin} does not match the certificate in {cert_origin}{owner} ({subject})"),
+            )
+            .with_hint("the key must be the private key of the first (leaf) certificate of the chain"),
+    };
+    if let Some(secret) = secret {
+        diagnostic.caused_by(secret);
     }
 }
 
@@ -435,16 +456,19 @@ fn crl(spec: &TlsContextSpec, refs: &SecretRefs, report: &mut Reporter) -> Optio
                 "spec.crl_secret",
                 format!("Secret {reference} has no crl.pem"),
             )
+            .caused_by(refs.named(reference))
             .with_hint("an Opaque Secret with the CRL in PEM under crl.pem");
         return None;
     };
     match openssl::x509::X509Crl::from_pem(&pem) {
         Ok(_) => Some(Arc::new(pem)),
         _ => {
-            report.error(
-                "spec.crl_secret",
-                format!("crl.pem of Secret {reference} is not a PEM CRL"),
-            );
+            report
+                .error(
+                    "spec.crl_secret",
+                    format!("crl.pem of Secret {reference} is not a PEM CRL"),
+                )
+                .caused_by(refs.named(reference));
             None
         }
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Diagnostic, Location, ResourceRef};
+use crate::config::diagnostics::{Code, Diagnostic, Location, ResourceRef};
 use crate::config::upstream_tls::UpstreamTlsConf;
 use crate::tls::TlsContext;
 use crate::upstream::service::ServiceAddr;
@@ -93,6 +93,7 @@ impl Origination<'_> {
                     self.target()
                 ),
             )
+            .code(Code::Insecure)
             .field(self.field())
             .hint(format!(
                 "{fix}, or set `upstream_tls: {{verify: system}}` in the gateway file to verify \

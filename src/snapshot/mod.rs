@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use crate::config::diagnostics::{Diagnostic, Location};
+use crate::config::diagnostics::{Code, Diagnostic, Location};
 use crate::filters::auth::{AuthServices, ExtAuth};
 use crate::filters::chain::{Entry, Stage};
 use crate::filters::cors::{CorsFilter, CorsPolicy};
@@ -442,6 +442,7 @@ fn warn_unused_l4_listeners(model: &Model, tcp: &[TcpPort], diags: &mut Vec<Diag
                         listener.port
                     ),
                 )
+                .code(Code::Unreachable)
                 .hint("a TCPMapping with this port puts the listener to use"),
             );
         }
@@ -586,6 +587,7 @@ fn warn_unreachable(groups: &[MappingGroup], reachable: &[bool], diags: &mut Vec
                     Location::Resource(first.id.clone()),
                     "no Host serves this Mapping; it is not reachable",
                 )
+                .code(Code::Unreachable)
                 .hint(hint),
             );
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::client::{Request, Response};
-use super::ports::free_port;
+use super::ports::{free_port, poll_until};
 use super::process::{drain_to_string, kill_child, tempdir};
 
 pub const PINGRESS: &str = env!("CARGO_BIN_EXE_pingress");
@@ -286,6 +286,18 @@ impl Gateway {
                 .and_then(|rest| rest.strip_prefix(' '))
                 .and_then(|value| value.trim().parse().ok())
         })
+    }
+
+    /// The value of `series` once `ready` holds for it, or the last read
+    /// after 5 s. A connection's close can reach the client a moment
+    /// before the gateway counts it.
+    pub fn metric_when(&self, series: &str, ready: impl Fn(f64) -> bool) -> Option<f64> {
+        let mut last = None;
+        let _settled = poll_until(Duration::from_secs(5), || {
+            last = self.metric(series);
+            last.is_some_and(&ready)
+        });
+        last
     }
 
     /// The gateway's resident memory (VmRSS), in KiB.

@@ -11,13 +11,12 @@
 //! filter refuses its paths, an invalid Module stops the start).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Code, Diagnostic, Location, ResourceRef, Source};
-use crate::config::load::{
-    load_gateway_file, load_resources, FileState, GatewayFile, RawResource, WRITE_BY_RENAME,
-};
+use crate::config::diagnostics::{Code, Diagnostic, Location, Named, ResourceRef, Source};
+use crate::config::load::{load_gateway_file, GatewayFile, RawResource};
+use crate::config::source::{read_files, FilesKept};
 use crate::filters::Registry;
 use crate::model::{validate, Model};
 use crate::snapshot::{compile, Inherited, Resolution, Snapshot};
@@ -40,39 +39,27 @@ impl Loaded {
 
     /// Resources with errors, per kind, for `pingress_resource_errors`.
     pub fn resource_errors(&self) -> BTreeMap<String, usize> {
-        let mut resources: HashSet<Identity> = HashSet::new();
+        let mut resources: HashSet<Named> = HashSet::new();
         for diagnostic in self.diagnostics.iter().filter(|d| d.is_error()) {
             if let Location::Resource(resource) = &diagnostic.location {
-                resources.insert(identity_of(resource));
+                resources.insert(resource.named());
             }
         }
         let mut per_kind = BTreeMap::new();
-        for (kind, _, _) in resources {
-            *per_kind.entry(kind).or_insert(0) += 1;
+        for resource in resources {
+            *per_kind.entry(resource.kind).or_insert(0) += 1;
         }
         per_kind
     }
-}
-
-/// A resource across edits: which file or document holds it does not
-/// matter. Kind, namespace, name.
-type Identity = (String, String, String);
-
-fn identity_of(resource: &ResourceRef) -> Identity {
-    (
-        resource.kind.clone(),
-        resource.namespace.clone(),
-        resource.name.clone(),
-    )
 }
 
 /// The last good version of what the serving configuration was built from.
 #[derive(Debug, Default)]
 pub struct LastGood {
     /// Each resource's last version that validated without error.
-    resources: HashMap<Identity, Arc<RawResource>>,
-    /// Each file's resources the last time its content was known whole.
-    files: HashMap<PathBuf, Vec<Arc<RawResource>>>,
+    resources: HashMap<Named, Arc<RawResource>>,
+    /// What the resource files' source keeps for its next read.
+    files: FilesKept,
     /// What the snapshots still live leave to the next build: shared by
     /// every build of one process, so a reload never multiplies a breaker,
     /// a probe or a rate limit.
@@ -88,7 +75,7 @@ impl LastGood {
     /// `raw` itself, or the last good copy of it when nothing about it
     /// changed, where it sits included.
     fn share(&self, raw: RawResource) -> Arc<RawResource> {
-        match self.resources.get(&identity_of(&raw.id)) {
+        match self.resources.get(&raw.id.named()) {
             Some(good) if good.id == raw.id && same_content(good, &raw) => good.clone(),
             _ => Arc::new(raw),
         }
@@ -108,88 +95,17 @@ pub fn load(
     previous: &LastGood,
 ) -> Result<Loaded, Box<Diagnostic>> {
     let (gateway, mut diagnostics) = load_gateway_file(gateway_path)?;
-    let (read, load_diags) = load_resources(&gateway);
-    diagnostics.extend(load_diags);
+    let arrival = read_files(&gateway, &previous.files, |raw| previous.share(raw));
+    diagnostics.extend(arrival.diagnostics);
+    let mut resources = arrival.resources;
     let mut last_good = LastGood {
+        files: arrival.kept,
         inherited: previous.inherited.clone(),
         ..LastGood::default()
     };
-    let mut resources = Vec::new();
-    // A directory that cannot be listed, or a listed path that is missing
-    // (renamed, a mount not there yet), removes nothing it held.
-    let listed: HashSet<&Path> = read.files.iter().map(|f| f.path.as_path()).collect();
-    for (path, old) in &previous.files {
-        let hidden = read.unreadable.iter().any(|root| path.starts_with(root));
-        if hidden && !listed.contains(path.as_path()) && !old.is_empty() {
-            diagnostics.push(
-                Diagnostic::warning(
-                    Location::File(path.clone()),
-                    format!(
-                        "cannot be read now; its last good content ({} resources) keeps serving",
-                        old.len()
-                    ),
-                )
-                .code(Code::LastGood),
-            );
-            resources.extend(old.iter().cloned());
-            last_good.files.insert(path.clone(), old.clone());
-        }
-    }
-    for file in read.files {
-        let kept = previous.files.get(&file.path).filter(|old| !old.is_empty());
-        // What did not change is shared with the last good configuration
-        // rather than held twice.
-        let read = file.resources.into_iter().map(|raw| previous.share(raw));
-        let serving: Vec<Arc<RawResource>> = match (file.state, kept) {
-            (FileState::Whole, _) | (_, None) => read.collect(),
-            (FileState::Empty, Some(old)) => {
-                diagnostics.push(
-                    Diagnostic::warning(
-                        Location::File(file.path.clone()),
-                        format!(
-                            "the file holds no document; its last good content ({} resources) \
-                             keeps serving until it holds documents again or is deleted",
-                            old.len()
-                        ),
-                    )
-                    .code(Code::LastGood)
-                    .hint(WRITE_BY_RENAME),
-                );
-                old.clone()
-            }
-            (FileState::Incomplete, Some(old)) => {
-                // What was read applies; what could not be read is not
-                // taken as removed.
-                let read: Vec<Arc<RawResource>> = read.collect();
-                let identities: HashSet<Identity> =
-                    read.iter().map(|r| identity_of(&r.id)).collect();
-                let missing: Vec<Arc<RawResource>> = old
-                    .iter()
-                    .filter(|r| !identities.contains(&identity_of(&r.id)))
-                    .cloned()
-                    .collect();
-                if !missing.is_empty() {
-                    diagnostics.push(
-                        Diagnostic::warning(
-                            Location::File(file.path.clone()),
-                            format!(
-                                "part of the file could not be read; {} resources it held keep \
-                             serving their last good version",
-                                missing.len()
-                            ),
-                        )
-                        .code(Code::LastGood),
-                    );
-                }
-                read.into_iter().chain(missing).collect()
-            }
-        };
-        resources.extend(serving.iter().cloned());
-        last_good.files.insert(file.path, serving);
-    }
 
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
-    let run = |resources: &[Arc<RawResource>]| {
+    let validate = |resources: &[Arc<RawResource>]| {
         let (mut model, mut diags) = validate(resources, &ambassador_id, registry);
         diags.extend(crate::model::upstream_trust::apply(
             &mut model,
@@ -197,12 +113,37 @@ pub fn load(
         ));
         (model, diags)
     };
-    let (mut model, mut model_diags) = run(&resources);
+    let (model, model_diags, restored) = validate_falling_back(&mut resources, previous, validate);
+    diagnostics.extend(model_diags);
+    last_good.resources = still_good(&resources, &restored, &diagnostics, previous);
+
+    let (mut snapshot, compile_diags) = compile(&model, resolution, &previous.inherited);
+    diagnostics.extend(compile_diags);
+    snapshot.sources.extend(gateway.resources.iter().cloned());
+    Ok(Loaded {
+        gateway,
+        model,
+        snapshot,
+        diagnostics,
+        last_good,
+    })
+}
+
+/// Validates `resources`, putting back the last good version of what an
+/// edit broke (see [`fall_back`]) and validating again, for a few rounds.
+/// Returns the model, its diagnostics (the errors of the versions put back
+/// included) and the resources put back.
+fn validate_falling_back(
+    resources: &mut Vec<Arc<RawResource>>,
+    previous: &LastGood,
+    validate: impl Fn(&[Arc<RawResource>]) -> (Model, Vec<Diagnostic>),
+) -> (Model, Vec<Diagnostic>, HashSet<Named>) {
+    let (mut model, mut model_diags) = validate(resources);
     // Errors of versions that a last good one replaced: still reported.
     let mut replaced_errors = Vec::new();
-    let mut restored: HashSet<Identity> = HashSet::new();
+    let mut restored: HashSet<Named> = HashSet::new();
     for _ in 0..FALLBACK_ROUNDS {
-        let fallback = fall_back(&mut resources, &model_diags, previous, &mut restored);
+        let fallback = fall_back(resources, &model_diags, previous, &mut restored);
         if fallback.restored.is_empty() {
             break;
         }
@@ -219,7 +160,7 @@ pub fn load(
                 Diagnostic::warning(
                     Location::Resource(resource.clone()),
                     "its last good version keeps serving: the current one is invalid, or missing \
-                 while in use",
+                     while in use",
                 )
                 .code(Code::LastGood),
             );
@@ -228,7 +169,7 @@ pub fn load(
         for resource in &fallback.users {
             replaced_errors.extend(errors_of(resource));
         }
-        (model, model_diags) = run(&resources);
+        (model, model_diags) = validate(resources);
     }
     // A user still failing after its Secret was put back reports the
     // same error twice: once is enough.
@@ -240,32 +181,32 @@ pub fn load(
         _ => true,
     });
     replaced_errors.dedup();
-    diagnostics.extend(replaced_errors);
-    diagnostics.extend(model_diags);
+    replaced_errors.extend(model_diags);
+    (model, replaced_errors, restored)
+}
 
-    let failed = errors_by_resource(&diagnostics);
-    for resource in &resources {
-        let identity = identity_of(&resource.id);
-        let good = if restored.contains(&identity) || failed.contains_key(&resource.id) {
+/// Each resource's last version that validated without error: the one
+/// serving now, or the one before when it failed or was put back.
+fn still_good(
+    resources: &[Arc<RawResource>],
+    restored: &HashSet<Named>,
+    diagnostics: &[Diagnostic],
+    previous: &LastGood,
+) -> HashMap<Named, Arc<RawResource>> {
+    let failed = errors_by_resource(diagnostics);
+    let mut good = HashMap::new();
+    for resource in resources {
+        let identity = resource.id.named();
+        let kept = if restored.contains(&identity) || failed.contains_key(&resource.id) {
             previous.resources.get(&identity)
         } else {
             Some(resource)
         };
-        if let Some(good) = good {
-            last_good.resources.insert(identity, good.clone());
+        if let Some(kept) = kept {
+            good.insert(identity, kept.clone());
         }
     }
-
-    let (mut snapshot, compile_diags) = compile(&model, resolution, &previous.inherited);
-    diagnostics.extend(compile_diags);
-    snapshot.sources.extend(gateway.resources.iter().cloned());
-    Ok(Loaded {
-        gateway,
-        model,
-        snapshot,
-        diagnostics,
-        last_good,
-    })
+    good
 }
 
 /// The errors of each resource that has some.
@@ -302,7 +243,7 @@ fn fall_back(
     resources: &mut Vec<Arc<RawResource>>,
     diagnostics: &[Diagnostic],
     previous: &LastGood,
-    restored: &mut HashSet<Identity>,
+    restored: &mut HashSet<Named>,
 ) -> Fallback {
     let errors = errors_by_resource(diagnostics);
     // Places whose resource has an error or is ignored.
@@ -321,15 +262,15 @@ fn fall_back(
     if troubled.is_empty() {
         return fallback;
     }
-    let mut copies: HashMap<Identity, usize> = HashMap::new();
+    let mut copies: HashMap<Named, usize> = HashMap::new();
     for resource in resources.iter() {
-        *copies.entry(identity_of(&resource.id)).or_default() += 1;
+        *copies.entry(resource.id.named()).or_default() += 1;
     }
     // The Secrets that failing resources with good content of their own
     // blame their errors on.
-    let mut blamed: HashSet<(&str, &str)> = HashSet::new();
+    let mut blamed: HashSet<&Named> = HashSet::new();
     for resource in resources.iter() {
-        let identity = identity_of(&resource.id);
+        let identity = resource.id.named();
         let Some(said) = errors.get(&resource.id) else {
             continue;
         };
@@ -338,24 +279,18 @@ fn fall_back(
             .get(&identity)
             .is_some_and(|good| restored.contains(&identity) || same_content(good, resource));
         if content_was_good {
-            blamed.extend(
-                said.iter()
-                    .filter_map(|d| d.cause.as_ref())
-                    .filter(|cause| cause.kind == "Secret")
-                    .map(|cause| (cause.namespace.as_str(), cause.name.as_str())),
-            );
+            blamed.extend(said.iter().filter_map(|d| d.cause.as_ref()));
             fallback.users.push(resource.id.clone());
         }
     }
-    let named = |namespace: &str, name: &str| blamed.contains(&(namespace, name));
     for resource in resources.iter_mut() {
-        let identity = identity_of(&resource.id);
+        let identity = resource.id.named();
         // A duplicate's error is about the duplicate, not its content.
         if restored.contains(&identity) || copies.get(&identity) != Some(&1) {
             continue;
         }
         let wanted = if resource.id.kind == "Secret" {
-            named(&identity.1, &identity.2)
+            blamed.contains(&identity)
         } else {
             errors.contains_key(&resource.id)
         };
@@ -375,8 +310,7 @@ fn fall_back(
         if copies.contains_key(identity) || restored.contains(identity) {
             continue;
         }
-        let (kind, namespace, name) = identity;
-        let deleted_in_use = kind == "Secret" && named(namespace, name);
+        let deleted_in_use = identity.kind == "Secret" && blamed.contains(identity);
         if deleted_in_use || troubled.contains(&good.id.source) {
             fallback.restored.push(good.id.clone());
             resources.push(good.clone());

@@ -58,6 +58,16 @@ impl ResourceRef {
     pub fn emissary_key(&self) -> String {
         format!("{}.{}.{}", self.name, self.namespace, self.source.document)
     }
+
+    /// The resource across edits: which file or document holds it does
+    /// not matter.
+    pub fn named(&self) -> Named {
+        Named {
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
 }
 
 impl fmt::Display for ResourceRef {

@@ -7,4 +7,5 @@ pub mod downstream;
 pub mod load;
 pub mod resources;
 pub mod runtime_dir;
+pub mod source;
 pub mod upstream_tls;

@@ -146,19 +146,8 @@ impl Request {
 
     /// Sends over TLS on a fresh connection; `Host` defaults to the SNI.
     pub fn try_send_tls(self, port: u16, tls: &TlsOpts) -> Result<Response, String> {
-        let stream = tls_connect(port, tls)?;
-        let host = tls
-            .sni
-            .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{port}"));
-        let mut wire = Wire::new(stream);
-        let bytes = self.to_bytes(&host, true);
-        let head = self.method.eq_ignore_ascii_case("HEAD");
-        wire.stream
-            .write_all(&bytes)
-            .and_then(|_| wire.stream.flush())
-            .and_then(|_| wire.read_response(head))
-            .map_err(|e| format!("TLS request to port {port}: {e}"))
+        self.try_send_tls_peer(port, tls)
+            .map(|(response, _)| response)
     }
 
     pub fn send_tls(self, port: u16, tls: &TlsOpts) -> Response {

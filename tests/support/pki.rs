@@ -87,6 +87,21 @@ fn new_ec_key() -> PKey<Private> {
     PKey::from_ec_key(ec).expect("wrap EC key")
 }
 
+/// What a leaf certificate says besides its key and serial.
+struct Leaf<'a> {
+    subject: X509Name,
+    validity: (Asn1Time, Asn1Time),
+    /// serverAuth, else clientAuth.
+    server: bool,
+    sans: Vec<San<'a>>,
+}
+
+enum San<'a> {
+    Dns(&'a str),
+    Ip(&'a str),
+    Uri(&'a str),
+}
+
 fn subject_name(cn: &str) -> X509Name {
     let mut b = X509Name::builder().expect("name builder");
     // CN first so the one-line form reads `CN=..,O=..`.
@@ -211,37 +226,22 @@ impl Pki {
     /// `not_before` to `not_after`, in seconds since the Unix epoch; with a
     /// `not_after` in the past it is an expired certificate.
     pub fn issue_server_valid(&self, name: &str, not_before: i64, not_after: i64) -> CertFiles {
-        let key = new_ec_key();
-        let (serial, serial_hex) = random_serial();
-        let mut b = X509::builder().expect("x509 builder");
-        b.set_version(2).expect("version");
-        b.set_serial_number(&serial).expect("serial");
-        b.set_subject_name(&subject_name(name)).expect("subject");
-        b.set_issuer_name(self.ca_cert.subject_name())
-            .expect("issuer");
-        b.set_pubkey(&key).expect("pubkey");
-        b.set_not_before(&Asn1Time::from_unix(not_before).expect("not_before"))
-            .expect("not_before");
-        b.set_not_after(&Asn1Time::from_unix(not_after).expect("not_after"))
-            .expect("not_after");
-        let mut eku = ExtendedKeyUsage::new();
-        b.append_extension(eku.server_auth().build().expect("eku"))
-            .expect("eku");
-        let san = SubjectAlternativeName::new()
-            .dns(name)
-            .build(&b.x509v3_context(Some(&self.ca_cert), None))
-            .expect("san");
-        b.append_extension(san).expect("san");
-        b.sign(&self.ca_key, MessageDigest::sha256())
-            .expect("sign leaf");
-        self.save("dated", name, &b.build(), &key, serial_hex)
+        let validity = (
+            Asn1Time::from_unix(not_before).expect("not_before"),
+            Asn1Time::from_unix(not_after).expect("not_after"),
+        );
+        let leaf = Leaf {
+            subject: subject_name(name),
+            validity,
+            server: true,
+            sans: vec![San::Dns(name)],
+        };
+        self.sign_leaf("dated", name, leaf)
     }
 
     /// A clientAuth certificate with exactly this subject, these SANs (URIs
     /// first, then DNS names) and validity.
     pub fn issue_client_identity(&self, id: &ClientIdentity) -> CertFiles {
-        let key = new_ec_key();
-        let (serial, serial_hex) = random_serial();
         let mut name = X509Name::builder().expect("name builder");
         for (field, value) in id.subject {
             name.append_entry_by_text(field, value)
@@ -253,52 +253,18 @@ impl Pki {
             .find(|(field, _)| *field == "CN")
             .map(|(_, value)| *value)
             .unwrap_or("client");
-
-        let mut b = X509::builder().expect("x509 builder");
-        b.set_version(2).expect("version");
-        b.set_serial_number(&serial).expect("serial");
-        b.set_subject_name(&name.build()).expect("subject");
-        b.set_issuer_name(self.ca_cert.subject_name())
-            .expect("issuer");
-        b.set_pubkey(&key).expect("pubkey");
-        b.set_not_before(&Asn1Time::from_unix(id.not_before).expect("not_before"))
-            .expect("not_before");
-        b.set_not_after(&Asn1Time::from_unix(id.not_after).expect("not_after"))
-            .expect("not_after");
-        b.append_extension(BasicConstraints::new().critical().build().expect("bc"))
-            .expect("bc");
-        b.append_extension(
-            KeyUsage::new()
-                .critical()
-                .digital_signature()
-                .build()
-                .expect("ku"),
-        )
-        .expect("ku");
-        let mut eku = ExtendedKeyUsage::new();
-        b.append_extension(eku.client_auth().build().expect("eku"))
-            .expect("eku");
-        if !id.uris.is_empty() || !id.dns.is_empty() {
-            let mut san = SubjectAlternativeName::new();
-            for uri in id.uris {
-                san.uri(uri);
-            }
-            for dns in id.dns {
-                san.dns(dns);
-            }
-            let ext = san
-                .build(&b.x509v3_context(Some(&self.ca_cert), None))
-                .expect("san");
-            b.append_extension(ext).expect("san");
-        }
-        let akid = AuthorityKeyIdentifier::new()
-            .keyid(true)
-            .build(&b.x509v3_context(Some(&self.ca_cert), None))
-            .expect("akid");
-        b.append_extension(akid).expect("akid");
-        b.sign(&self.ca_key, MessageDigest::sha256())
-            .expect("sign leaf");
-        self.save("identity", cn, &b.build(), &key, serial_hex)
+        let validity = (
+            Asn1Time::from_unix(id.not_before).expect("not_before"),
+            Asn1Time::from_unix(id.not_after).expect("not_after"),
+        );
+        let sans = id.uris.iter().map(|uri| San::Uri(uri));
+        let leaf = Leaf {
+            subject: name.build(),
+            validity,
+            server: false,
+            sans: sans.chain(id.dns.iter().map(|dns| San::Dns(dns))).collect(),
+        };
+        self.sign_leaf("identity", cn, leaf)
     }
 
     /// A CRL this CA signed, valid from an hour ago for 30 days, revoking
@@ -344,19 +310,32 @@ impl Pki {
     }
 
     fn issue(&self, kind: &str, cn: &str, sans: &[&str], server: bool) -> CertFiles {
+        let sans = sans.iter().map(|&s| match s.parse::<IpAddr>() {
+            Ok(_) => San::Ip(s),
+            Err(_) => San::Dns(s),
+        });
+        let leaf = Leaf {
+            subject: subject_name(cn),
+            validity: validity(),
+            server,
+            sans: sans.collect(),
+        };
+        self.sign_leaf(kind, cn, leaf)
+    }
+
+    /// Signs `leaf` with this CA and saves it under `kind` and `cn`.
+    fn sign_leaf(&self, kind: &str, cn: &str, leaf: Leaf) -> CertFiles {
         let key = new_ec_key();
         let (serial, serial_hex) = random_serial();
-        let (nb, na) = validity();
-
         let mut b = X509::builder().expect("x509 builder");
         b.set_version(2).expect("version");
         b.set_serial_number(&serial).expect("serial");
-        b.set_subject_name(&subject_name(cn)).expect("subject");
+        b.set_subject_name(&leaf.subject).expect("subject");
         b.set_issuer_name(self.ca_cert.subject_name())
             .expect("issuer");
         b.set_pubkey(&key).expect("pubkey");
-        b.set_not_before(&nb).expect("not_before");
-        b.set_not_after(&na).expect("not_after");
+        b.set_not_before(&leaf.validity.0).expect("not_before");
+        b.set_not_after(&leaf.validity.1).expect("not_after");
         b.append_extension(BasicConstraints::new().critical().build().expect("bc"))
             .expect("bc");
         b.append_extension(
@@ -368,22 +347,22 @@ impl Pki {
         )
         .expect("ku");
         let mut eku = ExtendedKeyUsage::new();
-        if server {
+        if leaf.server {
             eku.server_auth();
         } else {
             eku.client_auth();
         }
         b.append_extension(eku.build().expect("eku")).expect("eku");
-        if !sans.is_empty() {
-            let mut san = SubjectAlternativeName::new();
-            for s in sans {
-                if s.parse::<IpAddr>().is_ok() {
-                    san.ip(s);
-                } else {
-                    san.dns(s);
-                }
+        if !leaf.sans.is_empty() {
+            let mut names = SubjectAlternativeName::new();
+            for san in &leaf.sans {
+                match san {
+                    San::Dns(name) => names.dns(name),
+                    San::Ip(ip) => names.ip(ip),
+                    San::Uri(uri) => names.uri(uri),
+                };
             }
-            let ext = san
+            let ext = names
                 .build(&b.x509v3_context(Some(&self.ca_cert), None))
                 .expect("san");
             b.append_extension(ext).expect("san");

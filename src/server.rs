@@ -182,6 +182,7 @@ pub fn serve(
             snapshot.clone(),
             live.swaps(),
             gateway.downstream.max_connection_age,
+            gateway.downstream.tls_drain_window,
             // A connection past its age gets as long to finish as Pingora
             // gives a shutting-down runtime's tasks
             // (`graceful_shutdown_timeout_seconds`, 5 s by default).

@@ -67,7 +67,7 @@ fn until_closed(stream: &mut TcpStream, since: Instant) -> (String, Duration) {
     (String::from_utf8_lossy(&bytes).into_owned(), after)
 }
 
-fn bytes_until_closed(stream: &mut TcpStream, since: Instant) -> (Vec<u8>, Duration) {
+fn bytes_until_closed(stream: &mut impl Read, since: Instant) -> (Vec<u8>, Duration) {
     let mut bytes = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -313,8 +313,7 @@ fn http2_connections_are_bounded_too() {
     // The preface and the client's SETTINGS, then silence.
     let started = Instant::now();
     let mut h2c = open(plain_port);
-    h2c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .unwrap();
+    h2c.write_all(H2_PREFACE_AND_SETTINGS).unwrap();
     let (_, after) = until_closed(&mut h2c, started);
     assert!(after < Duration::from_secs(4), "closed after {after:?}");
 }
@@ -1038,8 +1037,7 @@ fn http2_connections_older_than_max_connection_age_get_goaway() {
     let (_dir, gateway, port, _echo) = start("max_connection_age_ms: 1000", "");
     let started = Instant::now();
     let mut h2c = open(port);
-    h2c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .unwrap();
+    h2c.write_all(H2_PREFACE_AND_SETTINGS).unwrap();
     let (frames, after) = bytes_until_closed(&mut h2c, started);
     assert!(
         after >= Duration::from_millis(900) && after < Duration::from_secs(5),
@@ -1054,6 +1052,74 @@ fn http2_connections_older_than_max_connection_age_get_goaway() {
         gateway.metric("pingress_downstream_connections") == Some(0.0)
     }));
 }
+
+/// A reload that changes a Host's TLS drains the HTTP/2 connections made
+/// with the old one (GOAWAY, then closed), each at its own moment of
+/// `tls_drain_window_ms`, so that a rotated certificate does not make all
+/// clients reconnect at once. Before the window, all were drained at the
+/// moment of the reload.
+#[test]
+fn a_tls_change_drains_http2_connections_over_the_window() {
+    let h2 = "alpn_protocols: h2";
+    let tls = TlsGateway::start("tls_drain_window_ms: 3000", h2, &[]);
+    let opts = tls.opts().alpn(&["h2"]);
+    let connections: Vec<_> = (0..8)
+        .map(|_| {
+            let mut stream = tls_connect(tls.port, &opts).unwrap();
+            stream.write_all(H2_PREFACE_AND_SETTINGS).unwrap();
+            stream
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            stream
+        })
+        .collect();
+    assert!(poll_until(Duration::from_secs(5), || {
+        tls.gateway.metric("pingress_downstream_connections") == Some(8.0)
+    }));
+
+    tls.reload(&format!("{h2}\nmin_tls_version: v1.2"), &[]);
+    let reloaded = Instant::now();
+    let readers: Vec<_> = connections
+        .into_iter()
+        .map(|mut stream| thread::spawn(move || until_goaway(&mut stream, reloaded)))
+        .collect();
+    let mut drained_after = Vec::new();
+    for reader in readers {
+        let after = reader.join().unwrap();
+        assert!(after < Duration::from_secs(8), "drained after {after:?}");
+        drained_after.push(after);
+    }
+    let first = drained_after.iter().min().unwrap();
+    let last = drained_after.iter().max().unwrap();
+    // Eight moments drawn from 3 s fall within 300 ms of each other about
+    // once in a million runs.
+    assert!(
+        *last - *first >= Duration::from_millis(300),
+        "all drained within {:?}: {drained_after:?}",
+        *last - *first
+    );
+}
+
+/// When the first GOAWAY frame came on `stream`, counted from `since`. The
+/// connection stays open after it until the client answers the PING that
+/// comes with it, as h2's graceful shutdown waits for.
+fn until_goaway(stream: &mut impl Read, since: Instant) -> Duration {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !frame_types(&bytes).contains(&0x7) {
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("closed without GOAWAY: {bytes:?}"),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("no GOAWAY after {:?} ({e}): {bytes:?}", since.elapsed()),
+        }
+    }
+    since.elapsed()
+}
+
+/// A client's HTTP/2 connection preface and its empty SETTINGS frame.
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 
 /// The type of each HTTP/2 frame in `bytes`.
 fn frame_types(mut bytes: &[u8]) -> Vec<u8> {

@@ -9,6 +9,7 @@
 //!   max_connections: 4096            # open client connections, in all
 //!   max_connections_per_client: 64   # per IPv4 address or IPv6 /64
 //!   max_connection_age_ms: 3600000   # then drained; closed after the shutdown grace
+//!   tls_drain_window_ms: 10000       # a reload's TLS change drains within it
 //! ```
 
 use std::time::Duration;
@@ -25,6 +26,12 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// shipped Deployment gives the gateway.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
+/// A rotated certificate outdates every open connection of its Host at
+/// once; drained at one moment, all their clients would reconnect (and
+/// make full handshakes) together. Each is drained at a random moment of
+/// this window instead, as Envoy drains a changed listener gradually.
+pub const DEFAULT_TLS_DRAIN_WINDOW: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DownstreamConf {
     pub head_timeout: Duration,
@@ -36,6 +43,9 @@ pub struct DownstreamConf {
     /// ones (after a scale-out, or to follow a configuration); `None`: no
     /// limit.
     pub max_connection_age: Option<Duration>,
+    /// How long after a reload that changed their Host's TLS open
+    /// connections may be drained; zero drains them at once.
+    pub tls_drain_window: Duration,
 }
 
 impl Default for DownstreamConf {
@@ -45,6 +55,7 @@ impl Default for DownstreamConf {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: None,
             max_connection_age: None,
+            tls_drain_window: DEFAULT_TLS_DRAIN_WINDOW,
         }
     }
 }
@@ -60,6 +71,8 @@ struct DownstreamYaml {
     max_connections_per_client: Option<usize>,
     #[serde(default, deserialize_with = "super::bounds::milliseconds")]
     max_connection_age_ms: Option<u64>,
+    #[serde(default, deserialize_with = "super::bounds::milliseconds")]
+    tls_drain_window_ms: Option<u64>,
 }
 
 impl<'de> Deserialize<'de> for DownstreamConf {
@@ -84,6 +97,9 @@ impl<'de> Deserialize<'de> for DownstreamConf {
                 .max_connection_age_ms
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
+            tls_drain_window: yaml
+                .tls_drain_window_ms
+                .map_or(base.tls_drain_window, Duration::from_millis),
         })
     }
 }
@@ -109,9 +125,11 @@ mod tests {
     fn defaults_and_values() {
         assert_eq!(parse("{}").unwrap(), DownstreamConf::default());
         let conf = parse(
-            "request_head_timeout_ms: 2500\nmax_connections: 10\nmax_connections_per_client: 2",
+            "request_head_timeout_ms: 2500\nmax_connections: 10\nmax_connections_per_client: 2\n\
+             tls_drain_window_ms: 0",
         )
         .unwrap();
+        assert_eq!(conf.tls_drain_window, Duration::ZERO);
         assert_eq!(conf.head_timeout, Duration::from_millis(2500));
         assert_eq!(conf.max_connections, 10);
         assert_eq!(conf.max_connections_per_client, Some(2));

@@ -99,7 +99,7 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
                     "the gateway file has five keys: `pingora:` (Pingora server settings), \
              `resources:` (files or directories), `admin:` (`listen`), `upstream_tls:` \
              (`verify`) and `downstream:` (`request_head_timeout_ms`, `max_connections`, \
-             `max_connections_per_client`, `max_connection_age_ms`)",
+             `max_connections_per_client`, `max_connection_age_ms`, `tls_drain_window_ms`)",
                 ),
         )
     })?;

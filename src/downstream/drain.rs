@@ -3,7 +3,8 @@
 //! make one.
 //!
 //! Each connection gets a shutdown signal of its own, raised when the
-//! server shuts down (as before), when a reload leaves its TLS handshake
+//! server shuts down (as before), at a random moment within
+//! `downstream.tls_drain_window_ms` after a reload leaves its TLS handshake
 //! outdated, or at `downstream.max_connection_age_ms`. Pingora answers it
 //! the way it answers a server shutdown: HTTP/2 sends GOAWAY and finishes
 //! its streams, HTTP/1 closes after the current response. A connection the
@@ -19,6 +20,7 @@ use arc_swap::ArcSwap;
 use pingora::protocols::tls::SslDigest;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use rand::Rng;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep, Instant};
 
@@ -39,6 +41,7 @@ struct Watch {
     snapshot: Arc<ArcSwap<Snapshot>>,
     swaps: watch::Receiver<()>,
     grace: Duration,
+    tls_drain_window: Duration,
 }
 
 /// A TLS connection's handshake, and the port it came to.
@@ -65,11 +68,13 @@ impl Handshake {
 
 impl Drains {
     /// `swaps` changes when a new snapshot serves; `grace` is how long a
-    /// connection past its age may take to finish.
+    /// connection past its age may take to finish; `tls_drain_window` how
+    /// long after a reload outdated its handshake a connection is drained.
     pub fn new(
         snapshot: Arc<ArcSwap<Snapshot>>,
         swaps: watch::Receiver<()>,
         max_age: Option<Duration>,
+        tls_drain_window: Duration,
         grace: Duration,
     ) -> Drains {
         Drains {
@@ -77,6 +82,7 @@ impl Drains {
                 snapshot,
                 swaps,
                 grace,
+                tls_drain_window,
             },
             max_age,
         }
@@ -138,6 +144,7 @@ impl Watch {
         let mut swaps = self.swaps.clone();
         let mut forwarding = true;
         let mut old_at = max_age.map(|age| Instant::now() + age);
+        let mut outdated_at = None;
         let mut cut_at = None;
         let reason = loop {
             tokio::select! {
@@ -149,9 +156,10 @@ impl Watch {
                         continue;
                     };
                     match held.standing(&self.snapshot.load()) {
-                        Standing::Current => {}
+                        // Put back as it was: nothing to drain for.
+                        Standing::Current => outdated_at = None,
                         Standing::Outdated => {
-                            signal.send_replace(true);
+                            outdated_at.get_or_insert_with(|| self.drain_moment());
                         }
                         Standing::NoTls => break "host_gone",
                         Standing::CertificateNowRequired | Standing::CertificateRefused => {
@@ -165,6 +173,10 @@ impl Watch {
                         signal.send_replace(true);
                     }
                 }
+                () = sleep_until(outdated_at), if outdated_at.is_some() => {
+                    outdated_at = None;
+                    signal.send_replace(true);
+                }
                 () = sleep_until(old_at), if old_at.is_some() => {
                     old_at = None;
                     signal.send_replace(true);
@@ -174,6 +186,18 @@ impl Watch {
             }
         };
         let _ = cut.send(reason);
+    }
+}
+
+impl Watch {
+    /// A moment within the drain window, drawn for each connection.
+    fn drain_moment(&self) -> Instant {
+        let window = u64::try_from(self.tls_drain_window.as_millis()).unwrap_or(u64::MAX);
+        let delay = match window {
+            0 => 0,
+            window => rand::thread_rng().gen_range(0..window),
+        };
+        Instant::now() + Duration::from_millis(delay)
     }
 }
 

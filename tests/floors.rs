@@ -15,11 +15,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Imports that go up a floor today and are on their way out (issue 16).
-/// A listed import that is gone fails the test too: strike it, so the list
-/// only shrinks.
-const KNOWN: &[(&str, &str)] = &[];
-
 #[test]
 fn imports_go_down_the_floors() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -48,7 +43,6 @@ fn imports_go_down_the_floors() {
     }
 
     let reexports = reexports(&lib);
-    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut same_floor: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for import in imports(&root.join("src")) {
         let to = match reexports.get(&import.target) {
@@ -69,10 +63,7 @@ fn imports_go_down_the_floors() {
             }
             continue;
         };
-        let pair = (import.module.clone(), to.clone());
-        let known = KNOWN.iter().any(|&(a, b)| a == pair.0 && b == pair.1);
-        seen.insert(pair);
-        if from_floor < to_floor && !known {
+        if from_floor < to_floor {
             problems.push(format!(
                 "{}:{}: `{}` ({}) names `{}`, a floor above it ({}): {}",
                 import.file,
@@ -85,13 +76,6 @@ fn imports_go_down_the_floors() {
             ));
         } else if from_floor == to_floor {
             same_floor.entry(import.module).or_default().insert(to);
-        }
-    }
-    for &(from, to) in KNOWN {
-        if !seen.contains(&(from.to_string(), to.to_string())) {
-            problems.push(format!(
-                "KNOWN lists {from} -> {to}, which is gone: strike it"
-            ));
         }
     }
     if let Some(cycle) = find_cycle(&same_floor) {

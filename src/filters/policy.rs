@@ -10,7 +10,7 @@ use regex::Regex;
 
 use super::chain::{Entry, Stage};
 use super::{Cx, Filter, Flow, Reply, Session};
-use crate::routing::matchers::full_match_regex;
+use crate::routing::matchers::{full_match_regex, RegexError};
 
 /// A `*` glob over a host name or a path: `*` matches any run of
 /// characters, slashes and dots included, as in Edge Stack's FilterPolicy.
@@ -26,7 +26,7 @@ struct GlobRegexes {
 }
 
 impl Glob {
-    pub(crate) fn parse(glob: &str) -> Result<Glob, String> {
+    pub(crate) fn parse(glob: &str) -> Result<Glob, RegexError> {
         if glob == "*" {
             return Ok(Glob(None));
         }

@@ -500,7 +500,7 @@ pub fn add_headers(
             }),
             Err(e) => {
                 report
-                    .error(&format!("{field}.{name}"), e)
+                    .error(&format!("{field}.{name}"), e.to_string())
                     .with_hint(format!(
                         "supported: {}",
                         crate::routing::headers::SUPPORTED_VARIABLES
@@ -869,7 +869,7 @@ pub fn validate_hosts(
         let hostname = match HostGlob::parse(spec.hostname.as_deref().unwrap_or("*")) {
             Ok(glob) => glob,
             Err(e) => {
-                report.error("spec.hostname", e);
+                report.error("spec.hostname", e.to_string());
                 continue;
             }
         };

@@ -110,10 +110,10 @@ pub(crate) fn validate(
         for (r, rule) in spec.rules.iter().enumerate() {
             let field = format!("spec.rules[{r}]");
             let host = Glob::parse(&rule.host)
-                .map_err(|e| report.error(&format!("{field}.host"), e))
+                .map_err(|e| report.error(&format!("{field}.host"), e.to_string()))
                 .ok();
             let path = Glob::parse(&rule.path)
-                .map_err(|e| report.error(&format!("{field}.path"), e))
+                .map_err(|e| report.error(&format!("{field}.path"), e.to_string()))
                 .ok();
             let mut entries = Vec::new();
             for (f, reference) in rule.filters.iter().enumerate() {
@@ -336,7 +336,7 @@ fn condition(
         (None, Some(pattern)) => match search_regex(&format!("^(?:{pattern})$")) {
             Ok(regex) => ValueTest::Regex(regex),
             Err(e) => {
-                report.error(&format!("{field}.valueRegex"), e);
+                report.error(&format!("{field}.valueRegex"), e.to_string());
                 return None;
             }
         },

@@ -191,7 +191,7 @@ fn http_request(
             (_, Err(_)) => {
                 report.error(
                     &format!("{field}.add_request_headers.{name}"),
-                    crate::routing::headers::invalid_value(text),
+                    crate::routing::headers::invalid_value(text).to_string(),
                 );
                 return None;
             }

@@ -374,7 +374,7 @@ fn path_match(
         (true, false) => match full_match_regex(prefix, !case_sensitive) {
             Ok(regex) => Some(PathMatch::Regex(regex)),
             Err(e) => {
-                report.error("spec.prefix", e).with_hint(
+                report.error("spec.prefix", e.to_string()).with_hint(
                     "with prefix_regex: true the prefix is a regular expression (RE2 syntax) \
                      that must match the whole path",
                 );
@@ -409,7 +409,7 @@ fn method(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<ValueMatch
         (Some(m), true) => match full_match_regex(m, false) {
             Ok(r) => Some(Some(ValueMatch::Regex(r))),
             Err(e) => {
-                report.error("spec.method", e);
+                report.error("spec.method", e.to_string());
                 None
             }
         },
@@ -448,7 +448,7 @@ fn rewrite(spec: &MappingSpec, report: &mut Reporter) -> Option<Rewrite> {
                     substitution: envoy_substitution(&rr.substitution),
                 },
                 Err(e) => {
-                    report.error("spec.regex_rewrite.pattern", e);
+                    report.error("spec.regex_rewrite.pattern", e.to_string());
                     return None;
                 }
             }
@@ -1288,7 +1288,7 @@ fn redirect_path(spec: &MappingSpec, report: &mut Reporter) -> Option<RedirectPa
                 substitution: envoy_substitution(&rr.substitution),
             },
             Err(e) => {
-                report.error("spec.regex_redirect.pattern", e);
+                report.error("spec.regex_redirect.pattern", e.to_string());
                 return None;
             }
         }
@@ -1364,7 +1364,7 @@ fn authority(spec: &MappingSpec, v2: bool, report: &mut Reporter) -> Option<Auth
                 Association::Hostname(glob),
             )),
             Err(e) => {
-                report.error("spec.hostname", e);
+                report.error("spec.hostname", e.to_string());
                 None
             }
         };
@@ -1376,7 +1376,7 @@ fn authority(spec: &MappingSpec, v2: bool, report: &mut Reporter) -> Option<Auth
                 Association::Everywhere,
             )),
             Err(e) => {
-                report.error("spec.host", e);
+                report.error("spec.host", e.to_string());
                 None
             }
         },
@@ -1419,7 +1419,7 @@ fn value_matchers(
             MatchValue::Present(true) => match full_match_regex(".*", false) {
                 Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
                 Err(e) => {
-                    report.error(&format!("spec.{field}.{name}"), e);
+                    report.error(&format!("spec.{field}.{name}"), e.to_string());
                 }
             },
             MatchValue::Present(false) => {
@@ -1435,7 +1435,7 @@ fn value_matchers(
         match full_match_value_regex(pattern) {
             Ok(r) => out.push((name.to_ascii_lowercase(), ValueMatch::Regex(r))),
             Err(e) => {
-                report.error(&format!("spec.regex_{field}.{name}"), e);
+                report.error(&format!("spec.regex_{field}.{name}"), e.to_string());
             }
         }
     }

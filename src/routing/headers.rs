@@ -61,19 +61,14 @@ pub enum HeaderTemplate {
 impl HeaderTemplate {
     /// Parses a configured value. Errors never quote the value, which may
     /// hold a credential; they say where the problem is.
-    pub fn parse(text: &str) -> Result<HeaderTemplate, String> {
+    pub fn parse(text: &str) -> Result<HeaderTemplate, TemplateError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut rest = text;
         while let Some(start) = rest.find('%') {
             literal.push_str(&rest[..start]);
             let at = text.len() - rest.len() + start;
-            let unterminated = || {
-                format!(
-                    "unterminated variable: the % at byte {at} of the value has no closing %; \
-                     write %% for a literal percent sign"
-                )
-            };
+            let unterminated = || TemplateError::Unterminated { at };
             let after = &rest[start + 1..];
             if let Some(stripped) = after.strip_prefix('%') {
                 literal.push('%');
@@ -92,7 +87,7 @@ impl HeaderTemplate {
                 name_end
             };
             let part = parse_variable(&after[..end])
-                .map_err(|e| format!("{e} (the variable at byte {at} of the value)"))?;
+                .map_err(|source| TemplateError::Variable { at, source })?;
             if !literal.is_empty() {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
             }
@@ -103,7 +98,7 @@ impl HeaderTemplate {
         if parts.is_empty() {
             return HeaderValue::from_str(&literal)
                 .map(HeaderTemplate::Fixed)
-                .map_err(|_| invalid_value(text));
+                .map_err(|_| TemplateError::Value(invalid_value(text)));
         }
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
@@ -172,16 +167,56 @@ fn write_opt<T: std::fmt::Display>(out: &mut String, value: Option<T>) -> std::f
 
 /// Why `text` is not a header value, without quoting it: configured
 /// header values often hold credentials.
-pub fn invalid_value(text: &str) -> String {
+pub fn invalid_value(text: &str) -> InvalidValue {
     match text
         .bytes()
         .position(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
     {
-        Some(at) => {
-            format!("not a valid header value: byte {at} is a control character (a line break?)")
-        }
-        None => "not a valid header value".into(),
+        Some(at) => InvalidValue::ControlCharacter(at),
+        None => InvalidValue::NonAscii,
     }
+}
+
+/// A configured header value HTTP does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidValue {
+    /// At this byte.
+    #[error("not a valid header value: byte {0} is a control character (a line break?)")]
+    ControlCharacter(usize),
+    #[error("not a valid header value")]
+    NonAscii,
+}
+
+/// A header value template that cannot be parsed; it never quotes the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error(
+        "unterminated variable: the % at byte {at} of the value has no closing %; write %% for \
+         a literal percent sign"
+    )]
+    Unterminated { at: usize },
+    #[error("{source} (the variable at byte {at} of the value)")]
+    Variable {
+        at: usize,
+        #[source]
+        source: VariableError,
+    },
+    #[error(transparent)]
+    Value(InvalidValue),
+}
+
+/// A `%...%` variable pingress does not know, or with a bad argument.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VariableError {
+    #[error("unknown variable")]
+    Unknown,
+    /// With the known name it resembles.
+    #[error("unknown variable; did you mean %{0}%?")]
+    Misspelt(&'static str),
+    #[error(transparent)]
+    TimeFormat(#[from] timefmt::TimeFormatError),
+    #[error("%REQ(...)% does not name a valid header")]
+    HeaderName,
 }
 
 /// The variable names of [`SUPPORTED_VARIABLES`], for suggestions.
@@ -204,15 +239,15 @@ const VARIABLE_NAMES: &[&str] = &[
 
 /// "unknown variable", with a known name it resembles; the text between
 /// the `%`s is not quoted (it may be part of a password, not a variable).
-fn unknown_variable(name: &str) -> String {
+fn unknown_variable(name: &str) -> VariableError {
     let name = name.split('(').next().unwrap_or(name);
     match crate::config::diagnostics::closest(name, VARIABLE_NAMES) {
-        Some(known) => format!("unknown variable; did you mean %{known}%?"),
-        None => "unknown variable".into(),
+        Some(known) => VariableError::Misspelt(known),
+        None => VariableError::Unknown,
     }
 }
 
-fn parse_variable(name: &str) -> Result<Part, String> {
+fn parse_variable(name: &str) -> Result<Part, VariableError> {
     Ok(match name {
         "DOWNSTREAM_REMOTE_ADDRESS" => Part::DownstreamRemoteAddress,
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Part::DownstreamRemoteAddressWithoutPort,
@@ -250,7 +285,7 @@ fn parse_variable(name: &str) -> Result<Part, String> {
                 .and_then(|n| n.strip_suffix(')'))
                 .ok_or_else(|| unknown_variable(name))?;
             let header = HeaderName::from_bytes(header.trim().as_bytes())
-                .map_err(|_| "%REQ(...)% does not name a valid header".to_string())?;
+                .map_err(|_| VariableError::HeaderName)?;
             Part::RequestHeader(header)
         }
     })
@@ -363,11 +398,12 @@ mod tests {
     fn bad_templates_are_errors() {
         assert!(HeaderTemplate::parse("%NOPE%")
             .unwrap_err()
+            .to_string()
             .contains("unknown variable"));
         assert!(HeaderTemplate::parse("%PROTOCOL").is_err());
         assert!(HeaderTemplate::parse("bad\nvalue").is_err());
         assert_eq!(
-            HeaderTemplate::parse("%PROTOCL%").unwrap_err(),
+            HeaderTemplate::parse("%PROTOCL%").unwrap_err().to_string(),
             "unknown variable; did you mean %PROTOCOL%? (the variable at byte 0 of the value)"
         );
     }
@@ -383,14 +419,16 @@ mod tests {
             "Bearer %DOWNSTREAM_PEER_CERT_V_START(s3cret",
             "s3cret\r\nx-injected: 1",
         ] {
-            let error = HeaderTemplate::parse(value).unwrap_err();
+            let error = HeaderTemplate::parse(value).unwrap_err().to_string();
             assert!(
                 !error.contains("s3cret") && !error.contains("s3 cret"),
                 "{value:?}: {error}"
             );
         }
         assert_eq!(
-            HeaderTemplate::parse("Bearer s3cret\n").unwrap_err(),
+            HeaderTemplate::parse("Bearer s3cret\n")
+                .unwrap_err()
+                .to_string(),
             "not a valid header value: byte 13 is a control character (a line break?)"
         );
     }

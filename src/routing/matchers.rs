@@ -9,20 +9,24 @@ use regex::{Regex, RegexBuilder};
 /// blow up memory; the regex crate matches in linear time regardless.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-/// Builds a regex that must match the whole input, as Envoy's safe_regex
-/// does. The error is a one-line message quoting the pattern as written.
 /// How a case-insensitive full-match pattern starts.
 const CASE_INSENSITIVE: &str = "^(?:(?i)";
 
-pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
-    build_full_match(pattern, case_insensitive)
-        .map_err(|e| format!("invalid regex {pattern:?}: {}", regex_reason(&e)))
+/// Builds a regex that must match the whole input, as Envoy's safe_regex
+/// does. The error is a one-line message quoting the pattern as written.
+pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError> {
+    build_full_match(pattern, case_insensitive).map_err(|source| RegexError::Pattern {
+        pattern: pattern.to_string(),
+        source,
+    })
 }
 
 /// [`full_match_regex`] for a pattern that matches header or query values,
 /// which may spell out a credential: the error does not quote it.
-pub fn full_match_value_regex(pattern: &str) -> Result<Regex, String> {
-    build_full_match(pattern, false).map_err(|e| format!("invalid regex: {}", regex_reason(&e)))
+pub fn full_match_value_regex(pattern: &str) -> Result<Regex, RegexError> {
+    build_full_match(pattern, false).map_err(|e| RegexError::Value {
+        reason: regex_reason(&e),
+    })
 }
 
 fn build_full_match(pattern: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
@@ -39,15 +43,29 @@ fn build_full_match(pattern: &str, case_insensitive: bool) -> Result<Regex, rege
 }
 
 /// Builds a regex used for substitution (unanchored, all matches).
-pub fn search_regex(pattern: &str) -> Result<Regex, String> {
+pub fn search_regex(pattern: &str) -> Result<Regex, RegexError> {
     RegexBuilder::new(pattern)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| describe_regex_error(pattern, &e))
+        .map_err(|source| RegexError::Pattern {
+            pattern: pattern.to_string(),
+            source,
+        })
 }
 
-fn describe_regex_error(pattern: &str, error: &regex::Error) -> String {
-    format!("invalid regex {pattern:?}: {}", regex_reason(error))
+/// A configured regex that does not compile.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegexError {
+    #[error("invalid regex {pattern:?}: {}", regex_reason(.source))]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    /// A value pattern: the regex crate's error is not kept either, as its
+    /// text draws the pattern.
+    #[error("invalid regex: {reason}")]
+    Value { reason: String },
 }
 
 /// Why a pattern did not compile, without the pattern.
@@ -215,12 +233,24 @@ pub enum HostGlob {
     Prefix(String),
 }
 
+/// A `hostname` that is not a glob Emissary accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostGlobError {
+    #[error("hostname is empty")]
+    Empty,
+    /// More than one `*`, or one in the middle.
+    #[error(
+        "{0:?} is not a valid hostname glob: a single * is allowed only at the start or the end"
+    )]
+    Stars(String),
+}
+
 impl HostGlob {
     /// Parses a glob; the error says what is wrong with it.
-    pub fn parse(glob: &str) -> Result<HostGlob, String> {
+    pub fn parse(glob: &str) -> Result<HostGlob, HostGlobError> {
         let lower = glob.to_ascii_lowercase();
         if lower.is_empty() {
-            return Err("hostname is empty".into());
+            return Err(HostGlobError::Empty);
         }
         if lower == "*" {
             return Ok(HostGlob::Any);
@@ -229,10 +259,7 @@ impl HostGlob {
             0 => Ok(HostGlob::Exact(lower)),
             1 if lower.starts_with('*') => Ok(HostGlob::Suffix(lower[1..].to_string())),
             1 if lower.ends_with('*') => Ok(HostGlob::Prefix(lower[..lower.len() - 1].to_string())),
-            _ => Err(format!(
-                "{glob:?} is not a valid hostname glob: a single * is allowed only at the \
-                 start or the end"
-            )),
+            _ => Err(HostGlobError::Stars(glob.to_string())),
         }
     }
 

@@ -39,8 +39,17 @@ pub fn now_utc() -> String {
     format(seconds, "%Y-%m-%dT%H:%M:%SZ")
 }
 
+/// A time format this formatter cannot follow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeFormatError {
+    #[error("%{0} is not a supported time conversion")]
+    Unsupported(char),
+    #[error("a time format ends with a lone %")]
+    LonePercent,
+}
+
 /// Conversions this formatter knows; anything else is a configuration error.
-pub fn check(format: &str) -> Result<(), String> {
+pub fn check(format: &str) -> Result<(), TimeFormatError> {
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
         if c == '%' {
@@ -49,8 +58,8 @@ pub fn check(format: &str) -> Result<(), String> {
                     'Y' | 'y' | 'm' | 'd' | 'e' | 'H' | 'M' | 'S' | 'j' | 'b' | 'h' | 'B' | 'a'
                     | 'A' | 'Z' | 'z' | 's' | 'T' | 'F' | '%',
                 ) => {}
-                Some(other) => return Err(format!("%{other} is not a supported time conversion")),
-                None => return Err("a time format ends with a lone %".into()),
+                Some(other) => return Err(TimeFormatError::Unsupported(other)),
+                None => return Err(TimeFormatError::LonePercent),
             }
         }
     }

@@ -29,7 +29,7 @@ use crate::config::load::ProcessFiles;
 use crate::config::runtime_dir;
 use crate::downstream::drain::Drains;
 use crate::downstream::head::{HeadLimits, LimitSource};
-use crate::downstream::tls::EdgeHandshakes;
+use crate::downstream::tls::{EdgeHandshakes, ListenerTlsError};
 use crate::downstream::{Admitted, BoundedHttp, Door, Gate};
 use crate::filters::Registry;
 use crate::pipeline::{load, LastGood, Loaded};
@@ -82,22 +82,61 @@ pub fn check(loaded: &Loaded, out: &mut impl std::io::Write) -> std::io::Result<
 /// holds ip_allow/ip_deny and every request-wide setting, and has no
 /// earlier version to fall back to at start), or, with `--strict`, any
 /// invalid resource.
-fn start_refusal(loaded: &Loaded, strict: bool) -> Option<String> {
+fn start_refusal(loaded: &Loaded, strict: bool) -> Option<ServeError> {
     let refusing: Vec<&Diagnostic> = loaded
         .diagnostics
         .iter()
         .filter(|d| d.is_error() && (strict || d.kind() == Some("Module")))
         .collect();
-    let first = refusing.first()?;
-    let why = if strict {
-        "--strict refuses to start with invalid resources"
-    } else {
-        "an invalid Module would drop ip_allow, ip_deny and every other Module setting"
-    };
-    Some(format!(
-        "{why}; {} error(s), the first: {first}",
-        refusing.len()
-    ))
+    let first = Box::new((*refusing.first()?).clone());
+    let errors = refusing.len();
+    Some(match strict {
+        true => ServeError::Strict { errors, first },
+        false => ServeError::InvalidModule { errors, first },
+    })
+}
+
+/// Why the gateway did not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The gateway file, or what it names, cannot be read.
+    #[error("{0}")]
+    Load(Box<Diagnostic>),
+    #[error(
+        "--strict refuses to start with invalid resources; {errors} error(s), the first: {first}"
+    )]
+    Strict {
+        errors: usize,
+        first: Box<Diagnostic>,
+    },
+    #[error(
+        "an invalid Module would drop ip_allow, ip_deny and every other Module setting; \
+         {errors} error(s), the first: {first}"
+    )]
+    InvalidModule {
+        errors: usize,
+        first: Box<Diagnostic>,
+    },
+    #[error("admin.listen {listen:?}: {source} (expected ip:port)")]
+    AdminListen {
+        listen: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("cannot create a socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// `what` names the address's key.
+    #[error("cannot listen on {address} ({what}): {source}; is another gateway running?")]
+    Taken {
+        address: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    RuntimeDir(#[from] runtime_dir::RuntimeDirError),
+    #[error(transparent)]
+    Tls(#[from] ListenerTlsError),
 }
 
 /// Runs the gateway until the process is told to stop.
@@ -106,7 +145,7 @@ pub fn serve(
     gateway_path: PathBuf,
     registry: Registry,
     strict: bool,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     // Reloads must find the same files after a daemon changes directory.
     let gateway_path = std::fs::canonicalize(&gateway_path).unwrap_or(gateway_path);
     let loaded = load(
@@ -115,7 +154,7 @@ pub fn serve(
         &registry,
         &LastGood::default(),
     )
-    .map_err(|d| d.to_string())?;
+    .map_err(ServeError::Load)?;
     for diagnostic in &loaded.diagnostics {
         match diagnostic.severity {
             Severity::Error => error!("{diagnostic}"),
@@ -127,11 +166,10 @@ pub fn serve(
     }
     let ports = loaded.snapshot.ports();
     let bindings = loaded.snapshot.bindings();
-    let admin_addr: SocketAddr = loaded.gateway.admin.listen.parse().map_err(|e| {
-        format!(
-            "admin.listen {:?}: {e} (expected ip:port)",
-            loaded.gateway.admin.listen
-        )
+    let listen = &loaded.gateway.admin.listen;
+    let admin_addr: SocketAddr = listen.parse().map_err(|source| ServeError::AdminListen {
+        listen: listen.clone(),
+        source,
     })?;
     if !opt.upgrade {
         // Pingora retries a taken port for 30 s and then stays up with no
@@ -273,7 +311,7 @@ fn place_process_files(
     conf: &mut ServerConf,
     gateway_path: &Path,
     left: ProcessFiles,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     if left == ProcessFiles::default() {
         return Ok(());
     }
@@ -354,17 +392,19 @@ fn bind_address(bound: &Bound) -> SocketAddr {
     )
 }
 
-fn ensure_free(address: SocketAddr, what: &str) -> Result<(), String> {
+fn ensure_free(address: SocketAddr, what: &'static str) -> Result<(), ServeError> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)
-        .map_err(|e| format!("cannot create a socket: {e}"))?;
+        .map_err(ServeError::Socket)?;
     // Pingora binds with SO_REUSEADDR; without it here, connections in
     // TIME_WAIT from a previous run would look like a taken port.
     let _ = socket.set_reuse_address(true);
     socket
         .bind(&address.into())
         .and_then(|_| socket.listen(1))
-        .map_err(|e| {
-            format!("cannot listen on {address} ({what}): {e}; is another gateway running?")
+        .map_err(|source| ServeError::Taken {
+            address,
+            what,
+            source,
         })
 }

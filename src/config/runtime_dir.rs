@@ -43,29 +43,69 @@ pub fn file_names(gateway_path: &Path) -> (String, String) {
 /// Creates `dir` with mode 0700, or checks that it is a directory of this
 /// user's that no one else may enter (and makes it so if only its mode is
 /// wrong).
-pub fn ensure_private(dir: &Path) -> Result<(), String> {
-    let problem = |why: String| format!("runtime directory {}: {why}", dir.display());
+pub fn ensure_private(dir: &Path) -> Result<(), RuntimeDirError> {
+    let dir_buf = || dir.to_path_buf();
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| problem(format!("cannot create it: {e}"))),
-        Err(e) => Err(problem(e.to_string())),
-        Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => Err(problem(
-            "is not a directory (a symbolic link is refused: it could lead anywhere)".into(),
-        )),
-        Ok(meta) if meta.uid() != uid() => Err(problem(format!(
-            "belongs to user {}, not to this process's user {}",
-            meta.uid(),
-            uid()
-        ))),
+            .map_err(|source| RuntimeDirError::Create {
+                dir: dir_buf(),
+                source,
+            }),
+        Err(source) => Err(RuntimeDirError::Unreadable {
+            dir: dir_buf(),
+            source,
+        }),
+        Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
+            Err(RuntimeDirError::NotADirectory { dir: dir_buf() })
+        }
+        Ok(meta) if meta.uid() != uid() => Err(RuntimeDirError::NotOurs {
+            dir: dir_buf(),
+            owner: meta.uid(),
+            user: uid(),
+        }),
         Ok(meta) if meta.mode() & 0o077 != 0 => {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| problem(format!("cannot make it private: {e}")))
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+                RuntimeDirError::Chmod {
+                    dir: dir_buf(),
+                    source,
+                }
+            })
         }
         Ok(_) => Ok(()),
     }
+}
+
+/// The private runtime directory cannot be made or is not private.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeDirError {
+    #[error("runtime directory {dir}: cannot create it: {source}")]
+    Create {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("runtime directory {dir}: {source}")]
+    Unreadable {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "runtime directory {dir}: is not a directory (a symbolic link is refused: it could lead \
+         anywhere)"
+    )]
+    NotADirectory { dir: PathBuf },
+    #[error("runtime directory {dir}: belongs to user {owner}, not to this process's user {user}")]
+    NotOurs { dir: PathBuf, owner: u32, user: u32 },
+    #[error("runtime directory {dir}: cannot make it private: {source}")]
+    Chmod {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Whether any user may create files in the directory that holds `path`.
@@ -115,7 +155,7 @@ mod tests {
         fs::create_dir(&target).unwrap();
         let link = base.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        let e = ensure_private(&link).unwrap_err();
+        let e = ensure_private(&link).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
         let file = base.path().join("file");
         fs::write(&file, "").unwrap();

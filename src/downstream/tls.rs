@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use log::debug;
+use openssl::error::ErrorStack;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::handshake_with_callback;
@@ -28,7 +29,7 @@ use pingora::tls::ssl::{
 
 use crate::snapshot::Snapshot;
 use crate::throttle::throttled;
-use crate::tls::edge::{check_identity_index, sni, EdgeSession};
+use crate::tls::edge::{check_identity_index, sni, EdgeSession, NoIdentityIndex};
 
 /// The TLS of every port that has it, and how long a handshake may take.
 pub struct EdgeHandshakes {
@@ -39,6 +40,20 @@ pub struct EdgeHandshakes {
 struct PortTls {
     acceptor: SslAcceptor,
     hosts: HostChoice,
+}
+
+/// TLS ports that cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerTlsError {
+    #[error(transparent)]
+    NoIdentityIndex(#[from] NoIdentityIndex),
+    /// OpenSSL refused the port's acceptor or one of its settings.
+    #[error("TLS listener on port {port}: {source}")]
+    Port {
+        port: u16,
+        #[source]
+        source: ErrorStack,
+    },
 }
 
 /// Why a connection ended before its handshake did, as the metric counts it.
@@ -63,12 +78,12 @@ impl EdgeHandshakes {
         ports: impl IntoIterator<Item = u16>,
         snapshot: &Arc<ArcSwap<Snapshot>>,
         deadline: Duration,
-    ) -> Result<EdgeHandshakes, String> {
+    ) -> Result<EdgeHandshakes, ListenerTlsError> {
         check_identity_index()?;
         let ports = ports
             .into_iter()
             .map(|port| Ok((port, PortTls::new(port, snapshot)?)))
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, ListenerTlsError>>()?;
         Ok(EdgeHandshakes { ports, deadline })
     }
 
@@ -113,8 +128,8 @@ impl PortTls {
     /// TLS for one port: certificates and client-certificate policy come
     /// from the current snapshot during each handshake, and so does ALPN
     /// (h2 only for Hosts whose context offers it).
-    fn new(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<PortTls, String> {
-        let problem = |e| format!("TLS listener on port {port}: {e}");
+    fn new(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<PortTls, ListenerTlsError> {
+        let problem = |source| ListenerTlsError::Port { port, source };
         let bounds = snapshot
             .load()
             .listener(port)

@@ -142,7 +142,7 @@ pub(crate) fn secret_data(
     let decoded =
         serde_yaml::from_value::<SecretBody>(serde_yaml::Value::Mapping(secret.body.clone()))
             .map_err(|e| e.to_string())
-            .and_then(|body| SecretData::decode(&body));
+            .and_then(|body| SecretData::decode(&body).map_err(|e| e.to_string()));
     match decoded {
         Ok(data) => Some(data),
         Err(e) => {
@@ -205,7 +205,7 @@ pub(crate) fn build(
     };
     let alpn = spec.alpn_protocols.as_deref().and_then(|text| {
         tls::parse_alpn(text)
-            .map_err(|e| report.error("spec.alpn_protocols", e))
+            .map_err(|e| report.error("spec.alpn_protocols", e.to_string()))
             .ok()
     });
     let (min_version, max_version) = version_bounds(spec, report);
@@ -482,7 +482,7 @@ fn version_bounds(
     let mut version = |field: &str, value: &Option<String>| {
         value.as_deref().and_then(|v| {
             tls::parse_tls_version(v)
-                .map_err(|e| report.error(field, e))
+                .map_err(|e| report.error(field, e.to_string()))
                 .ok()
         })
     };

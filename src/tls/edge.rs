@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use openssl::error::ErrorStack;
 use openssl::ex_data::Index;
 use openssl::stack::Stack;
 use pingora::tls::ext::{
@@ -50,16 +51,16 @@ impl std::fmt::Debug for EdgeTls {
 }
 
 impl EdgeTls {
-    pub fn new(context: Arc<TlsContext>) -> Result<EdgeTls, String> {
+    pub fn new(context: Arc<TlsContext>) -> Result<EdgeTls, EdgeTlsError> {
         let (verify_store, client_ca_names) = match &context.ca {
             Some(cas) => {
-                let mut builder = X509StoreBuilder::new().map_err(|e| e.to_string())?;
+                let mut builder = X509StoreBuilder::new().map_err(EdgeTlsError::Store)?;
                 let mut names = Vec::new();
                 for ca in cas.iter() {
                     builder
                         .add_cert(ca.clone())
-                        .map_err(|e| format!("CA certificate: {e}"))?;
-                    names.push(ca.subject_name().to_owned().map_err(|e| e.to_string())?);
+                        .map_err(EdgeTlsError::CaCertificate)?;
+                    names.push(ca.subject_name().to_owned().map_err(EdgeTlsError::CaName)?);
                 }
                 if let Some(crl) = &context.crl {
                     add_crl(&mut builder, crl)?;
@@ -76,11 +77,14 @@ impl EdgeTls {
             // take here).
             SslContextBuilder::new(SslMethod::tls())
                 .and_then(|mut builder| builder.set_cipher_list(ciphers))
-                .map_err(|e| format!("cipher_suites {ciphers:?}: {e}"))?;
+                .map_err(|source| EdgeTlsError::Ciphers {
+                    ciphers: ciphers.clone(),
+                    source,
+                })?;
         }
         let mut ca_der = Vec::new();
         for ca in context.ca.iter().flat_map(|cas| cas.iter()) {
-            ca_der.extend(ca.to_der().map_err(|e| format!("CA certificate: {e}"))?);
+            ca_der.extend(ca.to_der().map_err(EdgeTlsError::CaCertificate)?);
         }
         let crl = context.crl.as_deref().map_or(&[][..], Vec::as_slice);
         let client_policy =
@@ -91,7 +95,7 @@ impl EdgeTls {
             Some(cert_key) => cert_key
                 .leaf()
                 .to_der()
-                .map_err(|e| format!("certificate: {e}"))?,
+                .map_err(EdgeTlsError::Certificate)?,
             None => Vec::new(),
         };
         let identity = HandshakeIdentity {
@@ -139,15 +143,15 @@ impl EdgeTls {
     /// on a connection in the middle of its handshake. The certificate
     /// comes last: if any step fails, the handshake has none and fails,
     /// rather than go on without the policy.
-    fn install(&self, ssl: &mut SslRef) -> Result<(), String> {
+    fn install(&self, ssl: &mut SslRef) -> Result<(), HandshakeError> {
         let cert_key = self
             .context
             .cert_key
             .as_ref()
-            .ok_or("the Host has no certificate")?;
+            .ok_or(HandshakeError::NoCertificate)?;
         if let Some(ciphers) = &self.cipher_list {
             ssl.set_cipher_list(ciphers)
-                .map_err(|e| format!("cipher_suites: {e}"))?;
+                .map_err(HandshakeError::Ciphers)?;
         }
         if let Some(store) = &self.verify_store {
             let mut mode = SslVerifyMode::PEER;
@@ -155,18 +159,18 @@ impl EdgeTls {
                 mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
             }
             ssl.set_verify(mode);
-            ssl_set_verify_cert_store(ssl, store).map_err(|e| format!("client CA: {e}"))?;
-            let mut names = Stack::new().map_err(|e| e.to_string())?;
+            ssl_set_verify_cert_store(ssl, store).map_err(HandshakeError::ClientCa)?;
+            let mut names = Stack::new().map_err(HandshakeError::CaNames)?;
             for name in &self.client_ca_names {
-                let owned = X509NameRef::to_owned(name).map_err(|e| e.to_string())?;
-                names.push(owned).map_err(|e| e.to_string())?;
+                let owned = X509NameRef::to_owned(name).map_err(HandshakeError::CaNames)?;
+                names.push(owned).map_err(HandshakeError::CaNames)?;
             }
             ssl.set_client_ca_list(names);
         }
-        ssl_use_certificate(ssl, cert_key.leaf()).map_err(|e| format!("certificate: {e}"))?;
-        ssl_use_private_key(ssl, cert_key.key()).map_err(|e| format!("key: {e}"))?;
+        ssl_use_certificate(ssl, cert_key.leaf()).map_err(HandshakeError::Certificate)?;
+        ssl_use_private_key(ssl, cert_key.key()).map_err(HandshakeError::Key)?;
         for intermediate in cert_key.intermediates() {
-            ssl_add_chain_cert(ssl, intermediate).map_err(|e| format!("chain: {e}"))?;
+            ssl_add_chain_cert(ssl, intermediate).map_err(HandshakeError::Chain)?;
         }
         Ok(())
     }
@@ -182,23 +186,66 @@ impl EdgeTls {
 /// into an anonymous in-memory file that OpenSSL opens by its
 /// `/proc/self/fd` path: no file in a shared directory that another user
 /// could create first, swap or read.
-fn add_crl(builder: &mut X509StoreBuilder, pem: &[u8]) -> Result<(), String> {
+fn add_crl(builder: &mut X509StoreBuilder, pem: &[u8]) -> Result<(), EdgeTlsError> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    let problem = |e: &dyn std::fmt::Display| format!("CRL: {e}");
     let fd = nix::sys::memfd::memfd_create(c"pingress-crl", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .map_err(|e| problem(&e))?;
+        .map_err(EdgeTlsError::CrlFile)?;
     let mut file = std::fs::File::from(fd);
-    file.write_all(pem).map_err(|e| problem(&e))?;
+    file.write_all(pem).map_err(EdgeTlsError::CrlWrite)?;
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
     builder
         .add_lookup(X509Lookup::file())
         .and_then(|lookup| lookup.load_crl_file(&path, SslFiletype::PEM))
-        .map_err(|e| problem(&e))?;
+        .map_err(EdgeTlsError::Crl)?;
     // Emissary's CRL must cover every CA in the chain.
     builder
         .set_flags(X509VerifyFlags::CRL_CHECK | X509VerifyFlags::CRL_CHECK_ALL)
-        .map_err(|e| problem(&e))
+        .map_err(EdgeTlsError::Crl)
+}
+
+/// A Host's TLS that cannot be made ready for handshakes.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeTlsError {
+    #[error(transparent)]
+    Store(ErrorStack),
+    #[error("CA certificate: {0}")]
+    CaCertificate(#[source] ErrorStack),
+    #[error(transparent)]
+    CaName(ErrorStack),
+    #[error("CRL: {0}")]
+    CrlFile(#[source] nix::Error),
+    #[error("CRL: {0}")]
+    CrlWrite(#[source] std::io::Error),
+    #[error("CRL: {0}")]
+    Crl(#[source] ErrorStack),
+    #[error("cipher_suites {ciphers:?}: {source}")]
+    Ciphers {
+        ciphers: String,
+        #[source]
+        source: ErrorStack,
+    },
+    #[error("certificate: {0}")]
+    Certificate(#[source] ErrorStack),
+}
+
+/// A Host's TLS that cannot be put on a handshake in progress.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("the Host has no certificate")]
+    NoCertificate,
+    #[error("cipher_suites: {0}")]
+    Ciphers(#[source] ErrorStack),
+    #[error("client CA: {0}")]
+    ClientCa(#[source] ErrorStack),
+    #[error(transparent)]
+    CaNames(ErrorStack),
+    #[error("certificate: {0}")]
+    Certificate(#[source] ErrorStack),
+    #[error("key: {0}")]
+    Key(#[source] ErrorStack),
+    #[error("chain: {0}")]
+    Chain(#[source] ErrorStack),
 }
 
 /// A verified client certificate, as requests and upstream headers see it.
@@ -340,11 +387,14 @@ fn identity_index() -> Option<Index<Ssl, HandshakeIdentity>> {
 
 /// Without the index, no request could be held to its Host's current
 /// client-certificate policy.
-pub fn check_identity_index() -> Result<(), String> {
-    identity_index()
-        .map(|_| ())
-        .ok_or_else(|| "OpenSSL gave no ex_data index for TLS handshakes".into())
+pub fn check_identity_index() -> Result<(), NoIdentityIndex> {
+    identity_index().map(|_| ()).ok_or(NoIdentityIndex)
 }
+
+/// OpenSSL made no ex_data index for the handshake identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("OpenSSL gave no ex_data index for TLS handshakes")]
+pub struct NoIdentityIndex;
 
 /// The SNI a handshake carries, lowercased.
 pub fn sni(ssl: &SslRef) -> Option<String> {
@@ -355,7 +405,7 @@ pub fn sni(ssl: &SslRef) -> Option<String> {
 impl EdgeTls {
     /// Makes the handshake in progress this Host's: its certificate and
     /// client policy, and the identity requests will be held to.
-    pub fn take_handshake(&self, ssl: &mut SslRef) -> Result<(), String> {
+    pub fn take_handshake(&self, ssl: &mut SslRef) -> Result<(), HandshakeError> {
         self.install(ssl)?;
         if let Some(index) = identity_index() {
             ssl.set_ex_data(index, self.identity);

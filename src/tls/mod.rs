@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
+use openssl::error::ErrorStack;
 use pingora::protocols::tls::{CustomALPN, ALPN};
 use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::ssl::SslVersion;
@@ -34,7 +35,7 @@ pub struct SecretData {
 
 impl SecretData {
     /// Decodes `data` (base64) and `stringData` (plain). Errors name the key.
-    pub fn decode(body: &SecretBody) -> Result<SecretData, String> {
+    pub fn decode(body: &SecretBody) -> Result<SecretData, Base64Error> {
         let mut values: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
         for (key, value) in &body.data {
             let text: String = value
@@ -45,7 +46,10 @@ impl SecretData {
                 .collect();
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(text)
-                .map_err(|e| format!("data.{key} is not valid base64: {e}"))?;
+                .map_err(|source| Base64Error {
+                    key: key.clone(),
+                    source,
+                })?;
             values.insert(key, bytes);
         }
         for (key, value) in &body.string_data {
@@ -71,20 +75,41 @@ impl SecretData {
     }
 }
 
+/// A Secret's `data` value that is not base64.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("data.{key} is not valid base64: {source}")]
+pub struct Base64Error {
+    pub key: String,
+    #[source]
+    pub source: base64::DecodeError,
+}
+
 /// Parses a PEM chain, leaf first. Never empty on success.
-pub fn parse_chain(pem: &[u8]) -> Result<Vec<X509>, String> {
-    let certs =
-        X509::stack_from_pem(pem).map_err(|e| format!("cannot parse as PEM certificates: {e}"))?;
+pub fn parse_chain(pem: &[u8]) -> Result<Vec<X509>, ChainError> {
+    let certs = X509::stack_from_pem(pem).map_err(ChainError::Unparsable)?;
     if certs.is_empty() {
-        return Err("no PEM certificate found (expected -----BEGIN CERTIFICATE-----)".into());
+        return Err(ChainError::Empty);
     }
     Ok(certs)
 }
 
-pub fn parse_key(pem: &[u8]) -> Result<PKey<Private>, String> {
-    PKey::private_key_from_pem(pem)
-        .map_err(|_| "cannot parse as a PEM private key (PKCS#1, PKCS#8 or SEC1 EC)".to_string())
+/// PEM that holds no certificate chain.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChainError {
+    #[error("cannot parse as PEM certificates: {0}")]
+    Unparsable(#[source] ErrorStack),
+    #[error("no PEM certificate found (expected -----BEGIN CERTIFICATE-----)")]
+    Empty,
 }
+
+pub fn parse_key(pem: &[u8]) -> Result<PKey<Private>, KeyError> {
+    PKey::private_key_from_pem(pem).map_err(KeyError)
+}
+
+/// PEM that holds no private key (OpenSSL's reason is the source, not the message).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot parse as a PEM private key (PKCS#1, PKCS#8 or SEC1 EC)")]
+pub struct KeyError(#[source] pub ErrorStack);
 
 /// Builds a CertKey after checking that the key belongs to the leaf.
 pub fn cert_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertKey, CertKeyError> {
@@ -100,10 +125,11 @@ pub fn cert_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertKey, CertKeyErro
     Ok(CertKey::new(chain, key))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A certificate chain and key that cannot serve together.
+#[derive(Debug, Clone)]
 pub enum CertKeyError {
-    Certificate(String),
-    Key(String),
+    Certificate(ChainError),
+    Key(KeyError),
     /// The subject of the certificate the key does not match.
     Mismatch(String),
 }
@@ -162,23 +188,24 @@ pub fn unix_time(time: &openssl::asn1::Asn1TimeRef) -> Option<i64> {
     Some(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
 }
 
-pub fn parse_tls_version(text: &str) -> Result<SslVersion, String> {
+pub fn parse_tls_version(text: &str) -> Result<SslVersion, TlsVersionError> {
     Ok(match text {
         "v1.0" => SslVersion::TLS1,
         "v1.1" => SslVersion::TLS1_1,
         "v1.2" => SslVersion::TLS1_2,
         "v1.3" => SslVersion::TLS1_3,
-        other => {
-            return Err(format!(
-                "{other:?} is not a TLS version (v1.0, v1.1, v1.2, v1.3)"
-            ))
-        }
+        other => return Err(TlsVersionError(other.to_string())),
     })
 }
 
+/// A `min_tls_version` or `max_tls_version` that names no TLS version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a TLS version (v1.0, v1.1, v1.2, v1.3)")]
+pub struct TlsVersionError(pub String);
+
 /// `alpn_protocols` as Pingora understands it. Pingora offers h2, http/1.1,
 /// both, or a single custom protocol (such as Istio's `istio`).
-pub fn parse_alpn(text: &str) -> Result<ALPN, String> {
+pub fn parse_alpn(text: &str) -> Result<ALPN, UpstreamAlpnError> {
     let protocols: Vec<&str> = text
         .split(',')
         .map(str::trim)
@@ -191,13 +218,14 @@ pub fn parse_alpn(text: &str) -> Result<ALPN, String> {
         [custom] if custom.len() <= 255 => {
             ALPN::Custom(CustomALPN::new(custom.as_bytes().to_vec()))
         }
-        _ => {
-            return Err(format!(
-                "{text:?}: upstream ALPN may be h2, http/1.1, both, or one custom protocol"
-            ))
-        }
+        _ => return Err(UpstreamAlpnError(text.to_string())),
     })
 }
+
+/// An `alpn_protocols` that Pingora cannot offer upstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: upstream ALPN may be h2, http/1.1, both, or one custom protocol")]
+pub struct UpstreamAlpnError(pub String);
 
 /// A validated TLSContext. Upstream, its certificate is the client
 /// certificate and its CA verifies servers; at the edge (through a Host),
@@ -289,6 +317,7 @@ mod tests {
         body.data.insert("tls.crt".into(), Some("!!".into()));
         assert!(SecretData::decode(&body)
             .unwrap_err()
+            .to_string()
             .contains("data.tls.crt"));
     }
 

@@ -219,7 +219,7 @@ impl Filter for ExtAuth {
         let answer = match tokio::time::timeout(policy.timeout, ask).await {
             Ok(Ok(verdict)) if verdict.status.as_u16() < 500 => Ok(verdict),
             Ok(Ok(verdict)) => Err(format!("{} answered {}", cluster.name, verdict.status)),
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "{} did not answer within {:?}",
                 cluster.name, policy.timeout

@@ -76,7 +76,7 @@ fn one(spec: &HealthCheckSpec, field: &str, report: &mut Reporter) -> Option<Opt
             Some(text) => parse_duration(text)
                 .map_err(|e| {
                     report
-                        .error(&format!("{field}.{key}"), e)
+                        .error(&format!("{field}.{key}"), e.to_string())
                         .with_hint("e.g. 500ms, 5s or 1m");
                 })
                 .ok(),

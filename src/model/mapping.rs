@@ -1056,7 +1056,7 @@ fn hash_cookie(cookie: CookieSpec, field: &str, report: &mut Reporter) -> Option
             Ok(ttl) => Some(ttl),
             Err(e) => {
                 report
-                    .error(&format!("{field}.cookie.ttl"), e)
+                    .error(&format!("{field}.cookie.ttl"), e.to_string())
                     .with_hint("e.g. 60s, 10m or 1h");
                 return None;
             }
@@ -1119,7 +1119,7 @@ pub(crate) fn retry_policy(
     let (on, unsupported) = match conditions(spec.retry_on.as_deref().unwrap_or("")) {
         Ok(found) => found,
         Err(e) => {
-            report.error(&format!("{field}.retry_on"), e);
+            report.error(&format!("{field}.retry_on"), e.to_string());
             return None;
         }
     };
@@ -1139,7 +1139,7 @@ pub(crate) fn retry_policy(
             Ok(duration) => Some(duration),
             Err(e) => {
                 report
-                    .error(&format!("{field}.per_try_timeout"), e)
+                    .error(&format!("{field}.per_try_timeout"), e.to_string())
                     .with_hint("e.g. 250ms, 1s or 1.5s");
                 return None;
             }

@@ -865,7 +865,7 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         crate::upstream::policy::check_negotiated(tls, &ssl.version, &ssl.cipher)
-            .map_err(|reason| Error::explain(ErrorType::Custom(respond::TLS_POLICY), reason))
+            .map_err(|e| Error::explain(ErrorType::Custom(respond::TLS_POLICY), e.to_string()))
     }
 
     async fn upstream_request_filter(

@@ -668,7 +668,7 @@ fn auth_filter(
                 },
                 service.tls.clone(),
             );
-            if let Some(problem) = problem {
+            if let Some(problem) = problem.map(|p| p.to_string()) {
                 diags.push(
                     Diagnostic::warning(Location::Resource(service.id.clone()), problem)
                         .field("spec.auth_service")
@@ -717,7 +717,7 @@ fn upstream(
     diags: &mut Vec<Diagnostic>,
 ) -> Arc<Cluster> {
     let (cluster, problem) = clusters.cluster(cluster_key(mapping), mapping.tls.clone());
-    if let Some(problem) = problem {
+    if let Some(problem) = problem.map(|p| p.to_string()) {
         let hint = match mapping.resolver == ResolverKind::Endpoint {
             true => "requests for this Mapping get 503 until endpoints appear",
             false => "requests for this Mapping get 503 until the name resolves",

@@ -263,7 +263,7 @@ fn group(
                 },
                 mapping.tls.clone(),
             );
-            if let Some(problem) = problem {
+            if let Some(problem) = problem.map(|p| p.to_string()) {
                 diags.push(
                     Diagnostic::warning(Location::Resource(mapping.id.clone()), problem)
                         .field("spec.service")

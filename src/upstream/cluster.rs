@@ -20,11 +20,11 @@ use pingora::protocols::TcpKeepalive;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::tls::TlsContext;
-use crate::upstream::endpoints::EndpointIndex;
+use crate::upstream::endpoints::{EndpointError, EndpointIndex};
 
 use super::balancer::{Choice, Endpoint, EndpointState, Policy, RequestKey, Selection};
 use super::breaker::{Breaker, Thresholds};
-use super::dns::{self, DnsOptions, DnsTarget, Lookup};
+use super::dns::{self, DnsError, DnsOptions, DnsTarget, Lookup};
 use super::health::{self, HealthCheck};
 use super::service::ServiceAddr;
 use super::trust::{self, Trust};
@@ -363,7 +363,7 @@ impl<'m> ClusterBuilder<'m> {
         &mut self,
         mut key: ClusterKey,
         tls: Option<Arc<TlsContext>>,
-    ) -> (Arc<Cluster>, Option<String>) {
+    ) -> (Arc<Cluster>, Option<AddressError>) {
         // Part of the identity: a cluster verified differently never
         // inherits its predecessor's prepared peers.
         key.system_trust =
@@ -428,7 +428,7 @@ impl<'m> ClusterBuilder<'m> {
         self.clusters.into_values().collect()
     }
 
-    fn addresses(&self, key: &ClusterKey) -> Lookup {
+    fn addresses(&self, key: &ClusterKey) -> Result<Vec<SocketAddr>, AddressError> {
         let service = &key.service;
         if let Ok(ip) = service.host.parse::<std::net::IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, service.port)]);
@@ -440,16 +440,24 @@ impl<'m> ClusterBuilder<'m> {
                     None => (service.host.as_str(), key.namespace.as_str()),
                 };
                 let port = service.explicit_port.then_some(service.port);
-                self.index.lookup(namespace, name, port)
+                Ok(self.index.lookup(namespace, name, port)?)
             }
-            (_, Some(target)) if self.resolve => self
-                .resolved
-                .get(&target)
-                .cloned()
-                .unwrap_or_else(|| Err(format!("{} was not looked up", target.host))),
+            (_, Some(target)) if self.resolve => match self.resolved.get(&target) {
+                Some(lookup) => Ok(lookup.clone()?),
+                None => Err(DnsError::NotLookedUp { host: target.host }.into()),
+            },
             _ => Ok(Vec::new()),
         }
     }
+}
+
+/// Why a cluster has no addresses.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AddressError {
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error(transparent)]
+    Endpoints(#[from] EndpointError),
 }
 
 /// Endpoints for `addresses`, reusing what `known` has for an address.

@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{LookupIpStrategy, ResolverOpts};
-use hickory_resolver::TokioResolver;
+use hickory_resolver::{ResolveError, TokioResolver};
 use log::{info, warn};
 
 use super::cluster::ClusterState;
@@ -57,11 +57,40 @@ pub struct DnsTarget {
 }
 
 /// Addresses, or why there are none.
-pub type Lookup = Result<Vec<SocketAddr>, String>;
+pub type Lookup = Result<Vec<SocketAddr>, DnsError>;
 
-fn resolver(options: DnsOptions) -> Result<TokioResolver, String> {
-    let mut builder = TokioResolver::builder_tokio()
-        .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?;
+/// A DNS lookup that gave no usable address.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot read the system's DNS configuration: {0}")]
+    Config(#[source] ResolveError),
+    /// Shared: every name of the batch fails with it.
+    #[error("cannot start the DNS lookups: {0}")]
+    Runtime(#[source] Arc<std::io::Error>),
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: ResolveError,
+    },
+    #[error(
+        "{host} resolves to no address of an enabled family (enable_ipv4={ipv4}, \
+         enable_ipv6={ipv6})"
+    )]
+    NoAddress {
+        host: String,
+        ipv4: bool,
+        ipv6: bool,
+    },
+    #[error("no DNS answer for {host} within {deadline:?}; still trying in the background")]
+    Timeout { host: String, deadline: Duration },
+    /// A name the snapshot wanted that was not in its batch of lookups.
+    #[error("{host} was not looked up")]
+    NotLookedUp { host: String },
+}
+
+fn resolver(options: DnsOptions) -> Result<TokioResolver, DnsError> {
+    let mut builder = TokioResolver::builder_tokio().map_err(DnsError::Config)?;
     let opts: &mut ResolverOpts = builder.options_mut();
     opts.ip_strategy = match (options.ipv4, options.ipv6) {
         (true, false) => LookupIpStrategy::Ipv4Only,
@@ -77,11 +106,14 @@ fn resolver(options: DnsOptions) -> Result<TokioResolver, String> {
 async fn lookup(
     resolver: &TokioResolver,
     target: &DnsTarget,
-) -> Result<(Vec<SocketAddr>, Duration), String> {
+) -> Result<(Vec<SocketAddr>, Duration), DnsError> {
     let found = resolver
         .lookup_ip(target.host.as_str())
         .await
-        .map_err(|e| format!("cannot resolve {}: {e}", target.host))?;
+        .map_err(|source| DnsError::Resolve {
+            host: target.host.clone(),
+            source,
+        })?;
     let options = target.options;
     let mut usable: Vec<SocketAddr> = found
         .iter()
@@ -95,10 +127,11 @@ async fn lookup(
         usable.truncate(1);
     }
     if usable.is_empty() {
-        return Err(format!(
-            "{} resolves to no address of an enabled family (enable_ipv4={}, enable_ipv6={})",
-            target.host, options.ipv4, options.ipv6
-        ));
+        return Err(DnsError::NoAddress {
+            host: target.host.clone(),
+            ipv4: options.ipv4,
+            ipv6: options.ipv6,
+        });
     }
     let ttl = found
         .valid_until()
@@ -119,7 +152,7 @@ pub fn resolve_all(targets: Vec<DnsTarget>, deadline: Duration) -> HashMap<DnsTa
         {
             Ok(runtime) => runtime,
             Err(e) => {
-                let why = format!("cannot start the DNS lookups: {e}");
+                let why = DnsError::Runtime(Arc::new(e));
                 return targets.into_iter().map(|t| (t, Err(why.clone()))).collect();
             }
         };
@@ -143,10 +176,10 @@ pub fn resolve_all(targets: Vec<DnsTarget>, deadline: Duration) -> HashMap<DnsTa
             .await;
             for target in targets {
                 results.entry(target.clone()).or_insert_with(|| {
-                    Err(format!(
-                        "no DNS answer for {} within {deadline:?}; still trying in the background",
-                        target.host
-                    ))
+                    Err(DnsError::Timeout {
+                        host: target.host.clone(),
+                        deadline,
+                    })
                 });
             }
             results

@@ -62,7 +62,7 @@ impl EndpointIndex {
         namespace: &str,
         name: &str,
         port: Option<u16>,
-    ) -> Result<Vec<SocketAddr>, String> {
+    ) -> Result<Vec<SocketAddr>, EndpointError> {
         let id = (namespace.to_string(), name.to_string());
         let groups = self.groups.get(&id).map(Vec::as_slice).unwrap_or_default();
         let service = self.services.get(&id);
@@ -95,36 +95,104 @@ impl EndpointIndex {
             return Ok(found);
         }
         let ready = groups.iter().map(|g| g.addresses.len()).sum::<usize>();
-        Err(if groups.is_empty() || ready == 0 {
-            format!(
-                "no ready endpoints for service {name}.{namespace} in Endpoints or EndpointSlices"
-            )
-        } else {
-            let mut ports: Vec<String> = groups
-                .iter()
-                .flat_map(|g| g.ports.iter().map(|(_, p)| p.to_string()))
-                .collect();
-            ports.sort();
-            ports.dedup();
-            match (wanted, port) {
-                (Some(sp), _) => format!(
-                    "the endpoints of {name}.{namespace} have no port for Service port {} \
-                     (endpoint ports: {})",
-                    sp.port,
-                    ports.join(", ")
-                ),
-                (None, Some(port)) => format!(
-                    "the endpoints of {name}.{namespace} have no port {port} (they have {}); \
-                     a Service object would map the Mapping's port to its targetPort",
-                    ports.join(", ")
-                ),
-                (None, None) => format!(
-                    "the endpoints of {name}.{namespace} have several ports ({}); name one in \
-                     the Mapping's service",
-                    ports.join(", ")
-                ),
-            }
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        if groups.is_empty() || ready == 0 {
+            return Err(EndpointError::NoneReady { namespace, name });
+        }
+        let mut ports: Vec<u16> = groups
+            .iter()
+            .flat_map(|g| g.ports.iter().map(|(_, p)| *p))
+            .collect();
+        // Text order (10 before 9), the order the messages list them in.
+        ports.sort_by_key(u16::to_string);
+        ports.dedup();
+        let ports = PortList(ports);
+        Err(match (wanted, port) {
+            (Some(sp), _) => EndpointError::NoPortForServicePort {
+                namespace,
+                name,
+                service_port: sp.port,
+                ports,
+            },
+            (None, Some(port)) => EndpointError::NoPort {
+                namespace,
+                name,
+                port,
+                ports,
+            },
+            (None, None) => EndpointError::SeveralPorts {
+                namespace,
+                name,
+                ports,
+            },
         })
+    }
+}
+
+/// A Service whose endpoints give no address for a Mapping.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("Service {namespace}/{name} has no port {port} (it has {ports})")]
+    NoServicePort {
+        namespace: String,
+        name: String,
+        port: u16,
+        ports: PortList,
+    },
+    #[error(
+        "Service {namespace}/{name} has several ports ({ports}); name one in the Mapping's service"
+    )]
+    SeveralServicePorts {
+        namespace: String,
+        name: String,
+        ports: PortList,
+    },
+    #[error("no ready endpoints for service {name}.{namespace} in Endpoints or EndpointSlices")]
+    NoneReady { namespace: String, name: String },
+    #[error(
+        "the endpoints of {name}.{namespace} have no port for Service port {service_port} \
+         (endpoint ports: {ports})"
+    )]
+    NoPortForServicePort {
+        namespace: String,
+        name: String,
+        service_port: u16,
+        ports: PortList,
+    },
+    #[error(
+        "the endpoints of {name}.{namespace} have no port {port} (they have {ports}); a Service \
+         object would map the Mapping's port to its targetPort"
+    )]
+    NoPort {
+        namespace: String,
+        name: String,
+        port: u16,
+        ports: PortList,
+    },
+    #[error(
+        "the endpoints of {name}.{namespace} have several ports ({ports}); name one in the \
+         Mapping's service"
+    )]
+    SeveralPorts {
+        namespace: String,
+        name: String,
+        ports: PortList,
+    },
+}
+
+/// Port numbers, shown comma-separated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortList(pub Vec<u16>);
+
+impl std::fmt::Display for PortList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, port) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{port}")?;
+        }
+        Ok(())
     }
 }
 
@@ -135,28 +203,27 @@ fn service_port<'p>(
     port: Option<u16>,
     namespace: &str,
     name: &str,
-) -> Result<&'p ServicePort, String> {
-    let listed = || {
-        ports
-            .iter()
-            .map(|p| p.port.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+) -> Result<&'p ServicePort, EndpointError> {
+    let listed = || PortList(ports.iter().map(|p| p.port).collect());
     match port {
-        Some(port) => ports.iter().find(|p| p.port == port).ok_or_else(|| {
-            format!(
-                "Service {namespace}/{name} has no port {port} (it has {})",
-                listed()
-            )
-        }),
+        Some(port) => {
+            ports
+                .iter()
+                .find(|p| p.port == port)
+                .ok_or_else(|| EndpointError::NoServicePort {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    port,
+                    ports: listed(),
+                })
+        }
         None => match ports {
             [only] => Ok(only),
-            _ => Err(format!(
-                "Service {namespace}/{name} has several ports ({}); name one in the Mapping's \
-                 service",
-                listed()
-            )),
+            _ => Err(EndpointError::SeveralServicePorts {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                ports: listed(),
+            }),
         },
     }
 }

@@ -101,32 +101,20 @@ async fn probe(
     endpoint: &Endpoint,
     check: &HealthCheck,
     host: &str,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let mut peer = endpoint.peer.clone();
     peer.options.connection_timeout = Some(check.timeout);
     peer.options.total_connection_timeout = Some(check.timeout);
     peer.options.read_timeout = Some(check.timeout);
     peer.options.write_timeout = Some(check.timeout);
     let Some(request) = check.request(host) else {
-        return Err("the probe request cannot be built".into());
+        return Err(ProbeError::Request);
     };
     let exchange = async {
-        let (mut session, _) = connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .write_request_header(Box::new(request))
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut session, _) = connector.get_http_session(&peer).await?;
+        session.write_request_header(Box::new(request)).await?;
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
         let status = session
             .response_header()
             .map(|r| r.status.as_u16())
@@ -134,17 +122,36 @@ async fn probe(
         session.shutdown().await;
         match check.passes(status) {
             true => Ok(()),
-            false => Err(format!("status {status}")),
+            false => Err(ProbeError::Status(status)),
         }
     };
     match tokio::time::timeout(check.timeout, exchange).await {
         Ok(outcome) => outcome,
-        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        Err(_) => Err(ProbeError::Timeout(check.timeout)),
     }
 }
 
+/// A health check probe that did not pass.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("the probe request cannot be built")]
+    Request,
+    #[error(transparent)]
+    Exchange(#[from] Box<pingora::Error>),
+    /// One the check does not expect.
+    #[error("status {0}")]
+    Status(u16),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// Counts a probe's outcome; flips the endpoint's health at a threshold.
-fn record(cluster: &str, endpoint: &Endpoint, outcome: Result<(), String>, check: &HealthCheck) {
+fn record(
+    cluster: &str,
+    endpoint: &Endpoint,
+    outcome: Result<(), ProbeError>,
+    check: &HealthCheck,
+) {
     let state: &EndpointState = &endpoint.state;
     match outcome {
         Ok(()) => {

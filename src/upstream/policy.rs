@@ -30,37 +30,52 @@ fn rank(version: SslVersion) -> u8 {
 }
 
 /// Checks the negotiated version and cipher against the context.
-pub fn check_negotiated(tls: &TlsContext, version: &str, cipher: &str) -> Result<(), String> {
+pub fn check_negotiated(
+    tls: &TlsContext,
+    version: &str,
+    cipher: &str,
+) -> Result<(), TlsPolicyError> {
     if let Some(negotiated) = version_of(version) {
         if tls
             .min_version
             .is_some_and(|min| rank(negotiated) < rank(min))
         {
-            return Err(format!(
-                "upstream negotiated {version}, below min_tls_version of {}",
-                tls.name
-            ));
+            return Err(TlsPolicyError::BelowMin {
+                version: version.to_string(),
+                context: tls.name.clone(),
+            });
         }
         if tls
             .max_version
             .is_some_and(|max| rank(negotiated) > rank(max))
         {
-            return Err(format!(
-                "upstream negotiated {version}, above max_tls_version of {}",
-                tls.name
-            ));
+            return Err(TlsPolicyError::AboveMax {
+                version: version.to_string(),
+                context: tls.name.clone(),
+            });
         }
         // cipher_suites constrain TLS 1.2 and below, as in Envoy.
         let tls13 = negotiated == SslVersion::TLS1_3;
         if !tls13 && !tls.cipher_suites.is_empty() && !tls.cipher_suites.iter().any(|c| c == cipher)
         {
-            return Err(format!(
-                "upstream negotiated cipher {cipher}, not in cipher_suites of {}",
-                tls.name
-            ));
+            return Err(TlsPolicyError::Cipher {
+                cipher: cipher.to_string(),
+                context: tls.name.clone(),
+            });
         }
     }
     Ok(())
+}
+
+/// An upstream handshake outside its TLSContext's bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsPolicyError {
+    #[error("upstream negotiated {version}, below min_tls_version of {context}")]
+    BelowMin { version: String, context: String },
+    #[error("upstream negotiated {version}, above max_tls_version of {context}")]
+    AboveMax { version: String, context: String },
+    #[error("upstream negotiated cipher {cipher}, not in cipher_suites of {context}")]
+    Cipher { cipher: String, context: String },
 }
 
 pub fn version_rank(version: SslVersion) -> u8 {

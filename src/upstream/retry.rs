@@ -51,7 +51,7 @@ impl RetryOn {
 /// The `retry_on` conditions pingress acts on, and those it cannot
 /// (`retriable-status-codes` needs a list of codes Emissary's
 /// `retry_policy` has no field for). `None`: nothing is retried.
-pub fn conditions(retry_on: &str) -> Result<(Option<RetryOn>, Vec<&str>), String> {
+pub fn conditions(retry_on: &str) -> Result<(Option<RetryOn>, Vec<&str>), RetryOnError> {
     let (mut on, mut unsupported) = (RetryOn::default(), Vec::new());
     for condition in retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
         match condition {
@@ -71,25 +71,28 @@ pub fn conditions(retry_on: &str) -> Result<(Option<RetryOn>, Vec<&str>), String
             }
             "retriable-4xx" => on.conflict = true,
             "retriable-status-codes" => unsupported.push(condition),
-            other => {
-                return Err(format!(
-                    "unknown retry_on condition {other:?} (5xx, gateway-error, connect-failure, \
-                     retriable-4xx, reset, refused-stream, retriable-status-codes)"
-                ))
-            }
+            other => return Err(RetryOnError(other.to_string())),
         }
     }
     Ok((on.any().then_some(on), unsupported))
 }
 
+/// A `retry_on` condition Envoy does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown retry_on condition {0:?} (5xx, gateway-error, connect-failure, retriable-4xx, reset, \
+     refused-stream, retriable-status-codes)"
+)]
+pub struct RetryOnError(pub String);
+
 /// Envoy durations as Emissary writes them: `250ms`, `1s`, `1.5s`, `2m`,
 /// at most a year ([`bounds::MAX_DURATION`]): they become timers and
 /// deadlines (`Instant + d` panics on overflow). The error is a message
 /// for the field's diagnostic.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let shown = text;
     let text = text.trim();
-    let not_a_duration = || format!("{shown:?} is not a duration");
+    let not_a_duration = || DurationError::NotADuration(shown.to_string());
     let split = text
         .find(|c: char| c.is_ascii_alphabetic())
         .ok_or_else(not_a_duration)?;
@@ -102,22 +105,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         _ => return Err(not_a_duration()),
     };
+    let not_above_zero = || DurationError::NotAboveZero(shown.to_string());
     if seconds.is_nan() || seconds <= 0.0 {
-        return Err(format!("{shown:?} is not a duration above zero"));
+        return Err(not_above_zero());
     }
+    let too_long = || DurationError::TooLong(shown.to_string());
     // Compared as seconds first: `from_secs_f64` panics on huge values.
     match Duration::try_from_secs_f64(seconds) {
-        Ok(d) if d > bounds::MAX_DURATION => Err(too_long(shown)),
+        Ok(d) if d > bounds::MAX_DURATION => Err(too_long()),
         // One that rounds to zero would make a health check loop without
         // pause.
-        Ok(d) if d.is_zero() => Err(format!("{shown:?} is not a duration above zero")),
+        Ok(d) if d.is_zero() => Err(not_above_zero()),
         Ok(d) => Ok(d),
-        Err(_) => Err(too_long(shown)),
+        Err(_) => Err(too_long()),
     }
 }
 
-fn too_long(shown: &str) -> String {
-    format!("{shown:?} is longer than a year, the longest pingress accepts")
+/// A configured duration pingress cannot use; each variant holds the text as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration")]
+    NotADuration(String),
+    /// Negative, zero, or so short it rounds to zero.
+    #[error("{0:?} is not a duration above zero")]
+    NotAboveZero(String),
+    #[error("{0:?} is longer than a year, the longest pingress accepts")]
+    TooLong(String),
 }
 
 #[cfg(test)]
@@ -131,7 +144,7 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("8760h"), Ok(bounds::MAX_DURATION));
         for text in ["8761h", "525601m", "99999999999999999999h"] {
-            let e = parse_duration(text).unwrap_err();
+            let e = parse_duration(text).unwrap_err().to_string();
             assert!(e.contains("longer than a year"), "{text}: {e}");
         }
         for text in ["0.0000000001s", "-1s", "0s", "NaNs", "5", "1d", ""] {

@@ -35,11 +35,15 @@ pub async fn exchange(
     request: RequestHeader,
     body: Option<Bytes>,
     keep: Body,
-) -> Result<Answer, String> {
+) -> Result<Answer, ExchangeError> {
+    let name = || cluster.name.clone();
     let peer = cluster
         .peer()
-        .ok_or_else(|| format!("{} has no endpoints", cluster.name))?;
-    let fail = |e: Box<pingora::Error>| format!("{}: {e}", cluster.name);
+        .ok_or_else(|| ExchangeError::NoEndpoints { cluster: name() })?;
+    let fail = |source| ExchangeError::Upstream {
+        cluster: name(),
+        source,
+    };
     let (mut http, _reused) = connector.get_http_session(&peer).await.map_err(fail)?;
     http.write_request_header(Box::new(request))
         .await
@@ -51,7 +55,7 @@ pub async fn exchange(
     http.read_response_header().await.map_err(fail)?;
     let head = http
         .response_header()
-        .ok_or_else(|| format!("{}: no response", cluster.name))?;
+        .ok_or_else(|| ExchangeError::NoResponse { cluster: name() })?;
     let status = head.status;
     let headers = head
         .headers
@@ -62,10 +66,10 @@ pub async fn exchange(
     while let Some(chunk) = http.read_response_body().await.map_err(fail)? {
         if let Body::Keep { at_most } = keep {
             if kept.len() + chunk.len() > at_most {
-                return Err(format!(
-                    "{}: the response body is larger than {at_most} bytes",
-                    cluster.name
-                ));
+                return Err(ExchangeError::TooLarge {
+                    cluster: name(),
+                    at_most,
+                });
             }
             kept.extend_from_slice(&chunk);
         }
@@ -78,4 +82,21 @@ pub async fn exchange(
         headers,
         body: kept.freeze(),
     })
+}
+
+/// A request of the gateway's own that got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{cluster} has no endpoints")]
+    NoEndpoints { cluster: String },
+    #[error("{cluster}: {source}")]
+    Upstream {
+        cluster: String,
+        #[source]
+        source: Box<pingora::Error>,
+    },
+    #[error("{cluster}: no response")]
+    NoResponse { cluster: String },
+    #[error("{cluster}: the response body is larger than {at_most} bytes")]
+    TooLarge { cluster: String, at_most: usize },
 }

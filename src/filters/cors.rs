@@ -63,20 +63,30 @@ pub(crate) fn items(list: &Option<StringOrList>) -> Vec<String> {
 }
 
 fn joined(
-    field: &str,
+    field: &'static str,
     list: &Option<StringOrList>,
-) -> std::result::Result<Option<HeaderValue>, String> {
+) -> std::result::Result<Option<HeaderValue>, CorsError> {
     let items = items(list);
     if items.is_empty() {
         return Ok(None);
     }
     HeaderValue::from_str(&items.join(", "))
         .map(Some)
-        .map_err(|_| format!("{field}: not a valid header value"))
+        .map_err(|_| CorsError::HeaderValue { field })
+}
+
+/// CORS settings that cannot become response headers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CorsError {
+    /// The list under this key, joined.
+    #[error("{field}: not a valid header value")]
+    HeaderValue { field: &'static str },
+    #[error("max_age: {0:?} is not a number of seconds")]
+    MaxAge(String),
 }
 
 impl CorsPolicy {
-    pub(crate) fn from_spec(spec: &CorsSpec) -> std::result::Result<CorsPolicy, String> {
+    pub(crate) fn from_spec(spec: &CorsSpec) -> std::result::Result<CorsPolicy, CorsError> {
         let origins = items(&spec.origins);
         let max_age = match &spec.max_age {
             None => None,
@@ -85,7 +95,7 @@ impl CorsPolicy {
                 let seconds: u64 = text
                     .trim()
                     .parse()
-                    .map_err(|_| format!("max_age: {text:?} is not a number of seconds"))?;
+                    .map_err(|_| CorsError::MaxAge(text.clone()))?;
                 Some(HeaderValue::from(seconds))
             }
         };
@@ -129,7 +139,9 @@ impl Filter for CorsFilter {
 
     fn build(settings: CorsSpec) -> std::result::Result<Self, crate::filters::BuildError> {
         Ok(CorsFilter {
-            fixed: Some(Arc::new(CorsPolicy::from_spec(&settings)?)),
+            fixed: Some(Arc::new(
+                CorsPolicy::from_spec(&settings).map_err(|e| e.to_string())?,
+            )),
         })
     }
 
@@ -216,7 +228,7 @@ impl Filter for CorsFilter {
 mod tests {
     use super::*;
 
-    fn policy(yaml: &str) -> std::result::Result<CorsPolicy, String> {
+    fn policy(yaml: &str) -> std::result::Result<CorsPolicy, CorsError> {
         CorsPolicy::from_spec(&serde_yaml::from_str(yaml).unwrap())
     }
 
@@ -244,6 +256,9 @@ mod tests {
             "86400"
         );
         assert_eq!(policy("{max_age: 60}").unwrap().max_age.unwrap(), "60");
-        assert!(policy("{max_age: 1d}").unwrap_err().contains("max_age"));
+        assert_eq!(
+            policy("{max_age: 1d}").unwrap_err(),
+            CorsError::MaxAge("1d".into())
+        );
     }
 }

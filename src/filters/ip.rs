@@ -29,10 +29,29 @@ struct Range {
 }
 
 /// Parses `10.0.0.0/8`, or a single address as a one-address range.
-fn parse_net(text: &str) -> std::result::Result<IpNet, String> {
+fn parse_net(text: &str) -> std::result::Result<IpNet, NetError> {
     text.parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{text:?} is neither an IP address nor a CIDR range"))
+        .map_err(|_| NetError(text.to_string()))
+}
+
+/// Text that is neither an IP address nor a CIDR range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither an IP address nor a CIDR range")]
+pub(crate) struct NetError(String);
+
+/// An entry of `ip_allow` or `ip_deny` that names no range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RangeError {
+    #[error("{key}[{index}]: give exactly one of peer or remote")]
+    PeerOrRemote { key: &'static str, index: usize },
+    #[error("{key}[{index}]: {source}")]
+    Net {
+        key: &'static str,
+        index: usize,
+        #[source]
+        source: NetError,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,17 +82,17 @@ pub(crate) struct RangeSpec {
     remote: Option<String>,
 }
 
-fn ranges(key: &str, specs: &[RangeSpec]) -> std::result::Result<Vec<Range>, String> {
+fn ranges(key: &'static str, specs: &[RangeSpec]) -> std::result::Result<Vec<Range>, RangeError> {
     specs
         .iter()
         .enumerate()
-        .map(|(i, spec)| {
+        .map(|(index, spec)| {
             let (source, text) = match (&spec.peer, &spec.remote) {
                 (Some(peer), None) => (Source::Peer, peer),
                 (None, Some(remote)) => (Source::Remote, remote),
-                _ => return Err(format!("{key}[{i}]: give exactly one of peer or remote")),
+                _ => return Err(RangeError::PeerOrRemote { key, index }),
             };
-            let net = parse_net(text).map_err(|e| format!("{key}[{i}]: {e}"))?;
+            let net = parse_net(text).map_err(|source| RangeError::Net { key, index, source })?;
             Ok(Range { source, net })
         })
         .collect()
@@ -122,10 +141,11 @@ impl Filter for IpFilter {
 
     fn build(settings: Settings) -> std::result::Result<Self, crate::filters::BuildError> {
         let (mode, ranges) = match (&settings.ip_allow, &settings.ip_deny) {
-            (Some(allow), None) => (Mode::Allow, ranges("ip_allow", allow)?),
-            (None, Some(deny)) => (Mode::Deny, ranges("ip_deny", deny)?),
+            (Some(allow), None) => (Mode::Allow, ranges("ip_allow", allow)),
+            (None, Some(deny)) => (Mode::Deny, ranges("ip_deny", deny)),
             _ => return Err("give exactly one of ip_allow and ip_deny".into()),
         };
+        let ranges = ranges.map_err(|e| e.to_string())?;
         Ok(IpFilter { mode, ranges })
     }
 

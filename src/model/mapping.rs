@@ -909,7 +909,7 @@ pub(crate) fn cors(value: &Value, field: &str, report: &mut Reporter) -> Option<
             .with_hint("list the origins that may");
     }
     CorsPolicy::from_spec(&spec)
-        .map_err(|e| report.error(field, e))
+        .map_err(|e| report.error(field, e.to_string()))
         .ok()
         .map(Arc::new)
 }

@@ -98,7 +98,7 @@ impl RateLimitFilter {
     pub fn new(
         limits: Arc<RateLimits>,
         states: &RateLimitStates,
-    ) -> std::result::Result<RateLimitFilter, String> {
+    ) -> std::result::Result<RateLimitFilter, redis_store::RedisUrlError> {
         let counters = match &limits.redis {
             None => Counters::Local(
                 limits

@@ -53,7 +53,7 @@ pub(crate) type LiveCounters = Mutex<Vec<Weak<RedisCounters>>>;
 pub(crate) fn shared(
     settings: &RedisSettings,
     live: &LiveCounters,
-) -> Result<Arc<RedisCounters>, String> {
+) -> Result<Arc<RedisCounters>, RedisUrlError> {
     let mut live = live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     live.retain(|weak| weak.strong_count() > 0);
     let same = |c: &RedisCounters| {
@@ -63,7 +63,7 @@ pub(crate) fn shared(
         // failure_mode_deny is read per snapshot, not from the shared copy.
         return Ok(found);
     }
-    let client = redis::Client::open(settings.url.as_str()).map_err(|e| e.to_string())?;
+    let client = redis::Client::open(settings.url.as_str())?;
     let counters = Arc::new(RedisCounters {
         settings: settings.clone(),
         client,
@@ -74,6 +74,11 @@ pub(crate) fn shared(
     live.push(Arc::downgrade(&counters));
     Ok(counters)
 }
+
+/// A Redis address the client cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub(crate) struct RedisUrlError(#[from] redis::RedisError);
 
 impl RedisCounters {
     /// Counts a request in bucket `key` of a limit of `rate` per `period`;

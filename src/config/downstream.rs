@@ -117,8 +117,8 @@ fn at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usi
 mod tests {
     use super::*;
 
-    fn parse(yaml: &str) -> Result<DownstreamConf, String> {
-        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+    fn parse(yaml: &str) -> Result<DownstreamConf, serde_yaml::Error> {
+        serde_yaml::from_str(yaml)
     }
 
     #[test]

@@ -6,9 +6,11 @@
 
 use std::sync::Arc;
 
+use pingora::utils::tls::CertKey;
+
 use crate::config::diagnostics::{Named, Reporter};
 use crate::config::load::RawResource;
-use crate::config::resources::{HostSpec, TlsContextSpec};
+use crate::config::resources::{HostSpec, SecretRef, TlsContextSpec};
 use crate::tls::{self, CertKeyError, TlsContext};
 
 use super::spec::{check_unknown_fields, parse_value};
@@ -35,12 +37,39 @@ pub fn resolve(
         }
         return None;
     };
+    let server = server_certificate(secret, &raw.id.namespace, secrets, report)?;
+    let base = base_context(raw, spec, contexts, secrets, report)?;
+    let hostname = spec.hostname.as_deref().unwrap_or("*");
+    if !context_fits(&base, &server, hostname, &raw.id.name, report) {
+        return None;
+    }
+    let mut context = (*base).clone();
+    context.cert_key = Some(server.cert_key);
+    Some(Arc::new(context))
+}
+
+/// The certificate a Host serves, from its `tlsSecret`, and the Secret
+/// that holds it for the diagnostics that name it.
+struct ServerCertificate {
+    cert_key: Arc<CertKey>,
+    namespace: String,
+    name: String,
+}
+
+/// `tlsSecret`: the server certificate always comes from it, whatever
+/// context supplies the other settings.
+fn server_certificate(
+    secret: &SecretRef,
+    host_namespace: &str,
+    secrets: &SecretStore,
+    report: &mut Reporter,
+) -> Option<ServerCertificate> {
     let Some(secret_name) = secret.name.as_deref().filter(|n| !n.is_empty()) else {
         report.error("spec.tlsSecret.name", "tlsSecret needs a name");
         return None;
     };
     // Here `.` is part of the name: the namespace is its own field.
-    let namespace = secret.namespace.as_deref().unwrap_or(&raw.id.namespace);
+    let namespace = secret.namespace.as_deref().unwrap_or(host_namespace);
     let data = secret_data(
         secrets,
         namespace,
@@ -87,10 +116,24 @@ pub fn resolve(
             ),
         );
     }
+    Some(ServerCertificate {
+        cert_key: server,
+        namespace: namespace.to_string(),
+        name: secret_name.to_string(),
+    })
+}
 
+/// The context the Host's other TLS settings come from: `tlsContext`,
+/// inline `tls`, the context named `<host>-context`, or defaults.
+fn base_context(
+    raw: &RawResource,
+    spec: &HostSpec,
+    contexts: &TlsContexts,
+    secrets: &SecretStore,
+    report: &mut Reporter,
+) -> Option<Arc<TlsContext>> {
     let host_name = &raw.id.name;
-    let hostname = spec.hostname.as_deref().unwrap_or("*");
-    let base = match (&spec.tls_context, &spec.tls) {
+    Some(match (&spec.tls_context, &spec.tls) {
         (Some(_), Some(_)) => {
             report.error("spec.tls", "set either tls or tlsContext, not both");
             return None;
@@ -124,10 +167,23 @@ pub fn resolve(
                 raw.id.namespace
             ))),
         },
-    };
+    })
+}
 
+/// Whether the context can terminate with the Host's certificate: its own
+/// certificate, if any, is the same one, and a client-certificate demand
+/// has a CA to verify against. A host list that leaves the Host out is
+/// only warned about.
+fn context_fits(
+    base: &TlsContext,
+    server: &ServerCertificate,
+    hostname: &str,
+    host_name: &str,
+    report: &mut Reporter,
+) -> bool {
+    let (namespace, secret_name) = (&server.namespace, &server.name);
     if let Some(own) = &base.cert_key {
-        if own.leaf().to_der().ok() != server.leaf().to_der().ok() {
+        if own.leaf().to_der().ok() != server.cert_key.leaf().to_der().ok() {
             report
                 .error(
                     "spec.tlsContext",
@@ -138,7 +194,7 @@ pub fn resolve(
                 )
                 .caused_by(Named::secret(namespace, secret_name))
                 .with_hint("drop the context's secret, or point both at the same Secret");
-            return None;
+            return false;
         }
     }
     if !base.hosts.is_empty() && !base.hosts.iter().any(|h| h == hostname || h == host_name) {
@@ -157,9 +213,7 @@ pub fn resolve(
                 "cert_required needs a CA to verify client certificates against",
             )
             .with_hint("set ca_secret or cacert_chain_file");
-        return None;
+        return false;
     }
-    let mut context = (*base).clone();
-    context.cert_key = Some(server);
-    Some(Arc::new(context))
+    true
 }

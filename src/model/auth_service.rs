@@ -2,6 +2,7 @@
 //! external-authorization filter (`filters::auth`) asks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
@@ -15,6 +16,7 @@ use crate::config::diagnostics::{Diagnostic, Reporter};
 use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
 use crate::filters::auth::{AuthPolicy, AuthService, AuthServices, IncludeBody, MAX_INCLUDED_BODY};
+use crate::tls::TlsContext;
 use crate::upstream::service::ServiceAddr;
 
 /// Request headers the authorizer always sees (Emissary's list).
@@ -163,6 +165,21 @@ fn validate(
     report: &mut Reporter,
 ) -> Option<AuthService> {
     check_unknown_fields(&spec.other, "spec", SUPPORTED, LATER, report);
+    check_proto(spec, report);
+    let (service, tls) = authorizer(raw, spec, contexts, report)?;
+    let policy = policy(spec, report);
+    Some(AuthService {
+        id: raw.id.clone(),
+        name: format!("{}.{}", raw.id.name, raw.id.namespace),
+        originate_tls: tls.is_some() || service.https,
+        service,
+        tls,
+        policy,
+    })
+}
+
+/// `proto`: only HTTP authorizers are asked.
+fn check_proto(spec: &AuthServiceSpec, report: &mut Reporter) {
     match spec.proto.as_deref() {
         None | Some("http") => {}
         Some("grpc") => {
@@ -177,6 +194,16 @@ fn validate(
             report.error("spec.proto", format!("{other:?} is neither http nor grpc"));
         }
     }
+}
+
+/// Where the authorizer is, `auth_service`, and the TLSContext it is
+/// reached with, `tls`.
+fn authorizer(
+    raw: &RawResource,
+    spec: &AuthServiceSpec,
+    contexts: &TlsContexts,
+    report: &mut Reporter,
+) -> Option<(ServiceAddr, Option<Arc<TlsContext>>)> {
     let tls = match spec.tls.as_deref() {
         None | Some("") => None,
         Some(name) => Some(contexts.lookup(name, "spec.tls", "this AuthService", report)?),
@@ -209,55 +236,14 @@ fn validate(
                 );
         }
     }
-    let include_body = match (&spec.include_body, spec.allow_request_body) {
-        (Some(body), _) => Some(IncludeBody {
-            max_bytes: body.max_bytes,
-            allow_partial: body.allow_partial,
-        }),
-        // The legacy switch: the first 4 KiB, partial allowed.
-        (None, Some(true)) => Some(IncludeBody {
-            max_bytes: 4096,
-            allow_partial: true,
-        }),
-        (None, _) => None,
-    };
-    if include_body
-        .as_ref()
-        .is_some_and(|b| b.max_bytes > MAX_INCLUDED_BODY)
-    {
-        report
-            .error(
-                "spec.include_body.max_bytes",
-                format!("pingress shows the authorizer at most {MAX_INCLUDED_BODY} bytes"),
-            )
-            .with_hint("the body shown must also be kept to send upstream afterwards");
-    }
-    let code = spec.status_on_error.as_ref().map_or(403, |s| s.code);
-    let status_on_error = match StatusCode::from_u16(code) {
-        Ok(status) if (200..=599).contains(&code) => status,
-        _ => {
-            report.error(
-                "spec.status_on_error.code",
-                format!("{code} is not an HTTP status"),
-            );
-            StatusCode::FORBIDDEN
-        }
-    };
-    let mut add_auth_headers = Vec::new();
-    for (name, value) in spec.add_auth_headers.iter().flatten() {
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            (Ok(name), Ok(value)) => add_auth_headers.push((name, value)),
-            _ => {
-                report.error(
-                    &format!("spec.add_auth_headers.{name}"),
-                    "not a valid header name and value",
-                );
-            }
-        }
-    }
+    Some((service, tls))
+}
+
+/// What the filter asks the authorizer and does with its answer.
+fn policy(spec: &AuthServiceSpec, report: &mut Reporter) -> AuthPolicy {
+    let include_body = include_body(spec, report);
+    let status_on_error = status_on_error(spec, report);
+    let add_auth_headers = add_auth_headers(spec, report);
     let policy = AuthPolicy {
         path_prefix: spec.path_prefix.clone().unwrap_or_default(),
         timeout: Duration::from_millis(spec.timeout_ms.unwrap_or(5000)),
@@ -281,14 +267,75 @@ fn validate(
     if !policy.path_prefix.is_empty() && !policy.path_prefix.starts_with('/') {
         report.error("spec.path_prefix", "a path prefix starts with /");
     }
-    Some(AuthService {
-        id: raw.id.clone(),
-        name: format!("{}.{}", raw.id.name, raw.id.namespace),
-        originate_tls: tls.is_some() || service.https,
-        service,
-        tls,
-        policy,
-    })
+    policy
+}
+
+/// `include_body`, or the legacy `allow_request_body`: how much of the
+/// request body the authorizer sees.
+fn include_body(spec: &AuthServiceSpec, report: &mut Reporter) -> Option<IncludeBody> {
+    let include_body = match (&spec.include_body, spec.allow_request_body) {
+        (Some(body), _) => Some(IncludeBody {
+            max_bytes: body.max_bytes,
+            allow_partial: body.allow_partial,
+        }),
+        // The legacy switch: the first 4 KiB, partial allowed.
+        (None, Some(true)) => Some(IncludeBody {
+            max_bytes: 4096,
+            allow_partial: true,
+        }),
+        (None, _) => None,
+    };
+    if include_body
+        .as_ref()
+        .is_some_and(|b| b.max_bytes > MAX_INCLUDED_BODY)
+    {
+        report
+            .error(
+                "spec.include_body.max_bytes",
+                format!("pingress shows the authorizer at most {MAX_INCLUDED_BODY} bytes"),
+            )
+            .with_hint("the body shown must also be kept to send upstream afterwards");
+    }
+    include_body
+}
+
+/// `status_on_error`: the answer when the authorizer cannot be asked;
+/// 403 unless set.
+fn status_on_error(spec: &AuthServiceSpec, report: &mut Reporter) -> StatusCode {
+    let code = spec.status_on_error.as_ref().map_or(403, |s| s.code);
+    match StatusCode::from_u16(code) {
+        Ok(status) if (200..=599).contains(&code) => status,
+        _ => {
+            report.error(
+                "spec.status_on_error.code",
+                format!("{code} is not an HTTP status"),
+            );
+            StatusCode::FORBIDDEN
+        }
+    }
+}
+
+/// `add_auth_headers`: the headers added to every authorization request.
+fn add_auth_headers(
+    spec: &AuthServiceSpec,
+    report: &mut Reporter,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut add_auth_headers = Vec::new();
+    for (name, value) in spec.add_auth_headers.iter().flatten() {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => add_auth_headers.push((name, value)),
+            _ => {
+                report.error(
+                    &format!("spec.add_auth_headers.{name}"),
+                    "not a valid header name and value",
+                );
+            }
+        }
+    }
+    add_auth_headers
 }
 
 #[cfg(test)]

@@ -114,18 +114,7 @@ fn validate(
             return None;
         }
     };
-    let address = match spec.address.as_deref() {
-        None => None,
-        Some(text) => match text.trim().parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                report
-                    .error("spec.address", format!("{text:?} is not an IP address"))
-                    .with_hint("e.g. 127.0.0.1 or ::1; leave it out to listen on every address");
-                None
-            }
-        },
-    };
+    let address = address(spec, report);
     let (context, originate_tls) = origination(spec.tls.as_ref(), "TCPMapping", contexts, report)?;
     let namespace = (!module.use_ambassador_namespace).then_some(raw.id.namespace.as_str());
     let service = super::mapping::service(
@@ -138,55 +127,19 @@ fn validate(
     // From here on every problem is reported before the TCPMapping is
     // dropped, so one `-t` run shows them all.
     verifiable(context.as_deref(), &service, report);
-    let sni = match spec.host.as_deref().map(str::trim) {
-        None => None,
-        Some("") => {
-            report.error("spec.host", "host is empty");
-            None
-        }
-        Some(host) => terminating(host, contexts, hosts, report),
-    };
+    let sni = spec
+        .host
+        .as_deref()
+        .and_then(|host| terminating(host.trim(), contexts, hosts, report));
     if let Some(weight) = spec.weight.filter(|w| *w > 100) {
         report.error("spec.weight", format!("weight {weight} is above 100"));
     }
-    let idle_timeout = match &spec.idle_timeout_ms {
-        None => Some(DEFAULT_IDLE_TIMEOUT),
-        Some(value) => {
-            let ms = match value {
-                Milliseconds::Number(ms) => Some(*ms),
-                Milliseconds::Text(text) => text.trim().parse::<u64>().ok(),
-            };
-            if let Some(ms) = ms.filter(|ms| *ms > bounds::MAX_MILLISECONDS) {
-                report
-                    .error("spec.idle_timeout_ms", bounds::too_many_milliseconds(ms))
-                    .with_hint("e.g. 30000 or \"30000\"; 0 never closes an idle tunnel");
-            } else if ms.is_none() {
-                let shown = match value {
-                    Milliseconds::Number(ms) => ms.to_string(),
-                    Milliseconds::Text(text) => format!("{text:?}"),
-                };
-                report
-                    .error(
-                        "spec.idle_timeout_ms",
-                        format!("{shown} is not a whole number of milliseconds"),
-                    )
-                    .with_hint("e.g. 30000 or \"30000\"; 0 never closes an idle tunnel");
-            }
-            ms.filter(|ms| *ms > 0).map(Duration::from_millis)
-        }
-    };
+    let idle_timeout = idle_timeout(spec, report);
     let breaker = match &spec.circuit_breakers {
         Some(list) => breaker_thresholds(list, "spec.circuit_breakers", report),
         None => module.circuit_breakers,
     };
-    let enable_ipv4 = spec.enable_ipv4.unwrap_or(module.enable_ipv4);
-    let enable_ipv6 = spec.enable_ipv6.unwrap_or(module.enable_ipv6);
-    if !enable_ipv4 && !enable_ipv6 {
-        report.error(
-            "spec.enable_ipv4",
-            "enable_ipv4 and enable_ipv6 are both false: no address could be used",
-        );
-    }
+    let (enable_ipv4, enable_ipv6) = address_families(spec, module, report);
     let port = port.filter(|_| !report.has_errors())?;
     Some(TcpMapping {
         id: raw.id.clone(),
@@ -205,6 +158,67 @@ fn validate(
     })
 }
 
+/// `address`: the interface to listen on, every one when unset.
+fn address(spec: &TcpMappingSpec, report: &mut Reporter) -> Option<IpAddr> {
+    let text = spec.address.as_deref()?;
+    match text.trim().parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            report
+                .error("spec.address", format!("{text:?} is not an IP address"))
+                .with_hint("e.g. 127.0.0.1 or ::1; leave it out to listen on every address");
+            None
+        }
+    }
+}
+
+/// `idle_timeout_ms`: when an idle tunnel closes; Envoy's hour when unset,
+/// never when 0.
+fn idle_timeout(spec: &TcpMappingSpec, report: &mut Reporter) -> Option<Duration> {
+    let Some(value) = &spec.idle_timeout_ms else {
+        return Some(DEFAULT_IDLE_TIMEOUT);
+    };
+    let ms = match value {
+        Milliseconds::Number(ms) => Some(*ms),
+        Milliseconds::Text(text) => text.trim().parse::<u64>().ok(),
+    };
+    if let Some(ms) = ms.filter(|ms| *ms > bounds::MAX_MILLISECONDS) {
+        report
+            .error("spec.idle_timeout_ms", bounds::too_many_milliseconds(ms))
+            .with_hint("e.g. 30000 or \"30000\"; 0 never closes an idle tunnel");
+    } else if ms.is_none() {
+        let shown = match value {
+            Milliseconds::Number(ms) => ms.to_string(),
+            Milliseconds::Text(text) => format!("{text:?}"),
+        };
+        report
+            .error(
+                "spec.idle_timeout_ms",
+                format!("{shown} is not a whole number of milliseconds"),
+            )
+            .with_hint("e.g. 30000 or \"30000\"; 0 never closes an idle tunnel");
+    }
+    ms.filter(|ms| *ms > 0).map(Duration::from_millis)
+}
+
+/// `enable_ipv4` and `enable_ipv6`, each the Module's when unset: which
+/// of the service's addresses may be used.
+fn address_families(
+    spec: &TcpMappingSpec,
+    module: &ModuleSettings,
+    report: &mut Reporter,
+) -> (bool, bool) {
+    let enable_ipv4 = spec.enable_ipv4.unwrap_or(module.enable_ipv4);
+    let enable_ipv6 = spec.enable_ipv6.unwrap_or(module.enable_ipv6);
+    if !enable_ipv4 && !enable_ipv6 {
+        report.error(
+            "spec.enable_ipv4",
+            "enable_ipv4 and enable_ipv6 are both false: no address could be used",
+        );
+    }
+    (enable_ipv4, enable_ipv6)
+}
+
 /// Emissary's rule for a TCPMapping's `host`: a TLS Host whose hostname
 /// glob matches it, else a TLSContext that lists it exactly in `hosts`.
 fn terminating(
@@ -213,6 +227,10 @@ fn terminating(
     hosts: &[VirtualHost],
     report: &mut Reporter,
 ) -> Option<(String, Arc<TlsContext>)> {
+    if host.is_empty() {
+        report.error("spec.host", "host is empty");
+        return None;
+    }
     let sni = host.to_ascii_lowercase();
     if sni.contains(['*', ':', '/', ' ']) {
         report

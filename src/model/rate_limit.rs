@@ -256,6 +256,29 @@ fn limit(
     domain: &str,
     report: &mut Reporter,
 ) -> Option<Arc<Limit>> {
+    let supported = only_supported_keys(spec, field, report);
+    let enforce = enforce(spec, field, report);
+    let pattern = match spec.pattern.as_deref() {
+        Some(items) if !items.is_empty() => pattern(items, &format!("{field}.pattern"), report),
+        _ => {
+            report
+                .error(&format!("{field}.pattern"), "a limit needs a pattern")
+                .with_hint("e.g. pattern: [{generic_key: my-api}, {remote_address: \"*\"}]");
+            None
+        }
+    };
+    let rate = rate(spec, field, report);
+    let unit = unit(spec, field, report);
+    let (pattern, rate, unit) = (pattern?, rate?, unit?);
+    let enforce = enforce.filter(|_| supported)?;
+    let name = spec.name.clone().unwrap_or(default_name);
+    let limit = Limit::new(name, enforce, pattern, rate, unit, domain);
+    Some(Arc::new(limit))
+}
+
+/// Edge Stack's limit keys that pingress does not implement: each one set
+/// is an error, as the limit would not do what it says.
+fn only_supported_keys(spec: &LimitSpec, field: &str, report: &mut Reporter) -> bool {
     let unsupported = [
         (
             "burstFactor",
@@ -287,32 +310,32 @@ fn limit(
             ok = false;
         }
     }
-    let enforce = match spec
+    ok
+}
+
+/// `action`: whether requests over the limit are refused (`Enforce`) or
+/// only logged (`LogOnly`), in any case. `None` when it is neither.
+fn enforce(spec: &LimitSpec, field: &str, report: &mut Reporter) -> Option<bool> {
+    match spec
         .action
         .as_deref()
         .map(str::to_ascii_lowercase)
         .as_deref()
     {
-        None | Some("enforce") => true,
-        Some("logonly") => false,
+        None | Some("enforce") => Some(true),
+        Some("logonly") => Some(false),
         Some(_) => {
             report
                 .error(&format!("{field}.action"), "action is Enforce or LogOnly")
                 .with_hint("LogOnly logs requests over the limit and lets them through");
-            ok = false;
-            true
-        }
-    };
-    let pattern = match spec.pattern.as_deref() {
-        Some(items) if !items.is_empty() => pattern(items, &format!("{field}.pattern"), report),
-        _ => {
-            report
-                .error(&format!("{field}.pattern"), "a limit needs a pattern")
-                .with_hint("e.g. pattern: [{generic_key: my-api}, {remote_address: \"*\"}]");
             None
         }
-    };
-    let rate = match spec.rate {
+    }
+}
+
+/// The required `rate`, between 1 and the largest rate counted.
+fn rate(spec: &LimitSpec, field: &str, report: &mut Reporter) -> Option<u64> {
+    match spec.rate {
         Some(rate) if rate > bounds::MAX_RATE => {
             report
                 .error(
@@ -336,8 +359,12 @@ fn limit(
             report.error(&format!("{field}.rate"), "rate is required");
             None
         }
-    };
-    let unit = match spec.unit.as_deref() {
+    }
+}
+
+/// The required `unit` the rate is counted per.
+fn unit(spec: &LimitSpec, field: &str, report: &mut Reporter) -> Option<Unit> {
+    match spec.unit.as_deref() {
         Some(text) => {
             let unit = Unit::parse(text);
             if unit.is_none() {
@@ -354,14 +381,7 @@ fn limit(
                 .with_hint("second, minute, hour or day");
             None
         }
-    };
-    let (pattern, rate, unit) = (pattern?, rate?, unit?);
-    if !ok {
-        return None;
     }
-    let name = spec.name.clone().unwrap_or(default_name);
-    let limit = Limit::new(name, enforce, pattern, rate, unit, domain);
-    Some(Arc::new(limit))
 }
 
 pub(crate) fn pattern(

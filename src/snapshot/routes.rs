@@ -236,6 +236,18 @@ pub fn group_mappings<'m>(
     mappings: &'m [Mapping],
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<MappingGroup<'m>> {
+    let mut out: Vec<(SortKey, MappingGroup)> = same_match(mappings, diags)
+        .into_iter()
+        .filter_map(|members| canary_group(members, diags))
+        .collect();
+    // Stable: equal keys keep resource order.
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.into_iter().map(|(_, g)| g).collect()
+}
+
+/// The Mappings that share a match, each set in the order its first
+/// member comes, without the newcomers their group refuses.
+fn same_match<'m>(mappings: &'m [Mapping], diags: &mut Vec<Diagnostic>) -> Vec<Vec<&'m Mapping>> {
     let mut order: Vec<String> = Vec::new();
     let mut groups: BTreeMap<String, Vec<&Mapping>> = BTreeMap::new();
     for mapping in mappings {
@@ -244,107 +256,115 @@ pub fn group_mappings<'m>(
             order.push(identity.clone());
             Vec::new()
         });
-        if let Some(first) = members.first() {
-            if let Some((key, _)) = mapping
-                .group_invariants
-                .iter()
-                .zip(&first.group_invariants)
-                .find(|(a, b)| a != b)
-                .map(|(a, _)| a)
-            {
-                diags.push(
-                    Diagnostic::error(
-                        Location::Resource(mapping.id.clone()),
-                        format!(
-                            "cannot accept new mapping {} with mismatched {key}: it shares its \
-                             match with {} (a canary group), which sets it differently",
-                            mapping.name, first.name
-                        ),
-                    )
-                    .field(format!("spec.{key}")),
-                );
-                continue;
-            }
+        match refusal(mapping, members) {
+            Some(diagnostic) => diags.push(diagnostic),
+            None => members.push(mapping),
         }
-        if mapping.shadow && members.iter().any(|m| m.shadow) {
-            diags.push(
+    }
+    order
+        .iter()
+        .filter_map(|identity| groups.remove(identity))
+        .collect()
+}
+
+/// Why a group refuses `mapping`: it sets a shared key differently from
+/// the group's first member, or it would be the group's second shadow or
+/// second `host_redirect`.
+fn refusal(mapping: &Mapping, members: &[&Mapping]) -> Option<Diagnostic> {
+    if let Some(first) = members.first() {
+        if let Some((key, _)) = mapping
+            .group_invariants
+            .iter()
+            .zip(&first.group_invariants)
+            .find(|(a, b)| a != b)
+            .map(|(a, _)| a)
+        {
+            return Some(
                 Diagnostic::error(
                     Location::Resource(mapping.id.clone()),
                     format!(
-                        "{} shares its match with another shadow Mapping; a group has at most \
-                         one",
-                        mapping.name
+                        "cannot accept new mapping {} with mismatched {key}: it shares its \
+                         match with {} (a canary group), which sets it differently",
+                        mapping.name, first.name
+                    ),
+                )
+                .field(format!("spec.{key}")),
+            );
+        }
+    }
+    if mapping.shadow && members.iter().any(|m| m.shadow) {
+        return Some(
+            Diagnostic::error(
+                Location::Resource(mapping.id.clone()),
+                format!(
+                    "{} shares its match with another shadow Mapping; a group has at most \
+                     one",
+                    mapping.name
+                ),
+            )
+            .field("spec.shadow"),
+        );
+    }
+    if mapping.redirect.is_some() && members.iter().any(|m| m.redirect.is_some()) {
+        return Some(
+            Diagnostic::error(
+                Location::Resource(mapping.id.clone()),
+                format!(
+                    "{} shares its match with another host_redirect Mapping; a group has \
+                     at most one",
+                    mapping.name
+                ),
+            )
+            .field("spec.host_redirect"),
+        );
+    }
+    None
+}
+
+/// The canary group of Mappings that share a match, with the key it is
+/// ordered by: its shadow set apart, its members' shares of the split.
+/// `None` when nothing is left to route or the weights do not fit.
+fn canary_group<'m>(
+    mut members: Vec<&'m Mapping>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(SortKey, MappingGroup<'m>)> {
+    // A shadow takes no share of the split: its weight is the share
+    // of requests it mirrors.
+    let shadow = members
+        .iter()
+        .position(|m| m.shadow)
+        .map(|index| members.remove(index));
+    if members.is_empty() {
+        if let Some(shadow) = shadow {
+            diags.push(
+                Diagnostic::warning(
+                    Location::Resource(shadow.id.clone()),
+                    format!(
+                        "shadow Mapping {} has no Mapping with its match to mirror; it \
+                         routes nothing",
+                        shadow.name
                     ),
                 )
                 .field("spec.shadow"),
             );
-            continue;
         }
-        if mapping.redirect.is_some() && members.iter().any(|m| m.redirect.is_some()) {
-            diags.push(
-                Diagnostic::error(
-                    Location::Resource(mapping.id.clone()),
-                    format!(
-                        "{} shares its match with another host_redirect Mapping; a group has \
-                         at most one",
-                        mapping.name
-                    ),
-                )
-                .field("spec.host_redirect"),
-            );
-            continue;
-        }
-        members.push(mapping);
+        return None;
     }
-
-    let mut out: Vec<(SortKey, MappingGroup)> = Vec::new();
-    for identity in order {
-        let Some(mut members) = groups.remove(&identity) else {
-            continue;
-        };
-        // A shadow takes no share of the split: its weight is the share
-        // of requests it mirrors.
-        let shadow = members
-            .iter()
-            .position(|m| m.shadow)
-            .map(|index| members.remove(index));
-        if members.is_empty() {
-            if let Some(shadow) = shadow {
-                diags.push(
-                    Diagnostic::warning(
-                        Location::Resource(shadow.id.clone()),
-                        format!(
-                            "shadow Mapping {} has no Mapping with its match to mirror; it \
-                             routes nothing",
-                            shadow.name
-                        ),
-                    )
-                    .field("spec.shadow"),
-                );
-            }
-            continue;
-        }
-        let members = ordered_for_split(&members);
-        let Some(thresholds) = thresholds(&members, diags) else {
-            continue;
-        };
-        let key = members
-            .iter()
-            .map(|m| sort_key(m))
-            .max()
-            .unwrap_or_else(|| sort_key(members[0]));
-        out.push((
-            key,
-            MappingGroup {
-                members,
-                thresholds,
-                shadow,
-            },
-        ));
-    }
-    // Stable: equal keys keep resource order.
-    out.sort_by(|a, b| b.0.cmp(&a.0));
-    out.into_iter().map(|(_, g)| g).collect()
+    let members = ordered_for_split(&members);
+    let thresholds = thresholds(&members, diags)?;
+    let key = members
+        .iter()
+        .map(|m| sort_key(m))
+        .max()
+        .unwrap_or_else(|| sort_key(members[0]));
+    Some((
+        key,
+        MappingGroup {
+            members,
+            thresholds,
+            shadow,
+        },
+    ))
 }
 
 /// Splits 100% among a group ordered by [`weighted_first`], or reports the

@@ -99,90 +99,12 @@ pub fn compile(
     }
     let mut ports = Vec::new();
     for (port, members) in by_port {
-        let refuse = |mapping: &TcpMapping, message: String, hint: &str| {
-            Diagnostic::error(Location::Resource(mapping.id.clone()), message)
-                .field("spec.port")
-                .hint(hint)
-        };
-        let listener = listeners.iter().find(|l| l.port == port);
-        let kind = match listener {
-            Some(l) if l.l4 && l.tls => TcpPortKind::Tls,
-            Some(l) if l.l4 => TcpPortKind::Tcp,
-            Some(l) if l.tls => TcpPortKind::SharedWithHttps,
-            Some(l) => {
-                for mapping in members {
-                    diags.push(refuse(
-                        mapping,
-                        format!("port {port} belongs to the HTTP Listener {}", l.name),
-                        "a TCPMapping needs a port of its own, or a TLS or HTTPS port with host",
-                    ));
-                }
-                continue;
-            }
-            None if http_default == Some(port) => {
-                for mapping in members {
-                    diags.push(refuse(
-                        mapping,
-                        format!("port {port} is the HTTP listener pingress adds when no Listener is defined"),
-                        "pick another port, or define the Listeners yourself",
-                    ));
-                }
-                continue;
-            }
-            // Emissary synthesizes the Listener: TLS when any TCPMapping
-            // of the port names a host.
-            None if members.iter().any(|m| m.sni.is_some()) => TcpPortKind::Tls,
-            None => TcpPortKind::Tcp,
+        let Some(kind) = port_kind(port, &members, listeners, http_default, diags) else {
+            continue;
         };
         let address = members[0].address;
-        let mut accepted: Vec<&TcpMapping> = Vec::new();
-        for mapping in members {
-            if mapping.address != address {
-                diags.push(
-                    Diagnostic::error(
-                        Location::Resource(mapping.id.clone()),
-                        format!(
-                            "port {port} is bound to {} by {}; one port has one address",
-                            address.map_or("every address".to_string(), |a| a.to_string()),
-                            accepted
-                                .first()
-                                .map_or("another TCPMapping", |m| m.name.as_str())
-                        ),
-                    )
-                    .field("spec.address"),
-                );
-                continue;
-            }
-            match (kind, &mapping.sni) {
-                (TcpPortKind::Tcp, Some(_)) => diags.push(
-                    refuse(
-                        mapping,
-                        format!(
-                            "port {port} is a cleartext TCP Listener, so host cannot be matched"
-                        ),
-                        "use a Listener with protocol TLS, or no Listener for this port",
-                    )
-                    .field("spec.host"),
-                ),
-                (TcpPortKind::Tls | TcpPortKind::SharedWithHttps, None) => diags.push(refuse(
-                    mapping,
-                    format!(
-                        "port {port} terminates TLS and routes by SNI; this TCPMapping has no host"
-                    ),
-                    "without host a TCPMapping needs a cleartext port of its own",
-                )),
-                _ => accepted.push(mapping),
-            }
-        }
-        let mut by_sni: Vec<(Option<&str>, Vec<&TcpMapping>)> = Vec::new();
-        for mapping in accepted {
-            let sni = mapping.sni.as_ref().map(|(name, _)| name.as_str());
-            match by_sni.iter_mut().find(|(s, _)| *s == sni) {
-                Some((_, group)) => group.push(mapping),
-                None => by_sni.push((sni, vec![mapping])),
-            }
-        }
-        let groups: Vec<TcpGroup> = by_sni
+        let accepted = fitting(port, kind, address, members, diags);
+        let groups: Vec<TcpGroup> = by_sni(accepted)
             .into_iter()
             .filter_map(|(sni, members)| group(sni, &members, clusters, diags))
             .collect();
@@ -196,6 +118,120 @@ pub fn compile(
         }
     }
     ports
+}
+
+/// How `port` serves its TCPMappings: as its Listener says, or as the
+/// Listener Emissary would synthesize. `None`, with every TCPMapping of
+/// the port refused, when an HTTP listener has the port.
+fn port_kind(
+    port: u16,
+    members: &[&TcpMapping],
+    listeners: &[Listener],
+    http_default: Option<u16>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<TcpPortKind> {
+    let listener = listeners.iter().find(|l| l.port == port);
+    let kind = match listener {
+        Some(l) if l.l4 && l.tls => TcpPortKind::Tls,
+        Some(l) if l.l4 => TcpPortKind::Tcp,
+        Some(l) if l.tls => TcpPortKind::SharedWithHttps,
+        Some(l) => {
+            for mapping in members {
+                diags.push(refuse(
+                    mapping,
+                    format!("port {port} belongs to the HTTP Listener {}", l.name),
+                    "a TCPMapping needs a port of its own, or a TLS or HTTPS port with host",
+                ));
+            }
+            return None;
+        }
+        None if http_default == Some(port) => {
+            for mapping in members {
+                diags.push(refuse(
+                    mapping,
+                    format!("port {port} is the HTTP listener pingress adds when no Listener is defined"),
+                    "pick another port, or define the Listeners yourself",
+                ));
+            }
+            return None;
+        }
+        // Emissary synthesizes the Listener: TLS when any TCPMapping
+        // of the port names a host.
+        None if members.iter().any(|m| m.sni.is_some()) => TcpPortKind::Tls,
+        None => TcpPortKind::Tcp,
+    };
+    Some(kind)
+}
+
+/// The TCPMappings of `port` that fit it: bound to the port's `address`
+/// (the first TCPMapping's), with a host exactly where the port routes by
+/// SNI. The others are reported.
+fn fitting<'m>(
+    port: u16,
+    kind: TcpPortKind,
+    address: Option<IpAddr>,
+    members: Vec<&'m TcpMapping>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<&'m TcpMapping> {
+    let mut accepted: Vec<&TcpMapping> = Vec::new();
+    for mapping in members {
+        if mapping.address != address {
+            diags.push(
+                Diagnostic::error(
+                    Location::Resource(mapping.id.clone()),
+                    format!(
+                        "port {port} is bound to {} by {}; one port has one address",
+                        address.map_or("every address".to_string(), |a| a.to_string()),
+                        accepted
+                            .first()
+                            .map_or("another TCPMapping", |m| m.name.as_str())
+                    ),
+                )
+                .field("spec.address"),
+            );
+            continue;
+        }
+        match (kind, &mapping.sni) {
+            (TcpPortKind::Tcp, Some(_)) => diags.push(
+                refuse(
+                    mapping,
+                    format!("port {port} is a cleartext TCP Listener, so host cannot be matched"),
+                    "use a Listener with protocol TLS, or no Listener for this port",
+                )
+                .field("spec.host"),
+            ),
+            (TcpPortKind::Tls | TcpPortKind::SharedWithHttps, None) => diags.push(refuse(
+                mapping,
+                format!(
+                    "port {port} terminates TLS and routes by SNI; this TCPMapping has no host"
+                ),
+                "without host a TCPMapping needs a cleartext port of its own",
+            )),
+            _ => accepted.push(mapping),
+        }
+    }
+    accepted
+}
+
+/// A TCPMapping the port it asks for cannot take.
+fn refuse(mapping: &TcpMapping, message: String, hint: &str) -> Diagnostic {
+    Diagnostic::error(Location::Resource(mapping.id.clone()), message)
+        .field("spec.port")
+        .hint(hint)
+}
+
+/// The TCPMappings of one port by the SNI they answer, in the order each
+/// SNI first comes.
+fn by_sni(accepted: Vec<&TcpMapping>) -> Vec<(Option<&str>, Vec<&TcpMapping>)> {
+    let mut by_sni: Vec<(Option<&str>, Vec<&TcpMapping>)> = Vec::new();
+    for mapping in accepted {
+        let sni = mapping.sni.as_ref().map(|(name, _)| name.as_str());
+        match by_sni.iter_mut().find(|(s, _)| *s == sni) {
+            Some((_, group)) => group.push(mapping),
+            None => by_sni.push((sni, vec![mapping])),
+        }
+    }
+    by_sni
 }
 
 /// One canary set; `None` when its weights cannot be honoured.

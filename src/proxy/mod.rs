@@ -37,10 +37,12 @@ use crate::filters::ip::remote_address;
 use crate::filters::{RequestInfo, RouteFacts};
 use crate::metrics::metrics;
 use crate::model::{
-    AccessLog, InsecureAction, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction,
+    AccessLog, InsecureAction, Listener, ModuleSettings, Rewrite, SecurityModel, UnderscoreAction,
+    VirtualHost,
 };
 use crate::routing::headers::RequestFacts;
 use crate::routing::table::RequestView;
+use crate::snapshot::routes::HostRoutes;
 use crate::snapshot::{ListenerRoutes, Route, Snapshot, Target};
 use crate::throttle::throttled;
 use crate::tls::edge::{EdgeSession, Standing};
@@ -201,6 +203,22 @@ fn upgrade_protocol(session: &Session) -> Option<&str> {
     (!protocol.eq_ignore_ascii_case("h2c")).then_some(protocol)
 }
 
+/// The upgrade a request asks for (`protocol`), as its route allows it:
+/// one it does not name is refused with 403, as Envoy refuses it.
+fn allowed_upgrade(route: &Route, protocol: Option<&str>) -> Result<Option<Upgrade>, Reply> {
+    let Some(protocol) = protocol else {
+        return Ok(None);
+    };
+    if !route.allows_upgrade(protocol) {
+        return Err(Reply::upgrade_refused(protocol));
+    }
+    Ok(Some(if protocol.eq_ignore_ascii_case("websocket") {
+        Upgrade::WebSocket
+    } else {
+        Upgrade::Other
+    }))
+}
+
 fn protocol(session: &Session) -> &'static str {
     if session.is_http2() {
         "HTTP/2"
@@ -213,12 +231,12 @@ fn protocol(session: &Session) -> &'static str {
 /// (`EdgeSession::standing`): without a certificate the Host now requires,
 /// 421 (a new connection will be asked for one); with one the current CA
 /// and CRL refuse, 403. `Ok(false)`: the connection is outdated, and closes
-/// after this request.
-fn handshake_holds(session: &Session, listener: &ListenerRoutes) -> Result<bool, Reply> {
+/// after this request. `edge` is what the connection's handshake decided.
+fn handshake_holds(edge: Option<&EdgeSession>, listener: &ListenerRoutes) -> Result<bool, Reply> {
     if !listener.listener.tls {
         return Ok(true);
     }
-    let Some(edge) = edge_session(session) else {
+    let Some(edge) = edge else {
         // A cleartext connection to a port a reload made HTTPS: the port
         // stays cleartext until a new process, and no Host's TLS policy
         // held this connection.
@@ -338,6 +356,182 @@ fn lowered_authority(req: &RequestHeader) -> Cow<'_, str> {
     }
 }
 
+/// What routing reads of the connection a request came on.
+#[derive(Clone, Copy)]
+struct Wire<'a> {
+    /// The request came over TLS.
+    tls: bool,
+    /// On a TLS listener, the server name the handshake chose the Host by.
+    sni: Option<&'a str>,
+}
+
+impl<'a> Wire<'a> {
+    fn of(session: &'a Session, listener: &ListenerRoutes) -> Self {
+        Wire {
+            tls: over_tls(session),
+            sni: listener
+                .listener
+                .tls
+                .then(|| edge_session(session).and_then(|e| e.sni.as_deref()))
+                .flatten(),
+        }
+    }
+}
+
+fn over_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// Routing proper, on the head as the edge left it: canonical path,
+/// headers only the gateway sets removed, so that what a Mapping's header
+/// match reads is what the filters and the upstream read. `Err` is an
+/// answer given before any filter runs: the request reached no Host, or
+/// the Host refuses it.
+fn route(
+    snapshot: &Snapshot,
+    listener: &ListenerRoutes,
+    req: &RequestHeader,
+    wire: Wire,
+    client_ip: Option<IpAddr>,
+) -> Result<Routed, Reply> {
+    let path = req.uri.path();
+    let lowered = lowered_authority(req);
+    let RequestNames {
+        host: host_name,
+        authority,
+        ..
+    } = RequestNames::new(&lowered, &snapshot.module, listener.listener.port);
+    let vhost = virtual_host(listener, host_name, wire.sni)?;
+    let secure = is_secure(&listener.listener, req, wire.tls);
+    if !secure && !path.starts_with(ACME_CHALLENGE) {
+        insecure_action(&vhost.host, host_name, req)?;
+    }
+    let view = RequestView {
+        path,
+        query: req.uri.query().unwrap_or(""),
+        authority,
+        method: req.method.as_str(),
+        headers: &req.headers,
+    };
+    let route = vhost.find(&view).map(|group| {
+        let pick = if group.is_canary() {
+            rand::thread_rng().gen_range(0..100)
+        } else {
+            0
+        };
+        group.pick(pick).clone()
+    });
+    let answer = router_answer(route.as_deref(), req, host_name, secure);
+    // Without a Host header (HTTP/1.0), a TLS request is the SNI's.
+    let policy_host = match (host_name, wire.sni) {
+        ("", Some(sni)) => sni,
+        _ => host_name,
+    };
+    let filters = filters(snapshot, route.as_deref(), policy_host, path);
+    Ok(Routed {
+        route,
+        answer,
+        filters,
+        client_ip,
+    })
+}
+
+/// The Host that owns the request: on TLS the one SNI chose, which a Host
+/// header naming another Host must not change (the mTLS bypass of
+/// Emissary #3340); in cleartext the one the name selects. An invalid
+/// Host refuses what it owns.
+fn virtual_host<'l>(
+    listener: &'l ListenerRoutes,
+    host_name: &str,
+    sni: Option<&str>,
+) -> Result<&'l HostRoutes<Route>, Reply> {
+    let by_name = listener.hosts.select(host_name);
+    let vhost = if listener.listener.tls {
+        let Some((chosen, vhost)) = listener.hosts.select_tls(sni) else {
+            return Err(Reply::no_host(host_name));
+        };
+        if by_name.is_some_and(|(named, _)| named != chosen) {
+            return Err(Reply::misdirected(host_name));
+        }
+        vhost
+    } else {
+        match by_name {
+            Some((_, vhost)) => vhost,
+            None => return Err(Reply::no_host(host_name)),
+        }
+    };
+    if vhost.host.invalid.is_some() {
+        return Err(Reply::host_unavailable(host_name));
+    }
+    Ok(vhost)
+}
+
+/// Whether the request counts as secure, by the listener's
+/// `securityModel`.
+fn is_secure(listener: &Listener, req: &RequestHeader, wire_tls: bool) -> bool {
+    match listener.security {
+        SecurityModel::Secure => true,
+        SecurityModel::Insecure => false,
+        // With no trusted proxy in front, what the client claims in
+        // X-Forwarded-Proto is ignored: the wire decides.
+        SecurityModel::Xfp if listener.l7_depth == 0 => wire_tls,
+        SecurityModel::Xfp => req
+            .headers
+            .get(&headers::X_FORWARDED_PROTO)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
+    }
+}
+
+/// The Host's `requestPolicy.insecure.action` for an insecure request.
+fn insecure_action(host: &VirtualHost, host_name: &str, req: &RequestHeader) -> Result<(), Reply> {
+    match host.insecure {
+        InsecureAction::Route => Ok(()),
+        // Every insecure request is redirected, mapped or not (Emissary
+        // answers 404 for unmapped paths, a known gap).
+        InsecureAction::Redirect => Err(Reply::https_redirect(host_name, req.uri.path_and_query())),
+        InsecureAction::Reject => Err(Reply::rejected_insecure()),
+    }
+}
+
+/// The router's own answer, given after the filters: 404 when no Mapping
+/// matched, the Location of a `host_redirect`; `None` to proxy.
+fn router_answer(
+    route: Option<&Route>,
+    req: &RequestHeader,
+    host_name: &str,
+    secure: bool,
+) -> Option<Reply> {
+    let path = req.uri.path();
+    match route.map(|r| (r, &r.target)) {
+        None => Some(Reply::no_route(req.method.as_str(), host_name, path)),
+        Some((route, Target::Redirect(redirect))) => {
+            let scheme = if secure { "https" } else { "http" };
+            let matched = route.path.matched_len(path);
+            let location = redirect.location(scheme, path, matched, req.uri.query());
+            Some(Reply::redirect(redirect.status_code(), location))
+        }
+        Some((_, Target::Upstream(_))) => None,
+    }
+}
+
+/// The filters the request runs: its FilterPolicy rule's for `host`, or
+/// the chain without authentication for a `bypass_auth` Mapping.
+fn filters(
+    snapshot: &Snapshot,
+    route: Option<&Route>,
+    host: &str,
+    path: &str,
+) -> Option<Arc<[Entry]>> {
+    let bypass_auth = route.is_some_and(|r| r.bypass_auth);
+    // A FilterPolicy guards the paths its Mapping serves: a Mapping
+    // that matches in any case is guarded in any case.
+    let case_sensitive = route.is_none_or(|r| r.path.case_sensitive());
+    snapshot
+        .filters
+        .select(host, path, case_sensitive, bypass_auth)
+        .cloned()
+}
+
 impl Gateway {
     /// What the edge decides before anything reads the request: how the
     /// head is rebuilt (`forward_request`) and who the client is. `Err`:
@@ -377,7 +571,7 @@ impl Gateway {
             forwarding: headers::Forwarding {
                 client: peer,
                 trusted_proxy: l7_depth > 0,
-                wire_tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+                wire_tls: over_tls(session),
                 stripped_host,
                 client_cert: headers::client_cert_header(
                     &module.xfcc,
@@ -389,122 +583,37 @@ impl Gateway {
         })
     }
 
-    /// Routing proper, on the head as the edge left it: canonical path,
-    /// headers only the gateway sets removed, so that what a Mapping's
-    /// header match reads is what the filters and the upstream read. `Err`
-    /// is an answer given before any filter runs: the request reached no
-    /// Host, or the Host refuses it.
-    fn route(
+    /// The decisions made before any filter runs: the edge's, the
+    /// handshake's and the router's. `Ok(Err)` is the gateway's answer.
+    fn edge_and_route(
         &self,
-        session: &Session,
+        session: &mut Session,
         snapshot: &Snapshot,
-        listener: &ListenerRoutes,
-        client_ip: Option<IpAddr>,
-    ) -> Result<Routed, Reply> {
+    ) -> Result<Result<Routed, Reply>> {
+        // The request is made canonical once, in the head itself, before
+        // anything reads it: the path, and the headers only the gateway
+        // sets. Routing, the filters, the authorizer, the access log and
+        // the upstream all read this one request.
+        let edge = headers::canonicalize_target(session.req_header_mut(), snapshot.module.path)
+            .map_err(Reply::invalid_path)
+            .and_then(|()| self.edge(session, snapshot));
+        let edge = match edge {
+            Ok(edge) => edge,
+            Err(reply) => return Ok(Err(reply)),
+        };
+        headers::forward_request(session.req_header_mut(), &edge.forwarding)?;
+        let handshake = handshake_holds(edge_session(session), edge.listener);
+        if !matches!(handshake, Ok(true)) {
+            // The next request comes on a new connection, under the
+            // configuration that serves now.
+            session.set_keepalive(None);
+        }
+        if let Err(reply) = handshake {
+            return Ok(Err(reply));
+        }
+        let wire = Wire::of(session, edge.listener);
         let req = session.req_header();
-        let path = req.uri.path();
-        let lowered = lowered_authority(req);
-        let RequestNames {
-            host: host_name,
-            authority,
-            ..
-        } = RequestNames::new(&lowered, &snapshot.module, listener.listener.port);
-        let sni = listener
-            .listener
-            .tls
-            .then(|| edge_session(session).and_then(|e| e.sni.as_deref()))
-            .flatten();
-        let by_name = listener.hosts.select(host_name);
-        let wire_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let vhost = if listener.listener.tls {
-            // On TLS, the Host that SNI chose owns the request: a Host
-            // header naming another Host must not borrow its routes (the
-            // mTLS bypass of Emissary #3340).
-            let Some((chosen, vhost)) = listener.hosts.select_tls(sni) else {
-                return Err(Reply::no_host(host_name));
-            };
-            if by_name.is_some_and(|(named, _)| named != chosen) {
-                return Err(Reply::misdirected(host_name));
-            }
-            vhost
-        } else {
-            match by_name {
-                Some((_, vhost)) => vhost,
-                None => return Err(Reply::no_host(host_name)),
-            }
-        };
-
-        if vhost.host.invalid.is_some() {
-            return Err(Reply::host_unavailable(host_name));
-        }
-
-        let secure = match listener.listener.security {
-            SecurityModel::Secure => true,
-            SecurityModel::Insecure => false,
-            // With no trusted proxy in front, what the client claims in
-            // X-Forwarded-Proto is ignored: the wire decides.
-            SecurityModel::Xfp if listener.listener.l7_depth == 0 => wire_tls,
-            SecurityModel::Xfp => req
-                .headers
-                .get(&headers::X_FORWARDED_PROTO)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
-        };
-        if !secure && !path.starts_with(ACME_CHALLENGE) {
-            match vhost.host.insecure {
-                InsecureAction::Route => {}
-                // Every insecure request is redirected, mapped or not
-                // (Emissary answers 404 for unmapped paths, a known gap).
-                InsecureAction::Redirect => {
-                    return Err(Reply::https_redirect(host_name, req.uri.path_and_query()))
-                }
-                InsecureAction::Reject => return Err(Reply::rejected_insecure()),
-            }
-        }
-
-        let view = RequestView {
-            path,
-            query: req.uri.query().unwrap_or(""),
-            authority,
-            method: req.method.as_str(),
-            headers: &req.headers,
-        };
-        let route = vhost.find(&view).map(|group| {
-            let pick = if group.is_canary() {
-                rand::thread_rng().gen_range(0..100)
-            } else {
-                0
-            };
-            group.pick(pick).clone()
-        });
-        let answer = match route.as_deref().map(|r| (r, &r.target)) {
-            None => Some(Reply::no_route(req.method.as_str(), host_name, path)),
-            Some((route, Target::Redirect(redirect))) => {
-                let scheme = if secure { "https" } else { "http" };
-                let matched = route.path.matched_len(path);
-                let location = redirect.location(scheme, path, matched, req.uri.query());
-                Some(Reply::redirect(redirect.status_code(), location))
-            }
-            Some((_, Target::Upstream(_))) => None,
-        };
-        let bypass_auth = route.as_ref().is_some_and(|r| r.bypass_auth);
-        // A FilterPolicy guards the paths its Mapping serves: a Mapping
-        // that matches in any case is guarded in any case.
-        let case_sensitive = route.as_ref().is_none_or(|r| r.path.case_sensitive());
-        // Without a Host header (HTTP/1.0), a TLS request is the SNI's.
-        let policy_host = match (host_name, sni) {
-            ("", Some(sni)) => sni,
-            _ => host_name,
-        };
-        let filters = snapshot
-            .filters
-            .select(policy_host, path, case_sensitive, bypass_auth)
-            .cloned();
-        Ok(Routed {
-            route,
-            answer,
-            filters,
-            client_ip,
-        })
+        Ok(route(snapshot, edge.listener, req, wire, edge.client_ip))
     }
 
     /// Sends the gateway's own answer; the exchange ends here.
@@ -546,7 +655,14 @@ impl Gateway {
             let listener = local_port(session)
                 .and_then(|port| snapshot.listener(port))
                 .ok_or_else(|| Error::explain(ErrorType::InternalError, "no listener"))?;
-            match self.route(session, &snapshot, listener, routed.client_ip) {
+            let wire = Wire::of(session, listener);
+            match route(
+                &snapshot,
+                listener,
+                session.req_header(),
+                wire,
+                routed.client_ip,
+            ) {
                 Ok(again) => {
                     routed.route = again.route;
                     routed.answer = again.answer;
@@ -601,27 +717,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
-        // The request is made canonical once, in the head itself, before
-        // anything reads it: the path, and the headers only the gateway
-        // sets. Routing, the filters, the authorizer, the access log and
-        // the upstream all read this one request.
-        let edge = headers::canonicalize_target(session.req_header_mut(), snapshot.module.path)
-            .map_err(Reply::invalid_path)
-            .and_then(|()| self.edge(session, &snapshot));
-        let decision = match edge {
-            Ok(edge) => {
-                headers::forward_request(session.req_header_mut(), &edge.forwarding)?;
-                let handshake = handshake_holds(session, edge.listener);
-                if !matches!(handshake, Ok(true)) {
-                    // The next request comes on a new connection, under
-                    // the configuration that serves now.
-                    session.set_keepalive(None);
-                }
-                handshake
-                    .and_then(|_| self.route(session, &snapshot, edge.listener, edge.client_ip))
-            }
-            Err(reply) => Err(reply),
-        };
+        let decision = self.edge_and_route(session, &snapshot)?;
         ctx.access_log = Some(snapshot.module.access_log);
         ctx.snapshot = Some(snapshot);
         let mut routed = match decision {
@@ -648,16 +744,9 @@ impl ProxyHttp for Gateway {
             return self.answer(session, ctx, reply).await;
         }
         if let Some(route) = &ctx.route {
-            if let Some(protocol) = upgrade_protocol(session) {
-                if !route.allows_upgrade(protocol) {
-                    let reply = Reply::upgrade_refused(protocol);
-                    return self.answer(session, ctx, reply).await;
-                }
-                ctx.upgrade = Some(if protocol.eq_ignore_ascii_case("websocket") {
-                    Upgrade::WebSocket
-                } else {
-                    Upgrade::Other
-                });
+            match allowed_upgrade(route, upgrade_protocol(session)) {
+                Ok(upgrade) => ctx.upgrade = upgrade,
+                Err(reply) => return self.answer(session, ctx, reply).await,
             }
             if route.retry.is_some() {
                 // A body kept in memory can be sent again on a retry.
@@ -714,36 +803,14 @@ impl ProxyHttp for Gateway {
         ctx.set_cookie = choice.set_cookie;
         let mut peer = choice.peer;
         ctx.upstream_addr = peer._address.as_inet().copied();
+        if ctx.upgrade == Some(Upgrade::Other) {
+            peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy {
+                h1_upgrade: H1UpgradePolicy::Preserve,
+                ..HttpUpstreamRequestPolicy::standard()
+            };
+        }
         let now = Instant::now();
-        // Each read may wait at most what is left of the route timeout (or
-        // the idle timeout, if shorter); `check_deadline` catches a
-        // response that trickles in under that.
-        // While the body still comes, each read may wait the whole timeout:
-        // Pingora restarts its upstream read with every body chunk, so an
-        // upload that flows is never cut, one that stalls that long is.
-        let left = match ctx.deadline {
-            Some(deadline) => Some(deadline.saturating_duration_since(now)),
-            None => ctx.timeout,
-        };
-        let per_try = route.retry.and_then(|r| r.per_try_timeout);
-        let wait = match ctx.upgrade {
-            // Pingora keeps these timeouts for the upgraded stream's life,
-            // so they can only be the idle timeout; `check_deadline` still
-            // holds the handshake's answer to the route timeout.
-            Some(upgrade) => {
-                if upgrade == Upgrade::Other {
-                    peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy {
-                        h1_upgrade: H1UpgradePolicy::Preserve,
-                        ..HttpUpstreamRequestPolicy::standard()
-                    };
-                }
-                Some(route.idle_timeout.unwrap_or(UPGRADED_IDLE))
-            }
-            None => [left, route.idle_timeout, per_try]
-                .into_iter()
-                .flatten()
-                .min(),
-        };
+        let wait = upstream_wait(route, ctx, now);
         peer.options.read_timeout = wait;
         peer.options.write_timeout = wait;
         if fresh_connection(ctx) {
@@ -1223,6 +1290,31 @@ fn start_mirror(session: &mut Session, upstream: &RequestHeader, ctx: &mut Reque
         request: upstream.clone(),
         body: BytesMut::new(),
     }));
+}
+
+/// How long each upstream read or write of this try may wait.
+fn upstream_wait(route: &Route, ctx: &RequestCtx, now: Instant) -> Option<std::time::Duration> {
+    // Pingora keeps these timeouts for the upgraded stream's life, so they
+    // can only be the idle timeout; `check_deadline` still holds the
+    // handshake's answer to the route timeout.
+    if ctx.upgrade.is_some() {
+        return Some(route.idle_timeout.unwrap_or(UPGRADED_IDLE));
+    }
+    // Each read may wait at most what is left of the route timeout (or
+    // the idle timeout, if shorter); `check_deadline` catches a
+    // response that trickles in under that.
+    // While the body still comes, each read may wait the whole timeout:
+    // Pingora restarts its upstream read with every body chunk, so an
+    // upload that flows is never cut, one that stalls that long is.
+    let left = match ctx.deadline {
+        Some(deadline) => Some(deadline.saturating_duration_since(now)),
+        None => ctx.timeout,
+    };
+    let per_try = route.retry.and_then(|r| r.per_try_timeout);
+    [left, route.idle_timeout, per_try]
+        .into_iter()
+        .flatten()
+        .min()
 }
 
 /// Whether a reused HTTP/1 connection was established longer than

@@ -62,6 +62,12 @@ impl Reply {
         self.status
     }
 
+    /// The first value of header `name` the reply carries.
+    #[cfg(test)]
+    pub(crate) fn header_value(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
     pub async fn send(self, session: &mut Session, server_name: Option<&str>) -> Result<()> {
         let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 2))?;
         for (name, value) in self.headers {

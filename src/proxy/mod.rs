@@ -1372,6 +1372,281 @@ fn facts(session: &Session) -> RequestFacts<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::load::parse_documents;
+    use crate::model::key_coverage::{document, secret, self_signed};
+    use crate::snapshot::{compile, Inherited, Resolution};
+    use http::header::LOCATION;
+
+    const LISTENER: &str =
+        "protocol: HTTP\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL";
+
+    /// The snapshot of `yaml`; invalid resources are left out as a
+    /// reload leaves them out.
+    fn snapshot(yaml: &str) -> Snapshot {
+        let (mut raws, mut diags) = (Vec::new(), Vec::new());
+        parse_documents(
+            std::path::Path::new("proxy.yaml"),
+            yaml,
+            &mut raws,
+            &mut diags,
+        );
+        let registry = crate::filters::Registry::with_builtins();
+        let (model, _) = crate::model::validate(&raws, "default", &registry);
+        compile(&model, Resolution::Skip, &Inherited::default()).0
+    }
+
+    /// Cleartext listeners on 8080 (no trusted proxy) and 8081 (one):
+    /// `a.example` routes insecure requests, `b.example` redirects them
+    /// (the default), `r.example` rejects them, and `bad.example` is an
+    /// invalid Host.
+    fn cleartext() -> Snapshot {
+        let host = |name: &str, action: &str| {
+            let policy = format!("requestPolicy:\n  insecure:\n    action: {action}");
+            document("Host", name, &format!("hostname: {name}.example\n{policy}"))
+        };
+        let yaml = [
+            document("Listener", "plain", &format!("port: 8080\n{LISTENER}")),
+            document("Listener", "proxied", &format!("port: 8081\nl7Depth: 1\n{LISTENER}")),
+            host("a", "Route"),
+            document("Host", "b", "hostname: b.example"),
+            host("r", "Reject"),
+            host("bad", "Sometimes"),
+            document("Mapping", "api", "hostname: \"*\"\nprefix: /api/\nservice: api\nallow_upgrade: [websocket]\ntimeout_ms: 3000\nidle_timeout_ms: 1000"),
+            document("Mapping", "slow", "hostname: \"*\"\nprefix: /slow/\nservice: slow\ntimeout_ms: 3000"),
+            document("Mapping", "old", "hostname: \"*\"\nprefix: /old/\nservice: new.example\nhost_redirect: true\nprefix_redirect: /new/"),
+        ];
+        snapshot(&yaml.concat())
+    }
+
+    /// An HTTPS listener on 8443 with two TLS Hosts.
+    fn tls() -> Snapshot {
+        let mut yaml = document(
+            "Listener",
+            "https",
+            &format!("port: 8443\n{}", LISTENER.replace("HTTP", "HTTPS")),
+        );
+        for name in ["a", "b"] {
+            let pem = self_signed(&format!("{name}.example"));
+            yaml += &secret(name, &[("tls.crt", &pem.cert), ("tls.key", &pem.key)]);
+            let spec = format!("hostname: {name}.example\ntlsSecret:\n  name: {name}");
+            yaml += &document("Host", name, &spec);
+        }
+        yaml += &document(
+            "Mapping",
+            "api",
+            "hostname: \"*\"\nprefix: /api/\nservice: api",
+        );
+        snapshot(&yaml)
+    }
+
+    fn request(target: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+        for (name, value) in headers {
+            req.insert_header(name.to_string(), *value).unwrap();
+        }
+        req
+    }
+
+    /// What routing decided, as the client would see it.
+    #[derive(Debug, PartialEq)]
+    enum Decision {
+        /// The gateway answers before any filter runs.
+        Refused(u16, &'static str),
+        /// The router answers once the filters let the request through.
+        Answered(u16, &'static str),
+        /// Proxied with this Mapping.
+        Proxied(String),
+    }
+
+    fn decide(snapshot: &Snapshot, port: u16, req: &RequestHeader, wire: Wire) -> Decision {
+        let listener = snapshot.listener(port).unwrap();
+        match route(snapshot, listener, req, wire, None) {
+            Err(reply) => Decision::Refused(reply.status().as_u16(), reply.reason),
+            Ok(Routed {
+                answer: Some(reply),
+                ..
+            }) => Decision::Answered(reply.status().as_u16(), reply.reason),
+            Ok(Routed { route, .. }) => Decision::Proxied(route.unwrap().mapping.clone()),
+        }
+    }
+
+    const CLEARTEXT: Wire = Wire {
+        tls: false,
+        sni: None,
+    };
+
+    #[test]
+    fn a_cleartext_request_is_routed_by_its_host_name() {
+        let snapshot = cleartext();
+        let get = |target: &str, headers: &[(&str, &str)]| {
+            decide(&snapshot, 8080, &request(target, headers), CLEARTEXT)
+        };
+        assert_eq!(
+            get("/api/x", &[("host", "a.example")]),
+            Decision::Proxied("api.default".into())
+        );
+        // The port is no part of the name a Host matches.
+        assert_eq!(
+            get("/api/x", &[("host", "A.example:8080")]),
+            Decision::Proxied("api.default".into())
+        );
+        assert_eq!(get("/api/x", &[]), Decision::Refused(404, "no_host"));
+        assert_eq!(
+            get("/api/x", &[("host", "c.example")]),
+            Decision::Refused(404, "no_host")
+        );
+        assert_eq!(
+            get("/api/x", &[("host", "bad.example")]),
+            Decision::Refused(503, "host_unavailable")
+        );
+        // No Mapping matches: the router's 404 comes after the filters.
+        assert_eq!(
+            get("/other", &[("host", "a.example")]),
+            Decision::Answered(404, "no_route")
+        );
+    }
+
+    #[test]
+    fn an_insecure_request_meets_its_hosts_insecure_action() {
+        let snapshot = cleartext();
+        let get = |port, host: &str, path: &str, proto: &str| {
+            let req = request(path, &[("host", host), ("x-forwarded-proto", proto)]);
+            decide(&snapshot, port, &req, CLEARTEXT)
+        };
+        let api = Decision::Proxied("api.default".into());
+        let redirected = Decision::Refused(301, "https_redirect");
+        let rejected = Decision::Refused(404, "insecure_rejected");
+        assert_eq!(get(8080, "a.example", "/api/x", "http"), api);
+        assert_eq!(get(8080, "b.example", "/api/x", "http"), redirected);
+        // Mapped or not, every insecure request is redirected.
+        assert_eq!(get(8080, "b.example", "/none", "http"), redirected);
+        assert_eq!(get(8080, "r.example", "/api/x", "http"), rejected);
+        // ACME's HTTP-01 challenge is always served in cleartext.
+        let challenge = "/.well-known/acme-challenge/t";
+        assert_eq!(
+            get(8080, "r.example", challenge, "http"),
+            Decision::Answered(404, "no_route")
+        );
+        // X-Forwarded-Proto counts only from a trusted proxy.
+        assert_eq!(get(8080, "r.example", "/api/x", "https"), rejected);
+        assert_eq!(get(8081, "r.example", "/api/x", "https"), api);
+        assert_eq!(get(8081, "r.example", "/api/x", "http"), rejected);
+
+        let req = request("/api/x?q=1", &[("host", "b.example")]);
+        let listener = snapshot.listener(8080).unwrap();
+        let reply = route(&snapshot, listener, &req, CLEARTEXT, None)
+            .err()
+            .unwrap();
+        assert_eq!(
+            reply.header_value(&LOCATION).unwrap(),
+            "https://b.example/api/x?q=1"
+        );
+    }
+
+    #[test]
+    fn a_host_redirect_mapping_answers_with_its_location() {
+        let snapshot = cleartext();
+        let req = request("/old/page?q=1", &[("host", "a.example")]);
+        let listener = snapshot.listener(8080).unwrap();
+        let routed = route(&snapshot, listener, &req, CLEARTEXT, None)
+            .ok()
+            .unwrap();
+        let reply = routed.answer.unwrap();
+        assert_eq!((reply.status().as_u16(), reply.reason), (301, "redirect"));
+        // The request was insecure: the Location keeps its scheme.
+        assert_eq!(
+            reply.header_value(&LOCATION).unwrap(),
+            "http://new.example/new/page?q=1"
+        );
+    }
+
+    #[test]
+    fn on_tls_the_host_the_handshake_chose_owns_the_request() {
+        let snapshot = tls();
+        let wire = |sni| Wire { tls: true, sni };
+        let get = |headers: &[(&str, &str)], sni| {
+            decide(&snapshot, 8443, &request("/api/x", headers), wire(sni))
+        };
+        let api = Decision::Proxied("api.default".into());
+        assert_eq!(get(&[("host", "a.example")], Some("a.example")), api);
+        // Without a Host header (HTTP/1.0) the SNI names the Host.
+        assert_eq!(get(&[], Some("b.example")), api);
+        assert_eq!(
+            get(&[("host", "b.example")], Some("a.example")),
+            Decision::Refused(421, "misdirected")
+        );
+        assert_eq!(
+            get(&[("host", "a.example")], None),
+            Decision::Refused(404, "no_host")
+        );
+    }
+
+    #[test]
+    fn a_cleartext_connection_to_a_tls_listener_is_refused() {
+        let (tls, cleartext) = (tls(), cleartext());
+        let refused = handshake_holds(None, tls.listener(8443).unwrap())
+            .err()
+            .unwrap();
+        assert_eq!(
+            (refused.status().as_u16(), refused.reason),
+            (421, "tls_required")
+        );
+        assert_eq!(
+            handshake_holds(None, cleartext.listener(8080).unwrap()).ok(),
+            Some(true)
+        );
+    }
+
+    /// The route of `path` on a.example, for the phases after routing.
+    fn mapped(snapshot: &Snapshot, path: &str) -> Arc<Route> {
+        let req = request(path, &[("host", "a.example")]);
+        let listener = snapshot.listener(8080).unwrap();
+        let routed = route(snapshot, listener, &req, CLEARTEXT, None);
+        routed.ok().and_then(|r| r.route).unwrap()
+    }
+
+    #[test]
+    fn an_upgrade_needs_its_protocol_named_by_the_mapping() {
+        let snapshot = cleartext();
+        let (api, slow) = (mapped(&snapshot, "/api/x"), mapped(&snapshot, "/slow/x"));
+        assert_eq!(allowed_upgrade(&api, None).ok(), Some(None));
+        assert_eq!(
+            allowed_upgrade(&api, Some("WebSocket")).ok(),
+            Some(Some(Upgrade::WebSocket))
+        );
+        let refused = allowed_upgrade(&slow, Some("websocket")).err().unwrap();
+        assert_eq!(
+            (refused.status().as_u16(), refused.reason),
+            (403, "upgrade_refused")
+        );
+        assert!(allowed_upgrade(&api, Some("spdy/3")).is_err());
+    }
+
+    #[test]
+    fn an_upstream_read_waits_what_is_left_of_the_shortest_timeout() {
+        let snapshot = Arc::new(cleartext());
+        let (api, slow) = (mapped(&snapshot, "/api/x"), mapped(&snapshot, "/slow/x"));
+        let gateway = Gateway::new(
+            Arc::new(ArcSwap::new(snapshot.clone())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let now = Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut ctx = gateway.new_ctx();
+        ctx.timeout = slow.timeout;
+        // The body still comes: the whole route timeout, each read.
+        assert_eq!(upstream_wait(&slow, &ctx, now), Some(ms(3000)));
+        ctx.deadline = Some(now + ms(2000));
+        assert_eq!(upstream_wait(&slow, &ctx, now), Some(ms(2000)));
+        // The idle timeout is shorter.
+        assert_eq!(upstream_wait(&api, &ctx, now), Some(ms(1000)));
+        ctx.deadline = Some(now);
+        assert_eq!(upstream_wait(&api, &ctx, now + ms(5)), Some(ms(0)));
+        // An upgraded stream lives by its idle timeout alone.
+        ctx.upgrade = Some(Upgrade::WebSocket);
+        assert_eq!(upstream_wait(&api, &ctx, now), Some(ms(1000)));
+        assert_eq!(upstream_wait(&slow, &ctx, now), Some(UPGRADED_IDLE));
+    }
 
     #[test]
     fn a_request_names_one_host_for_every_decision() {

@@ -928,7 +928,7 @@ pub fn validate_hosts(
 mod tests {
     use super::*;
     use crate::config::load::parse_documents;
-    use crate::model::key_coverage::assert_fields_listed;
+    use crate::model::key_coverage::{assert_fields_listed, document};
     use crate::model::spec::assert_used_or_named;
     use std::path::Path;
 
@@ -950,6 +950,163 @@ mod tests {
         let refs: Vec<&RawResource> = raws.iter().collect();
         let out = validate(&refs, &mut diags);
         (out, diags)
+    }
+
+    /// The Module `name` with `config` (block YAML): the settings it
+    /// leaves and what it reported.
+    fn module(name: &str, config: &str) -> (ModuleSettings, Vec<Diagnostic>) {
+        let config: String = config.lines().map(|l| format!("  {l}\n")).collect();
+        validated(
+            "Module",
+            name,
+            &format!("config:\n{config}"),
+            |raws, diags| validate_modules(raws, diags, &mut BTreeMap::new()),
+        )
+    }
+
+    /// Each diagnostic as severity, field and message.
+    fn reported(diags: &[Diagnostic]) -> Vec<(bool, String, String)> {
+        diags
+            .iter()
+            .map(|d| {
+                (
+                    d.is_error(),
+                    d.field.clone().unwrap_or_default(),
+                    d.message.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn what_a_module_leaves_unset_takes_the_builtin_default() {
+        let (settings, diags) = module("ambassador", "server_name: edge");
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(settings.server_name.as_deref(), Some("edge"));
+        assert_eq!(settings.request_timeout_ms, 3000);
+        assert!(settings.enable_ipv4 && !settings.enable_ipv6);
+        assert_eq!(settings.underscores, UnderscoreAction::Allow);
+        assert_eq!(settings.access_log, AccessLog::Text);
+        assert_eq!(settings.max_request_headers, 60 * 1024);
+        assert_eq!(
+            settings.listener_idle_timeout,
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(settings.default_label_domain, "ambassador");
+    }
+
+    #[test]
+    fn zero_timeouts_mean_no_limit() {
+        let (settings, diags) = module(
+            "ambassador",
+            "listener_idle_timeout_ms: 0\ncluster_idle_timeout_ms: 0\ncluster_max_connection_lifetime_ms: 1500",
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(settings.listener_idle_timeout, None);
+        assert_eq!(settings.connections.idle_timeout, None);
+        assert_eq!(
+            settings.connections.max_lifetime,
+            Some(std::time::Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn max_request_headers_kb_is_bounded_by_what_pingora_reads() {
+        let (settings, diags) = module("ambassador", "max_request_headers_kb: 1023");
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(settings.max_request_headers, 1023 * 1024);
+        for kb in [0, 1024] {
+            let (settings, diags) = module(
+                "ambassador",
+                &format!("server_name: edge\nmax_request_headers_kb: {kb}"),
+            );
+            let field = "spec.config.max_request_headers_kb".to_string();
+            assert!(
+                matches!(&reported(&diags)[..], [(true, f, _)] if *f == field),
+                "{kb}: {diags:?}"
+            );
+            // A Module with an error is not applied at all.
+            assert_eq!(settings.server_name, None, "{kb}");
+        }
+    }
+
+    #[test]
+    fn module_keys_for_later_warn_and_unknown_ones_are_errors() {
+        let (settings, diags) = module(
+            "ambassador",
+            "server_name: edge\ngzip:\n  min_content_length: 32",
+        );
+        assert_eq!(
+            reported(&diags),
+            [(
+                false,
+                "spec.config.gzip".to_string(),
+                "not supported by pingress yet; ignored".to_string()
+            )]
+        );
+        assert_eq!(settings.server_name.as_deref(), Some("edge"));
+
+        let (settings, diags) = module("ambassador", "server_nme: edge");
+        assert_eq!(
+            reported(&diags),
+            [(
+                true,
+                "spec.config.server_nme".to_string(),
+                "unknown field".to_string()
+            )]
+        );
+        assert_eq!(
+            diags[0].hint.as_deref(),
+            Some("did you mean `server_name`?")
+        );
+        assert_eq!(settings.server_name, None);
+    }
+
+    #[test]
+    fn only_the_first_module_named_ambassador_is_read() {
+        let (settings, diags) = module("tls", "server_name: edge");
+        assert_eq!(settings.server_name, None);
+        assert!(
+            matches!(&reported(&diags)[..], [(false, f, _)] if f == "metadata.name"),
+            "{diags:?}"
+        );
+
+        let yaml = [
+            document("Module", "ambassador", "config:\n  server_name: first"),
+            document("Module", "ambassador", "config:\n  server_name: second"),
+        ]
+        .concat();
+        let (mut raws, mut diags) = (Vec::new(), Vec::new());
+        parse_documents(Path::new("modules.yaml"), &yaml, &mut raws, &mut diags);
+        let refs: Vec<&RawResource> = raws.iter().collect();
+        let settings = validate_modules(&refs, &mut diags, &mut BTreeMap::new());
+        assert_eq!(settings.server_name.as_deref(), Some("first"));
+        assert!(
+            matches!(&reported(&diags)[..], [(true, f, _)] if f == "metadata.name"),
+            "{diags:?}"
+        );
+    }
+
+    #[test]
+    fn mapping_defaults_under_httpmapping_win_key_by_key() {
+        let (settings, diags) = module(
+            "ambassador",
+            "defaults:\n  add_request_headers:\n    x-top: a\n  remove_response_headers: [x-gone]\n  \
+             httpmapping:\n    add_request_headers:\n      x-class: b",
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        let added: Vec<&str> = settings
+            .defaults
+            .request
+            .as_ref()
+            .unwrap()
+            .add
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        assert_eq!(added, ["x-class"]);
+        let removed = settings.defaults.remove_response.unwrap();
+        assert_eq!(removed, [HeaderName::from_static("x-gone")]);
     }
 
     /// A value for every Module key pingress reads; LATER keys take `1`.

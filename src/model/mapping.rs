@@ -233,6 +233,79 @@ fn validate(
     suggested: &[&str],
     report: &mut Reporter,
 ) -> Option<Mapping> {
+    let matched = request_match(raw, spec, suggested, report)?;
+    let rewrite = rewrite(spec, report)?;
+    let to = destination(raw, spec, module, contexts, suggested, report)?;
+    let host_rewrite = host_rewrite(spec, report)?;
+    let weight = weight(spec, report)?;
+    let policies = policies(spec, module, matched.case_sensitive, &to, report);
+    let upstream = match to.redirect {
+        Some(_) => Upstream::for_redirect(),
+        None => upstream_choice(spec, module, resolvers, report)?,
+    };
+    Some(Mapping {
+        id: raw.id.clone(),
+        name: format!("{}.{}", raw.id.name, raw.id.namespace),
+        labels: raw.labels.clone(),
+        association: matched.association,
+        path: matched.path,
+        prefix: matched.prefix,
+        authority: matched.authority,
+        method: matched.method,
+        headers: matched.headers,
+        query: matched.query,
+        precedence: spec.precedence.unwrap_or(0),
+        weight,
+        rewrite,
+        host_rewrite,
+        auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
+        service: to.service,
+        resolver: upstream.resolver,
+        load_balancer: upstream.load_balancer,
+        health_check: upstream.health_check,
+        dns: upstream.dns,
+        connections: upstream.connections,
+        originate_tls: to.originate_tls,
+        tls: to.context,
+        timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
+        connect_timeout_ms: policies.connect_timeout_ms,
+        grpc: spec.grpc.unwrap_or(false),
+        breaker: policies.breaker,
+        retry: policies.retry,
+        idle_timeout_ms: spec.idle_timeout_ms,
+        request_headers: policies.request_headers,
+        response_headers: policies.response_headers,
+        add_linkerd_headers: spec
+            .add_linkerd_headers
+            .unwrap_or(module.add_linkerd_headers),
+        group_invariants: policies.group_invariants,
+        redirect: to.redirect,
+        cors: policies.cors,
+        bypass_auth: spec.bypass_auth.unwrap_or(false),
+        rate_labels: policies.rate_labels,
+        allow_upgrade: policies.allow_upgrade,
+        shadow: spec.shadow.unwrap_or(false),
+    })
+}
+
+/// Which requests a Mapping matches.
+struct RequestMatch {
+    case_sensitive: bool,
+    prefix: String,
+    path: PathMatch,
+    authority: Option<(AuthorityMatch, String)>,
+    association: Association,
+    method: Option<ValueMatch>,
+    headers: Vec<(HeaderName, ValueMatch)>,
+    query: Vec<(String, ValueMatch)>,
+}
+
+fn request_match(
+    raw: &RawResource,
+    spec: &MappingSpec,
+    suggested: &[&str],
+    report: &mut Reporter,
+) -> Option<RequestMatch> {
     let case_sensitive = spec.case_sensitive.unwrap_or(true);
     let prefix = prefix(spec, suggested, report)?;
     let path = path_match(&prefix, spec, case_sensitive, report)?;
@@ -246,8 +319,35 @@ fn validate(
         "query_parameters",
         report,
     );
-    let rewrite = rewrite(spec, report)?;
+    Some(RequestMatch {
+        case_sensitive,
+        prefix,
+        path,
+        authority,
+        association,
+        method,
+        headers,
+        query,
+    })
+}
 
+/// Where a Mapping sends what it matches: its service, with the TLS it is
+/// reached with, or the target of its `host_redirect`.
+struct Destination {
+    context: Option<Arc<TlsContext>>,
+    redirect: Option<Redirect>,
+    service: ServiceAddr,
+    originate_tls: bool,
+}
+
+fn destination(
+    raw: &RawResource,
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    contexts: &TlsContexts,
+    suggested: &[&str],
+    report: &mut Reporter,
+) -> Option<Destination> {
     let (context, tls_set) = origination(spec.tls.as_ref(), "Mapping", contexts, report)?;
     let redirect = redirect(spec, report)?;
     // A redirect's service is a target authority, not a Kubernetes name.
@@ -261,9 +361,35 @@ fn validate(
         suggested,
         report,
     )?;
-    let host_rewrite = host_rewrite(spec, report)?;
-    let weight = weight(spec, report)?;
+    Some(Destination {
+        context,
+        redirect,
+        service,
+        originate_tls,
+    })
+}
 
+/// How a Mapping proxies: header edits, connections, limits, CORS,
+/// upgrades and retries, each the Mapping's or else the Module's.
+struct Policies {
+    request_headers: HeaderEdits,
+    response_headers: HeaderEdits,
+    connect_timeout_ms: u64,
+    breaker: Thresholds,
+    group_invariants: Vec<(&'static str, String)>,
+    rate_labels: Labels,
+    cors: Option<Arc<CorsPolicy>>,
+    allow_upgrade: Vec<String>,
+    retry: Option<RetryPolicy>,
+}
+
+fn policies(
+    spec: &MappingSpec,
+    module: &ModuleSettings,
+    case_sensitive: bool,
+    to: &Destination,
+    report: &mut Reporter,
+) -> Policies {
     let (request_headers, response_headers) = header_edits(spec, &module.defaults, report);
     let connect_timeout_ms = spec.connect_timeout_ms.unwrap_or(3000);
     let breaker = match &spec.circuit_breakers {
@@ -273,7 +399,7 @@ fn validate(
     let group_invariants = group_invariants(
         spec,
         case_sensitive,
-        redirect.is_some(),
+        to.redirect.is_some(),
         &breaker,
         connect_timeout_ms,
     );
@@ -287,54 +413,17 @@ fn validate(
         Some(policy) => retry_policy(policy, "spec.retry_policy", report),
         None => module.retry_policy,
     };
-    let upstream = match redirect {
-        Some(_) => Upstream::for_redirect(),
-        None => upstream_choice(spec, module, resolvers, report)?,
-    };
-
-    Some(Mapping {
-        id: raw.id.clone(),
-        name: format!("{}.{}", raw.id.name, raw.id.namespace),
-        labels: raw.labels.clone(),
-        association,
-        path,
-        prefix,
-        authority,
-        method,
-        headers,
-        query,
-        precedence: spec.precedence.unwrap_or(0),
-        weight,
-        rewrite,
-        host_rewrite,
-        auto_host_rewrite: spec.auto_host_rewrite.unwrap_or(false),
-        service,
-        resolver: upstream.resolver,
-        load_balancer: upstream.load_balancer,
-        health_check: upstream.health_check,
-        dns: upstream.dns,
-        connections: upstream.connections,
-        originate_tls,
-        tls: context,
-        timeout_ms: spec.timeout_ms.unwrap_or(module.request_timeout_ms),
-        connect_timeout_ms,
-        grpc: spec.grpc.unwrap_or(false),
-        breaker,
-        retry,
-        idle_timeout_ms: spec.idle_timeout_ms,
+    Policies {
         request_headers,
         response_headers,
-        add_linkerd_headers: spec
-            .add_linkerd_headers
-            .unwrap_or(module.add_linkerd_headers),
+        connect_timeout_ms,
+        breaker,
         group_invariants,
-        redirect,
-        cors,
-        bypass_auth: spec.bypass_auth.unwrap_or(false),
         rate_labels,
+        cors,
         allow_upgrade,
-        shadow: spec.shadow.unwrap_or(false),
-    })
+        retry,
+    }
 }
 
 /// The required `prefix`. A missing one is not reported again when an

@@ -7,6 +7,7 @@
 
 use std::sync::OnceLock;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -20,28 +21,53 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    http: HttpMetrics,
+    pub upstream: UpstreamMetrics,
+    pub config: ConfigMetrics,
+    tcp: TcpMetrics,
+    pub downstream: DownstreamMetrics,
+    rate_limit_overflow: IntCounterVec,
+}
+
+/// HTTP requests: routed to Mappings, or answered by the gateway itself.
+struct HttpMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     local_replies: IntCounterVec,
     upstream_errors: IntCounterVec,
     retries: IntCounterVec,
     shadows: IntCounterVec,
-    pub upstream_connections_new: IntCounter,
-    pub upstream_connections_reused: IntCounter,
-    pub upstream_tls_handshakes: IntCounter,
+}
+
+/// Connections to upstreams.
+pub struct UpstreamMetrics {
+    pub connections_new: IntCounter,
+    pub connections_reused: IntCounter,
+    pub tls_handshakes: IntCounter,
+}
+
+/// The serving configuration: reloads, certificates, resource errors.
+pub struct ConfigMetrics {
     reloads: IntCounterVec,
     pub last_reload_success: Gauge,
     pub generation: Gauge,
     certificate_expiry: GaugeVec,
     resource_errors: IntGaugeVec,
-    tcp_connections: IntCounterVec,
-    tcp_active: IntGaugeVec,
-    tcp_bytes: IntCounterVec,
-    tcp_refused: IntCounterVec,
-    pub downstream_connections: IntGauge,
-    downstream_refused: IntCounterVec,
-    downstream_closed: IntCounterVec,
-    rate_limit_overflow: IntCounterVec,
+}
+
+/// TCPMappings' tunnels.
+struct TcpMetrics {
+    connections: IntCounterVec,
+    active: IntGaugeVec,
+    bytes: IntCounterVec,
+    refused: IntCounterVec,
+}
+
+/// Client connections.
+pub struct DownstreamMetrics {
+    pub connections: IntGauge,
+    refused: IntCounterVec,
+    closed: IntCounterVec,
 }
 
 /// The process's metrics. Registration of fixed names cannot fail; should
@@ -51,156 +77,206 @@ pub fn metrics() -> &'static Metrics {
     METRICS.get_or_init(|| Metrics::new().expect("metric names and labels are valid"))
 }
 
-impl Metrics {
-    fn new() -> prometheus::Result<Metrics> {
-        let registry = Registry::new_custom(Some("pingress".into()), None)?;
-        let counter_vec =
-            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
-                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(metric.clone()))?;
-                Ok(metric)
-            };
-        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
-            let metric = IntCounter::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let int_gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let metric = IntGauge::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let gauge = |name: &str, help: &str| -> prometheus::Result<Gauge> {
-            let metric = Gauge::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "request_duration_seconds",
-                "Time from request to the end of the response, per Mapping",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["mapping"],
-        )?;
-        registry.register(Box::new(duration.clone()))?;
-        let certificate_expiry = GaugeVec::new(
-            Opts::new(
-                "certificate_expiry_timestamp_seconds",
-                "When a certificate in use expires (Unix time), by TLSContext and role",
-            ),
-            &["context", "role"],
-        )?;
-        registry.register(Box::new(certificate_expiry.clone()))?;
-        let tcp_active = IntGaugeVec::new(
-            Opts::new("tcp_connections_active", "Open TCP tunnels, per TCPMapping"),
-            &["tcp_mapping"],
-        )?;
-        registry.register(Box::new(tcp_active.clone()))?;
-        let resource_errors = IntGaugeVec::new(
-            Opts::new(
-                "resource_errors",
-                "Resources of the serving configuration with errors, by kind (a resource an \
-                 edit broke keeps serving its last good version)",
-            ),
-            &["kind"],
-        )?;
-        registry.register(Box::new(resource_errors.clone()))?;
-        Ok(Metrics {
-            tcp_connections: counter_vec(
-                "tcp_connections_total",
-                "TCP connections routed to a TCPMapping",
-                &["tcp_mapping"],
-            )?,
-            tcp_active,
-            tcp_bytes: counter_vec(
-                "tcp_bytes_total",
-                "Bytes through TCP tunnels, per TCPMapping; received from clients, sent to them",
-                &["tcp_mapping", "direction"],
-            )?,
-            tcp_refused: counter_vec(
-                "tcp_connections_refused_total",
-                "TCP connections closed without a tunnel, by reason",
-                &["reason"],
-            )?,
-            requests: counter_vec(
+/// Makes metrics and registers each as it is made.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn add<M: Collector + Clone + 'static>(
+        &self,
+        metric: prometheus::Result<M>,
+    ) -> prometheus::Result<M> {
+        let metric = metric?;
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    fn counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn counter(&self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.add(IntCounter::new(name, help))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> prometheus::Result<Gauge> {
+        self.add(Gauge::new(name, help))
+    }
+
+    fn int_gauge_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntGaugeVec> {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+}
+
+impl HttpMetrics {
+    fn new(r: &Registrar) -> prometheus::Result<Self> {
+        Ok(HttpMetrics {
+            requests: r.counter_vec(
                 "requests_total",
                 "Requests routed to a Mapping, by status class",
                 &["mapping", "class"],
             )?,
-            duration,
-            local_replies: counter_vec(
+            duration: r.add(HistogramVec::new(
+                HistogramOpts::new(
+                    "request_duration_seconds",
+                    "Time from request to the end of the response, per Mapping",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["mapping"],
+            ))?,
+            local_replies: r.counter_vec(
                 "local_replies_total",
                 "Requests the gateway answered itself (404, 301, 421, ...)",
                 &["reason"],
             )?,
-            upstream_errors: counter_vec(
+            upstream_errors: r.counter_vec(
                 "upstream_errors_total",
                 "Failed upstream exchanges, by Mapping and kind",
                 &["mapping", "kind"],
             )?,
-            retries: counter_vec(
+            retries: r.counter_vec(
                 "upstream_retries_total",
                 "Upstream tries repeated under a Mapping's retry_policy",
                 &["mapping"],
             )?,
-            shadows: counter_vec(
+            shadows: r.counter_vec(
                 "shadow_requests_total",
                 "Copies of requests for shadow Mappings: sent, failed, timeout, skipped \
                  (too many in flight) or not_copied (body too large)",
                 &["mapping", "outcome"],
             )?,
-            upstream_connections_new: counter(
+        })
+    }
+}
+
+impl UpstreamMetrics {
+    fn new(r: &Registrar) -> prometheus::Result<Self> {
+        Ok(UpstreamMetrics {
+            connections_new: r.counter(
                 "upstream_connections_new_total",
                 "Upstream connections opened",
             )?,
-            upstream_connections_reused: counter(
+            connections_reused: r.counter(
                 "upstream_connections_reused_total",
                 "Requests sent on a pooled upstream connection",
             )?,
-            upstream_tls_handshakes: counter(
+            tls_handshakes: r.counter(
                 "upstream_tls_handshakes_total",
                 "TLS handshakes with upstreams",
             )?,
-            reloads: counter_vec(
+        })
+    }
+}
+
+impl ConfigMetrics {
+    fn new(r: &Registrar) -> prometheus::Result<Self> {
+        Ok(ConfigMetrics {
+            reloads: r.counter_vec(
                 "reloads_total",
                 "Configuration reloads, by outcome",
                 &["outcome"],
             )?,
-            last_reload_success: gauge(
+            last_reload_success: r.gauge(
                 "last_reload_success_timestamp_seconds",
                 "When the serving configuration was applied (Unix time)",
             )?,
-            generation: gauge(
+            generation: r.gauge(
                 "config_generation",
                 "Generation of the serving configuration",
             )?,
-            downstream_connections: int_gauge(
+            certificate_expiry: r.add(GaugeVec::new(
+                Opts::new(
+                    "certificate_expiry_timestamp_seconds",
+                    "When a certificate in use expires (Unix time), by TLSContext and role",
+                ),
+                &["context", "role"],
+            ))?,
+            resource_errors: r.int_gauge_vec(
+                "resource_errors",
+                "Resources of the serving configuration with errors, by kind (a resource an \
+                 edit broke keeps serving its last good version)",
+                &["kind"],
+            )?,
+        })
+    }
+}
+
+impl TcpMetrics {
+    fn new(r: &Registrar) -> prometheus::Result<Self> {
+        Ok(TcpMetrics {
+            connections: r.counter_vec(
+                "tcp_connections_total",
+                "TCP connections routed to a TCPMapping",
+                &["tcp_mapping"],
+            )?,
+            active: r.int_gauge_vec(
+                "tcp_connections_active",
+                "Open TCP tunnels, per TCPMapping",
+                &["tcp_mapping"],
+            )?,
+            bytes: r.counter_vec(
+                "tcp_bytes_total",
+                "Bytes through TCP tunnels, per TCPMapping; received from clients, sent to them",
+                &["tcp_mapping", "direction"],
+            )?,
+            refused: r.counter_vec(
+                "tcp_connections_refused_total",
+                "TCP connections closed without a tunnel, by reason",
+                &["reason"],
+            )?,
+        })
+    }
+}
+
+impl DownstreamMetrics {
+    fn new(r: &Registrar) -> prometheus::Result<Self> {
+        Ok(DownstreamMetrics {
+            connections: r.add(IntGauge::new(
                 "downstream_connections",
                 "Open client connections, HTTP and TCP, counted from the end of the TLS handshake",
-            )?,
-            downstream_refused: counter_vec(
+            ))?,
+            refused: r.counter_vec(
                 "downstream_connections_refused_total",
                 "Client connections closed at once, by the cap they met: max_connections or \
                  max_connections_per_client",
                 &["cap"],
             )?,
-            downstream_closed: counter_vec(
+            closed: r.counter_vec(
                 "downstream_connections_closed_total",
                 "Client connections the gateway closed by itself: handshake_timeout, \
                  handshake_failed, idle_timeout, head_timeout (408), head_too_large (431), \
                  client_policy and host_gone (a reload refused its TLS), max_connection_age",
                 &["reason"],
             )?,
-            rate_limit_overflow: counter_vec(
+        })
+    }
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Metrics> {
+        let r = Registrar(Registry::new_custom(Some("pingress".into()), None)?);
+        Ok(Metrics {
+            http: HttpMetrics::new(&r)?,
+            upstream: UpstreamMetrics::new(&r)?,
+            config: ConfigMetrics::new(&r)?,
+            tcp: TcpMetrics::new(&r)?,
+            downstream: DownstreamMetrics::new(&r)?,
+            rate_limit_overflow: r.counter_vec(
                 "rate_limit_overflow_total",
                 "Requests counted against a limit's shared overflow bucket because all its \
                  in-memory buckets were in use, by limit name",
                 &["limit"],
             )?,
-            certificate_expiry,
-            resource_errors,
-            registry,
+            registry: r.0,
         })
     }
 
@@ -215,17 +291,21 @@ impl Metrics {
     }
 
     pub fn local_reply(&self, reason: &str) {
-        self.local_replies.with_label_values(&[reason]).inc();
+        self.http.local_replies.with_label_values(&[reason]).inc();
     }
 
     pub fn upstream_error(&self, mapping: &str, kind: &str) {
-        self.upstream_errors
+        self.http
+            .upstream_errors
             .with_label_values(&[mapping, kind])
             .inc();
     }
 
     pub fn shadow(&self, mapping: &str, outcome: &str) {
-        self.shadows.with_label_values(&[mapping, outcome]).inc();
+        self.http
+            .shadows
+            .with_label_values(&[mapping, outcome])
+            .inc();
     }
 
     /// The handles of one TCPMapping, for its route.
@@ -240,11 +320,11 @@ impl Metrics {
     }
 
     pub fn downstream_refused(&self, cap: &str) {
-        self.downstream_refused.with_label_values(&[cap]).inc();
+        self.downstream.refused.with_label_values(&[cap]).inc();
     }
 
     pub fn downstream_closed(&self, reason: &str) {
-        self.downstream_closed.with_label_values(&[reason]).inc();
+        self.downstream.closed.with_label_values(&[reason]).inc();
     }
 
     /// The overflow counter of one rate limit's buckets.
@@ -253,18 +333,19 @@ impl Metrics {
     }
 
     pub fn tcp_refused(&self, reason: &str) {
-        self.tcp_refused.with_label_values(&[reason]).inc();
+        self.tcp.refused.with_label_values(&[reason]).inc();
     }
 
     pub fn reload(&self, outcome: &str) {
-        self.reloads.with_label_values(&[outcome]).inc();
+        self.config.reloads.with_label_values(&[outcome]).inc();
     }
 
     /// Replaces the certificate expiry gauges with the serving set.
     pub fn set_certificates(&self, certificates: &[(String, &'static str, i64)]) {
-        self.certificate_expiry.reset();
+        self.config.certificate_expiry.reset();
         for (context, role, expiry) in certificates {
-            self.certificate_expiry
+            self.config
+                .certificate_expiry
                 .with_label_values(&[context.as_str(), role])
                 .set(*expiry as f64);
         }
@@ -272,9 +353,10 @@ impl Metrics {
 
     /// Replaces the per-kind resource error gauges.
     pub fn set_resource_errors(&self, per_kind: &std::collections::BTreeMap<String, usize>) {
-        self.resource_errors.reset();
+        self.config.resource_errors.reset();
         for (kind, count) in per_kind {
-            self.resource_errors
+            self.config
+                .resource_errors
                 .with_label_values(&[kind.as_str()])
                 .set(i64::try_from(*count).unwrap_or(i64::MAX));
         }
@@ -310,19 +392,20 @@ impl RouteMetrics {
         self.by_class[class]
             .get_or_init(|| {
                 metrics()
+                    .http
                     .requests
                     .with_label_values(&[&self.mapping, CLASSES[class]])
             })
             .inc();
         self.duration
-            .get_or_init(|| metrics().duration.with_label_values(&[&self.mapping]))
+            .get_or_init(|| metrics().http.duration.with_label_values(&[&self.mapping]))
             .observe(seconds);
     }
 
     /// Counts one more try of a request.
     pub fn retry(&self) {
         self.retries
-            .get_or_init(|| metrics().retries.with_label_values(&[&self.mapping]))
+            .get_or_init(|| metrics().http.retries.with_label_values(&[&self.mapping]))
             .inc();
     }
 }
@@ -344,13 +427,14 @@ impl TunnelMetrics {
         self.accepted
             .get_or_init(|| {
                 metrics()
-                    .tcp_connections
+                    .tcp
+                    .connections
                     .with_label_values(&[&self.tcp_mapping])
             })
             .inc();
         let active = self
             .active
-            .get_or_init(|| metrics().tcp_active.with_label_values(&[&self.tcp_mapping]))
+            .get_or_init(|| metrics().tcp.active.with_label_values(&[&self.tcp_mapping]))
             .clone();
         active.inc();
         ActiveTunnel(active)
@@ -370,7 +454,8 @@ impl TunnelMetrics {
         counter
             .get_or_init(|| {
                 metrics()
-                    .tcp_bytes
+                    .tcp
+                    .bytes
                     .with_label_values(&[&self.tcp_mapping, direction])
             })
             .inc_by(bytes as u64);

@@ -88,7 +88,7 @@ impl Gate {
             self.last_refusal.store(self.now_ms(), Ordering::Relaxed);
             return Err("max_connections");
         }
-        metrics().downstream_connections.inc();
+        metrics().downstream.connections.inc();
         let mut ticket = Ticket {
             gate: self.clone(),
             client: None,
@@ -146,7 +146,7 @@ impl Drop for Ticket {
             }
         }
         self.gate.open.fetch_sub(1, Ordering::AcqRel);
-        metrics().downstream_connections.dec();
+        metrics().downstream.connections.dec();
     }
 }
 

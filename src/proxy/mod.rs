@@ -918,11 +918,11 @@ impl ProxyHttp for Gateway {
         }
         let counters = metrics();
         if reused {
-            counters.upstream_connections_reused.inc();
+            counters.upstream.connections_reused.inc();
         } else {
-            counters.upstream_connections_new.inc();
+            counters.upstream.connections_new.inc();
             if peer.is_tls() {
-                counters.upstream_tls_handshakes.inc();
+                counters.upstream.tls_handshakes.inc();
             }
         }
         let Some(tls) = cluster.and_then(|c| c.tls.as_ref()) else {

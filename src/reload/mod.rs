@@ -201,12 +201,12 @@ fn publish_metrics(loaded: &Loaded, generation: u64) {
     let snapshot = &loaded.snapshot;
     let counters = metrics();
     counters.set_resource_errors(&loaded.resource_errors());
-    counters.generation.set(generation as f64);
+    counters.config.generation.set(generation as f64);
     let now = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    counters.last_reload_success.set(now);
+    counters.config.last_reload_success.set(now);
     let mut certificates: Vec<(String, &'static str, i64)> = Vec::new();
     let mut add = |context: &crate::tls::TlsContext, role: &'static str| {
         if let Some(expiry) = context

@@ -1,5 +1,7 @@
 //! The Pingora `ProxyHttp` implementation, one phase per method, each thin:
-//! the decisions live in the snapshot and the routing module.
+//! the decisions live in the snapshot, the routing module and functions of
+//! the request head (`route`, `allowed_upgrade`, `upstream_wait`), which
+//! the tests call without a socket.
 //!
 //! - `request_filter`: take the snapshot, pick the Host and the route, or
 //!   answer (404, 301, 400) here;

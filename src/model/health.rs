@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-use crate::config::diagnostics::Reporter;
+use crate::config::diagnostics::{Code, Reporter};
 use crate::config::resources::{AddHeaderValue, HealthCheckSpec, HttpHealthCheckSpec};
 use crate::upstream::health::HealthCheck;
 use crate::upstream::retry::parse_duration;
@@ -51,10 +51,12 @@ fn one(spec: &HealthCheckSpec, field: &str, report: &mut Reporter) -> Option<Opt
             return None;
         }
         (None, Some(_)) => {
-            report.warning(
-                &format!("{field}.health_check.grpc"),
-                "gRPC health checks are not supported by pingress yet; this check is ignored",
-            );
+            report
+                .warning(
+                    &format!("{field}.health_check.grpc"),
+                    "gRPC health checks are not supported by pingress yet; this check is ignored",
+                )
+                .with_code(Code::KeyIgnored);
             return Some(None);
         }
         (None, None) => {

@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde_yaml::Value;
 
-use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
+use crate::config::diagnostics::{Code, Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{
     AddHeaderValue, CircuitBreakerSpec, CookieSpec, HealthCheckSpec, KeepaliveSpec,
@@ -526,10 +526,12 @@ fn rewrite(spec: &MappingSpec, report: &mut Reporter) -> Option<Rewrite> {
     Some(match (&spec.regex_rewrite, &spec.rewrite) {
         (Some(rr), rewrite) => {
             if rewrite.as_deref().is_some_and(|r| !r.is_empty()) {
-                report.warning(
-                    "spec.rewrite",
-                    "regex_rewrite is set, so rewrite is ignored",
-                );
+                report
+                    .warning(
+                        "spec.rewrite",
+                        "regex_rewrite is set, so rewrite is ignored",
+                    )
+                    .with_code(Code::KeyIgnored);
             }
             match search_regex(&rr.pattern) {
                 Ok(regex) => Rewrite::Regex {
@@ -979,6 +981,7 @@ fn endpoint_health_check(
                 "spec.health_checks",
                 format!("health checks need an endpoint resolver, as in Emissary; resolver {name} resolves the service name, so they are ignored"),
             )
+            .with_code(Code::KeyIgnored)
             .with_hint("set resolver to a KubernetesEndpointResolver, e.g. kubernetes-endpoint");
         return Some(None);
     }
@@ -1255,10 +1258,12 @@ pub(crate) fn breaker_thresholds(
         match entry.priority.as_deref() {
             None | Some("default") => {}
             Some("high") => {
-                report.warning(
-                    &entry_field,
-                    "priority high is not supported by pingress yet; ignored",
-                );
+                report
+                    .warning(
+                        &entry_field,
+                        "priority high is not supported by pingress yet; ignored",
+                    )
+                    .with_code(Code::KeyIgnored);
                 continue;
             }
             Some(other) => {
@@ -1297,11 +1302,13 @@ pub(crate) fn breaker_thresholds(
 /// With `shadow` too, Emissary drops the redirect and keeps the shadow.
 fn redirect(spec: &MappingSpec, report: &mut Reporter) -> Option<Option<Redirect>> {
     if spec.shadow == Some(true) && spec.host_redirect == Some(true) {
-        report.warning(
-            "spec.host_redirect",
-            "shadow and host_redirect exclude each other; the shadow wins and the redirect \
-             settings are ignored",
-        );
+        report
+            .warning(
+                "spec.host_redirect",
+                "shadow and host_redirect exclude each other; the shadow wins and the redirect \
+                 settings are ignored",
+            )
+            .with_code(Code::KeyIgnored);
         return Some(None);
     }
     if !spec.host_redirect.unwrap_or(false) {
@@ -1444,7 +1451,9 @@ type AuthorityParts = (Option<(AuthorityMatch, String)>, Association);
 fn authority(spec: &MappingSpec, v2: bool, report: &mut Reporter) -> Option<AuthorityParts> {
     if let Some(hostname) = &spec.hostname {
         if spec.host.is_some() {
-            report.warning("spec.host", "hostname is set, so host is ignored");
+            report
+                .warning("spec.host", "hostname is set, so host is ignored")
+                .with_code(Code::KeyIgnored);
         }
         return match HostGlob::parse(hostname) {
             Ok(HostGlob::Any) => Some((None, Association::Hostname(HostGlob::Any))),

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Diagnostic, Named, Reporter, ResourceRef};
+use crate::config::diagnostics::{Code, Diagnostic, Named, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
 use crate::tls::{self, CertKeyError, SecretData, TlsContext};
@@ -100,13 +100,15 @@ impl TlsContexts {
             return Some(context.clone());
         }
         if let Some(invalid) = self.invalid.get(name) {
-            report.error(
-                field,
-                format!(
-                    "TLSContext {}/{name} is invalid (see {}); {user} is dropped with it",
-                    invalid.namespace, invalid.source
-                ),
-            );
+            report
+                .error(
+                    field,
+                    format!(
+                        "TLSContext {}/{name} is invalid (see {}); {user} is dropped with it",
+                        invalid.namespace, invalid.source
+                    ),
+                )
+                .caused_by(invalid.named());
             return None;
         }
         let mut known: Vec<&str> = self.valid.keys().map(String::as_str).collect();
@@ -118,6 +120,7 @@ impl TlsContexts {
         };
         report
             .error(field, format!("no TLSContext named {name:?}"))
+            .with_code(Code::Reference)
             .with_hint(hint);
         None
     }

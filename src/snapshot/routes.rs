@@ -8,7 +8,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Diagnostic, Location};
+use crate::config::diagnostics::{Code, Diagnostic, Location};
 use crate::model::{Association, Mapping, VirtualHost};
 use crate::routing::matchers::{AuthorityMatch, PathMatch};
 use crate::routing::table::{
@@ -288,6 +288,7 @@ fn refusal(mapping: &Mapping, members: &[&Mapping]) -> Option<Diagnostic> {
                         mapping.name, first.name
                     ),
                 )
+                .code(Code::Conflict)
                 .field(format!("spec.{key}")),
             );
         }
@@ -302,6 +303,7 @@ fn refusal(mapping: &Mapping, members: &[&Mapping]) -> Option<Diagnostic> {
                     mapping.name
                 ),
             )
+            .code(Code::Conflict)
             .field("spec.shadow"),
         );
     }
@@ -315,6 +317,7 @@ fn refusal(mapping: &Mapping, members: &[&Mapping]) -> Option<Diagnostic> {
                     mapping.name
                 ),
             )
+            .code(Code::Conflict)
             .field("spec.host_redirect"),
         );
     }
@@ -384,6 +387,7 @@ fn thresholds(members: &[&Mapping], diags: &mut Vec<Diagnostic>) -> Option<Vec<u
                             m.prefix
                         ),
                     )
+                    .code(Code::Conflict)
                     .field("spec.weight"),
                 );
             }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::diagnostics::{Diagnostic, Location};
+use crate::config::diagnostics::{Code, Diagnostic, Location};
 use crate::metrics::{metrics, TunnelMetrics};
 use crate::model::{Listener, TcpMapping};
 use crate::routing::table::{pick, split, weighted_first};
@@ -187,6 +187,7 @@ fn fitting<'m>(
                             .map_or("another TCPMapping", |m| m.name.as_str())
                     ),
                 )
+                .code(Code::Conflict)
                 .field("spec.address"),
             );
             continue;
@@ -216,6 +217,7 @@ fn fitting<'m>(
 /// A TCPMapping the port it asks for cannot take.
 fn refuse(mapping: &TcpMapping, message: String, hint: &str) -> Diagnostic {
     Diagnostic::error(Location::Resource(mapping.id.clone()), message)
+        .code(Code::Conflict)
         .field("spec.port")
         .hint(hint)
 }
@@ -257,6 +259,7 @@ fn group(
                             sni.map(|s| format!(" for host {s}")).unwrap_or_default()
                         ),
                     )
+                    .code(Code::Conflict)
                     .field("spec.weight"),
                 );
             }

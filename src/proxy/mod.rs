@@ -3,13 +3,25 @@
 //! the request head (`route`, `allowed_upgrade`, `upstream_wait`), which
 //! the tests call without a socket.
 //!
-//! - `request_filter`: take the snapshot, pick the Host and the route, or
-//!   answer (404, 301, 400) here;
-//! - `upstream_peer`: clone the route's prepared peer;
+//! - `early_request_filter`: tell the connection's `BoundedStream` that the
+//!   head is read;
+//! - `request_filter`: take the snapshot, make the path canonical, check the
+//!   TLS handshake still holds, pick the Host and the route, run the
+//!   filters, or answer here (400, 403, 404, 421, 503, redirects);
+//! - `upstream_peer`: take a place under the cluster's breaker, let the
+//!   balancer pick an endpoint, and box its prepared peer;
+//! - `connected_to_upstream`: count the connection and hold it to its
+//!   lifetime; `fail_to_connect`, `error_while_proxy`: decide retries;
 //! - `upstream_request_filter`: path and Host rewrite, header edits;
-//! - `response_filter`: response header edits;
+//! - `request_body_filter`: start the route deadline when the body ends,
+//!   and copy a small body for the shadow;
+//! - `upstream_response_filter`, `response_filter`: response header edits,
+//!   retries on status, and dropping the snapshot after a 101;
+//! - `upstream_response_body_filter`, `response_body_filter`: the route
+//!   deadline on body chunks, and the filters' body hooks;
 //! - `fail_to_proxy`: the status and a body that name the cause;
-//! - `logging`: the access log line.
+//! - `logging`: the access log line, and the end of the exchange for the
+//!   connection's `BoundedStream`.
 
 mod headers;
 mod respond;

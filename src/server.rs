@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 use crate::admin::{AdminApp, ReadinessProbe};
 use crate::config::diagnostics::{Diagnostic, Severity};
 use crate::config::downstream::DownstreamConf;
-use crate::config::load::ProcessFiles;
+use crate::config::load::{GatewayFile, ProcessFiles};
 use crate::config::runtime_dir;
 use crate::downstream::drain::Drains;
 use crate::downstream::head::{HeadLimits, LimitSource};
@@ -148,22 +148,7 @@ pub fn serve(
 ) -> Result<(), ServeError> {
     // Reloads must find the same files after a daemon changes directory.
     let gateway_path = std::fs::canonicalize(&gateway_path).unwrap_or(gateway_path);
-    let loaded = load(
-        &gateway_path,
-        Resolution::Resolve,
-        &registry,
-        &LastGood::default(),
-    )
-    .map_err(ServeError::Load)?;
-    for diagnostic in &loaded.diagnostics {
-        match diagnostic.severity {
-            Severity::Error => error!("{diagnostic}"),
-            Severity::Warning => warn!("{diagnostic}"),
-        }
-    }
-    if let Some(refusal) = start_refusal(&loaded, strict) {
-        return Err(refusal);
-    }
+    let loaded = first_load(&gateway_path, &registry, strict)?;
     let ports = loaded.snapshot.ports();
     let bindings = loaded.snapshot.bindings();
     let listen = &loaded.gateway.admin.listen;
@@ -183,19 +168,8 @@ pub fn serve(
     let cluster_states = loaded.last_good.clusters().clone();
     let (live, gateway) = Live::new(loaded, registry);
     let live = Arc::new(live);
-    let mut conf = gateway.pingora;
-    place_process_files(&mut conf, &gateway.path, gateway.left_to_pingress)?;
-    conf.grace_period_seconds
-        .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);
-    let opt = Opt {
-        conf: None,
-        test: false,
-        ..opt
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
-
-    let snapshot = live.snapshot.clone();
+    let downstream = gateway.downstream;
+    let mut server = pingora_server(opt, gateway)?;
     let draining = Arc::new(AtomicBool::new(false));
     let drain_watch = background_service(
         "drain",
@@ -204,71 +178,20 @@ pub fn serve(
             draining: draining.clone(),
         },
     );
-    // Every HTTP connection, on an HTTP port or an HTTPS Host's SNI of a
-    // TCPMapping port, bounds its request heads under the limits of the
-    // current snapshot; every client connection counts against the caps.
-    let limits = head_limits(&snapshot, gateway.downstream);
-    let gate = Arc::new(Gate::new(&gateway.downstream));
-    let door = Arc::new(Door {
-        gate: gate.clone(),
-        handshakes: EdgeHandshakes::new(
-            bindings.iter().filter(|b| b.binding.tls()).map(|b| b.port),
-            &snapshot,
-            gateway.downstream.head_timeout,
-        )?,
-        drains: Drains::new(
-            snapshot.clone(),
-            live.swaps(),
-            gateway.downstream.max_connection_age,
-            gateway.downstream.tls_drain_window,
-            // A connection past its age gets as long to finish as Pingora
-            // gives a shutting-down runtime's tasks
-            // (`graceful_shutdown_timeout_seconds`, 5 s by default).
-            Duration::from_secs(
-                server
-                    .configuration
-                    .graceful_shutdown_timeout_seconds
-                    .unwrap_or(5),
-            ),
-        ),
-    });
-    let (idle, max_head) = {
-        let module = &snapshot.load().module;
-        (module.listener_idle_timeout, module.max_request_headers)
+    let door = Arc::new(client_door(&server, &live, &bindings, downstream)?);
+    let http = HttpApps {
+        snapshot: live.snapshot.clone(),
+        draining,
+        conf: server.configuration.clone(),
+        limits: head_limits(&live.snapshot, downstream),
+        gate: door.gate.clone(),
     };
-    let gateway_proxy = || {
-        let mut http = HttpProxy::new(
-            Gateway::new(snapshot.clone(), draining.clone()),
-            server.configuration.clone(),
-        );
-        http.handle_init_modules();
-        // Cleartext listeners also take HTTP/2 with prior knowledge (h2c),
-        // as Envoy's automatic codec does: gRPC clients use it.
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        // HTTP/2 bounds its own frames; these two follow the Module at
-        // start (HTTP/1 reads them for every request).
-        options.h2_idle_timeout = idle;
-        http.server_options = Some(options);
-        let mut h2 = default_h2_options();
-        h2.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
-        http.h2_options = Some(h2);
-        BoundedHttp::new(http, limits.clone(), gate.clone())
-    };
-    let mut proxy = Service::new(
-        "proxy".to_string(),
-        Admitted::new(gateway_proxy(), door.clone()),
-    );
+    let mut proxy = Service::new("proxy".to_string(), Admitted::new(http.app(), door.clone()));
     // Ports with TCPMappings have their own app; on a port it shares with
     // an HTTPS Listener it hands the HTTP connections to an HTTP proxy of
     // its own.
-    let mut tcp = Service::new(
-        "tcp".to_string(),
-        Admitted::new(
-            TcpProxy::new(snapshot.clone(), gateway_proxy(), &server.configuration),
-            door,
-        ),
-    );
+    let tunnels = TcpProxy::new(live.snapshot.clone(), http.app(), &server.configuration);
+    let mut tcp = Service::new("tcp".to_string(), Admitted::new(tunnels, door));
     // TLS ports listen in cleartext too: `Admitted` shakes hands.
     for bound in &bindings {
         let address = bind_address(bound).to_string();
@@ -302,6 +225,114 @@ pub fn serve(
     server.add_service(upstream_tasks);
     server.add_service(drain_watch);
     server.run_forever()
+}
+
+/// The configuration the gateway starts with, its problems logged; an
+/// error when it must not start on it (see [`start_refusal`]).
+fn first_load(
+    gateway_path: &Path,
+    registry: &Registry,
+    strict: bool,
+) -> Result<Loaded, ServeError> {
+    let loaded = load(
+        gateway_path,
+        Resolution::Resolve,
+        registry,
+        &LastGood::default(),
+    )
+    .map_err(ServeError::Load)?;
+    for diagnostic in &loaded.diagnostics {
+        match diagnostic.severity {
+            Severity::Error => error!("{diagnostic}"),
+            Severity::Warning => warn!("{diagnostic}"),
+        }
+    }
+    match start_refusal(&loaded, strict) {
+        Some(refusal) => Err(refusal),
+        None => Ok(loaded),
+    }
+}
+
+/// Pingora's server on the gateway file's `pingora:` settings, with the
+/// process files placed and pingress's grace period, bootstrapped (on
+/// `-u`, it takes the old process's listeners here).
+fn pingora_server(opt: Opt, gateway: GatewayFile) -> Result<Server, ServeError> {
+    let mut conf = gateway.pingora;
+    place_process_files(&mut conf, &gateway.path, gateway.left_to_pingress)?;
+    conf.grace_period_seconds
+        .get_or_insert(DEFAULT_GRACE_PERIOD_SECONDS);
+    let opt = Opt {
+        conf: None,
+        test: false,
+        ..opt
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    Ok(server)
+}
+
+/// What every client connection passes: the caps, the TLS handshake of
+/// the ports that have TLS, and the drains that may end it early.
+fn client_door(
+    server: &Server,
+    live: &Live,
+    bindings: &[Bound],
+    downstream: DownstreamConf,
+) -> Result<Door, ServeError> {
+    let tls_ports = bindings.iter().filter(|b| b.binding.tls()).map(|b| b.port);
+    // A connection past its age gets as long to finish as Pingora gives a
+    // shutting-down runtime's tasks (`graceful_shutdown_timeout_seconds`,
+    // 5 s by default).
+    let grace = server
+        .configuration
+        .graceful_shutdown_timeout_seconds
+        .unwrap_or(5);
+    Ok(Door {
+        gate: Arc::new(Gate::new(&downstream)),
+        handshakes: EdgeHandshakes::new(tls_ports, &live.snapshot, downstream.head_timeout)?,
+        drains: Drains::new(
+            live.snapshot.clone(),
+            live.swaps(),
+            downstream.max_connection_age,
+            downstream.tls_drain_window,
+            Duration::from_secs(grace),
+        ),
+    })
+}
+
+/// What each HTTP app of the gateway is built from: one for the HTTP and
+/// HTTPS ports, one for the HTTPS Hosts of each TCPMapping port.
+struct HttpApps {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    draining: Arc<AtomicBool>,
+    conf: Arc<ServerConf>,
+    /// Every HTTP connection bounds its request heads under the limits of
+    /// the current snapshot.
+    limits: LimitSource,
+    gate: Arc<Gate>,
+}
+
+impl HttpApps {
+    fn app(&self) -> BoundedHttp<HttpProxy<Gateway>> {
+        let mut http = HttpProxy::new(
+            Gateway::new(self.snapshot.clone(), self.draining.clone()),
+            self.conf.clone(),
+        );
+        http.handle_init_modules();
+        // Cleartext listeners also take HTTP/2 with prior knowledge (h2c),
+        // as Envoy's automatic codec does: gRPC clients use it.
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        // HTTP/2 bounds its own frames; these two follow the Module at
+        // start (HTTP/1 reads them for every request).
+        let module = &self.snapshot.load().module;
+        options.h2_idle_timeout = module.listener_idle_timeout;
+        http.server_options = Some(options);
+        let mut h2 = default_h2_options();
+        h2.max_header_list_size(u32::try_from(module.max_request_headers).unwrap_or(u32::MAX));
+        http.h2_options = Some(h2);
+        BoundedHttp::new(http, self.limits.clone(), self.gate.clone())
+    }
 }
 
 /// Puts the process files the gateway file leaves out in pingress's

@@ -137,14 +137,40 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
         upgrade_sock: !process_files_given[0],
         pid_file: !process_files_given[1],
     };
-    for ((field, value), given) in [
+    warn_about_process_files(&pingora, left_to_pingress, &location, &mut warnings);
+
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resources = parsed.resources.iter().map(|r| base.join(r)).collect();
+    Ok((
+        GatewayFile {
+            path: path.to_path_buf(),
+            pingora,
+            resources,
+            admin: parsed.admin.unwrap_or_default(),
+            upstream_tls: parsed.upstream_tls,
+            downstream: parsed.downstream,
+            left_to_pingress,
+        },
+        warnings,
+    ))
+}
+
+/// Process files the gateway file names must be found again by the new
+/// process of an upgrade, and must not be another user's to create first.
+fn warn_about_process_files(
+    pingora: &ServerConf,
+    left: ProcessFiles,
+    location: &Location,
+    warnings: &mut Vec<Diagnostic>,
+) {
+    for ((field, value), left) in [
         ("pingora.upgrade_sock", &pingora.upgrade_sock),
         ("pingora.pid_file", &pingora.pid_file),
     ]
     .into_iter()
-    .zip(process_files_given)
+    .zip([left.upgrade_sock, left.pid_file])
     {
-        if !given {
+        if left {
             // Placed in a private directory when the gateway starts serving.
             continue;
         }
@@ -166,21 +192,6 @@ pub fn load_gateway_file(path: &Path) -> Result<(GatewayFile, Vec<Diagnostic>), 
             );
         }
     }
-
-    let base = path.parent().unwrap_or(Path::new("."));
-    let resources = parsed.resources.iter().map(|r| base.join(r)).collect();
-    Ok((
-        GatewayFile {
-            path: path.to_path_buf(),
-            pingora,
-            resources,
-            admin: parsed.admin.unwrap_or_default(),
-            upstream_tls: parsed.upstream_tls,
-            downstream: parsed.downstream,
-            left_to_pingress,
-        },
-        warnings,
-    ))
 }
 
 /// Pingora ignores keys it does not know; a misspelt `grace_period_seconds`

@@ -812,6 +812,38 @@ mod tests {
     use crate::config::load::parse_documents;
     use crate::routing::table::RequestView;
 
+    fn model_of(text: &str) -> Model {
+        let (mut raw, mut diags) = (Vec::new(), Vec::new());
+        parse_documents(std::path::Path::new("t.yaml"), text, &mut raw, &mut diags);
+        let (model, problems) =
+            crate::model::validate(&raw, "default", &crate::filters::Registry::default());
+        assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
+        model
+    }
+
+    fn only_cluster(snapshot: &Snapshot) -> Arc<Cluster> {
+        let (_, host) = snapshot.listeners[0].hosts.select("h").unwrap();
+        let (_, route) = &host.groups[0].members[0];
+        route.cluster().unwrap().clone()
+    }
+
+    /// What a build shares with earlier ones comes only from `inherited`:
+    /// the same input shares a cluster's state (its breaker, endpoints and
+    /// tasks), a fresh one starts anew, whatever was compiled before.
+    #[test]
+    fn compile_shares_only_what_it_is_given() {
+        let model = model_of(
+            "apiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: m\n\
+             spec:\n  hostname: \"*\"\n  prefix: /\n  service: s\n",
+        );
+        let inherited = Inherited::default();
+        let first = only_cluster(&compile(&model, Resolution::Skip, &inherited).0);
+        let again = only_cluster(&compile(&model, Resolution::Skip, &inherited).0);
+        let fresh = only_cluster(&compile(&model, Resolution::Skip, &Inherited::default()).0);
+        assert!(again.shares_state_with(&first));
+        assert!(!fresh.shares_state_with(&first));
+    }
+
     /// The prefix index must choose exactly what a scan in evaluation order
     /// chooses, for every kind of path matcher.
     #[test]
@@ -837,11 +869,7 @@ mod tests {
                  spec:\n  hostname: \"*\"\n  service: s{i}\n  {shape}\n"
             ));
         }
-        let (mut raw, mut diags) = (Vec::new(), Vec::new());
-        parse_documents(std::path::Path::new("t.yaml"), &text, &mut raw, &mut diags);
-        let (model, problems) =
-            crate::model::validate(&raw, "default", &crate::filters::Registry::default());
-        assert!(problems.iter().all(|d| !d.is_error()), "{problems:?}");
+        let model = model_of(&text);
         let (snapshot, _) = compile(&model, Resolution::Skip, &Inherited::default());
         let (_, host) = snapshot.listeners[0].hosts.select("h").unwrap();
         let mut headers = http::HeaderMap::new();

@@ -279,7 +279,7 @@ fn fall_back(
             .get(&identity)
             .is_some_and(|good| restored.contains(&identity) || same_content(good, resource));
         if content_was_good {
-            blamed.extend(said.iter().filter_map(|d| d.cause.as_ref()));
+            blamed.extend(said.iter().flat_map(|d| &d.causes));
             fallback.users.push(resource.id.clone());
         }
     }

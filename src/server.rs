@@ -323,8 +323,9 @@ impl HttpApps {
         // as Envoy's automatic codec does: gRPC clients use it.
         let mut options = HttpServerOptions::default();
         options.h2c = true;
-        // HTTP/2 bounds its own frames; these two follow the Module at
-        // start (HTTP/1 reads them for every request).
+        // HTTP/2 bounds its own frames; these two follow the Module of the
+        // snapshot serving when the app is built, at start (HTTP/1 reads
+        // them for every request).
         let module = &self.snapshot.load().module;
         options.h2_idle_timeout = module.listener_idle_timeout;
         http.server_options = Some(options);

@@ -1112,8 +1112,74 @@ fn a_secret_that_loses_its_key_keeps_serving_upstream_mtls() {
         problems.iter().any(|p| p["code"] == "reference"
             && p["resource"]["kind"] == "TLSContext"
             && p["field"] == "spec.secret"
-            && p["cause"]["kind"] == "Secret"
-            && p["cause"]["name"] == "upstream-certs"),
+            && p["causes"][0]["kind"] == "Secret"
+            && p["causes"][0]["name"] == "upstream-certs"),
         "{problems:#?}"
+    );
+}
+
+/// A Host that requires client certificates gets its CA from its
+/// TLSContext's Secret (`ca.crt`). Rotating that Secret the way `kubectl
+/// create secret tls` does drops `ca.crt`: the Secret keeps its last good
+/// version, so the Host keeps verifying clients, while the rest of the edit
+/// applies. Before, the Host's error blamed no Secret: the Host was refused
+/// instead (a failed handshake for every client).
+#[test]
+fn a_secret_that_loses_the_ca_a_host_requires_keeps_its_last_good_version() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let server = pki.issue_server("gw.example", &["gw.example"]);
+    let alice = pki.issue_client("alice");
+    let echo = Echo::plain("app");
+    let port = free_port();
+    let resources = [
+        listener("https", port, "HTTPS"),
+        doc(
+            "TLSContext",
+            "name: ctx",
+            "hosts: [gw.example]\nsecret: gw-cert\ncert_required: true",
+        ),
+        host(
+            "gw",
+            "gw.example",
+            &format!("{}tlsContext:\n  name: ctx", tls_spec("gw-cert", None)),
+        ),
+        route("a", "/a/", &echo, ""),
+    ]
+    .concat();
+    write_gateway_without_listener(dir.path(), free_port(), &resources);
+    let secret = resource_file(dir.path(), "secret.yaml");
+    let with_ca = [
+        ("tls.crt", server.cert_pem.as_str()),
+        ("tls.key", server.key_pem.as_str()),
+        ("ca.crt", pki.ca_pem()),
+    ];
+    fs::write(&secret, opaque_secret("gw-cert", "default", &with_ca)).unwrap();
+    let gateway = Gateway::start(dir.path());
+    let tls = TlsOpts::new(pki.ca_pem_path(), "gw.example");
+    let status = |path: &str, opts: &TlsOpts| {
+        Request::get(path)
+            .try_send_tls(port, opts)
+            .ok()
+            .map(|r| r.status)
+    };
+    assert_eq!(status("/a/", &tls.clone().client(&alice)), Some(200));
+
+    replace(
+        &secret,
+        &[
+            tls_secret("gw-cert", "default", &server),
+            route("c", "/c/", &echo, ""),
+        ]
+        .concat(),
+    );
+    wait_for(&gateway, "/c/ to serve", || {
+        status("/c/", &tls.clone().client(&alice)) == Some(200)
+    });
+    assert_eq!(status("/a/", &tls.clone().client(&alice)), Some(200));
+    assert_eq!(
+        status("/a/", &tls),
+        None,
+        "served without a client certificate"
     );
 }

@@ -68,9 +68,9 @@ fn errors_json(live: &Live) -> Value {
     )
 }
 
-/// Every diagnostic by its stable identity (resource, field, code), for
-/// tools that must not parse messages; Emissary's `errors` and `warnings`
-/// keep their shape beside it.
+/// A diagnostic by its stable identity (resource, field, code) and the
+/// resources it blames (`causes`), for tools that must not parse messages;
+/// Emissary's `errors` and `warnings` keep their shape beside it.
 fn problem_json(diagnostic: &Diagnostic) -> Value {
     let resource = match &diagnostic.location {
         Location::Resource(resource) => json!({
@@ -80,18 +80,20 @@ fn problem_json(diagnostic: &Diagnostic) -> Value {
         }),
         _ => Value::Null,
     };
-    let cause = diagnostic
-        .cause
-        .as_ref()
-        .map(|cause| json!({"kind": cause.kind, "namespace": cause.namespace, "name": cause.name}));
+    let causes: Vec<Value> = diagnostic
+        .causes
+        .iter()
+        .map(|cause| json!({"kind": cause.kind, "namespace": cause.namespace, "name": cause.name}))
+        .collect();
     json!({
         "severity": if diagnostic.is_error() { "error" } else { "warning" },
         "code": diagnostic.code.as_str(),
         "key": key(diagnostic),
         "resource": resource,
         "field": diagnostic.field,
-        "cause": cause,
+        "causes": causes,
         "message": diagnostic.message,
+        "hint": diagnostic.hint,
     })
 }
 

@@ -117,8 +117,8 @@ pub enum Code {
     /// The whole resource is not used: a kind, apiVersion or name pingress
     /// does not serve, or a duplicate.
     ResourceIgnored,
-    /// Another resource or a file that this one needs is missing or broken;
-    /// [`Diagnostic::cause`] names the resource when it is one.
+    /// Another resource that this one needs is missing or broken;
+    /// [`Diagnostic::causes`] name it.
     Reference,
     /// Two resources claim the same place: a route, a port, a name.
     Conflict,
@@ -153,12 +153,6 @@ impl Code {
     }
 }
 
-impl fmt::Display for Code {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// A resource by name, without where it was read: what a problem of
 /// another resource can be blamed on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -187,9 +181,11 @@ pub struct Diagnostic {
     pub field: Option<String>,
     pub message: String,
     pub hint: Option<String>,
-    /// The resource whose content caused this problem, when it is not the
-    /// one reported: a TLSContext fails because its Secret has no key.
-    pub cause: Option<Named>,
+    /// The resources whose content caused this problem, when it is not the
+    /// one reported: a TLSContext fails because its Secret has no key; a
+    /// Host's certificate and its TLSContext's disagree, and either Secret
+    /// may be the one that changed.
+    pub causes: Vec<Named>,
 }
 
 impl Diagnostic {
@@ -203,7 +199,7 @@ impl Diagnostic {
             field: None,
             message: message.into(),
             hint: None,
-            cause: None,
+            causes: Vec::new(),
         }
     }
 
@@ -228,10 +224,10 @@ impl Diagnostic {
         self
     }
 
-    /// Blames a problem on the resource `cause`: a [`Code::Reference`].
+    /// Blames a problem on the resource `cause` (too): a [`Code::Reference`].
     pub fn caused_by(&mut self, cause: Named) -> &mut Self {
         self.code = Code::Reference;
-        self.cause = Some(cause);
+        self.causes.push(cause);
         self
     }
 
@@ -403,11 +399,16 @@ pub(crate) fn plain_words(message: &str) -> String {
         other if other.starts_with("struct ") || other == "a map" => "a map",
         other => other,
     };
-    // A string field may hold a secret (a header value, a password, a
-    // key): what was found there is named by its type only.
+    // What was found is quoted only where a number or true/false was
+    // expected, to show the slip ("3s"); anywhere else it may be a secret
+    // (a header value, a password, a PEM key) and is named by its type.
     let found = match expected {
-        "a string" => found.split(" `").next().unwrap_or(found),
-        _ => found,
+        "a whole number (0 or more)" | "a whole number" | "true or false" | "f32" | "f64" => found,
+        _ => found
+            .split(" \"")
+            .next()
+            .and_then(|kind| kind.split(" `").next())
+            .unwrap_or(found),
     };
     format!("expected {expected}, found {}", found.replace('`', ""))
 }
@@ -437,6 +438,14 @@ mod tests {
         assert_eq!(
             plain_words("invalid type: integer `12345678`, expected a string"),
             "expected a string, found integer"
+        );
+        assert_eq!(
+            plain_words("invalid type: string \"Authorization: Bearer t0k3n\", expected a map"),
+            "expected a map, found string"
+        );
+        assert_eq!(
+            plain_words("invalid type: string \"x\", expected a sequence"),
+            "expected a list, found string"
         );
     }
 }

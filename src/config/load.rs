@@ -163,14 +163,14 @@ fn warn_about_process_files(
     location: &Location,
     warnings: &mut Vec<Diagnostic>,
 ) {
-    for ((field, value), left) in [
+    for ((field, value), placed_by_pingress) in [
         ("pingora.upgrade_sock", &pingora.upgrade_sock),
         ("pingora.pid_file", &pingora.pid_file),
     ]
     .into_iter()
     .zip([left.upgrade_sock, left.pid_file])
     {
-        if left {
+        if placed_by_pingress {
             // Placed in a private directory when the gateway starts serving.
             continue;
         }

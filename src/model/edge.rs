@@ -609,10 +609,12 @@ pub fn validate_listeners(
             .unwrap_or_default();
         if let Some(port) = port {
             if let Some(other) = listeners.iter().find(|l| l.port == port) {
-                report.error(
-                    "spec.port",
-                    format!("port {port} is already taken by Listener {}", other.name),
-                );
+                report
+                    .error(
+                        "spec.port",
+                        format!("port {port} is already taken by Listener {}", other.name),
+                    )
+                    .with_code(Code::Conflict);
             }
         }
         if report.has_errors() {

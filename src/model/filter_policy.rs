@@ -19,7 +19,7 @@ use crate::filters::policy::{
 };
 use crate::filters::registry::{FilterType, Registry, SettingsError};
 use crate::filters::Filter;
-use crate::routing::matchers::search_regex;
+use crate::routing::matchers::full_match_value_regex;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -333,7 +333,7 @@ fn condition(
     let value = match (&spec.value, &spec.value_regex) {
         (None, None) => ValueTest::Present,
         (Some(value), None) => ValueTest::Exact(value.clone()),
-        (None, Some(pattern)) => match search_regex(&format!("^(?:{pattern})$")) {
+        (None, Some(pattern)) => match full_match_value_regex(pattern) {
             Ok(regex) => ValueTest::Regex(regex),
             Err(e) => {
                 report.error(&format!("{field}.valueRegex"), e.to_string());
@@ -409,6 +409,23 @@ mod tests {
             })
             .collect();
         (format!("{rules:?}"), diags)
+    }
+
+    /// A header value pattern may spell out a credential: its error says
+    /// what is wrong without quoting it.
+    #[test]
+    fn an_invalid_value_regex_is_not_quoted() {
+        let spec = "rules: [{filters: [{name: f, ifRequestHeader: \
+                    {name: authorization, valueRegex: \"Bearer s3cr3t(\"}}]}]";
+        let (_, diags) = rules(spec);
+        let error = diags
+            .iter()
+            .find(|d| {
+                d.field.as_deref() == Some("spec.rules[0].filters[0].ifRequestHeader.valueRegex")
+            })
+            .unwrap_or_else(|| panic!("{diags:?}"));
+        assert!(error.is_error());
+        assert!(!error.message.contains("s3cr3t"), "{}", error.message);
     }
 
     /// Each key of a FilterPolicy, of its rules, references and header

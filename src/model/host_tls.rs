@@ -184,7 +184,7 @@ fn context_fits(
     let (namespace, secret_name) = (&server.namespace, &server.name);
     if let Some(own) = &base.cert_key {
         if own.leaf().to_der().ok() != server.cert_key.leaf().to_der().ok() {
-            report
+            let diagnostic = report
                 .error(
                     "spec.tlsContext",
                     format!(
@@ -194,6 +194,9 @@ fn context_fits(
                 )
                 .caused_by(Named::secret(namespace, secret_name))
                 .with_hint("drop the context's secret, or point both at the same Secret");
+            if let Some(secret) = &base.cert_secret {
+                diagnostic.caused_by(secret.clone());
+            }
             return false;
         }
     }
@@ -207,12 +210,15 @@ fn context_fits(
         );
     }
     if base.cert_required && base.ca.is_none() {
-        report
+        let diagnostic = report
             .error(
                 "spec.tls",
                 "cert_required needs a CA to verify client certificates against",
             )
             .with_hint("set ca_secret or cacert_chain_file");
+        if let Some(secret) = &base.ca_secret {
+            diagnostic.caused_by(secret.clone());
+        }
         return false;
     }
     true

@@ -13,7 +13,7 @@ use serde_yaml::Value;
 use super::spec::{check_unknown_fields, parse_section};
 use super::{count, ModuleSettings};
 use crate::config::bounds;
-use crate::config::diagnostics::{Diagnostic, Reporter, ResourceRef};
+use crate::config::diagnostics::{Code, Diagnostic, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::StringOrList;
 use crate::filters::rate_limit::limits::{Limit, PatternItem, RedisSettings, Unit};
@@ -87,6 +87,7 @@ pub(crate) fn validate(
                     "metadata.name",
                     format!("{first} is the RateLimitService already; only one may exist"),
                 )
+                .with_code(Code::Conflict)
                 .with_hint("counters live in one Redis: remove this one");
             continue;
         }
@@ -135,10 +136,12 @@ fn validate_service(
             .with_hint("reach Redis over a private network or a local TLS tunnel");
     }
     if let Some(version) = spec.protocol_version.as_deref().filter(|v| *v != "v3") {
-        report.warning(
-            "spec.protocol_version",
-            format!("{version:?} ignored: pingress speaks Redis, not rls.proto"),
-        );
+        report
+            .warning(
+                "spec.protocol_version",
+                format!("{version:?} ignored: pingress speaks Redis, not rls.proto"),
+            )
+            .with_code(Code::KeyIgnored);
     }
     let Some(service) = spec.service.as_deref() else {
         report

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::sync::Arc;
 
-use crate::config::diagnostics::{Code, Diagnostic, Named, Reporter, ResourceRef};
+use crate::config::diagnostics::{plain_words, Code, Diagnostic, Named, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
 use crate::tls::{self, CertKeyError, SecretData, TlsContext};
@@ -64,6 +64,7 @@ pub fn validate_all(
                     "metadata.name",
                     "another TLSContext has this name in another namespace",
                 )
+                .with_code(Code::Conflict)
                 .with_hint(
                     "Mappings name TLSContexts without a namespace: give each a unique name",
                 );
@@ -144,7 +145,8 @@ pub(crate) fn secret_data(
     };
     let decoded =
         serde_yaml::from_value::<SecretBody>(serde_yaml::Value::Mapping(secret.body.clone()))
-            .map_err(|e| e.to_string())
+            // The body may be a PEM key written in the wrong place.
+            .map_err(|e| plain_words(&e.to_string()))
             .and_then(|body| SecretData::decode(&body).map_err(|e| e.to_string()));
     match decoded {
         Ok(data) => Some(data),
@@ -188,10 +190,13 @@ pub(crate) fn build(
     }
     let crl = crl(spec, &refs, report);
     if crl.is_some() && pems.ca.is_none() {
-        report.error(
+        let diagnostic = report.error(
             "spec.crl_secret",
             "a CRL needs a CA to check client certificates against",
         );
+        if let Some(secret) = ca_secret(spec) {
+            diagnostic.caused_by(refs.named(secret));
+        }
     }
     let ca = match &pems.ca {
         Some(pem) => match tls::parse_chain(pem) {
@@ -251,6 +256,8 @@ pub(crate) fn build(
         cipher_suites: spec.cipher_suites.clone().unwrap_or_default(),
         curves,
         identity,
+        cert_secret: spec.secret.as_deref().map(|secret| refs.named(secret)),
+        ca_secret: ca_secret(spec).map(|secret| refs.named(secret)),
     })
 }
 

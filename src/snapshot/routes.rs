@@ -348,6 +348,7 @@ fn canary_group<'m>(
                         shadow.name
                     ),
                 )
+                .code(Code::Unreachable)
                 .field("spec.shadow"),
             );
         }

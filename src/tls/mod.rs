@@ -16,6 +16,7 @@ use pingora::tls::ssl::SslVersion;
 use pingora::tls::x509::X509;
 use pingora::utils::tls::CertKey;
 
+use crate::config::diagnostics::Named;
 use crate::config::resources::SecretBody;
 
 pub mod edge;
@@ -256,6 +257,12 @@ pub struct TlsContext {
     /// client certificate only by serial, so this becomes the peer's
     /// `group_key` and keeps two contexts from sharing a pooled connection.
     pub identity: u64,
+    /// The Secrets the certificate and the CA were (or were to be) read
+    /// from, if any: what a problem the context's users find later (a Host
+    /// certificate that disagrees, `cert_required` without a CA) is blamed
+    /// on, so that a reload can put back the Secret an edit broke.
+    pub cert_secret: Option<Named>,
+    pub ca_secret: Option<Named>,
 }
 
 impl TlsContext {
@@ -276,6 +283,8 @@ impl TlsContext {
             cipher_suites: Vec::new(),
             curves: None,
             identity: 0,
+            cert_secret: None,
+            ca_secret: None,
         }
     }
 }

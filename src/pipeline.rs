@@ -105,7 +105,7 @@ pub fn load(
     };
 
     let ambassador_id = std::env::var("AMBASSADOR_ID").unwrap_or_else(|_| "default".into());
-    let validate = |resources: &[Arc<RawResource>]| {
+    let validate_all = |resources: &[Arc<RawResource>]| {
         let (mut model, mut diags) = validate(resources, &ambassador_id, registry);
         diags.extend(crate::model::upstream_trust::apply(
             &mut model,
@@ -113,7 +113,8 @@ pub fn load(
         ));
         (model, diags)
     };
-    let (model, model_diags, restored) = validate_falling_back(&mut resources, previous, validate);
+    let (model, model_diags, restored) =
+        validate_falling_back(&mut resources, previous, validate_all);
     diagnostics.extend(model_diags);
     last_good.resources = still_good(&resources, &restored, &diagnostics, previous);
 

@@ -1595,6 +1595,68 @@ mod tests {
         );
     }
 
+    /// The origins of the filters a request runs, as routing chose them.
+    fn filter_origins(
+        snapshot: &Snapshot,
+        port: u16,
+        req: &RequestHeader,
+        wire: Wire,
+    ) -> Vec<String> {
+        let listener = snapshot.listener(port).unwrap();
+        let routed = route(snapshot, listener, req, wire, None).ok().unwrap();
+        routed
+            .filters
+            .iter()
+            .flat_map(|chain| chain.iter())
+            .map(|entry| entry.origin.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn bypass_auth_skips_the_authorizer_and_the_sni_names_the_policy_host() {
+        let mut yaml = document(
+            "Listener",
+            "https",
+            &format!("port: 8443\n{}", LISTENER.replace("HTTP", "HTTPS")),
+        );
+        let pem = self_signed("a.example");
+        yaml += &secret("a", &[("tls.crt", &pem.cert), ("tls.key", &pem.key)]);
+        yaml += &document("Host", "a", "hostname: a.example\ntlsSecret:\n  name: a");
+        yaml += &document(
+            "AuthService",
+            "authz",
+            "auth_service: authz:3000\nproto: http",
+        );
+        yaml += &document(
+            "Filter",
+            "office",
+            "IpAllowDeny:\n  ip_allow:\n  - remote: 10.0.0.0/8",
+        );
+        yaml += &document(
+            "FilterPolicy",
+            "guard",
+            "rules:\n- host: a.example\n  path: /api/*\n  filters:\n  - name: office",
+        );
+        for (name, extra) in [("api", ""), ("public", "\nbypass_auth: true")] {
+            let spec = format!("hostname: \"*\"\nprefix: /{name}/\nservice: {name}{extra}");
+            yaml += &document("Mapping", name, &spec);
+        }
+        let snapshot = snapshot(&yaml);
+        let wire = Wire {
+            tls: true,
+            sni: Some("a.example"),
+        };
+        let authorizer = |origins: &[String]| origins.iter().any(|o| o.starts_with("AuthService"));
+        let policy = |origins: &[String]| origins.iter().any(|o| o.contains("office"));
+
+        // Without a Host header (HTTP/1.0) the SNI is the host the policy
+        // rule is matched against.
+        let api = filter_origins(&snapshot, 8443, &request("/api/x", &[]), wire);
+        assert!(authorizer(&api) && policy(&api), "{api:?}");
+        let public = filter_origins(&snapshot, 8443, &request("/public/x", &[]), wire);
+        assert!(!authorizer(&public) && !policy(&public), "{public:?}");
+    }
+
     #[test]
     fn a_cleartext_connection_to_a_tls_listener_is_refused() {
         let (tls, cleartext) = (tls(), cleartext());

@@ -117,21 +117,19 @@ pub enum ServeError {
         errors: usize,
         first: Box<Diagnostic>,
     },
-    #[error("admin.listen {listen:?}: {source} (expected ip:port)")]
+    #[error("admin.listen {listen:?}: {error} (expected ip:port)")]
     AdminListen {
         listen: String,
-        #[source]
-        source: std::net::AddrParseError,
+        error: std::net::AddrParseError,
     },
     #[error("cannot create a socket: {0}")]
-    Socket(#[source] std::io::Error),
+    Socket(std::io::Error),
     /// `what` names the address's key.
-    #[error("cannot listen on {address} ({what}): {source}; is another gateway running?")]
+    #[error("cannot listen on {address} ({what}): {error}; is another gateway running?")]
     Taken {
         address: SocketAddr,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     RuntimeDir(#[from] runtime_dir::RuntimeDirError),
@@ -152,9 +150,9 @@ pub fn serve(
     let ports = loaded.snapshot.ports();
     let bindings = loaded.snapshot.bindings();
     let listen = &loaded.gateway.admin.listen;
-    let admin_addr: SocketAddr = listen.parse().map_err(|source| ServeError::AdminListen {
+    let admin_addr: SocketAddr = listen.parse().map_err(|error| ServeError::AdminListen {
         listen: listen.clone(),
-        source,
+        error,
     })?;
     if !opt.upgrade {
         // Pingora retries a taken port for 30 s and then stays up with no
@@ -434,9 +432,9 @@ fn ensure_free(address: SocketAddr, what: &'static str) -> Result<(), ServeError
     socket
         .bind(&address.into())
         .and_then(|_| socket.listen(1))
-        .map_err(|source| ServeError::Taken {
+        .map_err(|error| ServeError::Taken {
             address,
             what,
-            source,
+            error,
         })
 }

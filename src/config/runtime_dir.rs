@@ -50,13 +50,13 @@ pub fn ensure_private(dir: &Path) -> Result<(), RuntimeDirError> {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|source| RuntimeDirError::Create {
+            .map_err(|error| RuntimeDirError::Create {
                 dir: dir_buf(),
-                source,
+                error,
             }),
-        Err(source) => Err(RuntimeDirError::Unreadable {
+        Err(error) => Err(RuntimeDirError::Unreadable {
             dir: dir_buf(),
-            source,
+            error,
         }),
         Ok(meta) if meta.file_type().is_symlink() || !meta.is_dir() => {
             Err(RuntimeDirError::NotADirectory { dir: dir_buf() })
@@ -67,10 +67,10 @@ pub fn ensure_private(dir: &Path) -> Result<(), RuntimeDirError> {
             user: uid(),
         }),
         Ok(meta) if meta.mode() & 0o077 != 0 => {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|error| {
                 RuntimeDirError::Chmod {
                     dir: dir_buf(),
-                    source,
+                    error,
                 }
             })
         }
@@ -81,18 +81,10 @@ pub fn ensure_private(dir: &Path) -> Result<(), RuntimeDirError> {
 /// The private runtime directory cannot be made or is not private.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeDirError {
-    #[error("runtime directory {dir}: cannot create it: {source}")]
-    Create {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("runtime directory {dir}: {source}")]
-    Unreadable {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("runtime directory {dir}: cannot create it: {error}")]
+    Create { dir: PathBuf, error: io::Error },
+    #[error("runtime directory {dir}: {error}")]
+    Unreadable { dir: PathBuf, error: io::Error },
     #[error(
         "runtime directory {dir}: is not a directory (a symbolic link is refused: it could lead \
          anywhere)"
@@ -100,12 +92,8 @@ pub enum RuntimeDirError {
     NotADirectory { dir: PathBuf },
     #[error("runtime directory {dir}: belongs to user {owner}, not to this process's user {user}")]
     NotOurs { dir: PathBuf, owner: u32, user: u32 },
-    #[error("runtime directory {dir}: cannot make it private: {source}")]
-    Chmod {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("runtime directory {dir}: cannot make it private: {error}")]
+    Chmod { dir: PathBuf, error: io::Error },
 }
 
 /// Whether any user may create files in the directory that holds `path`.

@@ -48,12 +48,8 @@ pub enum ListenerTlsError {
     #[error(transparent)]
     NoIdentityIndex(#[from] NoIdentityIndex),
     /// OpenSSL refused the port's acceptor or one of its settings.
-    #[error("TLS listener on port {port}: {source}")]
-    Port {
-        port: u16,
-        #[source]
-        source: ErrorStack,
-    },
+    #[error("TLS listener on port {port}: {error}")]
+    Port { port: u16, error: ErrorStack },
 }
 
 /// Why a connection ended before its handshake did, as the metric counts it.
@@ -129,7 +125,7 @@ impl PortTls {
     /// from the current snapshot during each handshake, and so does ALPN
     /// (h2 only for Hosts whose context offers it).
     fn new(port: u16, snapshot: &Arc<ArcSwap<Snapshot>>) -> Result<PortTls, ListenerTlsError> {
-        let problem = |source| ListenerTlsError::Port { port, source };
+        let problem = |error| ListenerTlsError::Port { port, error };
         let bounds = snapshot
             .load()
             .listener(port)

@@ -45,12 +45,11 @@ pub(crate) struct NetError(String);
 pub(crate) enum RangeError {
     #[error("{key}[{index}]: give exactly one of peer or remote")]
     PeerOrRemote { key: &'static str, index: usize },
-    #[error("{key}[{index}]: {source}")]
+    #[error("{key}[{index}]: {error}")]
     Net {
         key: &'static str,
         index: usize,
-        #[source]
-        source: NetError,
+        error: NetError,
     },
 }
 
@@ -92,7 +91,7 @@ fn ranges(key: &'static str, specs: &[RangeSpec]) -> std::result::Result<Vec<Ran
                 (None, Some(remote)) => (Source::Remote, remote),
                 _ => return Err(RangeError::PeerOrRemote { key, index }),
             };
-            let net = parse_net(text).map_err(|source| RangeError::Net { key, index, source })?;
+            let net = parse_net(text).map_err(|error| RangeError::Net { key, index, error })?;
             Ok(Range { source, net })
         })
         .collect()

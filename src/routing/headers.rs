@@ -87,7 +87,7 @@ impl HeaderTemplate {
                 name_end
             };
             let part = parse_variable(&after[..end])
-                .map_err(|source| TemplateError::Variable { at, source })?;
+                .map_err(|error| TemplateError::Variable { at, error })?;
             if !literal.is_empty() {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
             }
@@ -195,12 +195,8 @@ pub enum TemplateError {
          a literal percent sign"
     )]
     Unterminated { at: usize },
-    #[error("{source} (the variable at byte {at} of the value)")]
-    Variable {
-        at: usize,
-        #[source]
-        source: VariableError,
-    },
+    #[error("{error} (the variable at byte {at} of the value)")]
+    Variable { at: usize, error: VariableError },
     #[error(transparent)]
     Value(InvalidValue),
 }

@@ -15,9 +15,9 @@ const CASE_INSENSITIVE: &str = "^(?:(?i)";
 /// Builds a regex that must match the whole input, as Envoy's safe_regex
 /// does. The error is a one-line message quoting the pattern as written.
 pub fn full_match_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError> {
-    build_full_match(pattern, case_insensitive).map_err(|source| RegexError::Pattern {
+    build_full_match(pattern, case_insensitive).map_err(|error| RegexError::Pattern {
         pattern: pattern.to_string(),
-        source,
+        error,
     })
 }
 
@@ -47,20 +47,19 @@ pub fn search_regex(pattern: &str) -> Result<Regex, RegexError> {
     RegexBuilder::new(pattern)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|source| RegexError::Pattern {
+        .map_err(|error| RegexError::Pattern {
             pattern: pattern.to_string(),
-            source,
+            error,
         })
 }
 
 /// A configured regex that does not compile.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RegexError {
-    #[error("invalid regex {pattern:?}: {}", regex_reason(.source))]
+    #[error("invalid regex {pattern:?}: {}", regex_reason(.error))]
     Pattern {
         pattern: String,
-        #[source]
-        source: regex::Error,
+        error: regex::Error,
     },
     /// A value pattern: the regex crate's error is not kept either, as its
     /// text draws the pattern.

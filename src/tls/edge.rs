@@ -77,9 +77,9 @@ impl EdgeTls {
             // take here).
             SslContextBuilder::new(SslMethod::tls())
                 .and_then(|mut builder| builder.set_cipher_list(ciphers))
-                .map_err(|source| EdgeTlsError::Ciphers {
+                .map_err(|error| EdgeTlsError::Ciphers {
                     ciphers: ciphers.clone(),
-                    source,
+                    error,
                 })?;
         }
         let mut ca_der = Vec::new();
@@ -210,23 +210,19 @@ pub enum EdgeTlsError {
     #[error(transparent)]
     Store(ErrorStack),
     #[error("CA certificate: {0}")]
-    CaCertificate(#[source] ErrorStack),
+    CaCertificate(ErrorStack),
     #[error(transparent)]
     CaName(ErrorStack),
     #[error("CRL: {0}")]
-    CrlFile(#[source] nix::Error),
+    CrlFile(nix::Error),
     #[error("CRL: {0}")]
-    CrlWrite(#[source] std::io::Error),
+    CrlWrite(std::io::Error),
     #[error("CRL: {0}")]
-    Crl(#[source] ErrorStack),
-    #[error("cipher_suites {ciphers:?}: {source}")]
-    Ciphers {
-        ciphers: String,
-        #[source]
-        source: ErrorStack,
-    },
+    Crl(ErrorStack),
+    #[error("cipher_suites {ciphers:?}: {error}")]
+    Ciphers { ciphers: String, error: ErrorStack },
     #[error("certificate: {0}")]
-    Certificate(#[source] ErrorStack),
+    Certificate(ErrorStack),
 }
 
 /// A Host's TLS that cannot be put on a handshake in progress.
@@ -235,17 +231,17 @@ pub enum HandshakeError {
     #[error("the Host has no certificate")]
     NoCertificate,
     #[error("cipher_suites: {0}")]
-    Ciphers(#[source] ErrorStack),
+    Ciphers(ErrorStack),
     #[error("client CA: {0}")]
-    ClientCa(#[source] ErrorStack),
+    ClientCa(ErrorStack),
     #[error(transparent)]
     CaNames(ErrorStack),
     #[error("certificate: {0}")]
-    Certificate(#[source] ErrorStack),
+    Certificate(ErrorStack),
     #[error("key: {0}")]
-    Key(#[source] ErrorStack),
+    Key(ErrorStack),
     #[error("chain: {0}")]
-    Chain(#[source] ErrorStack),
+    Chain(ErrorStack),
 }
 
 /// A verified client certificate, as requests and upstream headers see it.

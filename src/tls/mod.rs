@@ -47,9 +47,9 @@ impl SecretData {
                 .collect();
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(text)
-                .map_err(|source| Base64Error {
+                .map_err(|error| Base64Error {
                     key: key.clone(),
-                    source,
+                    error,
                 })?;
             values.insert(key, bytes);
         }
@@ -78,11 +78,10 @@ impl SecretData {
 
 /// A Secret's `data` value that is not base64.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("data.{key} is not valid base64: {source}")]
+#[error("data.{key} is not valid base64: {error}")]
 pub struct Base64Error {
     pub key: String,
-    #[source]
-    pub source: base64::DecodeError,
+    pub error: base64::DecodeError,
 }
 
 /// Parses a PEM chain, leaf first. Never empty on success.
@@ -98,7 +97,7 @@ pub fn parse_chain(pem: &[u8]) -> Result<Vec<X509>, ChainError> {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChainError {
     #[error("cannot parse as PEM certificates: {0}")]
-    Unparsable(#[source] ErrorStack),
+    Unparsable(ErrorStack),
     #[error("no PEM certificate found (expected -----BEGIN CERTIFICATE-----)")]
     Empty,
 }

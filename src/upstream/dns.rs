@@ -63,16 +63,12 @@ pub type Lookup = Result<Vec<SocketAddr>, DnsError>;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DnsError {
     #[error("cannot read the system's DNS configuration: {0}")]
-    Config(#[source] ResolveError),
+    Config(ResolveError),
     /// Shared: every name of the batch fails with it.
     #[error("cannot start the DNS lookups: {0}")]
-    Runtime(#[source] Arc<std::io::Error>),
-    #[error("cannot resolve {host}: {source}")]
-    Resolve {
-        host: String,
-        #[source]
-        source: ResolveError,
-    },
+    Runtime(Arc<std::io::Error>),
+    #[error("cannot resolve {host}: {error}")]
+    Resolve { host: String, error: ResolveError },
     #[error(
         "{host} resolves to no address of an enabled family (enable_ipv4={ipv4}, \
          enable_ipv6={ipv6})"
@@ -110,9 +106,9 @@ async fn lookup(
     let found = resolver
         .lookup_ip(target.host.as_str())
         .await
-        .map_err(|source| DnsError::Resolve {
+        .map_err(|error| DnsError::Resolve {
             host: target.host.clone(),
-            source,
+            error,
         })?;
     let options = target.options;
     let mut usable: Vec<SocketAddr> = found

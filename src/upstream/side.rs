@@ -40,9 +40,9 @@ pub async fn exchange(
     let peer = cluster
         .peer()
         .ok_or_else(|| ExchangeError::NoEndpoints { cluster: name() })?;
-    let fail = |source| ExchangeError::Upstream {
+    let fail = |error| ExchangeError::Upstream {
         cluster: name(),
-        source,
+        error,
     };
     let (mut http, _reused) = connector.get_http_session(&peer).await.map_err(fail)?;
     http.write_request_header(Box::new(request))
@@ -89,11 +89,10 @@ pub async fn exchange(
 pub enum ExchangeError {
     #[error("{cluster} has no endpoints")]
     NoEndpoints { cluster: String },
-    #[error("{cluster}: {source}")]
+    #[error("{cluster}: {error}")]
     Upstream {
         cluster: String,
-        #[source]
-        source: Box<pingora::Error>,
+        error: Box<pingora::Error>,
     },
     #[error("{cluster}: no response")]
     NoResponse { cluster: String },

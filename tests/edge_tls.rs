@@ -1324,6 +1324,82 @@ fn check_reports_cert_required_without_a_ca() {
     );
 }
 
+/// `cert_required` without a CA is the TLSContext's own error, wherever it
+/// terminates: a TCPMapping terminating with it used to verify nothing and
+/// let every client in. Cipher and curve lists OpenSSL does not take are
+/// errors of the context too, not a Host that fails every handshake or a
+/// listener that cannot start.
+#[test]
+fn check_reports_tls_contexts_openssl_would_not_enforce() {
+    let out = check_docs(&[
+        doc(
+            "TLSContext",
+            "name: open",
+            "hosts: [t.example]\ncert_required: true",
+        ),
+        doc(
+            "TLSContext",
+            "name: ciphers",
+            "hosts: []\ncipher_suites: [TLS_AES_128_GCM_SHA256]",
+        ),
+        doc(
+            "TLSContext",
+            "name: curves",
+            "hosts: []\necdh_curves: [X25519, P-257]",
+        ),
+    ]);
+    assert_eq!(out.code, 1, "{}", out.combined());
+    assert_reported(
+        &out,
+        "error:",
+        &["TLSContext default/open: spec.cert_required:", "needs a CA"],
+    );
+    assert_reported(
+        &out,
+        "error:",
+        &["TLSContext default/ciphers: spec.cipher_suites:"],
+    );
+    assert_reported(
+        &out,
+        "error:",
+        &["TLSContext default/curves: spec.ecdh_curves:"],
+    );
+}
+
+/// A Host without tlsContext takes `<host>-context` (Emissary's implicit
+/// link). When that context is invalid, the Host fails closed: it used to
+/// fall back to the defaults and serve without the client certificates
+/// the context demands.
+#[test]
+fn an_invalid_implicit_context_does_not_drop_its_client_certificate_demand() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let cert = pki.issue_server("h.example", &[]);
+    let echo = Echo::plain("upstream");
+    let port = free_port();
+    let gateway = start_gateway_without_listener(
+        dir.path(),
+        &[
+            listener("https", port, "HTTPS"),
+            doc(
+                "TLSContext",
+                "name: h-context",
+                "hosts: [h.example]\ncert_required: true\nca_secret: client-ca-typo",
+            ),
+            tls_host("h", "h.example", &cert, ""),
+            mapping("svc", "", "/svc/", &echo, "hostname: \"*\""),
+        ],
+    );
+    let anonymous =
+        Request::get("/svc/").try_send_tls(port, &TlsOpts::new(pki.ca_pem_path(), "h.example"));
+    assert!(
+        anonymous.is_err(),
+        "served without a client certificate: {:?}\n{}",
+        anonymous.map(|r| r.status),
+        gateway.log()
+    );
+}
+
 /// An expired server certificate is a warning that gives the date; the
 /// Host is still accepted.
 fn assert_expiry_warning(expired_at: i64) {

@@ -159,21 +159,28 @@ fn base_context(
             report.unrebase();
             Arc::new(context?)
         }
-        (None, None) => match contexts.valid.get(&format!("{host_name}-context")) {
-            // Emissary's deprecated implicit link.
-            Some(context) => context.clone(),
-            None => Arc::new(TlsContext::for_server(format!(
-                "{host_name}-context.{}",
-                raw.id.namespace
-            ))),
-        },
+        // Emissary's deprecated implicit link. An invalid `<host>-context`
+        // fails the Host: its settings (a client-certificate demand among
+        // them) must not quietly become the defaults.
+        (None, None) => {
+            let implicit = format!("{host_name}-context");
+            if contexts.invalid.contains_key(&implicit) {
+                return contexts.lookup(&implicit, "spec", "this Host", report);
+            }
+            match contexts.valid.get(&implicit) {
+                Some(context) => context.clone(),
+                None => Arc::new(TlsContext::for_server(format!(
+                    "{implicit}.{}",
+                    raw.id.namespace
+                ))),
+            }
+        }
     })
 }
 
 /// Whether the context can terminate with the Host's certificate: its own
-/// certificate, if any, is the same one, and a client-certificate demand
-/// has a CA to verify against. A host list that leaves the Host out is
-/// only warned about.
+/// certificate, if any, is the same one. A host list that leaves the Host
+/// out is only warned about.
 fn context_fits(
     base: &TlsContext,
     server: &ServerCertificate,
@@ -208,18 +215,6 @@ fn context_fits(
                 base.name, base.hosts
             ),
         );
-    }
-    if base.cert_required && base.ca.is_none() {
-        let diagnostic = report
-            .error(
-                "spec.tls",
-                "cert_required needs a CA to verify client certificates against",
-            )
-            .with_hint("set ca_secret or cacert_chain_file");
-        if let Some(secret) = &base.ca_secret {
-            diagnostic.caused_by(secret.clone());
-        }
-        return false;
     }
     true
 }

@@ -217,6 +217,28 @@ pub(crate) fn build(
             .ok()
     });
     let (min_version, max_version) = version_bounds(spec, report);
+    let cipher_list = spec.cipher_suites.as_ref().map(|c| c.join(":"));
+    let curves = spec.ecdh_curves.as_ref().map(|c| c.join(":"));
+    if let Err(e) = tls::check_openssl_lists(cipher_list.as_deref(), curves.as_deref()) {
+        let field = match e {
+            tls::OpenSslListError::Groups(_) => "spec.ecdh_curves",
+            _ => "spec.cipher_suites",
+        };
+        report.error(field, e.to_string());
+    }
+    if spec.cert_required == Some(true) && pems.ca.is_none() {
+        // Without a CA, OpenSSL would be told to verify nothing: every
+        // client, with or without a certificate, would be let in.
+        let diagnostic = report
+            .error(
+                "spec.cert_required",
+                "cert_required needs a CA to verify client certificates against",
+            )
+            .with_hint("set ca_secret or cacert_chain_file");
+        if let Some(secret) = ca_secret(spec) {
+            diagnostic.caused_by(refs.named(secret));
+        }
+    }
     if spec.hosts.as_ref().is_some_and(|h| !h.is_empty()) {
         report
             .warning(
@@ -232,7 +254,6 @@ pub(crate) fn build(
     // Mapping, TCPMapping or AuthService that originates TLS with it.
 
     let sni = spec.sni.clone().filter(|s| !s.is_empty());
-    let curves = spec.ecdh_curves.as_ref().map(|c| c.join(":"));
     let identity = identity(spec, &pems, sni.as_deref(), curves.as_deref());
     Some(TlsContext {
         name: format!("{name}.{namespace}"),
@@ -257,7 +278,6 @@ pub(crate) fn build(
         curves,
         identity,
         cert_secret: spec.secret.as_deref().map(|secret| refs.named(secret)),
-        ca_secret: ca_secret(spec).map(|secret| refs.named(secret)),
     })
 }
 
@@ -610,7 +630,7 @@ mod tests {
                 ("ca_secret", "", "ca_secret: server"),
                 ("crl_secret", "ca_secret: server", "crl_secret: crl"),
                 ("cacert_chain_file", "", &ca_file),
-                ("cert_required", "", "cert_required: true"),
+                ("cert_required", "ca_secret: server", "cert_required: true"),
                 ("alpn_protocols", "", "alpn_protocols: h2"),
                 ("min_tls_version", "", "min_tls_version: v1.2"),
                 ("max_tls_version", "", "max_tls_version: v1.2"),

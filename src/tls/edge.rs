@@ -13,7 +13,7 @@ use pingora::tls::ext::{
     ssl_add_chain_cert, ssl_set_verify_cert_store, ssl_use_certificate, ssl_use_private_key,
 };
 use pingora::tls::ssl::SslFiletype;
-use pingora::tls::ssl::{NameType, Ssl, SslContextBuilder, SslMethod, SslRef, SslVerifyMode};
+use pingora::tls::ssl::{NameType, Ssl, SslRef, SslVerifyMode};
 use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
 use pingora::tls::x509::verify::X509VerifyFlags;
 use pingora::tls::x509::X509StoreContext;
@@ -71,17 +71,6 @@ impl EdgeTls {
         };
         let cipher_list =
             (!context.cipher_suites.is_empty()).then(|| context.cipher_suites.join(":"));
-        if let Some(ciphers) = &cipher_list {
-            // Refused here, not in the handshake: OpenSSL rejects a list it
-            // knows none of (TLS 1.3 names among them, which it does not
-            // take here).
-            SslContextBuilder::new(SslMethod::tls())
-                .and_then(|mut builder| builder.set_cipher_list(ciphers))
-                .map_err(|error| EdgeTlsError::Ciphers {
-                    ciphers: ciphers.clone(),
-                    error,
-                })?;
-        }
         let mut ca_der = Vec::new();
         for ca in context.ca.iter().flat_map(|cas| cas.iter()) {
             ca_der.extend(ca.to_der().map_err(EdgeTlsError::CaCertificate)?);
@@ -219,8 +208,6 @@ pub enum EdgeTlsError {
     CrlWrite(std::io::Error),
     #[error("CRL: {0}")]
     Crl(ErrorStack),
-    #[error("cipher_suites {ciphers:?}: {error}")]
-    Ciphers { ciphers: String, error: ErrorStack },
     #[error("certificate: {0}")]
     Certificate(ErrorStack),
 }

@@ -256,12 +256,10 @@ pub struct TlsContext {
     /// client certificate only by serial, so this becomes the peer's
     /// `group_key` and keeps two contexts from sharing a pooled connection.
     pub identity: u64,
-    /// The Secrets the certificate and the CA were (or were to be) read
-    /// from, if any: what a problem the context's users find later (a Host
-    /// certificate that disagrees, `cert_required` without a CA) is blamed
-    /// on, so that a reload can put back the Secret an edit broke.
+    /// The Secret the certificate was read from, if any: what a Host whose
+    /// own certificate disagrees blames, so that a reload can put back the
+    /// Secret an edit broke.
     pub cert_secret: Option<Named>,
-    pub ca_secret: Option<Named>,
 }
 
 impl TlsContext {
@@ -283,9 +281,43 @@ impl TlsContext {
             curves: None,
             identity: 0,
             cert_secret: None,
-            ca_secret: None,
         }
     }
+}
+
+/// Whether OpenSSL takes `ciphers` (a `:`-separated TLS 1.2 cipher list)
+/// and `groups` (`:`-separated curves). It refuses a list it knows none of
+/// when a handshake sets it, so a list is tried on a scratch context when
+/// the configuration is read.
+pub fn check_openssl_lists(
+    ciphers: Option<&str>,
+    groups: Option<&str>,
+) -> Result<(), OpenSslListError> {
+    let mut scratch =
+        pingora::tls::ssl::SslContextBuilder::new(pingora::tls::ssl::SslMethod::tls())
+            .map_err(OpenSslListError::Scratch)?;
+    if let Some(ciphers) = ciphers {
+        scratch
+            .set_cipher_list(ciphers)
+            .map_err(OpenSslListError::Ciphers)?;
+    }
+    if let Some(groups) = groups {
+        scratch
+            .set_groups_list(groups)
+            .map_err(OpenSslListError::Groups)?;
+    }
+    Ok(())
+}
+
+/// A cipher or curve list OpenSSL does not take.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OpenSslListError {
+    #[error("OpenSSL cannot make a TLS context: {0}")]
+    Scratch(ErrorStack),
+    #[error("OpenSSL takes none of these ciphers (TLS 1.3 suites are not set here): {0}")]
+    Ciphers(ErrorStack),
+    #[error("OpenSSL does not know all of these curves: {0}")]
+    Groups(ErrorStack),
 }
 
 /// Digest of the parts of a context that change a connection's identity.

@@ -819,3 +819,42 @@ fn ip_allow_reads_the_trusted_entry_whatever_precedes_it() {
         assert_eq!(is_echo(&r), *status == 200, "{shown:?}");
     }
 }
+
+/// On TLS the SNI chooses the Host, and a FilterPolicy rule for that Host
+/// guards its paths whatever the Host header says. A Host header naming no
+/// Host used to move the request out from under the rule (the policy was
+/// matched against the header while the route was the SNI Host's): the
+/// request reached the upstream past an IP allow-list.
+#[test]
+fn a_host_header_naming_no_host_does_not_escape_the_sni_hosts_policy() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let cert = pki.issue_server("a.example", &[]);
+    let echo = Echo::plain("app");
+    let port = free_port();
+    let _gateway = start_gateway_without_listener(
+        dir.path(),
+        &[
+            listener("https", port, "HTTPS"),
+            tls_host("a", "a.example", &cert, ""),
+            doc(
+                "Filter",
+                "name: office",
+                "IpAllowDeny:\n  ip_allow:\n  - peer: 10.0.0.0/8",
+            ),
+            doc(
+                "FilterPolicy",
+                "name: guard",
+                "rules:\n- host: a.example\n  path: /api/*\n  filters:\n  - name: office",
+            ),
+            mapping("api", "", "/api/", &echo, "hostname: \"*\""),
+        ],
+    );
+    let tls = TlsOpts::new(pki.ca_pem_path(), "a.example");
+    for host in ["a.example", "x.invalid"] {
+        let response = Request::get("/api/x")
+            .header("Host", host)
+            .send_tls(port, &tls);
+        assert_eq!(response.status, 403, "Host: {host}: {}", response.text());
+    }
+}

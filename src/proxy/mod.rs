@@ -415,7 +415,7 @@ fn route(
         authority,
         ..
     } = RequestNames::new(&lowered, &snapshot.module, listener.listener.port);
-    let vhost = virtual_host(listener, host_name, wire.sni)?;
+    let (vhost, owner) = virtual_host(listener, host_name, wire.sni)?;
     let secure = is_secure(&listener.listener, req, wire.tls);
     if !secure && !path.starts_with(ACME_CHALLENGE) {
         insecure_action(&vhost.host, host_name, req)?;
@@ -436,12 +436,7 @@ fn route(
         group.pick(pick).clone()
     });
     let answer = router_answer(route.as_deref(), req, host_name, secure);
-    // Without a Host header (HTTP/1.0), a TLS request is the SNI's.
-    let policy_host = match (host_name, wire.sni) {
-        ("", Some(sni)) => sni,
-        _ => host_name,
-    };
-    let filters = filters(snapshot, route.as_deref(), policy_host, path);
+    let filters = filters(snapshot, route.as_deref(), owner, path);
     Ok(Routed {
         route,
         answer,
@@ -450,34 +445,37 @@ fn route(
     })
 }
 
-/// The Host that owns the request: on TLS the one SNI chose, which a Host
-/// header naming another Host must not change (the mTLS bypass of
-/// Emissary #3340); in cleartext the one the name selects. An invalid
-/// Host refuses what it owns.
-fn virtual_host<'l>(
+/// The Host that owns the request, and the name it owns it by: on TLS the
+/// Host SNI chose, which a Host header naming another Host must not change
+/// (the mTLS bypass of Emissary #3340); in cleartext the one the name
+/// selects. FilterPolicy rules match that name, so a Host header that
+/// names no Host (or none, on HTTP/1.0) cannot take a TLS request out from
+/// under its Host's policies. An invalid Host refuses what it owns.
+fn virtual_host<'l, 'n>(
     listener: &'l ListenerRoutes,
-    host_name: &str,
-    sni: Option<&str>,
-) -> Result<&'l HostRoutes<Route>, Reply> {
+    host_name: &'n str,
+    sni: Option<&'n str>,
+) -> Result<(&'l HostRoutes<Route>, &'n str), Reply> {
     let by_name = listener.hosts.select(host_name);
-    let vhost = if listener.listener.tls {
+    let (vhost, owner) = if listener.listener.tls {
         let Some((chosen, vhost)) = listener.hosts.select_tls(sni) else {
             return Err(Reply::no_host(host_name));
         };
-        if by_name.is_some_and(|(named, _)| named != chosen) {
-            return Err(Reply::misdirected(host_name));
+        match by_name {
+            Some((named, _)) if named != chosen => return Err(Reply::misdirected(host_name)),
+            Some(_) => (vhost, host_name),
+            None => (vhost, sni.unwrap_or(host_name)),
         }
-        vhost
     } else {
         match by_name {
-            Some((_, vhost)) => vhost,
+            Some((_, vhost)) => (vhost, host_name),
             None => return Err(Reply::no_host(host_name)),
         }
     };
     if vhost.host.invalid.is_some() {
         return Err(Reply::host_unavailable(host_name));
     }
-    Ok(vhost)
+    Ok((vhost, owner))
 }
 
 /// Whether the request counts as secure, by the listener's
@@ -1649,10 +1647,12 @@ mod tests {
         let authorizer = |origins: &[String]| origins.iter().any(|o| o.starts_with("AuthService"));
         let policy = |origins: &[String]| origins.iter().any(|o| o.contains("office"));
 
-        // Without a Host header (HTTP/1.0) the SNI is the host the policy
-        // rule is matched against.
-        let api = filter_origins(&snapshot, 8443, &request("/api/x", &[]), wire);
-        assert!(authorizer(&api) && policy(&api), "{api:?}");
+        // Without a Host header (HTTP/1.0), or with one that names no Host,
+        // the SNI is the host the policy rule is matched against.
+        for headers in [&[][..], &[("host", "x.invalid")][..]] {
+            let api = filter_origins(&snapshot, 8443, &request("/api/x", headers), wire);
+            assert!(authorizer(&api) && policy(&api), "{headers:?}: {api:?}");
+        }
         let public = filter_origins(&snapshot, 8443, &request("/public/x", &[]), wire);
         assert!(!authorizer(&public) && !policy(&public), "{public:?}");
     }

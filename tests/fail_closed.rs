@@ -1183,3 +1183,38 @@ fn a_secret_that_loses_the_ca_a_host_requires_keeps_its_last_good_version() {
         "served without a client certificate"
     );
 }
+
+/// A deleted resource is gone even when another controller's kind (a
+/// cert-manager Certificate) moves into its place in the file. That kind
+/// is ignored by design, not by mistake: before, its warning made the place
+/// look broken, and the deleted Mapping kept serving.
+#[test]
+fn a_foreign_kind_moving_into_a_deleted_resources_place_does_not_keep_it() {
+    let dir = tempdir();
+    let echo = Echo::plain("app");
+    let port = free_port();
+    write_gateway(dir.path(), port, free_port(), "");
+    let routes = resource_file(dir.path(), "routes.yaml");
+    let certificate = versioned_doc(
+        "cert-manager.io/v1",
+        "Certificate",
+        "name: gw",
+        "secretName: gw-cert\ndnsNames: [gw.example]",
+    );
+    fs::write(
+        &routes,
+        [route("old", "/old/", &echo, ""), certificate.clone()].concat(),
+    )
+    .unwrap();
+    let gateway = Gateway::start(dir.path());
+    assert_eq!(served_by(port, "/old/").as_deref(), Some("app"));
+
+    replace(
+        &routes,
+        &[certificate, route("new", "/new/", &echo, "")].concat(),
+    );
+    wait_for(&gateway, "the new Mapping to serve", || {
+        served_by(port, "/new/").as_deref() == Some("app")
+    });
+    assert_eq!(get(port, "/old/").0, 404, "log:\n{}", gateway.log());
+}

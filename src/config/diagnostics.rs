@@ -114,9 +114,14 @@ pub enum Code {
     /// A key that is read but has no effect: not supported by pingress,
     /// or overridden by another key.
     KeyIgnored,
-    /// The whole resource is not used: a kind, apiVersion or name pingress
-    /// does not serve, or a duplicate.
+    /// The whole resource is not used because of a mistake: a misspelt
+    /// apiVersion or Module name, or a duplicate. Its place (file and
+    /// document) keeps the resource that was there.
     ResourceIgnored,
+    /// The whole resource is not used, and that is no mistake: another
+    /// controller's kind, a kind pingress does not support yet, or content
+    /// it cannot use (FQDN endpoints).
+    Unsupported,
     /// Another resource that this one needs is missing or broken;
     /// [`Diagnostic::causes`] name it.
     Reference,
@@ -143,6 +148,7 @@ impl Code {
             Code::UnknownKey => "unknown-key",
             Code::KeyIgnored => "key-ignored",
             Code::ResourceIgnored => "resource-ignored",
+            Code::Unsupported => "unsupported",
             Code::Reference => "reference",
             Code::Conflict => "conflict",
             Code::Insecure => "insecure",

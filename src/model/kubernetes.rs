@@ -250,7 +250,7 @@ fn endpoint_slice(raw: &RawResource, report: &mut Reporter) -> Option<EndpointGr
                     "addressType",
                     "FQDN endpoints are not supported by pingress; this slice is ignored",
                 )
-                .with_code(Code::ResourceIgnored);
+                .with_code(Code::Unsupported);
             return None;
         }
         Some(other) => {

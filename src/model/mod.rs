@@ -418,12 +418,20 @@ fn group<'a>(
     }
     if !raw.api_version.starts_with("getambassador.io/") {
         if !IGNORED_KUBERNETES_KINDS.contains(&kind) {
+            // An Emissary kind under another group is a misspelt apiVersion,
+            // whose place keeps its last good resource; another
+            // controller's kind (cert-manager's Certificate) is no mistake.
+            let code = if KINDS.contains(&kind) || LATER_KINDS.contains(&kind) {
+                Code::ResourceIgnored
+            } else {
+                Code::Unsupported
+            };
             diags.push(
                 Diagnostic::warning(
                     raw.location(),
                     format!("pingress does not use {} {kind}; ignored", raw.api_version),
                 )
-                .code(Code::ResourceIgnored),
+                .code(code),
             );
         }
         return None;
@@ -446,7 +454,7 @@ fn group<'a>(
                 raw.location(),
                 format!("{kind} is not supported by pingress yet; ignored"),
             )
-            .code(Code::ResourceIgnored),
+            .code(Code::Unsupported),
         );
         return None;
     }

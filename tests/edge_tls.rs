@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openssl::asn1::Asn1Time;
 use openssl::nid::Nid;
+use openssl::ssl::SslVersion;
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use openssl::x509::X509;
 
@@ -788,6 +789,51 @@ fn http2_only_for_hosts_whose_context_lists_h2() {
         "{}",
         got.body
     );
+}
+
+/// Each Host keeps its own min_tls_version on a listener it shares with a
+/// laxer Host. OpenSSL settles the version before it knows the SNI, so the
+/// listener allows the loosest bounds: a TLS 1.2 client used to reach the
+/// Host that asks for TLS 1.3.
+#[test]
+fn a_hosts_min_tls_version_holds_on_a_shared_listener() {
+    let dir = tempdir();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let strict = pki.issue_server("strict.example", &[]);
+    let lax = pki.issue_server("lax.example", &[]);
+    let echo = Echo::plain("upstream");
+    let port = free_port();
+    let _gw = start_gateway_without_listener(
+        dir.path(),
+        &[
+            listener("https", port, "HTTPS"),
+            doc(
+                "TLSContext",
+                "name: strict-context",
+                "hosts: [strict.example]\nmin_tls_version: v1.3",
+            ),
+            tls_host(
+                "strict",
+                "strict.example",
+                &strict,
+                "tlsContext:\n  name: strict-context",
+            ),
+            tls_host("lax", "lax.example", &lax, ""),
+            mapping("svc", "", "/svc/", &echo, "hostname: \"*\""),
+        ],
+    );
+    let status = |name: &str, max: Option<SslVersion>| {
+        let mut opts = TlsOpts::new(pki.ca_pem_path(), name);
+        if let Some(max) = max {
+            opts = opts.max_version(max);
+        }
+        Request::get("/svc/")
+            .try_send_tls(port, &opts)
+            .map(|r| r.status)
+    };
+    assert_eq!(status("strict.example", None), Ok(200));
+    assert!(status("strict.example", Some(SslVersion::TLS1_2)).is_err());
+    assert_eq!(status("lax.example", Some(SslVersion::TLS1_2)), Ok(200));
 }
 
 // ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::config::diagnostics::{plain_words, Code, Diagnostic, Named, Reporter, ResourceRef};
 use crate::config::load::RawResource;
 use crate::config::resources::{SecretBody, TlsContextSpec};
+use crate::tls::version_rank;
 use crate::tls::{self, CertKeyError, SecretData, TlsContext};
-use crate::upstream::policy::version_rank;
 use openssl::ssl::SslVersion;
 use openssl::x509::X509;
 

@@ -149,7 +149,8 @@ pub struct ListenerRoutes {
 
 /// OpenSSL settles the protocol version and key-exchange group before it
 /// knows the SNI, so these apply to a listener as a whole: the loosest
-/// bounds any of its TLS Hosts asks for.
+/// bounds any of its TLS Hosts asks for (each Host then refuses a version
+/// outside its own, `EdgeTls::install`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsBounds {
     pub min: Option<SslVersion>,
@@ -160,7 +161,7 @@ pub struct TlsBounds {
 impl TlsBounds {
     fn of<'e>(contexts: impl Iterator<Item = &'e TlsContext>) -> (TlsBounds, bool) {
         let contexts: Vec<&TlsContext> = contexts.collect();
-        let rank = crate::upstream::policy::version_rank;
+        let rank = crate::tls::version_rank;
         let min = contexts
             .iter()
             .map(|c| c.min_version.unwrap_or(SslVersion::TLS1_2))
@@ -554,7 +555,9 @@ impl Attach<'_> {
                     location(&listener.id),
                     format!(
                         "the TLS Hosts of the listener on port {} ask for different \
-                         min/max_tls_version or ecdh_curves; the loosest bounds apply to all",
+                         min/max_tls_version or ecdh_curves; a client that settles on a version \
+                         another Host allows is refused by a Host that does not, and the first \
+                         Host's curves apply to all",
                         listener.port
                     ),
                 )

@@ -138,6 +138,14 @@ impl EdgeTls {
             .cert_key
             .as_ref()
             .ok_or(HandshakeError::NoCertificate)?;
+        // The listener's acceptor allows the loosest bounds of its Hosts,
+        // as they were when it started: each Host's own are held here,
+        // where the version is settled and no certificate given yet.
+        if let Some(version) = ssl.version2() {
+            if self.context.version_allowed(version) != std::cmp::Ordering::Equal {
+                return Err(HandshakeError::Version);
+            }
+        }
         if let Some(ciphers) = &self.cipher_list {
             ssl.set_cipher_list(ciphers)
                 .map_err(HandshakeError::Ciphers)?;
@@ -217,6 +225,8 @@ pub enum EdgeTlsError {
 pub enum HandshakeError {
     #[error("the Host has no certificate")]
     NoCertificate,
+    #[error("the negotiated TLS version is outside the Host's min/max_tls_version")]
+    Version,
     #[error("cipher_suites: {0}")]
     Ciphers(ErrorStack),
     #[error("client CA: {0}")]

@@ -320,6 +320,35 @@ pub enum OpenSslListError {
     Groups(ErrorStack),
 }
 
+/// TLS versions from oldest to newest.
+pub fn version_rank(version: SslVersion) -> u8 {
+    [
+        SslVersion::TLS1,
+        SslVersion::TLS1_1,
+        SslVersion::TLS1_2,
+        SslVersion::TLS1_3,
+    ]
+    .iter()
+    .position(|v| *v == version)
+    .unwrap_or(0) as u8
+}
+
+impl TlsContext {
+    /// Where a negotiated version stands against `min_tls_version` and
+    /// `max_tls_version`: `Less` below the minimum, `Greater` above the
+    /// maximum, `Equal` within.
+    pub fn version_allowed(&self, version: SslVersion) -> std::cmp::Ordering {
+        let rank = version_rank(version);
+        if self.min_version.is_some_and(|min| rank < version_rank(min)) {
+            std::cmp::Ordering::Less
+        } else if self.max_version.is_some_and(|max| rank > version_rank(max)) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    }
+}
+
 /// Digest of the parts of a context that change a connection's identity.
 pub fn identity_digest(parts: &[&[u8]]) -> u64 {
     let mut hasher = openssl::sha::Sha256::new();

@@ -3,6 +3,8 @@
 //! and `cipher_suites` are enforced on what the handshake negotiated: a
 //! connection outside them is refused before any request byte is sent.
 
+use std::cmp::Ordering;
+
 use pingora::tls::ssl::SslVersion;
 
 use crate::tls::TlsContext;
@@ -17,18 +19,6 @@ fn version_of(name: &str) -> Option<SslVersion> {
     })
 }
 
-fn rank(version: SslVersion) -> u8 {
-    [
-        SslVersion::TLS1,
-        SslVersion::TLS1_1,
-        SslVersion::TLS1_2,
-        SslVersion::TLS1_3,
-    ]
-    .iter()
-    .position(|v| *v == version)
-    .unwrap_or(0) as u8
-}
-
 /// Checks the negotiated version and cipher against the context.
 pub fn check_negotiated(
     tls: &TlsContext,
@@ -36,23 +26,20 @@ pub fn check_negotiated(
     cipher: &str,
 ) -> Result<(), TlsPolicyError> {
     if let Some(negotiated) = version_of(version) {
-        if tls
-            .min_version
-            .is_some_and(|min| rank(negotiated) < rank(min))
-        {
-            return Err(TlsPolicyError::BelowMin {
-                version: version.to_string(),
-                context: tls.name.clone(),
-            });
-        }
-        if tls
-            .max_version
-            .is_some_and(|max| rank(negotiated) > rank(max))
-        {
-            return Err(TlsPolicyError::AboveMax {
-                version: version.to_string(),
-                context: tls.name.clone(),
-            });
+        match tls.version_allowed(negotiated) {
+            Ordering::Less => {
+                return Err(TlsPolicyError::BelowMin {
+                    version: version.to_string(),
+                    context: tls.name.clone(),
+                })
+            }
+            Ordering::Greater => {
+                return Err(TlsPolicyError::AboveMax {
+                    version: version.to_string(),
+                    context: tls.name.clone(),
+                })
+            }
+            Ordering::Equal => {}
         }
         // cipher_suites constrain TLS 1.2 and below, as in Envoy.
         let tls13 = negotiated == SslVersion::TLS1_3;
@@ -76,8 +63,4 @@ pub enum TlsPolicyError {
     AboveMax { version: String, context: String },
     #[error("upstream negotiated cipher {cipher}, not in cipher_suites of {context}")]
     Cipher { cipher: String, context: String },
-}
-
-pub fn version_rank(version: SslVersion) -> u8 {
-    rank(version)
 }

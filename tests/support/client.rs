@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream};
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream, SslVersion};
 use openssl::x509::X509;
 use serde_json::Value;
 
@@ -546,6 +546,8 @@ pub struct TlsOpts {
     pub client: Option<CertFiles>,
     /// ALPN protocols to offer; empty offers none.
     pub alpn: Vec<String>,
+    /// The newest TLS version to offer; `None`: OpenSSL's newest.
+    pub max_version: Option<SslVersion>,
 }
 
 impl TlsOpts {
@@ -557,7 +559,13 @@ impl TlsOpts {
             verify_name: Some(sni.to_string()),
             client: None,
             alpn: vec!["http/1.1".to_string()],
+            max_version: None,
         }
+    }
+
+    pub fn max_version(mut self, version: SslVersion) -> TlsOpts {
+        self.max_version = Some(version);
+        self
     }
 
     pub fn client(mut self, cert: &CertFiles) -> TlsOpts {
@@ -601,6 +609,8 @@ pub fn tls_connect(port: u16, opts: &TlsOpts) -> Result<SslStream<TcpStream>, St
         }
         b.set_alpn_protos(&wire).map_err(|e| e.to_string())?;
     }
+    b.set_max_proto_version(opts.max_version)
+        .map_err(|e| e.to_string())?;
     let connector = b.build();
     let mut cfg = connector.configure().map_err(|e| e.to_string())?;
     // SNI and the verified name are set separately so tests can send one

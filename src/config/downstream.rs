@@ -27,11 +27,11 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// A rotated certificate outdates every open connection of its Host at
-/// once; drained at one moment, the clients of its idle connections
-/// (HTTP/2 and kept-alive HTTP/1 waiting for a request) would reconnect,
-/// with full handshakes, together. Each is drained at a random moment of
-/// this window instead, as Envoy drains a changed listener gradually; a
-/// busy HTTP/1 connection closes after its next response anyway.
+/// once; drained at one moment, the clients of its HTTP/2 connections
+/// would reconnect, with full handshakes, together. Each is drained at a
+/// random moment of this window instead, as Envoy drains a changed
+/// listener gradually. An HTTP/1 connection closes after its next
+/// response, which spreads them by itself.
 pub const DEFAULT_TLS_DRAIN_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

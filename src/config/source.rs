@@ -9,7 +9,7 @@
 //! not know whether a resource came from a file or, later, from an object
 //! of the Kubernetes API.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,9 +25,10 @@ pub struct Arrival {
 }
 
 /// Each resource file's resources the last time its content was known
-/// whole.
+/// whole, by path: in a fixed order, so that "the first one wins" rules
+/// (duplicates, the one Module) do not change from one read to the next.
 #[derive(Debug, Default)]
-pub struct FilesKept(HashMap<PathBuf, Vec<Arc<RawResource>>>);
+pub struct FilesKept(BTreeMap<PathBuf, Vec<Arc<RawResource>>>);
 
 /// Reads the resource files the gateway file names. A file or directory
 /// that cannot be read now, a file with no document and the part of a file

@@ -180,7 +180,9 @@ impl Watch {
                 () = sleep_until(old_at), if old_at.is_some() => {
                     old_at = None;
                     signal.send_replace(true);
-                    cut_at = Some(Instant::now() + self.grace);
+                    // A grace beyond any clock (a huge Pingora setting)
+                    // never cuts.
+                    cut_at = Instant::now().checked_add(self.grace);
                 }
                 () = sleep_until(cut_at), if cut_at.is_some() => break "max_connection_age",
             }

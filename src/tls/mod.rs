@@ -76,12 +76,25 @@ impl SecretData {
     }
 }
 
-/// A Secret's `data` value that is not base64.
+/// A Secret's `data` value that is not base64. Where it breaks is said,
+/// not the byte found there, which is part of the secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("data.{key} is not valid base64: {error}")]
+#[error("data.{key} is not valid base64: {}", base64_reason(.error))]
 pub struct Base64Error {
     pub key: String,
     pub error: base64::DecodeError,
+}
+
+fn base64_reason(error: &base64::DecodeError) -> String {
+    use base64::DecodeError;
+    match error {
+        DecodeError::InvalidByte(offset, _) => format!("invalid byte at offset {offset}"),
+        DecodeError::InvalidLastSymbol(offset, _) => {
+            format!("invalid last symbol at offset {offset}")
+        }
+        DecodeError::InvalidLength(length) => format!("invalid length {length}"),
+        DecodeError::InvalidPadding => "invalid padding".to_string(),
+    }
 }
 
 /// Parses a PEM chain, leaf first. Never empty on success.
@@ -380,14 +393,17 @@ mod tests {
         assert_eq!(data.ca.as_deref(), Some(&b"ca"[..]));
     }
 
+    /// The key and the offset are named; the byte found there, part of
+    /// the secret, is not (`$` is byte 36).
     #[test]
-    fn bad_base64_names_the_key() {
+    fn bad_base64_names_the_key_not_the_byte() {
         let mut body = SecretBody::default();
-        body.data.insert("tls.crt".into(), Some("!!".into()));
-        assert!(SecretData::decode(&body)
-            .unwrap_err()
-            .to_string()
-            .contains("data.tls.crt"));
+        body.data.insert("tls.key".into(), Some("QUJD$EFG".into()));
+        let message = SecretData::decode(&body).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "data.tls.key is not valid base64: invalid byte at offset 4"
+        );
     }
 
     #[test]

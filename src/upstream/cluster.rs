@@ -101,7 +101,8 @@ impl Cluster {
     }
 
     /// Whether two clusters share their identity's state.
-    pub fn shares_state_with(&self, other: &Cluster) -> bool {
+    #[cfg(test)]
+    pub(crate) fn shares_state_with(&self, other: &Cluster) -> bool {
         Arc::ptr_eq(&self.state, &other.state)
     }
 }

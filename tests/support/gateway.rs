@@ -263,10 +263,6 @@ impl Gateway {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-    }
-
     pub fn admin_port(&self) -> u16 {
         self.admin.port()
     }

@@ -18,7 +18,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
 use openssl::hash::MessageDigest;
 use openssl::memcmp;
 use openssl::pkey::{PKey, Private};
@@ -120,7 +119,7 @@ impl Filter for TenantRouting {
         let request = session.req_header_mut();
         // Whatever the client claims itself must never choose a tenant.
         request.remove_header(&self.header);
-        match self.tenant(request.headers.get(AUTHORIZATION)) {
+        match self.tenant(request.headers.get(header::AUTHORIZATION)) {
             Ok(tenant) => {
                 request.insert_header(self.header.clone(), tenant)?;
                 cx.reroute();
@@ -128,7 +127,7 @@ impl Filter for TenantRouting {
             }
             Err(why) => Ok(Flow::Respond(
                 Reply::text(StatusCode::UNAUTHORIZED, why)
-                    .header(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+                    .header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
                     .reason("tenant_unauthorized"),
             )),
         }

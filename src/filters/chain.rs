@@ -646,6 +646,21 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 4);
         assert_eq!(defaulted(&chain[0]), [false; 4]);
         assert_eq!(defaulted(&chain[1]), [true; 4]);
+        // Learnt hooks are no longer due: only the counting filter's are.
+        let mut states: Vec<Option<State>> =
+            chain.iter().map(|e| Some(e.filter.new_state())).collect();
+        let hooks: [fn(&Defaulted) -> &AtomicBool; 4] = [
+            |d| &d.upstream_request,
+            |d| &d.upstream_response,
+            |d| &d.response_body,
+            |d| &d.logging,
+        ];
+        for hook in hooks {
+            let due: Vec<String> = due(&chain, &mut states, hook)
+                .map(|(entry, ..)| entry.origin.to_string())
+                .collect();
+            assert_eq!(due, ["counting"]);
+        }
         one_request(&chain).await;
         assert_eq!(calls.load(Ordering::Relaxed), 8);
     }

@@ -57,6 +57,7 @@ pub mod prelude {
     pub use super::{BuildError, Cx, Filter, Flow, MatchedMapping, Reply, Session};
     pub use async_trait::async_trait;
     pub use bytes::Bytes;
+    pub use http::header::{self, HeaderName, HeaderValue};
     pub use http::StatusCode;
     pub use pingora;
     pub use pingora::http::{RequestHeader, ResponseHeader};
@@ -129,6 +130,15 @@ pub enum Flow {
 /// from a hook, or a panic inside one, ends the request with a 500 (or the
 /// status of an `ErrorType::HTTPStatus` error) and is logged with the
 /// filter's name; other requests are not affected.
+///
+/// A filter a FilterPolicy selects runs with authentication, as Emissary's
+/// do, so it does not run for every request its rule matches: not for a
+/// Mapping with `bypass_auth: true`, not for a redirect Mapping (answered
+/// without reaching an upstream), not after an earlier reference of the
+/// same rule let the request through with `onAllow: break`, and not when
+/// its `ifRequestHeader` condition does not hold. A filter that must see
+/// every request upstream (signing, auditing) belongs on Mappings without
+/// `bypass_auth`.
 #[async_trait]
 pub trait Filter: Send + Sync + Sized + 'static {
     /// The type name a `kind: Filter` resource uses: `spec: {<TYPE>: settings}`.

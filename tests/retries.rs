@@ -216,10 +216,9 @@ fn statuses_are_retried_within_the_budget() {
         assert_eq!(client.get(&path).echo_ok().uri(), format!("/{round}"));
     }
 
-    let metrics = gateway.admin_get("/metrics").text();
-    assert!(
-        metrics.contains("pingress_upstream_retries_total{mapping=\"gw.default\"} 8"),
-        "{metrics}"
+    assert_eq!(
+        gateway.metric("pingress_upstream_retries_total{mapping=\"gw.default\"}"),
+        Some(8.0)
     );
 }
 

@@ -115,21 +115,18 @@ fn plain_tunnel_carries_http_and_a_half_closed_byte_stream() {
         "no access-log line for the tunnel:\n{}",
         s.gateway.log()
     );
-    let metrics = s.gateway.admin_get("/metrics").text();
-    assert!(
-        metrics.contains("pingress_tcp_connections_total{tcp_mapping=\"raw.default\"} 1"),
-        "{metrics}"
+    let metric = |series: &str| s.gateway.metric(series);
+    assert_eq!(
+        metric("pingress_tcp_connections_total{tcp_mapping=\"raw.default\"}"),
+        Some(1.0)
     );
-    assert!(
-        metrics.contains(&format!(
-            "pingress_tcp_bytes_total{{direction=\"received\",tcp_mapping=\"raw.default\"}} {}",
-            payload.len()
-        )),
-        "{metrics}"
+    assert_eq!(
+        metric("pingress_tcp_bytes_total{direction=\"received\",tcp_mapping=\"raw.default\"}"),
+        Some(payload.len() as f64)
     );
-    assert!(
-        metrics.contains("pingress_tcp_connections_active{tcp_mapping=\"raw.default\"} 0"),
-        "{metrics}"
+    assert_eq!(
+        metric("pingress_tcp_connections_active{tcp_mapping=\"raw.default\"}"),
+        Some(0.0)
     );
 }
 
@@ -146,13 +143,9 @@ fn a_reload_moves_a_live_port_to_another_upstream() {
     open.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
     open.write_all(b"early").expect("write");
     assert!(
-        poll_until(Duration::from_secs(5), || s
-            .gateway
-            .admin_get("/metrics")
-            .text()
-            .contains(
-                "pingress_tcp_connections_active{tcp_mapping=\"db.default\"} 1"
-            )),
+        poll_until(Duration::from_secs(5), || s.gateway.metric(
+            "pingress_tcp_connections_active{tcp_mapping=\"db.default\"}"
+        ) == Some(1.0)),
         "the early tunnel never opened"
     );
 
@@ -513,13 +506,9 @@ fn idle_tunnels_are_closed_and_max_connections_is_enforced() {
     let mut first = TcpStream::connect(("127.0.0.1", limited)).expect("connect");
     first.write_all(b"first").expect("write");
     assert!(
-        poll_until(Duration::from_secs(5), || s
-            .gateway
-            .admin_get("/metrics")
-            .text()
-            .contains(
-                "pingress_tcp_connections_active{tcp_mapping=\"limited.default\"} 1"
-            )),
+        poll_until(Duration::from_secs(5), || s.gateway.metric(
+            "pingress_tcp_connections_active{tcp_mapping=\"limited.default\"}"
+        ) == Some(1.0)),
         "the first tunnel never opened"
     );
     let refused = raw_exchange(limited, b"second", READ_TIMEOUT);
@@ -528,9 +517,9 @@ fn idle_tunnels_are_closed_and_max_connections_is_enforced() {
     let mut reply = String::new();
     first.read_to_string(&mut reply).expect("read");
     assert_eq!(reply, "bytes:first");
-    assert!(s
-        .gateway
-        .admin_get("/metrics")
-        .text()
-        .contains("pingress_tcp_connections_refused_total{reason=\"overloaded\"} 1"));
+    assert_eq!(
+        s.gateway
+            .metric("pingress_tcp_connections_refused_total{reason=\"overloaded\"}"),
+        Some(1.0)
+    );
 }

@@ -14,40 +14,12 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::pki::CertFiles;
-use super::process::{drain_to_string, kill_child};
+use super::process::{drain_to_string, example_binary, kill_child};
 
-/// The echo upstream, an example of this package: `cargo test` builds it
-/// beside the test binaries (`target/<profile>/examples/`); a run of one
-/// test file (`cargo test --test x`) does not, so it is built here then.
+/// The echo upstream, an example of this package.
 pub fn pingress_echo() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        // target/<profile>/deps/<test> -> target/<profile>/examples/
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("a test binary lives in target/<profile>/deps");
-        let echo = profile.join("examples").join("pingress-echo");
-        if !echo.exists() {
-            let mut build = Command::new(env!("CARGO"));
-            build
-                .args(["build", "--example", "pingress-echo", "--manifest-path"])
-                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-                .arg("--target-dir")
-                .arg(profile.parent().expect("target/<profile>"));
-            if profile.ends_with("release") {
-                build.arg("--release");
-            }
-            let status = build.status().expect("run cargo");
-            assert!(
-                status.success(),
-                "cargo build --example pingress-echo failed"
-            );
-        }
-        echo
-    })
-    .clone()
+    PATH.get_or_init(|| example_binary("pingress-echo")).clone()
 }
 
 /// A running `pingress-echo` on 127.0.0.1, killed on drop.

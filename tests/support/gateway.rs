@@ -156,24 +156,6 @@ pub fn start_gateway_program(
     (dir, gateway, port)
 }
 
-/// The binary of `examples/<name>.rs`, which `cargo test` builds beside
-/// the test binaries.
-pub fn example_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test> → target/<profile>/examples/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
-    let binary = profile_dir.join("examples").join(name);
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test` builds the examples (or run `cargo build --examples`)",
-        binary.display()
-    );
-    binary
-}
-
 /// A running `pingress -c <dir>/gateway.yaml`, killed (SIGKILL) on drop.
 pub struct Gateway {
     child: Child,
